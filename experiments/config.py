@@ -1,0 +1,133 @@
+"""The application's plain config dataclasses, and the one boundary where a composed Hydra config becomes them.
+
+The library (moe/, routing/) never sees Hydra; experiments turn `DictConfig` into these dataclasses here,
+so a typo or a bad value fails with a named field before any data is read or any model is built.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from experiments.data import DataConfig
+from moe.config import ModelConfig, _from_dict
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3  # peak learning rate, reached at the end of warmup
+    min_lr: float = 3e-4  # floor of the decay
+    warmup_steps: int = 20  # linear warmup from 0 to lr over this many optimizer steps
+    schedule: str = "cosine"  # decay after warmup: cosine (to min_lr at max_steps), linear, or constant
+    weight_decay: float = 0.1  # AdamW decay on matrices; never on norms, biases or embeddings
+    beta1: float = 0.9  # AdamW first-moment decay
+    beta2: float = 0.95  # AdamW second-moment decay
+    eps: float = 1e-8  # AdamW epsilon
+
+    def __post_init__(self) -> None:
+        if self.schedule not in ("cosine", "linear", "constant"):
+            raise ValueError(f"optim.schedule={self.schedule!r} must be cosine, linear or constant")
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ValueError(f"optim.lr={self.lr} and optim.min_lr={self.min_lr} need 0 <= min_lr <= lr and lr > 0")
+        if self.warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps={self.warmup_steps} must be non-negative")
+
+
+@dataclass
+class TrainerConfig:
+    kind: str = "single"  # single process; multi-process engines (ddp, deepspeed) are not built yet
+    max_steps: int = 300  # optimizer steps of the whole run (the schedule's length)
+    batch_size: int = 16  # sequences per micro-batch
+    seq_len: int = 128  # tokens per sequence (at most model.max_seq_len)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    eval_interval: int = 100  # optimizer steps between validation passes (and always at the end); 0: only at the end
+    eval_batches: int = 8  # validation batches per pass (a fixed set: curves are comparable across runs)
+    log_interval: int = 10  # optimizer steps between metrics records
+    ckpt_interval: int = 0  # optimizer steps between checkpoints; 0: only the final one
+    keep_checkpoints: int = 2  # most recent checkpoints kept on disk
+    device: str = "auto"  # auto (cuda if available), cpu, cuda, cuda:N
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16
+    threads: int = 0  # torch intra-op threads on CPU; 0 keeps torch's default
+    progress: bool = True  # a progress bar with loss and tokens/s
+
+    def __post_init__(self) -> None:
+        if self.kind != "single":
+            raise ValueError(
+                f"trainer.kind={self.kind!r} is not available yet: only trainer=single is built "
+                f"(multi-process training is tracked in its own issue)"
+            )
+        for name in ("max_steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "log_interval"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"trainer.{name}={getattr(self, name)} must be at least 1")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"trainer.precision={self.precision!r} must be auto, fp32 or bf16")
+        if self.keep_checkpoints < 1:
+            raise ValueError(f"trainer.keep_checkpoints={self.keep_checkpoints} must be at least 1")
+
+
+@dataclass
+class LoggerConfig:
+    kind: str = "none"  # none (metrics.jsonl and console only) or wandb (also a wandb run)
+    project: str = "switchyard"  # wandb project
+    entity: Optional[str] = None  # wandb entity (team); None: the user's default
+    group: Optional[str] = None  # wandb group, e.g. the sweep's name
+    name: Optional[str] = None  # wandb run name; None: the run directory's name
+    mode: str = "offline"  # wandb mode: offline (default, sync later with `wandb sync`), online, disabled
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("none", "wandb"):
+            raise ValueError(f"logger.kind={self.kind!r} must be none or wandb")
+        if self.mode not in ("offline", "online", "disabled"):
+            raise ValueError(f"logger.mode={self.mode!r} must be offline, online or disabled")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig  # the model to train (ignored in favour of the checkpoint's when init_from is set)
+    data: DataConfig = field(default_factory=DataConfig)  # corpus and tokenizer
+    optim: OptimConfig = field(default_factory=OptimConfig)  # optimizer and schedule
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)  # loop, evaluation, checkpoints
+    logger: LoggerConfig = field(default_factory=LoggerConfig)  # where metrics go besides metrics.jsonl
+    run_dir: str = "."  # where metrics.jsonl and checkpoints/ are written
+    seed: int = 0  # seeds initialisation, batches, dropout and router noise
+    resume: str = "never"  # never, or auto: continue from the newest complete checkpoint in run_dir
+    init_from: Optional[str] = None  # checkpoint directory whose config and weights start this run
+
+    def __post_init__(self) -> None:
+        if self.resume not in ("never", "auto"):
+            raise ValueError(f"resume={self.resume!r} must be never or auto")
+        if self.trainer.seq_len > self.model.max_seq_len:
+            raise ValueError(
+                f"trainer.seq_len={self.trainer.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}; "
+                f"lower trainer.seq_len or raise model.max_seq_len"
+            )
+
+    @property
+    def path(self) -> Path:
+        return Path(self.run_dir)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def run_config_from_dict(d: dict[str, Any], run_dir: str) -> RunConfig:
+    """Builds and validates a RunConfig from a resolved config mapping (what Hydra composed)."""
+    known = {f.name for f in dataclasses.fields(RunConfig)} - {"run_dir"}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"unknown top-level config key(s) {unknown}; known keys are {sorted(known)}")
+    if "model" not in d:
+        raise ValueError("the config has no model; choose one with model=PRESET")
+    return RunConfig(
+        model=ModelConfig.from_dict(d["model"]),
+        data=_from_dict(DataConfig, d.get("data", {}), "data"),
+        optim=_from_dict(OptimConfig, d.get("optim", {}), "optim"),
+        trainer=_from_dict(TrainerConfig, d.get("trainer", {}), "trainer"),
+        logger=_from_dict(LoggerConfig, d.get("logger", {}), "logger"),
+        run_dir=run_dir,
+        seed=d.get("seed", 0),
+        resume=d.get("resume", "never"),
+        init_from=d.get("init_from"),
+    )

@@ -1,0 +1,87 @@
+"""Where a run's numbers go: metrics.jsonl (the source of truth), the console, and optionally wandb.
+
+Every record is one JSON object per line; console and wandb show the same records, and reports read the file.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from experiments.config import LoggerConfig
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def flatten_stats(stats: dict[int, dict[str, torch.Tensor]]) -> dict[str, Any]:
+    """Per-layer routing statistics as flat JSON fields: moe/layer{i}/{name}."""
+    out: dict[str, Any] = {}
+    for layer, values in stats.items():
+        for name, value in values.items():
+            v = value.detach().float().cpu()
+            out[f"moe/layer{layer}/{name}"] = v.tolist() if v.numel() > 1 else round(float(v), 6)
+    return out
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def truncate_metrics(run_dir: str | Path, last_step: int) -> None:
+    """Drops records past `last_step`: a resumed run rewrites them, and a curve must not hold a step twice."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return
+    kept = [json.dumps(r) for r in read_metrics(run_dir) if r.get("step", 0) <= last_step]
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: str | Path, cfg: LoggerConfig, run_config: dict[str, Any], resume_step: Optional[int]):
+        self.path = Path(run_dir) / METRICS_FILE
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is None:
+            self.path.unlink(missing_ok=True)  # a fresh run in a used directory starts a fresh curve
+        else:
+            truncate_metrics(run_dir, resume_step)
+        self._file = self.path.open("a")
+        self._wandb = None
+        if cfg.kind == "wandb":
+            try:
+                import wandb
+            except ImportError:
+                raise ImportError("logger=wandb needs wandb: pip install 'switchyard-moe[wandb]'") from None
+            self._wandb = wandb.init(
+                project=cfg.project, entity=cfg.entity, group=cfg.group, name=cfg.name or Path(run_dir).name,
+                dir=str(run_dir), mode=cfg.mode, config=run_config, resume="allow",
+                id=_wandb_id(run_dir),
+            )
+
+    def log(self, record: dict[str, Any]) -> None:
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        self._file.write(json.dumps(clean) + "\n")
+        self._file.flush()
+        if self._wandb is not None:
+            scalars = {k: v for k, v in record.items() if isinstance(v, (int, float))}
+            self._wandb.log(scalars, step=record["step"])
+
+    def close(self) -> None:
+        self._file.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def _wandb_id(run_dir: str | Path) -> str:
+    """A stable wandb run id per run directory, so a resumed run continues the same wandb run."""
+    import hashlib
+
+    return hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:12]

@@ -1,0 +1,32 @@
+"""python -m experiments.train [model=PRESET] [routing=ROUTER] [data=CORPUS] [trainer.max_steps=N] ...
+
+Composes the Hydra config, turns it into plain dataclasses (experiments.config) and trains. Returns the final
+validation loss, so Hydra sweepers (e.g. Optuna) can minimise it.
+"""
+from __future__ import annotations
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from experiments.config import run_config_from_dict
+from experiments.hydra_conf import register_configs
+from experiments.trainer import Trainer
+
+register_configs()
+
+
+@hydra.main(config_path="pkg://conf", config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> float | None:
+    run_dir = HydraConfig.get().runtime.output_dir
+    run = run_config_from_dict(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True), run_dir)
+    summary = Trainer(run).fit()
+    print(f"final validation loss {summary['final_val_loss']:.4f} nats "
+          f"(unigram entropy of the validation split: {summary['unigram_entropy']:.4f})")
+    print(f"metrics:    {summary['metrics']}")
+    print(f"checkpoint: {summary['checkpoint']}")
+    return summary["final_val_loss"]
+
+
+if __name__ == "__main__":
+    main()

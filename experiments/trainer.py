@@ -1,0 +1,285 @@
+"""The single-process training loop: batches, AdamW, schedule, clipping, accumulation, evaluation,
+metrics, atomic checkpoints and exact resumption.
+
+Exact resumption rests on three things: batches are a pure function of (seed, step) (experiments.data),
+the checkpoint holds the optimizer state and the RNG state at the step boundary, and the metrics file is cut
+back to the checkpoint's step. On CPU a resumed run reproduces the uninterrupted run's losses bit for bit.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from experiments.config import RunConfig
+from experiments.data import PreparedData, describe, prepare
+from experiments.metrics import MetricsLogger, flatten_stats
+from experiments.optim import build_optimizer, lr_at
+from moe.checkpoint import load_config, load_weights, read_metadata, save_checkpoint
+from moe.flops import count_params, flops_per_token
+from moe.model import Transformer
+
+STATE_FILE = "trainer_state.pt"
+RUN_FILE = "run.json"
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps completed
+    tokens: int = 0  # training tokens consumed
+    flops: float = 0.0  # cumulative training FLOPs (model FLOPs: 3x forward, see moe.flops)
+    elapsed_s: float = 0.0  # seconds spent in training steps (evaluation and checkpointing excluded)
+    loss_sum: float = 0.0  # LM loss summed since the last metrics record (carried across a resume)
+    loss_count: int = 0  # steps in loss_sum
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"trainer.device={name!r} but CUDA is not available; use trainer.device=cpu")
+    return device
+
+
+def checkpoint_dirs(run_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints in run_dir/checkpoints, oldest first (temporary names start with a dot)."""
+    root = run_dir / "checkpoints"
+    found = []
+    for p in root.glob("step_*") if root.is_dir() else []:
+        if p.name.split("_", 1)[1].isdigit() and (p / STATE_FILE).is_file():
+            found.append((int(p.name.split("_", 1)[1]), p))
+    return sorted(found)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, data: Optional[PreparedData] = None):
+        self.cfg = cfg
+        self.run_dir = cfg.path
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        tc = cfg.trainer
+        if tc.threads:
+            torch.set_num_threads(tc.threads)
+        self.device = resolve_device(tc.device)
+        self.data = data or prepare(cfg.data)
+        self.model_cfg = self._model_config()
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        self.model = Transformer(self.model_cfg)
+        if cfg.init_from:
+            load_weights(self.model, cfg.init_from)
+        self.model.to(self.device)
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.state = TrainState()
+        bf16 = tc.precision == "bf16" or (tc.precision == "auto" and self.device.type == "cuda")
+        self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+        self.params = count_params(self.model_cfg)
+        self.flops_per_token = flops_per_token(self.model_cfg, tc.seq_len).training
+        self.val_set = self.data.val_batches(tc.batch_size, tc.seq_len, tc.eval_batches)
+        self._step_rng = _rng_state()
+        resumed = self._maybe_resume()
+        self.logger = MetricsLogger(self.run_dir, cfg.logger, cfg.to_dict(), resume_step=self.state.step if resumed else None)
+
+    def _model_config(self):
+        """The model to train: the checkpoint's for init_from, else the composed one sized to the tokenizer."""
+        if self.cfg.init_from:
+            mcfg = load_config(self.cfg.init_from)
+            if mcfg.vocab_size < self.data.vocab_size:
+                raise ValueError(
+                    f"init_from={self.cfg.init_from} has a vocabulary of {mcfg.vocab_size} but the data's tokenizer "
+                    f"has {self.data.vocab_size}; tokenize the data with the checkpoint's tokenizer"
+                )
+        else:
+            # The preset's vocabulary is a placeholder: the tokenizer decides the embedding size.
+            mcfg = self.cfg.model.replace(vocab_size=self.data.vocab_size)
+        if self.cfg.trainer.seq_len > mcfg.max_seq_len:
+            raise ValueError(f"trainer.seq_len={self.cfg.trainer.seq_len} exceeds the model's max_seq_len={mcfg.max_seq_len}")
+        return mcfg
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def _maybe_resume(self) -> bool:
+        if self.cfg.resume != "auto":
+            return False
+        found = checkpoint_dirs(self.run_dir)
+        if not found:
+            print(f"resume=auto: no checkpoint in {self.run_dir / 'checkpoints'}, starting from step 0")
+            return False
+        step, path = found[-1]
+        saved = read_metadata(path)
+        if saved["model"] != self.model_cfg.to_dict():
+            raise ValueError(
+                f"resume=auto: {path} was trained with a different model config; resume with the same overrides, "
+                f"or start a new run directory (hydra.run.dir=...)"
+            )
+        if saved.get("data_fingerprint") != self.data.fingerprint:
+            raise ValueError(f"resume=auto: {path} was trained on different data or a different tokenizer")
+        load_weights(self.model, path)
+        blob = torch.load(path / STATE_FILE, map_location=self.device, weights_only=False)
+        self.optimizer.load_state_dict(blob["optimizer"])
+        self.state = TrainState(**blob["state"])
+        _set_rng_state(blob["rng"])
+        self._step_rng = blob["rng"]
+        print(f"resumed from {path} at step {step}")
+        return True
+
+    def save(self) -> Path:
+        path = self.run_dir / "checkpoints" / f"step_{self.state.step}"
+        blob = {"optimizer": self.optimizer.state_dict(), "state": asdict(self.state), "rng": self._step_rng}
+        extra = {STATE_FILE: lambda p: torch.save(blob, p)}
+        if self.data.tokenizer is not None:
+            extra["tokenizer.json"] = self.data.tokenizer.save
+        meta = {"step": self.state.step, "data_fingerprint": self.data.fingerprint, "run": self.cfg.to_dict()}
+        save_checkpoint(path, self.model, extra=extra, metadata=meta)
+        for _, old in checkpoint_dirs(self.run_dir)[: -self.cfg.trainer.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+        return path
+
+    # ---------------------------------------------------------------- steps
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self.model.eval()
+        losses = []
+        for x, y in self.val_set:
+            with self.autocast():
+                losses.append(self.model(x.to(self.device), y.to(self.device)).loss.item())
+        self.model.train()
+        return float(np.mean(losses))
+
+    def train_step(self) -> dict[str, Any]:
+        tc, step = self.cfg.trainer, self.state.step
+        lr = lr_at(step, self.cfg.optim, tc.max_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        lm_loss = 0.0
+        aux: dict[str, float] = {}
+        stats: dict[int, dict[str, torch.Tensor]] = {}
+        for micro in range(tc.grad_accum):
+            x, y = self.data.get_batch("train", step * tc.grad_accum + micro, tc.batch_size, tc.seq_len, self.cfg.seed)
+            with self.autocast():
+                out = self.model(x.to(self.device), y.to(self.device))
+            (out.total_loss / tc.grad_accum).backward()
+            lm_loss += out.loss.item() / tc.grad_accum
+            for name, value in out.aux_losses.items():
+                aux[name] = aux.get(name, 0.0) + value.item() / tc.grad_accum
+            for layer, values in out.stats.items():  # sum counts over micro-batches, average the rest
+                acc = stats.setdefault(layer, {k: torch.zeros_like(v) for k, v in values.items()})
+                for k, v in values.items():
+                    acc[k] += v if k == "tokens_per_expert" else v / tc.grad_accum
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else float("inf"))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if not np.isfinite(lm_loss):
+            raise FloatingPointError(
+                f"training loss became {lm_loss} at step {step + 1}; lower optim.lr or set trainer.grad_clip, and "
+                f"resume from the last checkpoint with resume=auto"
+            )
+        return {"lr": lr, "lm_loss": lm_loss, "aux": aux, "stats": stats, "grad_norm": float(grad_norm)}
+
+    # ---------------------------------------------------------------- the loop
+
+    def fit(self) -> dict[str, Any]:
+        tc, st = self.cfg.trainer, self.state
+        self._write_run_file("running")
+        print(describe(self.data))
+        print(f"model: {self.params.total:,} parameters, {self.params.active:,} active per token, "
+              f"{self.flops_per_token:.3g} training FLOPs per token; sparse layers {list(self.model_cfg.sparse_layers)}")
+        tokens_per_step = tc.batch_size * tc.seq_len * tc.grad_accum
+        last_log = (time.perf_counter(), st.tokens, st.elapsed_s)
+        val_loss: Optional[float] = None
+        bar = _progress(tc.progress, tc.max_steps, st.step)
+        self.model.train()
+        try:
+            while st.step < tc.max_steps:
+                self._step_rng = _rng_state()
+                t0 = time.perf_counter()
+                out = self.train_step()
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize()
+                st.elapsed_s += time.perf_counter() - t0
+                st.step += 1
+                st.tokens += tokens_per_step
+                st.flops += self.flops_per_token * tokens_per_step
+                st.loss_sum += out["lm_loss"]
+                st.loss_count += 1
+                final = st.step == tc.max_steps
+                evaluate = final or (tc.eval_interval > 0 and st.step % tc.eval_interval == 0)
+                val_loss = self.evaluate() if evaluate else None
+                if final or evaluate or st.step % tc.log_interval == 0:
+                    tps = (st.tokens - last_log[1]) / max(st.elapsed_s - last_log[2], 1e-9)
+                    record = {"step": st.step, "tokens": st.tokens, "flops": st.flops,
+                              "train_loss": st.loss_sum / st.loss_count, "lr": out["lr"], "grad_norm": out["grad_norm"],
+                              "tokens_per_s": tps, "elapsed_s": st.elapsed_s, **out["aux"]}
+                    if val_loss is not None:
+                        record["val_loss"] = val_loss
+                    record.update(flatten_stats(out["stats"]))
+                    self.logger.log(record)
+                    st.loss_sum, st.loss_count = 0.0, 0
+                    last_log = (time.perf_counter(), st.tokens, st.elapsed_s)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{record['train_loss']:.3f}", tok_s=f"{tps:,.0f}")
+                if bar is not None:
+                    bar.update(1)
+                if final or (tc.ckpt_interval > 0 and st.step % tc.ckpt_interval == 0):
+                    self._step_rng = _rng_state()
+                    self.save()
+        except KeyboardInterrupt:
+            # The last complete step is saved so that resume=auto continues exactly from it.
+            if st.step > 0 and not (self.run_dir / "checkpoints" / f"step_{st.step}").exists():
+                path = self.save()
+                print(f"\ninterrupted: saved {path}; continue with resume=auto")
+            self._write_run_file("interrupted")
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+            self.logger.close()
+        summary = {"final_val_loss": val_loss, "unigram_entropy": self.data.unigram_entropy("val"),
+                   "steps": st.step, "tokens": st.tokens, "flops": st.flops, "elapsed_s": st.elapsed_s,
+                   "metrics": str(self.logger.path), "checkpoint": str(checkpoint_dirs(self.run_dir)[-1][1])}
+        self._write_run_file("finished", summary)
+        return summary
+
+    def _write_run_file(self, status: str, summary: Optional[dict] = None) -> None:
+        """run.json: what a report needs besides the curves (sizes, FLOPs per token, data identity, status)."""
+        info = {"status": status, "params_total": self.params.total, "params_active": self.params.active,
+                "flops_per_token": self.flops_per_token, "data_fingerprint": self.data.fingerprint,
+                "vocab_size": self.model_cfg.vocab_size, "sparse_layers": list(self.model_cfg.sparse_layers),
+                "config": {**self.cfg.to_dict(), "model": self.model_cfg.to_dict()}, "summary": summary}
+        tmp = self.run_dir / (RUN_FILE + ".tmp")
+        tmp.write_text(json.dumps(info, indent=2))
+        tmp.replace(self.run_dir / RUN_FILE)
+
+
+def _progress(enabled: bool, total: int, initial: int):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, leave=False)

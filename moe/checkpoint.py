@@ -1,0 +1,112 @@
+"""Model checkpoint directories: config.json + model.safetensors (+ whatever a trainer adds).
+
+A checkpoint is written under a temporary name in the same parent directory and renamed into place,
+so a crash at any point leaves either the old checkpoint or the new one, never half of one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from moe.config import ModelConfig
+from moe.model import Transformer
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def model_state(model: Transformer) -> dict[str, torch.Tensor]:
+    """The state dict to save: tied weights stored once (safetensors refuses shared storage)."""
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if model.cfg.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    return state
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: Transformer,
+    extra: Optional[dict[str, Callable[[Path], None]]] = None,
+    metadata: Optional[dict] = None,
+) -> Path:
+    """Writes the checkpoint directory `path` atomically.
+
+    extra: file name -> writer(path) for additional files (the trainer's state, a tokenizer).
+    metadata: extra JSON stored beside the model config in config.json (e.g. the step, the data fingerprint).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        (tmp / CONFIG_FILE).write_text(json.dumps({"model": model.cfg.to_dict(), **(metadata or {})}, indent=2))
+        save_file(model_state(model), str(tmp / WEIGHTS_FILE))
+        for name, writer in (extra or {}).items():
+            writer(tmp / name)
+        if path.exists():  # replace an older checkpoint of the same name: move it aside first, then swap
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def read_metadata(path: str | Path) -> dict:
+    """config.json of a checkpoint directory, with a clear error when it is missing or unreadable."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {path} does not exist; pass a directory written by Switchyard")
+    cfg_file = path / CONFIG_FILE
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{cfg_file} is missing: {path} is not a Switchyard checkpoint directory")
+    try:
+        meta = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{cfg_file} is not valid JSON ({e}); the checkpoint is damaged") from None
+    if "model" not in meta:
+        raise ValueError(f"{cfg_file} has no 'model' section; it was not written by Switchyard")
+    return meta
+
+
+def load_config(path: str | Path) -> ModelConfig:
+    return ModelConfig.from_dict(read_metadata(path)["model"])
+
+
+def load_weights(model: Transformer, path: str | Path) -> None:
+    """Loads model.safetensors into model, naming every missing, unexpected or mis-shaped tensor."""
+    weights = Path(path) / WEIGHTS_FILE
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights} is missing; the checkpoint at {path} is incomplete")
+    try:
+        state = load_file(str(weights))
+    except Exception as e:  # safetensors raises its own error types for truncated or foreign files
+        raise ValueError(f"cannot read {weights}: {e}") from None
+    expected = model_state(model)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+              for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        raise ValueError(
+            f"checkpoint {path} does not fit this model config: missing {missing[:8]}, unexpected {unexpected[:8]}, "
+            f"shape mismatches {shapes[:8]}; load it with the config stored in its config.json"
+        )
+    model.load_state_dict(state, strict=False)  # lm_head.weight is tied to embed.weight when absent
+
+
+def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> Transformer:
+    """Builds a Transformer from a checkpoint's own config and loads its weights."""
+    model = Transformer(load_config(path))
+    load_weights(model, path)
+    return model.to(map_location)

@@ -1,0 +1,158 @@
+"""Model configuration: ModelConfig (the backbone) holding MoEConfig (which FFN slots are sparse, and how).
+
+A dense model is a sparse one with zero sparse layers (`moe.layers="none"`), so dense and MoE twins share
+one config type and one code path.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from routing.config import RouterConfig
+
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
+NORMS = ("layernorm", "rmsnorm")
+POSITIONS = ("learned", "rope", "none")
+ATTN_BIAS = ("none", "all", "qkv")
+DISPATCHERS = ("einsum", "sorted")
+
+
+@dataclass
+class MoEConfig:
+    # Which FFN slots are sparse: "none" (dense model), "all", "every:K" (layers K-1, 2K-1, ...: every K-th,
+    # GShard/GLaM use every:2), "last:N", or explicit 0-based indices "1,3,5".
+    layers: str = "none"
+    num_experts: int = 8  # routed experts per sparse layer (E)
+    expert_hidden: Optional[int] = None  # hidden width f of each expert; None: the dense FFN's d_ff
+    dispatcher: str = "sorted"  # "einsum" (GShard one-hot reference) or "sorted" (grouped matmul, dropless)
+    router: RouterConfig = field(default_factory=RouterConfig)  # how tokens choose experts
+
+    def __post_init__(self) -> None:
+        if isinstance(self.router, dict):
+            self.router = _from_dict(RouterConfig, self.router, "model.moe.router")
+        if self.num_experts < 1:
+            raise ValueError(f"model.moe.num_experts={self.num_experts} must be at least 1")
+        if self.expert_hidden is not None and self.expert_hidden < 1:
+            raise ValueError(f"model.moe.expert_hidden={self.expert_hidden} must be positive or null")
+        if self.dispatcher not in DISPATCHERS:
+            raise ValueError(f"model.moe.dispatcher={self.dispatcher!r} must be one of {DISPATCHERS}")
+
+    def sparse_layers(self, n_layer: int) -> tuple[int, ...]:
+        """Indices of the sparse FFN slots in a model of n_layer blocks."""
+        spec = str(self.layers).strip()
+        try:
+            if spec == "none":
+                return ()
+            if spec == "all":
+                return tuple(range(n_layer))
+            if spec.startswith("every:"):
+                k = int(spec.split(":", 1)[1])
+                if k < 1:
+                    raise ValueError
+                return tuple(i for i in range(n_layer) if (i + 1) % k == 0)
+            if spec.startswith("last:"):
+                n = int(spec.split(":", 1)[1])
+                if not 0 <= n <= n_layer:
+                    raise ValueError
+                return tuple(range(n_layer - n, n_layer))
+            idx = tuple(sorted({int(s) for s in spec.strip("[]() ").split(",") if s.strip()}))
+        except ValueError:
+            raise ValueError(
+                f"model.moe.layers={self.layers!r} is not understood; use none, all, every:K, last:N (N <= {n_layer}) "
+                f"or a list of layer indices such as '1,3,5'"
+            ) from None
+        bad = [i for i in idx if not 0 <= i < n_layer]
+        if bad:
+            raise ValueError(f"model.moe.layers lists {bad}, outside the model's layers 0..{n_layer - 1}")
+        return idx
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 4096  # token vocabulary (V)
+    n_layer: int = 4  # transformer blocks (L)
+    d_model: int = 128  # residual width (d)
+    n_head: int = 4  # attention heads
+    n_kv_head: Optional[int] = None  # key/value heads for grouped-query attention; None: n_head (multi-head)
+    head_dim: Optional[int] = None  # width per head; None: d_model // n_head
+    d_ff: int = 512  # dense FFN hidden width (f)
+    max_seq_len: int = 256  # longest sequence (sizes learned positions; RoPE has no limit but we check it)
+    activation: str = "gelu"  # FFN nonlinearity: gelu, gelu_tanh (GPT-2), relu (OPT), silu (Llama with glu)
+    glu: bool = False  # gated FFN: act(x W_gate) * (x W_up), SwiGLU when activation=silu (Llama family)
+    norm: str = "layernorm"  # layernorm (GPT-2, OPT) or rmsnorm (Llama family)
+    norm_eps: float = 1e-5  # epsilon inside the norms
+    position: str = "learned"  # learned absolute positions (GPT-2, OPT), rope (Llama family) or none
+    position_offset: int = 0  # learned positions: index shift of the table (OPT uses 2)
+    rope_theta: float = 10000.0  # RoPE base frequency (Llama 2: 1e4, Llama 3: 5e5, SmolLM2: 1e5)
+    attn_bias: str = "none"  # biases on attention projections: none, all (GPT-2, OPT) or qkv (Qwen2)
+    ffn_bias: bool = False  # biases on FFN projections (GPT-2, OPT)
+    tie_embeddings: bool = True  # share the input embedding and the output head
+    dropout: float = 0.0  # dropout on residual branches and attention probabilities during training
+    init_std: float = 0.02  # std of the normal initialisation of weights
+    moe: MoEConfig = field(default_factory=MoEConfig)  # which FFN slots are sparse and how they route
+
+    def __post_init__(self) -> None:
+        if isinstance(self.moe, dict):
+            self.moe = _from_dict(MoEConfig, self.moe, "model.moe")
+        for name in ("vocab_size", "n_layer", "d_model", "n_head", "d_ff", "max_seq_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.{name}={getattr(self, name)} must be positive")
+        if self.head_dim is None and self.d_model % self.n_head != 0:
+            raise ValueError(
+                f"model.n_head={self.n_head} does not divide model.d_model={self.d_model}; "
+                f"pick a head count that divides the width or set model.head_dim"
+            )
+        if self.kv_heads < 1 or self.n_head % self.kv_heads != 0:
+            raise ValueError(f"model.n_kv_head={self.n_kv_head} must divide model.n_head={self.n_head}")
+        if self.position == "rope" and self.dim_per_head % 2:
+            raise ValueError(f"RoPE needs an even head width, got {self.dim_per_head}; change model.d_model or n_head")
+        for name, allowed in (("activation", ACTIVATIONS), ("norm", NORMS), ("position", POSITIONS), ("attn_bias", ATTN_BIAS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"model.{name}={getattr(self, name)!r} must be one of {allowed}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.dropout={self.dropout} must be in [0, 1)")
+        if self.sparse_layers:  # only a model that routes needs a router that fits it
+            self.moe.router.check_experts(self.moe.num_experts)
+
+    # Derived values are properties, not fields, so that a config round-trips through JSON and Hydra unchanged.
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim or self.d_model // self.n_head
+
+    @property
+    def sparse_layers(self) -> tuple[int, ...]:
+        return self.moe.sparse_layers(self.n_layer)
+
+    @property
+    def expert_hidden(self) -> int:
+        return self.moe.expert_hidden or self.d_ff
+
+    @property
+    def is_moe(self) -> bool:
+        return bool(self.sparse_layers)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        return _from_dict(cls, d, "model")
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _from_dict(cls, d: dict[str, Any], where: str):
+    """Builds a config dataclass from a plain dict, naming unknown keys instead of a bare TypeError."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{where} must be a mapping, got {type(d).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"{where} has unknown field(s) {unknown}; known fields are {sorted(names)}")
+    return cls(**d)

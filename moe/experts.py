@@ -1,0 +1,65 @@
+"""A bank of E feed-forward experts stored as stacked weights.
+
+Shape legend: E experts, d model width, f expert hidden width, N rows sorted by expert, C capacity.
+Weights are laid out [E, in, out] so that a row block multiplies directly (x @ w[e]); the dense FFN's
+nn.Linear weight [out, in] maps to one expert as its transpose.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from moe.grouped_gemm import grouped_matmul
+from moe.layers import activation_fn
+
+
+class Experts(nn.Module):
+    def __init__(self, num_experts: int, d_model: int, hidden: int, activation: str, glu: bool, bias: bool):
+        super().__init__()
+        E, d, f = num_experts, d_model, hidden
+        self.num_experts, self.act = E, activation_fn(activation)
+        self.w_up = nn.Parameter(torch.empty(E, d, f))
+        self.w_gate = nn.Parameter(torch.empty(E, d, f)) if glu else None
+        self.w_down = nn.Parameter(torch.empty(E, f, d))
+        self.b_up = nn.Parameter(torch.zeros(E, f)) if bias else None
+        self.b_down = nn.Parameter(torch.zeros(E, d)) if bias else None
+        for p in self.parameters():
+            # Expert weights are not replicated across expert-parallel ranks: data-parallel reduction
+            # must skip them and reduce them over their own group (the tags DeepSpeed's MoE code reads).
+            p.allreduce = False
+            p.group_name = "ep_size_1"
+        self.use_grouped_mm = True  # False forces the per-expert loop (used by benchmarks and FLOP tests)
+
+    def _weights(self, dtype: torch.dtype) -> tuple[Tensor, Optional[Tensor], Tensor]:
+        # Under autocast the activations arrive in bf16 while the master weights stay fp32.
+        cast = (lambda w: None if w is None else w.to(dtype)) if self.w_up.dtype != dtype else (lambda w: w)
+        return cast(self.w_up), cast(self.w_gate), cast(self.w_down)
+
+    def forward_sorted(self, x: Tensor, expert_index: Tensor, counts: Tensor) -> Tensor:
+        """x [N, d] rows grouped by expert (counts [E] rows each, expert_index [N]) -> [N, d]."""
+        w_up, w_gate, w_down = self._weights(x.dtype)
+        h = grouped_matmul(x, w_up, counts, self.use_grouped_mm)  # [N, f]
+        if self.b_up is not None:
+            h = h + self.b_up[expert_index].to(h.dtype)
+        if w_gate is not None:
+            h = self.act(grouped_matmul(x, w_gate, counts, self.use_grouped_mm)) * h
+        else:
+            h = self.act(h)
+        y = grouped_matmul(h, w_down, counts, self.use_grouped_mm)  # [N, d]
+        if self.b_down is not None:
+            y = y + self.b_down[expert_index].to(y.dtype)
+        return y
+
+    def forward_padded(self, x: Tensor) -> Tensor:
+        """x [E, C, d], one padded slot block per expert -> [E, C, d] (the einsum dispatcher's path)."""
+        w_up, w_gate, w_down = self._weights(x.dtype)
+        h = torch.bmm(x, w_up)  # [E, C, f]
+        if self.b_up is not None:
+            h = h + self.b_up[:, None, :].to(h.dtype)
+        h = self.act(torch.bmm(x, w_gate)) * h if w_gate is not None else self.act(h)
+        y = torch.bmm(h, w_down)  # [E, C, d]
+        if self.b_down is not None:
+            y = y + self.b_down[:, None, :].to(y.dtype)
+        return y

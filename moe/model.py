@@ -1,0 +1,135 @@
+"""The decoder-only Transformer shared by dense models and their sparse twins.
+
+Block: x + Attention(norm(x)); x + FFN(norm(x)), where FFN is a DenseFFN or an MoELayer by config.
+Shape legend: B batch, S sequence, d model width, V vocabulary.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moe.attention import Attention
+from moe.config import ModelConfig
+from moe.experts import Experts
+from moe.ffn import DenseFFN
+from moe.layer import MoELayer
+from moe.layers import RMSNorm, RotaryEmbedding, make_norm
+
+
+@dataclass
+class ModelOutput:
+    logits: Tensor  # [B, S, V]
+    loss: Optional[Tensor] = None  # mean next-token cross-entropy when targets were given (no aux losses)
+    aux_losses: dict[str, Tensor] = field(default_factory=dict)  # name -> sum over sparse layers, already scaled
+    stats: dict[int, dict[str, Tensor]] = field(default_factory=dict)  # sparse layer index -> routing statistics
+
+    @property
+    def total_loss(self) -> Tensor:
+        """What training minimises: the language-model loss plus every auxiliary loss."""
+        assert self.loss is not None, "total_loss needs targets"
+        return self.loss + sum(self.aux_losses.values(), torch.zeros((), device=self.loss.device))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, sparse: bool):
+        super().__init__()
+        self.attn_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.ffn_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
+        self.ffn = MoELayer(cfg) if sparse else DenseFFN(cfg.d_model, cfg.d_ff, cfg.activation, cfg.glu, cfg.ffn_bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor, rope, token_ids: Optional[Tensor]):
+        x = x + self.dropout(self.attn(self.attn_norm(x), rope))
+        h = self.ffn_norm(x)
+        if isinstance(self.ffn, MoELayer):
+            y, plan = self.ffn(h, token_ids)
+        else:
+            y, plan = self.ffn(h), None
+        return x + self.dropout(y), plan
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_embed = nn.Embedding(cfg.max_seq_len + cfg.position_offset, cfg.d_model) if cfg.position == "learned" else None
+        self.rotary = RotaryEmbedding(cfg.dim_per_head, cfg.rope_theta) if cfg.position == "rope" else None
+        sparse = set(cfg.sparse_layers)
+        self.blocks = nn.ModuleList(Block(cfg, i in sparse) for i in range(cfg.n_layer))
+        self.norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.dropout = nn.Dropout(cfg.dropout)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        std = self.cfg.init_std
+        # GPT-2: residual output projections scaled by 1/sqrt(2L) so the residual stream's variance stays put.
+        out_std = std / math.sqrt(2 * self.cfg.n_layer)
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                residual_out = name.endswith(("o_proj", "down"))
+                nn.init.normal_(module.weight, 0.0, out_std if residual_out else std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, Experts):
+                for pname, p in module.named_parameters():
+                    if pname.startswith("b_"):
+                        nn.init.zeros_(p)
+                    else:
+                        nn.init.normal_(p, 0.0, out_std if pname == "w_down" else std)
+            elif isinstance(module, (nn.LayerNorm, RMSNorm)):
+                module.reset_parameters()
+
+    def forward(self, idx: Tensor, targets: Optional[Tensor] = None) -> ModelOutput:
+        B, S = idx.shape
+        if S > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {S} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
+        positions = torch.arange(S, device=idx.device)
+        x = self.embed(idx)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(positions + self.cfg.position_offset)
+        rope = self.rotary(positions) if self.rotary is not None else None
+        x = self.dropout(x)
+        aux: dict[str, Tensor] = {}
+        stats: dict[int, dict[str, Tensor]] = {}
+        for i, block in enumerate(self.blocks):
+            x, plan = block(x, rope, idx)
+            if plan is not None:
+                for name, value in plan.aux_losses.items():
+                    aux[name] = aux[name] + value if name in aux else value
+                stats[i] = plan.stats
+        logits = self.lm_head(self.norm(x))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        return ModelOutput(logits=logits, loss=loss, aux_losses=aux, stats=stats)
+
+    @torch.no_grad()
+    def generate(self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,
+                 generator: Optional[torch.Generator] = None, eos_id: Optional[int] = None) -> Tensor:
+        """Samples continuations of idx [B, S]; temperature 0 is greedy. Re-runs the window each step (no KV cache)."""
+        for _ in range(max_new_tokens):
+            window = idx[:, -self.cfg.max_seq_len:]
+            logits = self(window).logits[:, -1, :].float()
+            if temperature <= 0:
+                nxt = logits.argmax(-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)
+            idx = torch.cat([idx, nxt], dim=1)
+            if eos_id is not None and bool((nxt == eos_id).all()):
+                break
+        return idx

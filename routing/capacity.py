@@ -1,0 +1,68 @@
+"""Capacity and drop policy: turning k choices per token into the surviving rows of a plan.
+
+Shape legend: T tokens, E experts, k choices per token, A = T*k assignments, N surviving rows, C capacity.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float, min_capacity: int) -> Optional[int]:
+    """Slots per expert, or None when dropless (capacity_factor == 0).
+
+    Tutel's sign convention: cf > 0 fixes C = ceil(cf * T * k / E); cf < 0 keeps dispatch dropless in spirit
+    but caps any expert at ceil(|cf| * T * k / E) so one hot expert cannot exhaust memory.
+    """
+    if capacity_factor == 0:
+        return None
+    capacity = math.ceil(abs(capacity_factor) * num_tokens * top_k / num_experts)
+    return max(capacity, min_capacity)
+
+
+def assign(
+    expert_idx: Tensor,  # [T, k] long, chosen experts, column j is every token's j-th choice
+    weight: Tensor,  # [T, k] float, combine weights of the choices
+    num_experts: int,
+    capacity: Optional[int],
+    drop_policy: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Sorts assignments by expert and drops those past capacity.
+
+    Returns token_index [N], expert_index [N], weight [N], counts [E], kept [T, k] bool.
+    Within an expert, rows are ordered by priority: first choices before second choices, then by token
+    position ("position") or by descending weight ("probs"); capacity keeps the first C rows of each expert.
+    """
+    T, k = expert_idx.shape
+    A = T * k
+    # Choice-major flattening: row a = j * T + t, so every token's first choice outranks any second choice (GShard).
+    flat_expert = expert_idx.t().reshape(A)
+    flat_weight = weight.t().reshape(A)
+    flat_token = torch.arange(T, device=expert_idx.device).repeat(k)
+    if drop_policy == "probs" and capacity is not None:
+        # Rank by weight inside each choice column: the choice index stays the major key.
+        within = torch.argsort(weight.detach().t(), dim=1, descending=True, stable=True)  # [k, T]
+        rank = torch.empty_like(within)
+        rank.scatter_(1, within, torch.arange(T, device=within.device).expand(k, T))
+        priority = (rank + torch.arange(k, device=rank.device)[:, None] * T).reshape(A)
+    else:
+        priority = torch.arange(A, device=expert_idx.device)
+    order = torch.argsort(flat_expert * A + priority)  # keys are unique, so the sort is stable by construction
+    sorted_expert = flat_expert[order]
+    counts = torch.bincount(flat_expert, minlength=num_experts)
+    if capacity is None:
+        keep_sorted = None
+        kept = torch.ones(T, k, dtype=torch.bool, device=expert_idx.device)
+    else:
+        offsets = torch.cumsum(counts, 0) - counts
+        position = torch.arange(A, device=order.device) - offsets[sorted_expert]
+        keep_sorted = position < capacity
+        kept_flat = torch.empty(A, dtype=torch.bool, device=order.device)
+        kept_flat[order] = keep_sorted
+        kept = kept_flat.reshape(k, T).t()
+        order = order[keep_sorted]  # the only host synchronisation: N is data-dependent once tokens drop
+        counts = counts.clamp(max=capacity)
+    return flat_token[order], flat_expert[order], flat_weight[order], counts, kept

@@ -1,0 +1,52 @@
+"""Router configuration: one typed dataclass shared by every router family."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+ORDERS = ("topk_softmax", "softmax_topk")
+DROP_POLICIES = ("probs", "position")
+
+
+@dataclass
+class RouterConfig:
+    name: str = "topk"  # router family, a key of routing.registry.ROUTERS
+    top_k: int = 2  # experts each token is sent to (k)
+    # "topk_softmax": top-k of the logits, softmax over the chosen k (Mixtral);
+    # "softmax_topk": softmax over all E experts, then top-k (GShard, Switch, DeepSeek)
+    order: str = "topk_softmax"
+    renormalize: bool = False  # softmax_topk only: rescale the k chosen probabilities to sum to 1
+    scale: float = 1.0  # multiplier on the combine weights (DeepSeek's routed scaling factor)
+    # Tutel's sign convention: > 0 a fixed capacity ceil(cf * T * k / E) per expert; 0 dropless;
+    # < 0 dropless but capped at ceil(|cf| * T * k / E)
+    capacity_factor: float = 0.0
+    eval_capacity_factor: Optional[float] = None  # capacity factor at evaluation; None: same as training
+    min_capacity: int = 4  # lower bound on a fixed or capped capacity (small batches would otherwise drop most tokens)
+    drop_policy: str = "probs"  # which assignments overflow first: lowest router weight ("probs") or latest ("position")
+    aux_loss_coef: float = 0.01  # Switch load-balancing loss coefficient (alpha)
+    z_loss_coef: float = 0.001  # ST-MoE router z-loss coefficient
+    jitter: float = 0.0  # Switch multiplicative noise: router input scaled by U(1-eps, 1+eps) in training
+
+    def __post_init__(self) -> None:
+        from routing.registry import ROUTERS  # late import: the registry imports the routers, which import this
+
+        if self.name not in ROUTERS:
+            raise ValueError(f"routing.name={self.name!r} is not a known router; choose one of {sorted(ROUTERS)}")
+        if self.top_k < 1:
+            raise ValueError(f"routing.top_k={self.top_k} must be at least 1")
+        if self.order not in ORDERS:
+            raise ValueError(f"routing.order={self.order!r} must be one of {ORDERS}")
+        if self.drop_policy not in DROP_POLICIES:
+            raise ValueError(f"routing.drop_policy={self.drop_policy!r} must be one of {DROP_POLICIES}")
+        if self.min_capacity < 0:
+            raise ValueError(f"routing.min_capacity={self.min_capacity} must be non-negative")
+        if not 0.0 <= self.jitter < 1.0:
+            raise ValueError(f"routing.jitter={self.jitter} must be in [0, 1)")
+
+    def check_experts(self, num_experts: int) -> None:
+        """Checks what depends on the layer this router serves; raised when the model config is built."""
+        if self.top_k > num_experts:
+            raise ValueError(
+                f"routing.top_k={self.top_k} is larger than moe.num_experts={num_experts}; "
+                f"lower routing.top_k or raise moe.num_experts"
+            )

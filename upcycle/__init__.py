@@ -1,0 +1,1 @@
+"""Dense -> MoE upcycling (issue: upcycle released dense weights). Not built yet."""
