@@ -25,11 +25,12 @@ class MoEConfig:
     layers: str = "none"
     num_experts: int = 8  # routed experts per sparse layer (E)
     expert_hidden: Optional[int] = None  # hidden width f of each expert; None: the dense FFN's d_ff
+    glu: Optional[bool] = None  # gated experts; None: as the dense FFN (model.glu). GLaM gates only its dense FFNs
     dispatcher: str = "sorted"  # "einsum" (GShard one-hot reference) or "sorted" (grouped matmul, dropless)
     router: RouterConfig = field(default_factory=RouterConfig)  # how tokens choose experts
 
     def __post_init__(self) -> None:
-        if isinstance(self.router, dict):
+        if not isinstance(self.router, RouterConfig):  # a dict from JSON/Hydra; anything else is refused by name
             self.router = _from_dict(RouterConfig, self.router, "model.moe.router")
         if self.num_experts < 1:
             raise ValueError(f"model.moe.num_experts={self.num_experts} must be at least 1")
@@ -42,6 +43,8 @@ class MoEConfig:
         """Indices of the sparse FFN slots in a model of n_layer blocks."""
         spec = str(self.layers).strip()
         try:
+            if not spec:
+                raise ValueError
             if spec == "none":
                 return ()
             if spec == "all":
@@ -93,7 +96,7 @@ class ModelConfig:
     moe: MoEConfig = field(default_factory=MoEConfig)  # which FFN slots are sparse and how they route
 
     def __post_init__(self) -> None:
-        if isinstance(self.moe, dict):
+        if not isinstance(self.moe, MoEConfig):  # a dict from JSON/Hydra; anything else is refused by name
             self.moe = _from_dict(MoEConfig, self.moe, "model.moe")
         for name in ("vocab_size", "n_layer", "d_model", "n_head", "d_ff", "max_seq_len"):
             if getattr(self, name) < 1:
@@ -131,6 +134,10 @@ class ModelConfig:
     @property
     def expert_hidden(self) -> int:
         return self.moe.expert_hidden or self.d_ff
+
+    @property
+    def expert_glu(self) -> bool:
+        return self.glu if self.moe.glu is None else self.moe.glu
 
     @property
     def is_moe(self) -> bool:

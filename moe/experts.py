@@ -24,6 +24,7 @@ class Experts(nn.Module):
         self.w_gate = nn.Parameter(torch.empty(E, d, f)) if glu else None
         self.w_down = nn.Parameter(torch.empty(E, f, d))
         self.b_up = nn.Parameter(torch.zeros(E, f)) if bias else None
+        self.b_gate = nn.Parameter(torch.zeros(E, f)) if bias and glu else None
         self.b_down = nn.Parameter(torch.zeros(E, d)) if bias else None
         for p in self.parameters():
             # Expert weights are not replicated across expert-parallel ranks: data-parallel reduction
@@ -44,7 +45,10 @@ class Experts(nn.Module):
         if self.b_up is not None:
             h = h + self.b_up[expert_index].to(h.dtype)
         if w_gate is not None:
-            h = self.act(grouped_matmul(x, w_gate, counts, self.use_grouped_mm)) * h
+            g = grouped_matmul(x, w_gate, counts, self.use_grouped_mm)
+            if self.b_gate is not None:
+                g = g + self.b_gate[expert_index].to(g.dtype)
+            h = self.act(g) * h
         else:
             h = self.act(h)
         y = grouped_matmul(h, w_down, counts, self.use_grouped_mm)  # [N, d]
@@ -58,7 +62,13 @@ class Experts(nn.Module):
         h = torch.bmm(x, w_up)  # [E, C, f]
         if self.b_up is not None:
             h = h + self.b_up[:, None, :].to(h.dtype)
-        h = self.act(torch.bmm(x, w_gate)) * h if w_gate is not None else self.act(h)
+        if w_gate is not None:
+            g = torch.bmm(x, w_gate)
+            if self.b_gate is not None:
+                g = g + self.b_gate[:, None, :].to(g.dtype)
+            h = self.act(g) * h
+        else:
+            h = self.act(h)
         y = torch.bmm(h, w_down)  # [E, C, d]
         if self.b_down is not None:
             y = y + self.b_down[:, None, :].to(y.dtype)

@@ -19,7 +19,7 @@ class MoELayer(nn.Module):
         super().__init__()
         moe = cfg.moe
         self.router = build_router(cfg.d_model, moe.num_experts, moe.router)
-        self.experts = Experts(moe.num_experts, cfg.d_model, cfg.expert_hidden, cfg.activation, cfg.glu, cfg.ffn_bias)
+        self.experts = Experts(moe.num_experts, cfg.d_model, cfg.expert_hidden, cfg.activation, cfg.expert_glu, cfg.ffn_bias)
         self.dispatcher = moe.dispatcher
 
     def forward(self, x: Tensor, token_ids: Optional[Tensor] = None) -> tuple[Tensor, RoutingPlan]:

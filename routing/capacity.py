@@ -14,8 +14,9 @@ from torch import Tensor
 def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float, min_capacity: int) -> Optional[int]:
     """Slots per expert, or None when dropless (capacity_factor == 0).
 
-    Tutel's sign convention: cf > 0 fixes C = ceil(cf * T * k / E); cf < 0 keeps dispatch dropless in spirit
-    but caps any expert at ceil(|cf| * T * k / E) so one hot expert cannot exhaust memory.
+    Tutel's sign convention: cf > 0 fixes C = ceil(cf * T * k / E); cf < 0 drops only past the cap
+    ceil(|cf| * T * k / E), so one hot expert cannot exhaust memory, while padded layouts (einsum) size their
+    slots by the busiest expert instead of the cap (see RoutingPlan.capacity).
     """
     if capacity_factor == 0:
         return None
@@ -33,8 +34,9 @@ def assign(
     """Sorts assignments by expert and drops those past capacity.
 
     Returns token_index [N], expert_index [N], weight [N], counts [E], kept [T, k] bool.
-    Within an expert, rows are ordered by priority: first choices before second choices, then by token
-    position ("position") or by descending weight ("probs"); capacity keeps the first C rows of each expert.
+    Within an expert, rows are ordered by priority: first choices before second choices (GShard, Tutel), then
+    by token position ("position") or by descending weight ("probs"); capacity keeps the first C rows of each
+    expert. So under "probs" a second choice never displaces a first choice, even one with a smaller weight.
     """
     T, k = expert_idx.shape
     A = T * k

@@ -18,7 +18,9 @@ class RoutingPlan:
     weight: Tensor  # [N] float32, combine weight; differentiable, the router learns through it
     counts: Tensor  # [E] long, assignments per expert after capacity
     num_tokens: int  # T
-    capacity: Optional[int] = None  # C when a capacity was enforced (fixed or capped), else None (dropless)
+    # C of a fixed capacity (capacity_factor > 0): padded layouts use exactly C slots per expert. None when
+    # dropless or capped (capacity_factor <= 0): padded layouts size their slots by the busiest expert.
+    capacity: Optional[int] = None
     aux_losses: dict[str, Tensor] = field(default_factory=dict)  # name -> scalar, already scaled by its coefficient
     stats: dict[str, Tensor] = field(default_factory=dict)  # detached routing statistics (routing.stats)
 

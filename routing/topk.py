@@ -80,7 +80,7 @@ class TopKRouter(nn.Module):
             weight=row_weight,
             counts=counts,
             num_tokens=T,
-            capacity=capacity,
+            capacity=capacity if cf > 0 else None,
             aux_losses=aux,
             stats=routing_stats(probs.detach(), counts, kept),
         )

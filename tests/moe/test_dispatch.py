@@ -1,0 +1,138 @@
+"""Every dispatcher equals the einsum reference, forward and backward; grouped_mm equals the per-expert loop."""
+import pytest
+import torch
+
+from moe.dispatch import DISPATCHERS
+from moe.experts import Experts
+from moe.grouped_gemm import _grouped_mm_ok, grouped_matmul
+from routing import RouterConfig, build_router
+
+T, E = 20, 4
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def _setup(d, f, k, cf, glu, bias, empty_expert, activation="gelu", seed=0):
+    torch.manual_seed(seed)
+    router = build_router(d, E, RouterConfig(top_k=k, capacity_factor=cf, min_capacity=1, drop_policy="probs",
+                                             aux_loss_coef=0.0, z_loss_coef=0.0))
+    experts = Experts(E, d, f, activation, glu, bias)
+    with torch.no_grad():
+        torch.nn.init.normal_(router.gate.weight, 0.0, 1.0)
+        for p in experts.parameters():
+            torch.nn.init.normal_(p, 0.0, 0.3)  # nonzero biases too
+    x = torch.randn(T, d)
+    if empty_expert:
+        # the last feature is a constant 1 and pushes the last expert far down: it never wins a token
+        x[:, -1] = 1.0
+        with torch.no_grad():
+            router.gate.weight[:, -1] = 0.0
+            router.gate.weight[E - 1, -1] = -100.0
+    return router, experts, x
+
+
+def _run(name, router, experts, x, g):
+    for p in list(router.parameters()) + list(experts.parameters()):
+        p.grad = None
+    x = x.detach().clone().requires_grad_(True)
+    plan = router(x)
+    y = DISPATCHERS[name](x, plan, experts)
+    (y * g).sum().backward()
+    grads = {"x": x.grad, "gate": router.gate.weight.grad}
+    grads.update({n: p.grad for n, p in experts.named_parameters()})
+    return y.detach(), grads, plan
+
+
+def _compare(a, b):
+    (ya, ga, _), (yb, gb, _) = a, b
+    torch.testing.assert_close(ya, yb, **TOL)
+    assert ga.keys() == gb.keys()
+    for n in ga:
+        assert ga[n] is not None and gb[n] is not None, n
+        torch.testing.assert_close(ga[n], gb[n], **TOL, msg=lambda m: f"grad of {n}: {m}")
+
+
+@pytest.mark.parametrize("empty_expert", [False, True], ids=["natural", "forced-empty"])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("glu", [False, True], ids=["ffn", "glu"])
+@pytest.mark.parametrize("cf", [0.0, 1.0, -1.0], ids=["dropless", "cf1", "cf-1"])
+@pytest.mark.parametrize("k", [1, 2])
+def test_sorted_equals_einsum(k, cf, glu, bias, empty_expert):
+    router, experts, x = _setup(8, 12, k, cf, glu, bias, empty_expert)
+    g = torch.randn(T, 8, generator=torch.Generator().manual_seed(5))
+    ref = _run("einsum", router, experts, x, g)
+    got = _run("sorted", router, experts, x, g)
+    _compare(ref, got)
+    plan = got[2]
+    if empty_expert:
+        assert plan.counts[-1] == 0
+        for n in ("w_up", "w_down") + (("w_gate",) if glu else ()) + (("b_up", "b_down") if bias else ()):
+            assert torch.count_nonzero(got[1][n][-1]) == 0, f"{n} of the empty expert must get a zero gradient"
+    if cf != 0.0:
+        assert plan.stats["dropped_fraction"] > 0, "the capacity cases must actually drop tokens"
+    if cf == 0.0:
+        assert plan.token_index.numel() == T * k
+    # the output is exactly the definition y[t] = sum_r weight[r] * expert_{e_r}(x[t])
+    y_def = torch.zeros(T, 8)
+    with torch.no_grad():
+        for t, e, w in zip(plan.token_index.tolist(), plan.expert_index.tolist(), plan.weight.tolist()):
+            h = x[t] @ experts.w_up[e] + (experts.b_up[e] if bias else 0)
+            gate = (x[t] @ experts.w_gate[e] + (experts.b_gate[e] if bias else 0)) if glu else None
+            h = experts.act(gate) * h if glu else experts.act(h)
+            y_def[t] += w * (h @ experts.w_down[e] + (experts.b_down[e] if bias else 0))
+    torch.testing.assert_close(got[0], y_def, **TOL)
+
+
+@pytest.mark.parametrize("glu", [False, True])
+@pytest.mark.parametrize("cf", [0.0, 1.0])
+@pytest.mark.parametrize("k", [1, 2])
+def test_grouped_mm_equals_loop(k, cf, glu):
+    router, experts, x = _setup(8, 12, k, cf, glu, True, empty_expert=True)
+    g = torch.randn(T, 8, generator=torch.Generator().manual_seed(6))
+    assert _grouped_mm_ok(x, experts.w_up) and _grouped_mm_ok(torch.zeros(3, 12), experts.w_down), \
+        "these shapes must take the grouped_mm path"
+    fused = _run("sorted", router, experts, x, g)
+    experts.use_grouped_mm = False
+    loop = _run("sorted", router, experts, x, g)
+    _compare(fused, loop)
+
+
+@pytest.mark.parametrize("d,f", [(6, 12), (8, 10), (7, 9)])
+@pytest.mark.parametrize("k", [1, 2])
+def test_loop_fallback_for_unaligned_widths(d, f, k):
+    router, experts, x = _setup(d, f, k, 0.0, True, True, empty_expert=True)
+    assert not (_grouped_mm_ok(x, experts.w_up) and _grouped_mm_ok(torch.zeros(3, f), experts.w_down))
+    g = torch.randn(T, d, generator=torch.Generator().manual_seed(7))
+    _compare(_run("einsum", router, experts, x, g), _run("sorted", router, experts, x, g))
+
+
+@pytest.mark.parametrize("use_grouped_mm", [True, False])
+def test_grouped_matmul_segments(use_grouped_mm):
+    gen = torch.Generator().manual_seed(3)
+    counts = torch.tensor([3, 0, 5, 2])
+    x = torch.randn(10, 8, generator=gen, requires_grad=True)
+    w = torch.randn(4, 8, 4, generator=gen, requires_grad=True)
+    y = grouped_matmul(x, w, counts, use_grouped_mm)
+    ref = torch.cat([x[0:3] @ w[0], x[3:8] @ w[2], x[8:10] @ w[3]])
+    torch.testing.assert_close(y, ref, **TOL)
+    y.sum().backward()  # a stride-0 incoming gradient
+    torch.testing.assert_close(w.grad[1], torch.zeros(8, 4))
+    torch.testing.assert_close(w.grad[0], x[0:3].detach().sum(0)[:, None].expand(8, 4), **TOL)
+    torch.testing.assert_close(x.grad[:3], w[0].detach().sum(1).expand(3, 8), **TOL)
+
+
+def test_grouped_matmul_no_rows():
+    x = torch.zeros(0, 8)
+    w = torch.randn(4, 8, 4)
+    for flag in (True, False):
+        assert grouped_matmul(x, w, torch.zeros(4, dtype=torch.long), flag).shape == (0, 4)
+
+
+@pytest.mark.parametrize("name", sorted(DISPATCHERS))
+def test_dispatch_bf16_runs_close_to_fp32(name):
+    router, experts, x = _setup(8, 12, 2, 0.0, True, True, empty_expert=False)
+    plan = router(x)
+    y32 = DISPATCHERS[name](x, plan, experts)
+    experts_bf16 = experts.to(torch.bfloat16)
+    y16 = DISPATCHERS[name](x.bfloat16(), plan, experts_bf16)
+    assert y16.dtype == torch.bfloat16
+    torch.testing.assert_close(y16.float(), y32.detach(), rtol=5e-2, atol=5e-2)
