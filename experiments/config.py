@@ -6,11 +6,13 @@ so a typo or a bad value fails with a named field before any data is read or any
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from experiments.data import DataConfig
+from experiments.twins import build_twin
 from moe.config import ModelConfig, _from_dict
 
 
@@ -94,10 +96,16 @@ class RunConfig:
     seed: int = 0  # seeds initialisation, batches, dropout and router noise
     resume: str = "never"  # never, or auto: continue from the newest complete checkpoint in run_dir
     init_from: Optional[str] = None  # checkpoint directory whose config and weights start this run
+    # A twin of `model` (experiments.twins): dense, moe_e{E}_k{k} (same training FLOPs per token) or
+    # dense_wide_e{E}_k{k} (same total parameters as that MoE); `model` then holds the resolved twin.
+    twin: Optional[str] = None
 
     def __post_init__(self) -> None:
         if self.resume not in ("never", "auto"):
             raise ValueError(f"resume={self.resume!r} must be never or auto")
+        if self.twin is not None and self.init_from:
+            raise ValueError(f"twin={self.twin!r} and init_from={self.init_from!r} exclude each other: a twin is "
+                             f"built from the composed model, init_from takes the checkpoint's; drop one of them")
         if self.trainer.seq_len > self.model.max_seq_len:
             raise ValueError(
                 f"trainer.seq_len={self.trainer.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}; "
@@ -112,6 +120,27 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
+def _checked(cls, d: Any, where: str) -> Any:
+    """d with each value checked against the field types of cls: the YAML groups are untyped in Hydra, so
+    without this `trainer.max_steps=abc` fails later with a bare TypeError, or not at all."""
+    if not isinstance(d, dict):
+        return d  # _from_dict names the problem
+    hints, out = typing.get_type_hints(cls), dict(d)
+    for name, value in d.items():
+        args = typing.get_args(hints.get(name))
+        base = next((a for a in args if a is not type(None)), None) if args else hints.get(name)
+        if base not in (bool, int, float, str) or (value is None and type(None) in args):
+            continue  # unknown fields are named by _from_dict
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if base is str and number:
+            out[name] = str(value)  # what a typed Hydra node does with `logger.name=123`
+        elif not {bool: isinstance(value, bool), int: number and isinstance(value, int), float: number,
+                  str: isinstance(value, str)}[base]:
+            what = base.__name__ + (" or null" if type(None) in args else "")
+            raise ValueError(f"{where + '.' if where else ''}{name}={value!r} must be {what}")
+    return out
+
+
 def run_config_from_dict(d: dict[str, Any], run_dir: str) -> RunConfig:
     """Builds and validates a RunConfig from a resolved config mapping (what Hydra composed)."""
     known = {f.name for f in dataclasses.fields(RunConfig)} - {"run_dir"}
@@ -120,14 +149,20 @@ def run_config_from_dict(d: dict[str, Any], run_dir: str) -> RunConfig:
         raise ValueError(f"unknown top-level config key(s) {unknown}; known keys are {sorted(known)}")
     if "model" not in d:
         raise ValueError("the config has no model; choose one with model=PRESET")
+    top = _checked(RunConfig, {k: d[k] for k in ("seed", "resume", "init_from", "twin") if k in d}, "")
+    model = ModelConfig.from_dict(d["model"])
+    trainer = _from_dict(TrainerConfig, _checked(TrainerConfig, d.get("trainer", {}), "trainer"), "trainer")
+    if top.get("twin") is not None:  # the twin is resolved here, at the boundary: the trainer sees a plain model
+        model = build_twin(model, top["twin"], seq_len=min(trainer.seq_len, model.max_seq_len))
     return RunConfig(
-        model=ModelConfig.from_dict(d["model"]),
-        data=_from_dict(DataConfig, d.get("data", {}), "data"),
-        optim=_from_dict(OptimConfig, d.get("optim", {}), "optim"),
-        trainer=_from_dict(TrainerConfig, d.get("trainer", {}), "trainer"),
-        logger=_from_dict(LoggerConfig, d.get("logger", {}), "logger"),
+        model=model,
+        data=_from_dict(DataConfig, _checked(DataConfig, d.get("data", {}), "data"), "data"),
+        optim=_from_dict(OptimConfig, _checked(OptimConfig, d.get("optim", {}), "optim"), "optim"),
+        trainer=trainer,
+        logger=_from_dict(LoggerConfig, _checked(LoggerConfig, d.get("logger", {}), "logger"), "logger"),
         run_dir=run_dir,
-        seed=d.get("seed", 0),
-        resume=d.get("resume", "never"),
-        init_from=d.get("init_from"),
+        seed=top.get("seed", 0),
+        resume=top.get("resume", "never"),
+        init_from=top.get("init_from"),
+        twin=top.get("twin"),
     )

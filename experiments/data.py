@@ -28,7 +28,8 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from experiments.tokenizer import MIN_BPE_VOCAB, Tokenizer, build_tokenizer, check_tokenizer_kind, load_tokenizer
+from experiments.tokenizer import (MIN_BPE_VOCAB, Tokenizer, build_tokenizer, check_tokenizer_kind, load_tokenizer,
+                                  tokenizer_fingerprint)
 
 SOURCES = ("shakespeare", "text", "tokens")
 TOKEN_DTYPES = ("uint16", "uint32")
@@ -351,24 +352,31 @@ def _write_tokens(path: Path, docs: list[Document], tok: Tokenizer, dtype: np.dt
     return n
 
 
-def prepare(cfg: DataConfig) -> PreparedData:
-    """Tokenize the corpus of `cfg` into cached token files and memory-map them; see the module docstring."""
+def prepare(cfg: DataConfig, tokenizer: Optional[Tokenizer] = None) -> PreparedData:
+    """Tokenize the corpus of `cfg` into cached token files and memory-map them; see the module docstring.
+
+    `tokenizer`: a given tokenizer (a checkpoint's own, e.g. an upcycled released model's) instead of the one
+    data.tokenizer would build; the cache entry is then keyed by its fingerprint. Ignored for source=tokens.
+    """
     if cfg.source == "tokens":
         return _prepare_tokens(cfg)
     # The byte tokenizer has a fixed vocabulary; data.vocab_size is ignored for it.
-    vocab = (cfg.vocab_size or DEFAULT_BPE_VOCAB) if cfg.tokenizer == "bpe" else 257
+    kind = "pretrained" if tokenizer is not None else cfg.tokenizer
+    vocab = tokenizer.vocab_size if tokenizer is not None else (cfg.vocab_size or DEFAULT_BPE_VOCAB) if cfg.tokenizer == "bpe" else 257
     docs = load_documents(cfg)
     settings = {"version": _PREPARE_VERSION, "source": cfg.source, "corpus_hash": corpus_hash(docs),
-                "tokenizer": cfg.tokenizer, "requested_vocab_size": vocab,
+                "tokenizer": kind, "requested_vocab_size": vocab,
                 "val_fraction": cfg.val_fraction, "split_seed": cfg.split_seed}
+    if tokenizer is not None:
+        settings["tokenizer_fingerprint"] = tokenizer_fingerprint(tokenizer)
     fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
     root = cache_root(cfg)
-    out = root / "data" / f"{cfg.source}-{cfg.tokenizer}-{vocab}-{fingerprint[:20]}"
+    out = root / "data" / f"{cfg.source}-{kind}-{vocab}-{fingerprint[:20]}"
 
     if not (out / "meta.json").is_file():
         train_docs, val_docs = split_documents(docs, cfg.val_fraction, cfg.split_seed)
         t0 = time.perf_counter()
-        tok = build_tokenizer(cfg.tokenizer, [d.text for d in train_docs], vocab, root / "tokenizers")
+        tok = tokenizer or build_tokenizer(cfg.tokenizer, [d.text for d in train_docs], vocab, root / "tokenizers")
         t1 = time.perf_counter()
         dtype = np.dtype(np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32)
         # Build in a private folder and rename it into place: a crash leaves no half entry, and when two

@@ -65,14 +65,14 @@ class MetricsLogger:
                 dir=str(run_dir), mode=cfg.mode, config=run_config, resume="allow",
                 id=_wandb_id(run_dir),
             )
+            _define_wandb_axes(self._wandb)
 
     def log(self, record: dict[str, Any]) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         self._file.write(json.dumps(clean) + "\n")
         self._file.flush()
         if self._wandb is not None:
-            scalars = {k: v for k, v in record.items() if isinstance(v, (int, float))}
-            self._wandb.log(scalars, step=record["step"])
+            self._wandb.log(_wandb_row(record), step=record["step"])
 
     def close(self) -> None:
         self._file.close()
@@ -85,3 +85,27 @@ def _wandb_id(run_dir: str | Path) -> str:
     import hashlib
 
     return hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:12]
+
+
+def _define_wandb_axes(run) -> None:
+    """Tokens and training FLOPs as step axes: losses are plotted against FLOPs (the axis of a dense-versus-MoE
+    comparison), everything else against tokens; both are selectable as the x axis of any panel."""
+    run.define_metric("tokens")
+    run.define_metric("flops")
+    run.define_metric("*", step_metric="tokens")
+    run.define_metric("train_loss", step_metric="flops")
+    run.define_metric("val_loss", step_metric="flops", summary="min")
+
+
+def _wandb_row(record: dict[str, Any]) -> dict[str, Any]:
+    """A metrics record for wandb: the scalars as they are, and each sparse layer's tokens_per_expert as a
+    wandb.Histogram whose bins are the experts (bin e, from e to e+1, holds expert e's token count)."""
+    import numpy as np
+    import wandb
+
+    row: dict[str, Any] = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    for key, value in record.items():
+        if key.endswith("/tokens_per_expert") and isinstance(value, list) and value:
+            counts = np.asarray(value, dtype=float)
+            row[key] = wandb.Histogram(np_histogram=(counts, np.arange(len(counts) + 1, dtype=float)))
+    return row

@@ -16,7 +16,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))  # tied weights appear once
-        is_embedding = name.startswith(("embed.", "pos_embed.")) or name == "lm_head.weight"
+        is_embedding = name.startswith(("embed.", "pos_embed."))  # a tied lm_head is embed.weight (seen above)
         (no_decay if p.dim() < 2 or is_embedding else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 

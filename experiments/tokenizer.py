@@ -113,11 +113,12 @@ class BPETokenizer:
 
     name = "bpe"
 
-    def __init__(self, tokenizer: tokenizers.Tokenizer) -> None:
-        eos = tokenizer.token_to_id(EOS_TOKEN)
+    def __init__(self, tokenizer: tokenizers.Tokenizer, eos_token: str = EOS_TOKEN) -> None:
+        eos = tokenizer.token_to_id(eos_token)
         if eos is None:
-            raise ValueError(f"this tokenizer has no {EOS_TOKEN} token; train it with BPETokenizer.train")
+            raise ValueError(f"this tokenizer has no {eos_token} token; train it with BPETokenizer.train")
         self._tok = tokenizer
+        self._eos_token = eos_token
         self._eos_id = int(eos)
         self._vocab_size = int(tokenizer.get_vocab_size(with_added_tokens=True))
 
@@ -185,6 +186,57 @@ class BPETokenizer:
         return f"BPETokenizer(vocab_size={self.vocab_size})"
 
 
+class PretrainedTokenizer(BPETokenizer):
+    """A released model's own tokenizer (a `tokenizers` json file, e.g. written by `experiments.upcycle`), whose
+    end-of-text token is not `<|endoftext|>`: it is named in `tokenizer_config.json` beside the tokenizer file
+    (the Hugging Face convention: {"eos_token": "<|im_end|>", ...}), which `save` writes too."""
+
+    name = "pretrained"
+    CONFIG_FILE = "tokenizer_config.json"
+
+    def __init__(self, tokenizer: tokenizers.Tokenizer, config: dict) -> None:
+        eos = config.get("eos_token")
+        if isinstance(eos, dict):
+            eos = eos.get("content")
+        if not eos:
+            raise ValueError(f"{self.CONFIG_FILE} names no eos_token; the tokenizer needs an end-of-text token")
+        super().__init__(tokenizer, eos_token=eos)
+        self.config = dict(config)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "PretrainedTokenizer":
+        from tokenizers import Tokenizer as HFTokenizer
+
+        path = Path(path)
+        side = path.with_name(cls.CONFIG_FILE)
+        try:
+            config = json.loads(side.read_text(encoding="utf-8"))
+            return cls(HFTokenizer.from_file(str(path)), config)
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"could not read the tokenizer {path} with {side.name} ({e})") from e
+        except Exception as e:  # the library raises a bare Exception on malformed json
+            if isinstance(e, ValueError):
+                raise
+            raise ValueError(f"could not read the tokenizer {path} ({e})") from e
+
+    def save(self, path: str | os.PathLike) -> None:
+        path = Path(path)
+        _atomic_write_text(path, self._tok.to_str())
+        _atomic_write_text(path.with_name(self.CONFIG_FILE), json.dumps(self.config, indent=1) + "\n")
+
+    def __repr__(self) -> str:
+        return f"PretrainedTokenizer(vocab_size={self.vocab_size}, eos={self._eos_token!r})"
+
+
+def tokenizer_fingerprint(tok: Tokenizer) -> str:
+    """sha256 of what a tokenizer maps text to: its kind, end-of-text id and (for BPE) its serialized model."""
+    h = hashlib.sha256(f"{tok.name}\0{tok.eos_id}\0{tok.vocab_size}\0".encode())
+    inner = getattr(tok, "_tok", None)
+    if inner is not None:
+        h.update(inner.to_str().encode("utf-8"))
+    return h.hexdigest()
+
+
 def bpe_fingerprint(texts: Iterable[str], vocab_size: int) -> str:
     """sha256 over the recipe version, the vocabulary size and the texts (length-prefixed, so
     ["ab", "c"] and ["a", "bc"] differ)."""
@@ -232,5 +284,7 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     if isinstance(doc, dict) and doc.get("kind") == "byte":
         return ByteTokenizer()
     if isinstance(doc, dict) and "model" in doc:  # the `tokenizers` library's own format
+        if path.with_name(PretrainedTokenizer.CONFIG_FILE).is_file():  # a released model's tokenizer
+            return PretrainedTokenizer.load(path)
         return BPETokenizer.load(path)
     raise ValueError(f"{path} is neither a byte tokenizer ({{\"kind\": \"byte\"}}) nor a tokenizers json file")

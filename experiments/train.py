@@ -6,7 +6,10 @@ validation loss, so Hydra sweepers (e.g. Optuna) can minimise it.
 from __future__ import annotations
 
 import hydra
+from pathlib import Path
+
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from experiments.config import run_config_from_dict
@@ -18,8 +21,12 @@ register_configs()
 
 @hydra.main(config_path="pkg://conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
-    run_dir = HydraConfig.get().runtime.output_dir
-    run = run_config_from_dict(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True), run_dir)
+    hydra_cfg = HydraConfig.get()
+    d = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    logger = d.get("logger")
+    if hydra_cfg.mode == RunMode.MULTIRUN and isinstance(logger, dict) and logger.get("group") is None:
+        logger["group"] = Path(hydra_cfg.sweep.dir).name  # the runs of one sweep share a group (wandb, run.json)
+    run = run_config_from_dict(d, hydra_cfg.runtime.output_dir)
     summary = Trainer(run).fit()
     print(f"final validation loss {summary['final_val_loss']:.4f} nats "
           f"(unigram entropy of the validation split: {summary['unigram_entropy']:.4f})")

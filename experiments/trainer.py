@@ -23,9 +23,12 @@ from experiments.config import RunConfig
 from experiments.data import PreparedData, describe, prepare
 from experiments.metrics import MetricsLogger, flatten_stats
 from experiments.optim import build_optimizer, lr_at
+from experiments.tokenizer import load_tokenizer
 from moe.checkpoint import load_config, load_weights, read_metadata, save_checkpoint
 from moe.flops import count_params, flops_per_token
+from moe.config import ModelConfig
 from moe.model import Transformer
+from routing.router import Router
 
 STATE_FILE = "trainer_state.pt"
 RUN_FILE = "run.json"
@@ -84,7 +87,7 @@ class Trainer:
         if tc.threads:
             torch.set_num_threads(tc.threads)
         self.device = resolve_device(tc.device)
-        self.data = data or prepare(cfg.data)
+        self.data = data or prepare(cfg.data, tokenizer=_checkpoint_tokenizer(cfg.init_from))
         self.model_cfg = self._model_config()
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
@@ -131,7 +134,7 @@ class Trainer:
             return False
         step, path = found[-1]
         saved = read_metadata(path)
-        if saved["model"] != self.model_cfg.to_dict():
+        if ModelConfig.from_dict(saved["model"]) != self.model_cfg:  # fields added since then take their defaults
             raise ValueError(
                 f"resume=auto: {path} was trained with a different model config; resume with the same overrides, "
                 f"or start a new run directory (hydra.run.dir=...)"
@@ -195,6 +198,9 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else float("inf"))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        for module in self.model.modules():  # routers with per-step state (bias balancing) update it now
+            if isinstance(module, Router):
+                module.after_optimizer_step()
         if not np.isfinite(lm_loss):
             raise FloatingPointError(
                 f"training loss became {lm_loss} at step {step + 1}; lower optim.lr or set trainer.grad_clip, and "
@@ -224,6 +230,7 @@ class Trainer:
                     torch.cuda.synchronize()
                 st.elapsed_s += time.perf_counter() - t0
                 st.step += 1
+                self._step_rng = _rng_state()  # an interrupt from here on saves this step: the RNG as it leaves it
                 st.tokens += tokens_per_step
                 st.flops += self.flops_per_token * tokens_per_step
                 st.loss_sum += out["lm_loss"]
@@ -260,6 +267,8 @@ class Trainer:
             if bar is not None:
                 bar.close()
             self.logger.close()
+        if val_loss is None:  # resumed at max_steps: no step ran, so nothing was evaluated
+            val_loss = self.evaluate()
         summary = {"final_val_loss": val_loss, "unigram_entropy": self.data.unigram_entropy("val"),
                    "steps": st.step, "tokens": st.tokens, "flops": st.flops, "elapsed_s": st.elapsed_s,
                    "metrics": str(self.logger.path), "checkpoint": str(checkpoint_dirs(self.run_dir)[-1][1])}
@@ -271,10 +280,19 @@ class Trainer:
         info = {"status": status, "params_total": self.params.total, "params_active": self.params.active,
                 "flops_per_token": self.flops_per_token, "data_fingerprint": self.data.fingerprint,
                 "vocab_size": self.model_cfg.vocab_size, "sparse_layers": list(self.model_cfg.sparse_layers),
+                "twin": self.cfg.twin, "group": self.cfg.logger.group,
                 "config": {**self.cfg.to_dict(), "model": self.model_cfg.to_dict()}, "summary": summary}
         tmp = self.run_dir / (RUN_FILE + ".tmp")
         tmp.write_text(json.dumps(info, indent=2))
         tmp.replace(self.run_dir / RUN_FILE)
+
+
+def _checkpoint_tokenizer(init_from: Optional[str]):
+    """The tokenizer stored in an init_from checkpoint (an upcycled released model brings its own): the corpus is
+    tokenized with it, so token ids mean what the weights learned. None when there is none."""
+    if init_from and (Path(init_from) / "tokenizer.json").is_file():
+        return load_tokenizer(Path(init_from) / "tokenizer.json")
+    return None
 
 
 def _progress(enabled: bool, total: int, initial: int):

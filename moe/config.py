@@ -27,6 +27,9 @@ class MoEConfig:
     expert_hidden: Optional[int] = None  # hidden width f of each expert; None: the dense FFN's d_ff
     glu: Optional[bool] = None  # gated experts; None: as the dense FFN (model.glu). GLaM gates only its dense FFNs
     dispatcher: str = "sorted"  # "einsum" (GShard one-hot reference) or "sorted" (grouped matmul, dropless)
+    num_shared_experts: int = 0  # always-active experts beside the routed ones (DeepSeekMoE, Qwen-MoE)
+    shared_hidden: Optional[int] = None  # hidden width of the shared experts together; None: num_shared * f
+    shared_gate: bool = False  # scale the shared experts' output by sigmoid(x . w) per token (Qwen-MoE)
     router: RouterConfig = field(default_factory=RouterConfig)  # how tokens choose experts
 
     def __post_init__(self) -> None:
@@ -36,6 +39,8 @@ class MoEConfig:
             raise ValueError(f"model.moe.num_experts={self.num_experts} must be at least 1")
         if self.expert_hidden is not None and self.expert_hidden < 1:
             raise ValueError(f"model.moe.expert_hidden={self.expert_hidden} must be positive or null")
+        if self.num_shared_experts < 0 or (self.shared_hidden is not None and self.shared_hidden < 1):
+            raise ValueError("model.moe.num_shared_experts must be >= 0 and model.moe.shared_hidden positive or null")
         if self.dispatcher not in DISPATCHERS:
             raise ValueError(f"model.moe.dispatcher={self.dispatcher!r} must be one of {DISPATCHERS}")
 

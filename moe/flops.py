@@ -41,7 +41,7 @@ class FlopCount:
     attention_proj: int  # q, k, v and o projections: 2*d*(H + 2G)*hd + 2*H*hd*d per layer
     attention_scores: int  # QK^T and AV over the full S x S square: 4*S*H*hd per layer
     ffn_dense: int  # dense FFN slots: 2*d*f per projection (2 projections, 3 with GLU)
-    experts: int  # sparse slots: k experts per token, 2*d*f_e per projection (dropless)
+    experts: int  # sparse slots: k routed experts per token, 2*d*f_e per projection (dropless), plus shared experts
     router: int  # router gates: 2*d*E per sparse layer
     lm_head: int  # output projection: 2*d*V
     forward: int  # sum of the above, per token, one forward pass
@@ -59,6 +59,11 @@ def _ffn_params(cfg: ModelConfig, hidden: int, glu: bool) -> int:
     weights = n_in * d * hidden + hidden * d
     biases = (n_in * hidden + d) if cfg.ffn_bias else 0
     return weights + biases
+
+
+def _shared_width(cfg: ModelConfig) -> int:
+    """Summed hidden width of a sparse layer's shared (always-active) experts; 0 without them."""
+    return (cfg.moe.shared_hidden or cfg.moe.num_shared_experts * cfg.expert_hidden) if cfg.moe.num_shared_experts else 0
 
 
 def _attention_params(cfg: ModelConfig) -> int:
@@ -84,8 +89,12 @@ def count_params(cfg: ModelConfig) -> ParamCount:
     dense_ffn = _ffn_params(cfg, cfg.d_ff, cfg.glu)
     expert = _ffn_params(cfg, cfg.expert_hidden, cfg.expert_glu)
     router = n_sparse * d * E
+    shared_width = _shared_width(cfg)
+    shared_experts = n_sparse * ((_ffn_params(cfg, shared_width, cfg.expert_glu) + (d if cfg.moe.shared_gate else 0))
+                                 if shared_width else 0)
     experts_total = n_sparse * E * expert
-    shared = embedding + L * per_block + (L - n_sparse) * dense_ffn + _norm_params(cfg) + lm_head + router
+    shared = (embedding + L * per_block + (L - n_sparse) * dense_ffn + _norm_params(cfg) + lm_head + router
+              + shared_experts)
 
     total = shared + experts_total
     active = shared + n_sparse * k * expert
@@ -109,7 +118,11 @@ def flops_per_token(cfg: ModelConfig, seq_len: Optional[int] = None, *, attentio
     attention_proj = L * (2 * d * (H + 2 * G) * hd + 2 * H * hd * d)
     attention_scores = L * 4 * S * H * hd  # per token: (2*S*S*H*hd for QK^T + the same for AV) / S
     ffn_dense = (L - n_sparse) * (3 if cfg.glu else 2) * 2 * d * cfg.d_ff
-    experts = n_sparse * cfg.moe.router.top_k * (3 if cfg.expert_glu else 2) * 2 * d * cfg.expert_hidden
+    n_expert_proj = 3 if cfg.expert_glu else 2
+    experts = n_sparse * cfg.moe.router.top_k * n_expert_proj * 2 * d * cfg.expert_hidden
+    shared_width = _shared_width(cfg)
+    if shared_width:  # shared experts are always active; counted with the routed ones
+        experts += n_sparse * (n_expert_proj * 2 * d * shared_width + (2 * d if cfg.moe.shared_gate else 0))
     router = n_sparse * 2 * d * cfg.moe.num_experts
     lm_head = 2 * d * cfg.vocab_size
 

@@ -6,6 +6,9 @@ from typing import Optional
 
 ORDERS = ("topk_softmax", "softmax_topk")
 DROP_POLICIES = ("probs", "position")
+EC_MODES = ("per_position", "batch")
+BASE_SOLVERS = ("auction", "sinkhorn")
+SCORE_FNS = ("sigmoid", "softmax")
 
 
 @dataclass
@@ -26,9 +29,17 @@ class RouterConfig:
     aux_loss_coef: float = 0.01  # Switch load-balancing loss coefficient (alpha)
     z_loss_coef: float = 0.001  # ST-MoE router z-loss coefficient
     jitter: float = 0.0  # Switch multiplicative noise: router input scaled by U(1-eps, 1+eps) in training
+    # --- family-specific settings (each ignored by the other families)
+    random_second: bool = False  # topk with k=2: keep the second expert with probability min(1, 2*g2) (GShard)
+    ec_mode: str = "per_position"  # expert_choice: "per_position" (decoder-safe) or "batch" (sees the future)
+    hash_seed: int = 0  # hash: seed of the fixed token-id -> expert table
+    base_solver: str = "auction"  # base: "auction" (exact balanced assignment) or "sinkhorn" (approximate)
+    sinkhorn_iters: int = 20  # base (sinkhorn solver) and sinkhorn: normalisation iterations
+    bias_update_rate: float = 1e-3  # bias_balanced: step of the per-expert bias after each optimizer step (u)
+    score_fn: str = "sigmoid"  # bias_balanced: expert scores, "sigmoid" (DeepSeek-V3) or "softmax" (DeepSeek-V2)
 
     def __post_init__(self) -> None:
-        from routing.registry import ROUTERS  # late import: the registry imports the routers, which import this
+        from routing.registry import ROUTERS  # late import: the registry imports this module
 
         if self.name not in ROUTERS:
             raise ValueError(f"routing.name={self.name!r} is not a known router; choose one of {sorted(ROUTERS)}")
@@ -40,6 +51,27 @@ class RouterConfig:
             raise ValueError(f"routing.drop_policy={self.drop_policy!r} must be one of {DROP_POLICIES}")
         if self.min_capacity < 0:
             raise ValueError(f"routing.min_capacity={self.min_capacity} must be non-negative")
+        if self.ec_mode not in EC_MODES:
+            raise ValueError(f"routing.ec_mode={self.ec_mode!r} must be one of {EC_MODES}")
+        if self.base_solver not in BASE_SOLVERS:
+            raise ValueError(f"routing.base_solver={self.base_solver!r} must be one of {BASE_SOLVERS}")
+        if self.score_fn not in SCORE_FNS:
+            raise ValueError(f"routing.score_fn={self.score_fn!r} must be one of {SCORE_FNS}")
+        if self.sinkhorn_iters < 1:
+            raise ValueError(f"routing.sinkhorn_iters={self.sinkhorn_iters} must be at least 1")
+        if self.bias_update_rate < 0:
+            raise ValueError(f"routing.bias_update_rate={self.bias_update_rate} must be non-negative")
+        if self.name == "expert_choice" and self.capacity_factor <= 0:
+            raise ValueError(
+                f"routing.capacity_factor={self.capacity_factor} must be positive for expert_choice: each expert "
+                f"takes ceil(capacity_factor * T * top_k / E) tokens"
+            )
+        if self.name == "expert_choice" and self.eval_capacity_factor is not None and self.eval_capacity_factor <= 0:
+            raise ValueError(
+                f"routing.eval_capacity_factor={self.eval_capacity_factor} must be positive or null for expert_choice"
+            )
+        if self.random_second and self.top_k != 2:
+            raise ValueError(f"routing.random_second needs routing.top_k=2, got {self.top_k}")
         if not 0.0 <= self.jitter < 1.0:
             raise ValueError(f"routing.jitter={self.jitter} must be in [0, 1)")
 

@@ -21,6 +21,7 @@ class RoutingPlan:
     # C of a fixed capacity (capacity_factor > 0): padded layouts use exactly C slots per expert. None when
     # dropless or capped (capacity_factor <= 0): padded layouts size their slots by the busiest expert.
     capacity: Optional[int] = None
+    kept: Optional[Tensor] = None  # [T, k] bool, token-choice routers: which (token, choice) survived capacity
     aux_losses: dict[str, Tensor] = field(default_factory=dict)  # name -> scalar, already scaled by its coefficient
     stats: dict[str, Tensor] = field(default_factory=dict)  # detached routing statistics (routing.stats)
 

@@ -1,14 +1,32 @@
-"""Router registry: `routing.name` -> router class. Every router returns a RoutingPlan."""
+"""Router registry: `routing.name` -> router class. Every router returns a RoutingPlan (routing.plan).
+
+Entries are import paths, resolved on first use, so the registry can name every family without importing
+them all (and without an import cycle with routing.config, which checks names against it).
+"""
 from __future__ import annotations
 
-from torch import nn
+import importlib
+from typing import Optional
 
-from routing.topk import TopKRouter
+from routing.config import RouterConfig
+from routing.router import Router
 
-ROUTERS: dict[str, type[nn.Module]] = {
-    "topk": TopKRouter,
+ROUTERS: dict[str, str] = {
+    "topk": "routing.topk:TopKRouter",  # token choice: Switch (k=1), GShard/GLaM/Mixtral (k=2), DeepSeek
+    "expert_choice": "routing.expert_choice:ExpertChoiceRouter",  # Zhou et al. 2022
+    "hash": "routing.hash:HashRouter",  # Roller et al. 2021
+    "base": "routing.base_layer:BaseRouter",  # BASE layers, Lewis et al. 2021
+    "sinkhorn": "routing.sinkhorn:SinkhornRouter",  # Megatron-LM's Sinkhorn top-k
+    "bias_balanced": "routing.bias_balanced:BiasBalancedRouter",  # DeepSeek-V3 aux-loss-free balancing
 }
 
 
-def build_router(d_model: int, num_experts: int, cfg) -> nn.Module:
-    return ROUTERS[cfg.name](d_model, num_experts, cfg)
+def router_class(name: str) -> type[Router]:
+    if name not in ROUTERS:
+        raise ValueError(f"routing.name={name!r} is not a known router; choose one of {sorted(ROUTERS)}")
+    module, cls = ROUTERS[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def build_router(d_model: int, num_experts: int, cfg: RouterConfig, vocab_size: Optional[int] = None) -> Router:
+    return router_class(cfg.name)(d_model, num_experts, cfg, vocab_size=vocab_size)

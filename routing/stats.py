@@ -27,3 +27,45 @@ def routing_stats(probs: Tensor, counts: Tensor, kept: Tensor) -> dict[str, Tens
         "top1_prob": probs.max(dim=-1).values.mean(),
         "dead_experts": (counts == 0).sum().float(),
     }
+
+
+class CollapseMonitor:
+    """Watches tokens-per-expert over training steps and reports a collapsed layer once per episode.
+
+    A layer has collapsed when one expert takes more than `share` of its assignments, or when some expert
+    receives nothing, for `patience` consecutive steps. Plain Python state: the trainer owns it and prints
+    what `update` returns; nothing is stored globally.
+    """
+
+    def __init__(self, patience: int = 50, share: float = 0.5):
+        self.patience, self.share = patience, share
+        self._hot: dict[int, int] = {}  # layer -> consecutive steps with one expert above `share`
+        self._dead: dict[int, int] = {}  # layer -> consecutive steps with at least one empty expert
+        self._reported: set[tuple[int, str]] = set()
+
+    def update(self, step: int, layer: int, tokens_per_expert: Tensor) -> list[str]:
+        counts = tokens_per_expert.detach().float().cpu()
+        total = float(counts.sum())
+        messages = []
+        for kind, bad, streaks in (
+            ("hot", total > 0 and float(counts.max()) > self.share * total, self._hot),
+            ("dead", bool((counts == 0).any()), self._dead),
+        ):
+            streaks[layer] = streaks.get(layer, 0) + 1 if bad else 0
+            if not bad:
+                self._reported.discard((layer, kind))
+            elif streaks[layer] >= self.patience and (layer, kind) not in self._reported:
+                self._reported.add((layer, kind))
+                if kind == "hot":
+                    e = int(counts.argmax())
+                    messages.append(
+                        f"step {step}: MoE layer {layer} has collapsed: expert {e} took {float(counts[e]) / total:.0%} of "
+                        f"the tokens for {streaks[layer]} steps; raise routing.aux_loss_coef, add router jitter, or "
+                        f"lower optim.lr"
+                    )
+                else:
+                    dead = (counts == 0).nonzero().flatten().tolist()
+                    messages.append(
+                        f"step {step}: MoE layer {layer} has dead experts {dead} (no tokens for {streaks[layer]} steps)"
+                    )
+        return messages

@@ -1,19 +1,25 @@
 """Token-choice top-k routing: each token picks its k best experts (Switch k=1, GShard/Mixtral k=2).
 
 Shape legend: T tokens, d model width, E experts, k choices per token, N surviving assignments.
+
+GShard's random routing (Lepikhin et al. 2021, "GShard: Scaling Giant Models with Conditional Computation and
+Automatic Sharding", its top-2 gating), `routing.random_second` with k = 2: in training the second expert is kept only
+with probability min(1, 2 * g2), g2 = w2 / (w1 + w2) its share of the two gates, so a second choice that would
+barely contribute usually saves its expert's slot. The draw uses torch's global RNG (seeded, and saved in
+trainer checkpoints); a dropped second choice is removed before capacity and marked not kept. Evaluation keeps both.
 """
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from routing.capacity import assign, expert_capacity
 from routing.config import RouterConfig
 from routing.losses import load_balancing_loss, router_z_loss
 from routing.plan import RoutingPlan
+from routing.router import Router
 from routing.stats import routing_stats
 
 
@@ -30,50 +36,38 @@ def topk_gating(logits: Tensor, top_k: int, order: str, renormalize: bool) -> tu
     return probs, weight, expert_idx
 
 
-class TopKRouter(nn.Module):
-    """A linear gate in fp32 followed by top-k selection, capacity and the Switch and z losses."""
+def gshard_keep_second(weight: Tensor) -> Tensor:
+    """weight [T, 2] top-2 gates -> [T] bool: keep the second choice with probability min(1, 2 * g2) (GShard)."""
+    w = weight.detach()
+    g2 = w[:, 1] / w.sum(dim=-1)  # normalised over the two, whatever routing.order/renormalize gave
+    return torch.rand_like(g2) < 2.0 * g2  # g2 <= 1/2, so 2 * g2 <= 1 is already min(1, 2 * g2)
 
-    def __init__(self, d_model: int, num_experts: int, cfg: RouterConfig):
-        super().__init__()
-        cfg.check_experts(num_experts)
-        self.cfg = cfg
-        self.num_experts = num_experts
-        # Kept in fp32 even when the model is cast to bf16: routing decisions are sensitive to rounding.
-        self.gate = nn.Linear(d_model, num_experts, bias=False)
 
-    def _apply(self, fn, recurse=True):
-        # model.to(bfloat16) must not lower the router's precision: a cast to a lower float dtype is replaced by
-        # the same move in fp32 from the original tensor (casting down and back up would round the weights).
-        def keep_fp32(t):
-            out = fn(t)
-            if t.is_floating_point() and out.is_floating_point() and out.dtype != torch.float32:
-                return t.to(device=out.device, dtype=torch.float32)
-            return out
+class TopKRouter(Router):
+    """Top-k selection, capacity, and the Switch load-balancing and ST-MoE z losses."""
 
-        return super()._apply(keep_fp32, recurse)
-
-    def forward(self, x: Tensor, token_ids: Optional[Tensor] = None) -> RoutingPlan:
+    def route(self, x: Tensor, logits: Tensor, token_ids: Optional[Tensor], seq_len: int) -> RoutingPlan:
         cfg = self.cfg
-        T = x.shape[0]
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            h = x.float()  # [T, d]
-            if self.training and cfg.jitter > 0:
-                h = h * torch.empty_like(h).uniform_(1.0 - cfg.jitter, 1.0 + cfg.jitter)
-            logits = F.linear(h, self.gate.weight.float())  # [T, E]
-            probs, weight, expert_idx = topk_gating(logits, cfg.top_k, cfg.order, cfg.renormalize)
-            weight = weight * cfg.scale
-            cf = cfg.capacity_factor
-            if not self.training and cfg.eval_capacity_factor is not None:
-                cf = cfg.eval_capacity_factor
-            capacity = expert_capacity(T, self.num_experts, cfg.top_k, cf, cfg.min_capacity)
-            token_index, expert_index, row_weight, counts, kept = assign(
-                expert_idx, weight, self.num_experts, capacity, cfg.drop_policy
-            )
-            aux = {}
-            if cfg.aux_loss_coef > 0:
-                aux["load_balancing_loss"] = cfg.aux_loss_coef * load_balancing_loss(probs, expert_idx, self.num_experts)
-            if cfg.z_loss_coef > 0:
-                aux["router_z_loss"] = cfg.z_loss_coef * router_z_loss(logits)
+        T = logits.shape[0]
+        E = self.num_experts
+        probs, weight, expert_idx = topk_gating(logits, cfg.top_k, cfg.order, cfg.renormalize)
+        keep_second = gshard_keep_second(weight) if cfg.random_second and self.training else None
+        weight = weight * cfg.scale
+        cf = cfg.capacity_factor
+        if not self.training and cfg.eval_capacity_factor is not None:
+            cf = cfg.eval_capacity_factor
+        capacity = expert_capacity(T, E, cfg.top_k, cf, cfg.min_capacity)
+        if keep_second is None:
+            token_index, expert_index, row_weight, counts, kept = assign(expert_idx, weight, E, capacity, cfg.drop_policy)
+        else:
+            # A dropped second choice is parked on a virtual expert E: it takes no slot of a real expert, and its
+            # rows sort last, so cutting them off leaves a plan over the E real experts.
+            parked = torch.cat([expert_idx[:, :1], torch.where(keep_second, expert_idx[:, 1], E)[:, None]], dim=1)
+            token_index, expert_index, row_weight, counts, kept = assign(parked, weight, E + 1, capacity, cfg.drop_policy)
+            counts = counts[:E]
+            n = int(counts.sum())  # a host sync, as capacity already needs one
+            token_index, expert_index, row_weight = token_index[:n], expert_index[:n], row_weight[:n]
+            kept[:, 1] &= keep_second
         return RoutingPlan(
             token_index=token_index,
             expert_index=expert_index,
@@ -81,6 +75,17 @@ class TopKRouter(nn.Module):
             counts=counts,
             num_tokens=T,
             capacity=capacity if cf > 0 else None,
-            aux_losses=aux,
+            kept=kept,
+            aux_losses=standard_losses(cfg, logits, probs, expert_idx),
             stats=routing_stats(probs.detach(), counts, kept),
         )
+
+
+def standard_losses(cfg: RouterConfig, logits: Tensor, probs: Tensor, expert_idx: Tensor) -> dict[str, Tensor]:
+    """The Switch load-balancing loss and the ST-MoE z-loss, scaled; a zero coefficient leaves a loss out."""
+    aux = {}
+    if cfg.aux_loss_coef > 0:
+        aux["load_balancing_loss"] = cfg.aux_loss_coef * load_balancing_loss(probs, expert_idx, probs.shape[-1])
+    if cfg.z_loss_coef > 0:
+        aux["router_z_loss"] = cfg.z_loss_coef * router_z_loss(logits)
+    return aux

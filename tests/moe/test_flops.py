@@ -58,6 +58,9 @@ MOE = {
     "qwen2_list_top2": dict(QWEN2, moe=_moe("0,2", 2, expert_hidden=16)),
     "glu_bias_all_top2": dict(LLAMA, ffn_bias=True, moe=_moe("all", 2, expert_hidden=16)),  # experts carry a gate bias too
     "einsum_top2": dict(LLAMA, moe=MoEConfig(layers="every:2", num_experts=4, dispatcher="einsum")),
+    "shared_gated": dict(LLAMA, moe=MoEConfig(layers="all", num_experts=4, expert_hidden=16, num_shared_experts=2,
+                                              shared_gate=True)),
+    "shared_width_bias": dict(GPT2, moe=MoEConfig(layers="1", num_experts=3, num_shared_experts=1, shared_hidden=40)),
 }
 ALL = {**DENSE, **MOE}
 

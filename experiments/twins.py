@@ -1,0 +1,184 @@
+"""Dense and sparse twins: models that differ only in their FFN slots and match in compute or in parameters.
+
+Given a dense base (any ModelConfig; its FFN slots are all made dense), a twin is named by a string:
+
+  dense               the base itself, every FFN slot dense
+  moe_e{E}_k{k}       E experts per sparse slot, each token routed to k of them, with the same training FLOPs
+                      per token as `dense` (moe.flops.flops_per_token(...).training, the router's 2*d*E per
+                      sparse layer included) to within 1%
+  dense_wide_e{E}_k{k} a dense model with the total parameters of moe_e{E}_k{k} (every d_ff widened alike):
+                      the comparison at equal parameters, which costs more FLOPs per token
+
+How the FLOPs are matched (the choice this module documents): the expert width shrinks, nothing else changes.
+Per sparse layer, k experts of width f_e plus a router must cost what one dense FFN of width d_ff costs:
+
+    k * P * 2*d*f_e  +  2*d*E  =  P * 2*d*d_ff        (P = 3 projections with GLU, 2 without)
+    f_e = (P*d_ff - E) / (P*k)                         rounded to the nearest integer (or multiple_of)
+
+So top-1 twins keep (almost) the dense width, top-2 twins halve it, and the router's FLOPs are paid for by
+shaving E/P columns off the experts (for the tiny base, d_ff=384 and E=8 top-1 gives f_e=381). The solve uses
+flops_per_token itself (FLOPs are affine in f_e), so shared experts or other FFN variants are matched too;
+the result is checked and a twin that cannot be matched within `tolerance` is refused with ValueError.
+
+Which slots are sparse: `layers` ("all" by default; "every:2" for GShard/GLaM-style interleaving). Everything
+else (attention, embeddings, norms, the router's options such as capacity or the aux-loss coefficient) is the
+base's. Library code: no Hydra, no wandb; experiments.config resolves `twin=NAME` through `build_twin`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from typing import Any, Iterable, Optional
+
+from moe.config import ModelConfig
+from moe.flops import count_params, flops_per_token
+
+TOLERANCE = 0.01  # relative mismatch allowed between a twin's training FLOPs (or total parameters) and its target
+_NAME = re.compile(r"^(?:(dense)|moe_e(\d+)_k(\d+)|dense_wide_e(\d+)_k(\d+))$")
+DEFAULT_EXPERTS = (4, 8, 16, 32, 64)
+DEFAULT_TOP_K = (1, 2)
+
+
+@dataclass(frozen=True)
+class TwinSpec:
+    kind: str  # "dense", "moe" or "dense_wide"
+    num_experts: int = 0  # E of the MoE twin (of the MoE whose total parameters a dense_wide twin matches)
+    top_k: int = 0  # k of that MoE twin
+
+    @property
+    def name(self) -> str:
+        if self.kind == "dense":
+            return "dense"
+        return f"{self.kind}_e{self.num_experts}_k{self.top_k}"
+
+
+def parse_twin(name: str) -> TwinSpec:
+    """'dense' | 'moe_e{E}_k{k}' | 'dense_wide_e{E}_k{k}' as a TwinSpec; anything else is a ValueError."""
+    m = _NAME.match(str(name).strip())
+    if not m:
+        raise ValueError(
+            f"twin={name!r} is not a twin name; use dense, moe_e{{E}}_k{{k}} (e.g. moe_e8_k1) or "
+            f"dense_wide_e{{E}}_k{{k}} (a dense model with the parameters of that MoE twin)"
+        )
+    if m.group(1):
+        return TwinSpec("dense")
+    kind = "moe" if m.group(2) else "dense_wide"
+    e, k = (int(m.group(2)), int(m.group(3))) if m.group(2) else (int(m.group(4)), int(m.group(5)))
+    if e < 1 or not 1 <= k <= e:
+        raise ValueError(f"twin={name!r}: need at least 1 expert and 1 <= k <= E (got E={e}, k={k})")
+    return TwinSpec(kind, e, k)
+
+
+def twin_names(experts: Iterable[int] = DEFAULT_EXPERTS, top_k: Iterable[int] = DEFAULT_TOP_K,
+               wide: Iterable[tuple[int, int]] = ((8, 1),)) -> list[str]:
+    """The names of a sweep: dense, every moe_e{E}_k{k}, and the dense_wide twins of the (E, k) in `wide`."""
+    names = ["dense"] + [f"moe_e{e}_k{k}" for k in top_k for e in experts if k <= e]
+    return names + [f"dense_wide_e{e}_k{k}" for e, k in wide]
+
+
+def dense_base(base: ModelConfig) -> ModelConfig:
+    """The base with every FFN slot dense (its MoE options are kept for the twins that route)."""
+    return base.replace(moe=dataclasses.replace(base.moe, layers="none"))
+
+
+def _rel(a: float, b: float) -> float:
+    return abs(a - b) / abs(b)
+
+
+def _solve_affine(f, target: float, lo: int = 64, hi: int = 128) -> float:
+    """x with f(x) = target for an affine f, from two evaluations."""
+    f_lo, f_hi = f(lo), f(hi)
+    return lo + (target - f_lo) * (hi - lo) / (f_hi - f_lo)
+
+
+def _round(x: float, multiple_of: int) -> int:
+    return max(multiple_of, int(round(x / multiple_of)) * multiple_of)
+
+
+def moe_twin(base: ModelConfig, num_experts: int, top_k: int, *, layers: str = "all", seq_len: Optional[int] = None,
+             multiple_of: int = 1, tolerance: float = TOLERANCE) -> ModelConfig:
+    """An MoE with E=num_experts routed experts, top-k routing, and the training FLOPs per token of the dense
+    base to within `tolerance` (router included): the expert width is solved for, see the module docstring."""
+    dense = dense_base(base)
+    if str(layers).strip() == "none":
+        raise ValueError("an MoE twin needs sparse layers; use layers=all, every:K, last:N or a list")
+    router = dataclasses.replace(base.moe.router, top_k=top_k)
+    moe = dataclasses.replace(base.moe, layers=layers, num_experts=num_experts, router=router)
+    if not moe.sparse_layers(base.n_layer):
+        raise ValueError(f"layers={layers!r} makes no FFN slot of a {base.n_layer}-layer model sparse")
+    target = flops_per_token(dense, seq_len).training
+
+    def flops(f_e: float) -> int:
+        return flops_per_token(base.replace(moe=dataclasses.replace(moe, expert_hidden=int(f_e))), seq_len).training
+
+    f_e = _round(_solve_affine(flops, target), multiple_of)
+    twin = base.replace(moe=dataclasses.replace(moe, expert_hidden=f_e))  # validates (router vs E, ...)
+    got = flops_per_token(twin, seq_len).training
+    if _rel(got, target) > tolerance:
+        raise ValueError(
+            f"moe_e{num_experts}_k{top_k}: no expert width matches the dense base's {target:.4g} training FLOPs per "
+            f"token within {tolerance:.0%} (best {f_e} gives {got:.4g}); the router alone costs 2*d*E per layer, so "
+            f"use fewer experts, a wider base (model.d_ff) or multiple_of=1"
+        )
+    return twin
+
+
+def dense_wide_twin(base: ModelConfig, num_experts: int, top_k: int, *, layers: str = "all",
+                    seq_len: Optional[int] = None, multiple_of: int = 1, tolerance: float = TOLERANCE) -> ModelConfig:
+    """A dense model whose every FFN is widened so that its total parameters equal moe_twin(...)'s."""
+    target = count_params(moe_twin(base, num_experts, top_k, layers=layers, seq_len=seq_len)).total
+    dense = dense_base(base)
+
+    def params(d_ff: float) -> int:
+        return count_params(dense.replace(d_ff=int(d_ff))).total
+
+    d_ff = _round(_solve_affine(params, target), multiple_of)
+    wide = dense.replace(d_ff=d_ff)
+    got = count_params(wide).total
+    if _rel(got, target) > tolerance:
+        raise ValueError(f"dense_wide_e{num_experts}_k{top_k}: d_ff={d_ff} gives {got:,} parameters, not "
+                         f"{target:,} within {tolerance:.0%}")
+    return wide
+
+
+def build_twin(base: ModelConfig, name: str, *, layers: Optional[str] = None, seq_len: Optional[int] = None,
+               multiple_of: int = 1) -> ModelConfig:
+    """The twin `name` of `base` (see the module docstring). layers=None: the base's model.moe.layers when it
+    names sparse slots, else "all"; so `model=tiny_moe twin=dense` is tiny_moe with dense FFNs."""
+    spec = parse_twin(name)
+    if layers is None:
+        layers = base.moe.layers if base.is_moe else "all"
+    if spec.kind == "dense":
+        return dense_base(base)
+    build = moe_twin if spec.kind == "moe" else dense_wide_twin
+    return build(base, spec.num_experts, spec.top_k, layers=layers, seq_len=seq_len, multiple_of=multiple_of)
+
+
+def describe_twin(cfg: ModelConfig, seq_len: Optional[int] = None) -> dict[str, Any]:
+    """Plain numbers for a table: sizes and training FLOPs per token of one model."""
+    p, f = count_params(cfg), flops_per_token(cfg, seq_len)
+    return {"experts": cfg.moe.num_experts if cfg.is_moe else 0, "top_k": cfg.moe.router.top_k if cfg.is_moe else 0,
+            "d_ff": cfg.d_ff, "expert_hidden": cfg.expert_hidden if cfg.is_moe else None,
+            "params_total": p.total, "params_active": p.active, "training_flops_per_token": f.training,
+            "router_flops_per_token": f.router}
+
+
+def twin_table(base: ModelConfig, names: Iterable[str], seq_len: Optional[int] = None, **kwargs: Any) -> list[dict]:
+    """One row per twin name: describe_twin of build_twin(base, name), with the FLOPs relative to dense."""
+    ref = flops_per_token(dense_base(base), seq_len).training
+    rows = []
+    for name in names:
+        row = {"twin": name, **describe_twin(build_twin(base, name, seq_len=seq_len, **kwargs), seq_len)}
+        row["flops_vs_dense"] = row["training_flops_per_token"] / ref
+        rows.append(row)
+    return rows
+
+
+if __name__ == "__main__":  # python -m experiments.twins: the default sweep's twins of tiny_dense
+    from moe.presets import get_preset
+
+    for r in twin_table(get_preset("tiny_dense"), twin_names(), seq_len=128):
+        print(f"{r['twin']:>18}  f={r['expert_hidden'] or r['d_ff']:>5}  total {r['params_total']:>11,}  "
+              f"active {r['params_active']:>9,}  {r['training_flops_per_token']:.4g} FLOPs/token "
+              f"({r['flops_vs_dense']:.4f} x dense)")

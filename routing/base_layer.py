@@ -1,0 +1,287 @@
+"""BASE layers: a balanced linear assignment of tokens to experts in training, greedy top-1 at evaluation.
+
+Shape legend: T tokens, d model width, E experts, k = 1 choice per token, C = ceil(T / E) slots per expert.
+
+Lewis et al. 2021, "BASE Layers: Simplifying Training of Large, Sparse Models". In training every expert
+receives the same number of tokens, and among all such assignments the router takes the one that maximises the
+total token-expert affinity (the logits). Balance is a constraint, not a loss, so no load-balancing loss is
+needed (with every expert at exactly T/E tokens the Switch loss would be the constant 1, with zero gradient):
+`routing.aux_loss_coef` is ignored; the z-loss is added when `routing.z_loss_coef` > 0. At evaluation tokens
+are routed greedily to their top-1 expert, since at inference a token cannot see the others of its batch.
+
+The token's output is h + sigmoid(h . w_e) f_e(h) (the paper's Eq. 1); the residual is the block's, so the plan's
+combine weight is sigmoid(logit of the assigned expert) (times `routing.scale`, 1 by default), which is also
+how the gate learns: the assignment itself carries no gradient. (fairseq's BaseLayer mixes
+alpha f_e(h) + (1 - alpha) h inside the layer; the paper's form fits the plan's y = sum weight * expert(x).)
+
+Two solvers (`routing.base_solver`):
+- "auction": Bertsekas' auction algorithm for the transportation problem with E experts of C_e identical slots,
+  tokens bidding for experts, with epsilon scaling. It ends with every token's expert within eps of its best
+  under the final expert prices, so its total affinity is within T * eps of the optimum (eps is 1e-4 of the
+  logit spread by default). E is small, so each round is a few [T, E] tensor operations.
+- "sinkhorn": the S-BASE approximation (Clark et al. 2022): Sinkhorn-normalise exp(logits) to the experts'
+  slot counts for `routing.sinkhorn_iters` iterations, then a greedy balanced rounding that meets the slot
+  counts exactly.
+
+When E does not divide T, the experts' sizes are floor(T/E) or ceil(T/E) (they differ by at most one): the
+first T mod E experts take one more token.
+"""
+from __future__ import annotations
+
+import heapq
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from routing.capacity import assign
+from routing.config import RouterConfig
+from routing.losses import router_z_loss
+from routing.plan import RoutingPlan
+from routing.router import Router
+from routing.sinkhorn import sinkhorn
+from routing.stats import routing_stats
+
+AUCTION_REL_EPS = 1e-4  # final epsilon of the auction, as a fraction of the logit spread (max - min)
+AUCTION_EPS_FACTOR = 16.0  # epsilon scaling: each phase divides epsilon by this
+AUCTION_MAX_ROUNDS = 1_000_000  # a safety net per phase; the auction terminates long before (finite by theory)
+AUCTION_SERIAL_BELOW = 32  # free tokens below which bids go one at a time (cheaper than a vectorised round)
+
+
+def balanced_capacity(num_tokens: int, num_experts: int, device: Optional[torch.device] = None) -> Tensor:
+    """[E] long slot counts summing to T: floor(T/E) each, plus one for the first T mod E experts."""
+    base, extra = divmod(num_tokens, num_experts)
+    return base + (torch.arange(num_experts, device=device) < extra).long()
+
+
+# ---------------------------------------------------------------- auction
+#
+# Tokens bid for experts (Bertsekas' auction for the transportation problem: E objects with C_e identical
+# slots each). State: for each expert the bids of its holders, ascending, in a [E, C] slot matrix (an empty slot
+# holds -inf, a slot past the expert's capacity +inf). An expert's price is its lowest held bid once it is full,
+# the price it started the phase with before; a bid always beats the current price, so prices never fall.
+# Invariant (eps-complementary slackness): every held token t of expert e satisfies
+#     s[t, e] - price[e] >= max_{e' != e} (s[t, e'] - price[e']) - eps,
+# because its bid was s[t, e] - (that max at bid time) + eps >= price[e], and the max only falls as prices rise.
+# When every token is held, summing the slack over tokens bounds the distance to the optimum by T * eps.
+
+
+def _bid_rounds(s: Tensor, prices: Tensor, slot_bid: Tensor, slot_tok: Tensor, free: Tensor, eps: float
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Jacobi rounds (all free tokens bid at once) while many tokens are free; returns the updated state."""
+    E, C = slot_bid.shape
+    cols = torch.arange(C, device=s.device)
+    for _ in range(AUCTION_MAX_ROUNDS):
+        F = free.numel()
+        if F <= AUCTION_SERIAL_BELOW:
+            return prices, slot_bid, slot_tok, free
+        top = (s[free] - prices).topk(2, dim=1)  # [F, 2]: best and second-best value under the current prices
+        best = top.indices[:, 0]
+        bid = s[free, best] - top.values[:, 1] + eps  # Bertsekas' bid: price + (v1 - v2) + eps
+        order = torch.argsort(best, stable=True)
+        best, bid, tok = best[order], bid[order], free[order]
+        m = torch.bincount(best, minlength=E)  # [E] new bids per expert
+        M = int(m.max())
+        pos = torch.arange(F, device=s.device) - (torch.cumsum(m, 0) - m)[best]
+        new_bid = torch.full((E, M), float("inf"), device=s.device).index_put_((best, pos), bid)
+        new_tok = torch.full((E, M), -1, dtype=torch.long, device=s.device).index_put_((best, pos), tok)
+        # Each expert keeps its C_e highest bids among holders and newcomers: drop the m_e lowest of the row
+        # (an empty slot, -inf, goes first and releases nobody).
+        all_bid, idx = torch.cat([slot_bid, new_bid], 1).sort(dim=1, stable=True)
+        all_tok = torch.cat([slot_tok, new_tok], 1).gather(1, idx)
+        keep = cols[None, :] + m[:, None]
+        slot_bid, slot_tok = all_bid.gather(1, keep), all_tok.gather(1, keep)
+        prices = torch.where(slot_bid[:, 0] > float("-inf"), slot_bid[:, 0], prices)
+        out = all_tok[:, :M][torch.arange(M, device=s.device)[None, :] < m[:, None]]
+        free = out[out >= 0]
+    raise RuntimeError(f"auction did not converge in {AUCTION_MAX_ROUNDS} rounds (eps={eps:g})")
+
+
+def _bid_serial(s: Tensor, prices: Tensor, slot_bid: Tensor, slot_tok: Tensor, free: Tensor, eps: float,
+                capacity: list[int]) -> tuple[Tensor, Tensor, Tensor]:
+    """Gauss-Seidel bids, one token at a time, with a min-heap of bids per expert, until no token is free.
+
+    The end of a phase is a chain of single evictions (a token displaces one, which displaces another ...); one
+    bid here costs microseconds of Python where a vectorised round costs a dozen tensor operations.
+    """
+    E, C = slot_bid.shape
+    bids, toks, price = slot_bid.tolist(), slot_tok.tolist(), prices.tolist()
+    heaps = [list(zip(bids[e][: capacity[e]], toks[e][: capacity[e]])) for e in range(E)]
+    for heap in heaps:
+        heapq.heapify(heap)  # the lowest held bid (an empty slot's -inf first) is what a newcomer displaces
+    rows: dict[int, list[float]] = {}
+    queue = free.tolist()
+    rows.update(zip(queue, s[free].tolist()))
+    touched: set[int] = set()
+    neg_inf = float("-inf")
+    for _ in range(AUCTION_MAX_ROUNDS):
+        if not queue:
+            break
+        t = queue.pop()
+        row = rows.get(t)
+        if row is None:
+            row = rows[t] = s[t].tolist()
+        v1 = v2 = neg_inf
+        e1 = 0
+        for e in range(E):
+            v = row[e] - price[e]
+            if v > v1:
+                v1, v2, e1 = v, v1, e
+            elif v > v2:
+                v2 = v
+        _, out = heapq.heappushpop(heaps[e1], (row[e1] - v2 + eps, t))  # the bid beats the lowest held one
+        touched.add(e1)
+        if heaps[e1][0][0] > neg_inf:
+            price[e1] = heaps[e1][0][0]
+        if out >= 0:
+            queue.append(out)
+    else:
+        raise RuntimeError(f"auction did not converge in {AUCTION_MAX_ROUNDS} serial bids (eps={eps:g})")
+    slot_bid, slot_tok = slot_bid.clone(), slot_tok.clone()
+    for e in touched:  # write back only the experts whose holders changed (in heap order: rows need no order)
+        held_bid, held_tok = zip(*heaps[e])
+        slot_bid[e, : capacity[e]] = torch.tensor(held_bid, dtype=s.dtype)
+        slot_tok[e, : capacity[e]] = torch.tensor(held_tok, dtype=torch.long)
+    return torch.tensor(price, dtype=s.dtype, device=s.device), slot_bid, slot_tok
+
+
+@torch.no_grad()
+def auction_assignment(scores: Tensor, capacity: Tensor, eps: Optional[float] = None) -> tuple[Tensor, Tensor]:
+    """Balanced assignment maximising total affinity, by the auction algorithm with epsilon scaling.
+
+    scores [T, E] (any float dtype; solved in fp32), capacity [E] long summing to T (balanced_capacity).
+    Returns (expert [T] long with exactly capacity[e] tokens per expert, prices [E] fp32). Every token's
+    expert e satisfies scores[t, e] - prices[e] >= max_e' (scores[t, e'] - prices[e']) - eps, so the total
+    affinity is within T * eps of the optimum (linear-programming duality). eps defaults to
+    AUCTION_REL_EPS times the spread of the scores.
+    """
+    T, E = scores.shape
+    if int(capacity.sum()) != T:
+        raise ValueError(f"expert capacities sum to {int(capacity.sum())}, not to the {T} tokens")
+    device = scores.device
+    prices = torch.zeros(E, device=device)
+    live = (capacity > 0).nonzero().flatten()  # experts without a slot (T < E) take no part
+    prices[capacity == 0] = float("inf")
+    if T == 0 or live.numel() == 1:
+        return live[torch.zeros(T, dtype=torch.long, device=device)], prices
+    s, cap = scores.detach().float()[:, live], capacity[live]
+    spread = float(s.max() - s.min())
+    if spread == 0.0:  # every balanced assignment is optimal: fill the experts in token order
+        return live.repeat_interleave(cap), prices
+    eps_final = eps if eps is not None else AUCTION_REL_EPS * spread
+    L, C = live.numel(), int(cap.max())
+    exists = torch.arange(C, device=device)[None, :] < cap[:, None]  # [L, C] real slots
+    expert_of_slot = torch.arange(L, device=device)[:, None].expand(L, C)
+    empty = torch.where(exists, float("-inf"), float("inf"))
+    sub_prices = torch.zeros(L, device=device)
+    slot_bid, slot_tok = empty, torch.full((L, C), -1, dtype=torch.long, device=device)
+    free = torch.arange(T, device=device)
+    # Epsilon scaling (Bertsekas 1988): a coarse eps settles the prices in a few rounds; each finer phase starts
+    # from the previous prices and keeps the holders that still satisfy the finer eps-slackness, at a new bid.
+    cur = max(spread / AUCTION_EPS_FACTOR, eps_final)
+    while True:
+        sub_prices, slot_bid, slot_tok, free = _bid_rounds(s, sub_prices, slot_bid, slot_tok, free, cur)
+        if free.numel():
+            sub_prices, slot_bid, slot_tok = _bid_serial(s, sub_prices, slot_bid, slot_tok, free, cur, cap.tolist())
+        if cur <= eps_final:
+            break
+        cur = max(cur / AUCTION_EPS_FACTOR, eps_final)
+        tok = slot_tok.clamp(min=0)
+        value = s[tok] - sub_prices  # [L, C, L]: every held token's value of every expert
+        other = value.masked_fill(torch.eye(L, dtype=torch.bool, device=device)[:, None, :], float("-inf")).amax(-1)
+        rebid = s[tok, expert_of_slot] - other + cur  # [L, C]
+        ok = exists & (rebid >= sub_prices[:, None])
+        free = slot_tok[exists & ~ok]
+        slot_bid, idx = torch.where(ok, rebid, empty).sort(dim=1, stable=True)
+        slot_tok = torch.where(ok, slot_tok, -1).gather(1, idx)
+        sub_prices = torch.where(slot_bid[:, 0] > float("-inf"), slot_bid[:, 0], sub_prices)
+    owner = torch.empty(T, dtype=torch.long, device=device)
+    owner[slot_tok[exists]] = expert_of_slot[exists]
+    prices[live] = sub_prices
+    return live[owner], prices
+
+
+# ---------------------------------------------------------------- Sinkhorn + rounding
+
+
+@torch.no_grad()
+def balanced_rounding(plan: Tensor, capacity: Tensor) -> Tensor:
+    """Greedy rounding of a fractional plan [T, E] to an assignment with exactly capacity[e] tokens per expert.
+
+    Rounds of proposals: every unassigned token proposes to its highest-mass expert that still has room, and each
+    expert accepts its proposers with the most mass, up to its room. A round that rejects anyone fills an expert,
+    and once one expert has room it can take all the rest, so at most E rounds; the result is always complete.
+    """
+    T, E = plan.shape
+    device = plan.device
+    expert = torch.full((T,), -1, dtype=torch.long, device=device)
+    room = capacity.clone()
+    positions = torch.arange(T, device=device)
+    for _ in range(E):
+        free = (expert < 0).nonzero().flatten()
+        if free.numel() == 0:
+            break
+        mass = plan[free].masked_fill(room[None, :] <= 0, float("-inf"))  # [F, E]
+        best_mass, choice = mass.max(dim=1)
+        order = torch.argsort(best_mass, descending=True, stable=True)
+        order = order[torch.argsort(choice[order], stable=True)]  # by expert, most mass first
+        counts = torch.bincount(choice, minlength=E)
+        offsets = torch.cumsum(counts, 0) - counts
+        sorted_choice = choice[order]
+        accept = (positions[: free.numel()] - offsets[sorted_choice]) < room[sorted_choice]
+        winners = order[accept]
+        expert[free[winners]] = choice[winners]
+        room -= torch.bincount(choice[winners], minlength=E)
+    assert bool((expert >= 0).all()), "balanced rounding left tokens unassigned"
+    return expert
+
+
+@torch.no_grad()
+def sinkhorn_assignment(scores: Tensor, capacity: Tensor, iters: int) -> Tensor:
+    """S-BASE: Sinkhorn plan with column masses = capacity, then balanced_rounding. Returns expert [T] long."""
+    return balanced_rounding(sinkhorn(scores, iters, col_mass=capacity), capacity)
+
+
+# ---------------------------------------------------------------- router
+
+
+class BaseRouter(Router):
+    """Balanced assignment in training (every expert T/E tokens), greedy top-1 at evaluation."""
+
+    def __init__(self, d_model: int, num_experts: int, cfg: RouterConfig, vocab_size: Optional[int] = None):
+        if cfg.top_k != 1:
+            raise ValueError(
+                f"routing.top_k={cfg.top_k} but BASE layers send every token to exactly one expert; set routing.top_k=1"
+            )
+        super().__init__(d_model, num_experts, cfg, vocab_size)
+
+    def route(self, x: Tensor, logits: Tensor, token_ids: Optional[Tensor], seq_len: int) -> RoutingPlan:
+        cfg = self.cfg
+        T, E = logits.shape
+        capacity = None
+        if self.training:
+            slots = balanced_capacity(T, E, logits.device)
+            if cfg.base_solver == "auction":
+                expert, _ = auction_assignment(logits, slots)
+            else:
+                expert = sinkhorn_assignment(logits, slots, cfg.sinkhorn_iters)
+            capacity = int(slots.max()) if T > 0 else 0  # a fixed layout: no expert ever exceeds ceil(T/E)
+        else:
+            expert = logits.detach().argmax(dim=-1)
+        expert_idx = expert[:, None]  # [T, 1]
+        weight = torch.sigmoid(logits.gather(1, expert_idx)) * cfg.scale  # [T, 1], differentiable
+        # Nothing is dropped: the balanced assignment fits its slots by construction, and greedy eval is dropless.
+        token_index, expert_index, row_weight, counts, kept = assign(expert_idx, weight, E, None, cfg.drop_policy)
+        aux = {"router_z_loss": cfg.z_loss_coef * router_z_loss(logits)} if cfg.z_loss_coef > 0 else {}
+        probs = torch.softmax(logits, dim=-1)  # a distribution over experts, for the statistics only
+        return RoutingPlan(
+            token_index=token_index,
+            expert_index=expert_index,
+            weight=row_weight,
+            counts=counts,
+            num_tokens=T,
+            capacity=capacity,
+            kept=kept,
+            aux_losses=aux,
+            stats=routing_stats(probs.detach(), counts, kept),
+        )

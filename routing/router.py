@@ -1,0 +1,58 @@
+"""What every router shares: an fp32 linear gate, Switch jitter, and the RoutingPlan it must return.
+
+Shape legend: T tokens, d model width, E experts, S sequence length (T = B * S).
+Subclasses implement `route(logits, token_ids, seq_len) -> RoutingPlan`; routers with state that changes
+between optimizer steps (bias balancing) override `after_optimizer_step`.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from routing.config import RouterConfig
+from routing.plan import RoutingPlan
+
+
+class Router(nn.Module):
+    needs_gate = True  # False for routers that never look at the hidden state (hash routing)
+
+    def __init__(self, d_model: int, num_experts: int, cfg: RouterConfig, vocab_size: Optional[int] = None):
+        super().__init__()
+        cfg.check_experts(num_experts)
+        self.cfg = cfg
+        self.num_experts = num_experts
+        # Kept in fp32 even when the model is cast to bf16: routing decisions are sensitive to rounding.
+        self.gate = nn.Linear(d_model, num_experts, bias=False) if self.needs_gate else None
+
+    def _apply(self, fn, recurse=True):
+        # model.to(bfloat16) must not lower the router's precision: a cast to a lower float dtype is replaced by
+        # the same move in fp32 from the original tensor (casting down and back up would round the weights).
+        def keep_fp32(t):
+            out = fn(t)
+            if t.is_floating_point() and out.is_floating_point() and out.dtype != torch.float32:
+                return t.to(device=out.device, dtype=torch.float32)
+            return out
+
+        return super()._apply(keep_fp32, recurse)
+
+    def logits(self, x: Tensor) -> Tensor:
+        """x [T, d] in any dtype -> router logits [T, E] in fp32, with jitter on the input in training."""
+        h = x.float()
+        if self.training and self.cfg.jitter > 0:
+            h = h * torch.empty_like(h).uniform_(1.0 - self.cfg.jitter, 1.0 + self.cfg.jitter)
+        return F.linear(h, self.gate.weight.float())
+
+    def forward(self, x: Tensor, token_ids: Optional[Tensor] = None, seq_len: Optional[int] = None) -> RoutingPlan:
+        """x [T, d]; token_ids [T] (hash routing needs them); seq_len S of the sequences x was flattened from."""
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            logits = self.logits(x) if self.gate is not None else None
+            return self.route(x, logits, token_ids, seq_len or x.shape[0])
+
+    def route(self, x: Tensor, logits: Optional[Tensor], token_ids: Optional[Tensor], seq_len: int) -> RoutingPlan:
+        raise NotImplementedError
+
+    def after_optimizer_step(self) -> None:
+        """Called by the trainer after each optimizer step; most routers have nothing to update."""

@@ -1,0 +1,162 @@
+"""The learning-rate schedule and AdamW's decay / no-decay parameter groups."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from experiments.config import OptimConfig
+from experiments.optim import build_optimizer, lr_at, param_groups
+from moe.config import ModelConfig, MoEConfig
+from moe.model import Transformer
+from routing.config import RouterConfig
+
+# ------------------------------------------------------------------------------------------------ schedule
+
+
+def test_warmup_is_linear_to_lr():
+    cfg = OptimConfig(lr=1.0, min_lr=0.1, warmup_steps=4)
+    assert [lr_at(s, cfg, 100) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_at(4, cfg, 100) == 1.0  # decay starts from the peak
+
+
+def test_cosine_known_values():
+    cfg = OptimConfig(lr=1.0, min_lr=0.1, warmup_steps=4, schedule="cosine")
+    max_steps = 14  # 10 decay steps after the warmup
+    assert lr_at(9, cfg, max_steps) == pytest.approx(0.55, abs=1e-15)  # midpoint: (lr + min_lr) / 2
+    assert lr_at(14, cfg, max_steps) == 0.1  # exactly min_lr at max_steps
+    assert lr_at(1000, cfg, max_steps) == 0.1  # and it stays there
+    quarter = 0.1 + 0.45 * (1 + math.cos(math.pi * 0.3))
+    assert lr_at(7, cfg, max_steps) == pytest.approx(quarter, abs=1e-15)
+    values = [lr_at(s, cfg, max_steps) for s in range(4, 15)]
+    assert values == sorted(values, reverse=True)  # monotone decay
+
+
+def test_linear_known_values():
+    cfg = OptimConfig(lr=2.0, min_lr=0.0, warmup_steps=2, schedule="linear")
+    assert [lr_at(s, cfg, 12) for s in range(2, 13)] == pytest.approx([2.0 - 0.2 * i for i in range(11)], abs=1e-15)
+    assert lr_at(12, cfg, 12) == 0.0
+    assert lr_at(0, cfg, 12) == 1.0
+
+
+def test_constant():
+    cfg = OptimConfig(lr=0.5, min_lr=0.1, warmup_steps=5, schedule="constant")
+    assert lr_at(0, cfg, 10) == 0.1
+    assert [lr_at(s, cfg, 10) for s in range(4, 30)] == [0.5] * 26
+
+
+def test_no_warmup_starts_at_lr():
+    cfg = OptimConfig(lr=1.0, min_lr=0.0, warmup_steps=0)
+    assert lr_at(0, cfg, 10) == 1.0
+    assert lr_at(5, cfg, 10) == pytest.approx(0.5, abs=1e-15)
+    assert lr_at(10, cfg, 10) == 0.0
+
+
+def test_warmup_longer_than_run():
+    cfg = OptimConfig(lr=1.0, min_lr=0.0, warmup_steps=10)
+    assert [lr_at(s, cfg, 4) for s in range(4)] == pytest.approx([0.1, 0.2, 0.3, 0.4], abs=1e-15)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(schedule="step"), "optim.schedule='step'"),
+        (dict(lr=0.0), "optim.lr=0.0"),
+        (dict(lr=1e-3, min_lr=1e-2), "min_lr=0.01"),
+        (dict(warmup_steps=-1), "optim.warmup_steps=-1"),
+    ],
+)
+def test_bad_optim_config(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        OptimConfig(**kwargs)
+
+
+# ------------------------------------------------------------------------------------------------ groups
+
+
+def _model(**kw) -> Transformer:
+    base = dict(vocab_size=64, n_layer=2, d_model=16, n_head=2, d_ff=32, max_seq_len=16)
+    base.update(kw)
+    return Transformer(ModelConfig(**base))
+
+
+def _names(model, group) -> set[str]:
+    ids = {id(p) for p in group["params"]}
+    return {n for n, p in model.named_parameters() if id(p) in ids}
+
+
+def _check_partition(model, groups):
+    decay, no_decay = groups
+    params = list(model.parameters())  # tied weights once
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) == len(params), "every parameter in exactly one group"
+    assert set(ids) == {id(p) for p in params}
+    assert decay["weight_decay"] == 0.3 and no_decay["weight_decay"] == 0.0
+
+
+def test_groups_moe_tied():
+    model = _model(moe=MoEConfig(layers="all", num_experts=4, router=RouterConfig(top_k=2)), glu=True,
+                   norm="rmsnorm", position="rope")
+    groups = param_groups(model, 0.3)
+    _check_partition(model, groups)
+    decay, no_decay = _names(model, groups[0]), _names(model, groups[1])
+    assert no_decay == {"embed.weight", "norm.weight"} | {
+        f"blocks.{i}.{n}.weight" for i in range(2) for n in ("attn_norm", "ffn_norm")}
+    for i in range(2):
+        for w in ("w_up", "w_gate", "w_down"):
+            assert f"blocks.{i}.ffn.experts.{w}" in decay
+        assert any(n.startswith(f"blocks.{i}.ffn.router") for n in decay)
+        assert any(n.startswith(f"blocks.{i}.attn.") for n in decay)
+    # The tied output head is the embedding: one tensor, never decayed.
+    assert model.lm_head.weight is model.embed.weight
+    assert any(p is model.lm_head.weight for p in groups[1]["params"])
+
+
+def test_groups_dense_with_biases_and_learned_positions():
+    model = _model(position="learned", attn_bias="all", ffn_bias=True, norm="layernorm")
+    groups = param_groups(model, 0.3)
+    _check_partition(model, groups)
+    decay, no_decay = _names(model, groups[0]), _names(model, groups[1])
+    assert {"embed.weight", "pos_embed.weight"} <= no_decay
+    assert all(n.endswith(".bias") or "norm" in n or "embed" in n for n in no_decay)
+    assert all(n.endswith(".weight") for n in decay)
+    assert all(p.dim() == 2 for p in groups[0]["params"])
+    assert sum(p.numel() for g in groups for p in g["params"]) == sum(p.numel() for p in model.parameters())
+
+
+def test_untied_lm_head_is_a_decayed_matrix():
+    """An untied output head is multiplied, not looked up: it decays like every other matrix."""
+    model = _model(tie_embeddings=False)
+    groups = param_groups(model, 0.3)
+    _check_partition(model, groups)
+    assert "lm_head.weight" in _names(model, groups[0])
+    assert "embed.weight" in _names(model, groups[1])
+
+
+def test_frozen_parameters_left_out():
+    model = _model()
+    model.embed.weight.requires_grad_(False)
+    groups = param_groups(model, 0.1)
+    assert all(p is not model.embed.weight for g in groups for p in g["params"])
+
+
+def test_build_optimizer_hyperparameters():
+    model = _model()
+    opt = build_optimizer(model, OptimConfig(lr=1e-3, min_lr=0.0, weight_decay=0.2, beta1=0.8, beta2=0.9, eps=1e-6))
+    assert isinstance(opt, torch.optim.AdamW)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.2, 0.0]
+    for g in opt.param_groups:
+        assert g["lr"] == 1e-3 and g["betas"] == (0.8, 0.9) and g["eps"] == 1e-6
+    # One step: no-decay parameters with a zero gradient do not move; decayed matrices shrink.
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    decayed = _names(model, opt.param_groups[0])
+    assert decayed and "embed.weight" not in decayed and "pos_embed.weight" not in decayed
+    opt.step()
+    for n, p in model.named_parameters():
+        if n in decayed:
+            assert torch.allclose(p, before[n] * (1 - 1e-3 * 0.2), rtol=0, atol=1e-9), n
+        else:
+            assert torch.equal(p, before[n]), n

@@ -1,0 +1,151 @@
+"""Dense and sparse twins (experiments/twins.py): equal training FLOPs per token within 1% (router included),
+equal total parameters for the wide dense twin, names, and the `twin=` key resolved at the config boundary."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
+
+from experiments.config import run_config_from_dict
+from experiments.hydra_conf import CONFIG_MODULE, register_configs
+from experiments.twins import (build_twin, dense_base, dense_wide_twin, moe_twin, parse_twin, twin_names,
+                               twin_table)
+from moe.config import ModelConfig
+from moe.flops import count_params, flops_per_token
+from moe.model import Transformer
+from moe.presets import get_preset
+
+register_configs()
+
+BASES = {
+    "tiny_dense": get_preset("tiny_dense"),  # SwiGLU, d_ff=384
+    "gelu_nobias": ModelConfig(vocab_size=500, n_layer=3, d_model=64, n_head=4, d_ff=256, max_seq_len=64),
+    "gpt2_bias": ModelConfig(vocab_size=1000, n_layer=2, d_model=96, n_head=4, d_ff=384, max_seq_len=64,
+                             activation="gelu_tanh", ffn_bias=True, attn_bias="all"),
+}
+
+
+def training(cfg: ModelConfig, seq_len: int = 64) -> int:
+    return flops_per_token(cfg, seq_len).training
+
+
+@pytest.mark.parametrize("base", sorted(BASES))
+@pytest.mark.parametrize("e, k", [(4, 1), (8, 1), (16, 1), (32, 1), (64, 1), (4, 2), (8, 2), (64, 2)])
+def test_moe_twin_matches_training_flops(base, e, k):
+    dense = BASES[base]
+    twin = moe_twin(dense, e, k, seq_len=64)
+    assert twin.is_moe and twin.moe.num_experts == e and twin.moe.router.top_k == k
+    assert twin.sparse_layers == tuple(range(dense.n_layer))
+    assert abs(training(twin) - training(dense)) / training(dense) < 0.01
+    # The router's FLOPs are part of the match: they are paid for by narrower experts, not ignored.
+    f = flops_per_token(twin, 64)
+    assert f.router == dense.n_layer * 2 * dense.d_model * e
+    assert abs(f.experts + f.router - flops_per_token(dense, 64).ffn_dense) <= dense.n_layer * k * 3 * 2 * dense.d_model
+    # Only the FFN slots changed.
+    assert (twin.d_model, twin.n_layer, twin.d_ff, twin.vocab_size) == (dense.d_model, dense.n_layer, dense.d_ff, dense.vocab_size)
+
+
+def test_top2_halves_the_expert_width():
+    base = get_preset("tiny_dense")  # d_ff=384, GLU: f_e = (3*384 - E) / (3k)
+    assert moe_twin(base, 8, 1).moe.expert_hidden == 381
+    assert moe_twin(base, 8, 2).moe.expert_hidden == 191
+    assert moe_twin(base, 64, 2).moe.expert_hidden == 181
+
+
+def test_match_holds_at_the_data_vocabulary_and_seq_len():
+    """The trainer resizes the vocabulary to the tokenizer's; the match survives (lm_head is shared)."""
+    base = get_preset("tiny_dense")
+    for e, k in [(8, 1), (8, 2), (32, 1)]:
+        twin = moe_twin(base, e, k, seq_len=128)
+        for vocab, seq in [(257, 128), (4096, 32), (50000, 128)]:
+            a, b = training(twin.replace(vocab_size=vocab), seq), training(dense_base(base).replace(vocab_size=vocab), seq)
+            assert abs(a - b) / b < 0.01
+
+
+def test_every_other_layer_twin():
+    base = get_preset("tiny_dense")
+    twin = moe_twin(base, 16, 2, layers="every:2")
+    assert twin.sparse_layers == (1, 3)
+    assert abs(training(twin) - training(base)) / training(base) < 0.01
+
+
+def test_dense_wide_twin_matches_total_params():
+    base = get_preset("tiny_dense")
+    for e, k in [(8, 1), (8, 2), (4, 1)]:
+        moe, wide = moe_twin(base, e, k), dense_wide_twin(base, e, k)
+        assert not wide.is_moe and wide.d_ff > base.d_ff
+        assert abs(count_params(wide).total - count_params(moe).total) / count_params(moe).total < 0.01
+        assert training(wide) > training(moe)  # equal parameters cost more compute when dense
+
+
+def test_build_twin_names_and_built_models_agree_with_counts():
+    base = BASES["gelu_nobias"]
+    for name in ["dense", "moe_e4_k1", "moe_e8_k2", "dense_wide_e4_k1"]:
+        cfg = build_twin(base, name)
+        model = Transformer(cfg)
+        assert sum(p.numel() for p in model.parameters()) == count_params(cfg).total
+        x = torch.randint(0, cfg.vocab_size, (2, 8))
+        assert model(x, x).loss.isfinite()
+    assert build_twin(get_preset("tiny_moe"), "dense") == dense_base(get_preset("tiny_moe"))
+    # A base that already names its sparse slots keeps them for its twins.
+    assert build_twin(get_preset("tiny_moe").replace(moe=get_preset("tiny_moe").moe.__class__(layers="last:2")),
+                      "moe_e4_k1").sparse_layers == (2, 3)
+
+
+def test_twin_names_and_table():
+    names = twin_names()
+    assert names[0] == "dense" and "moe_e64_k2" in names and "moe_e4_k1" in names and "dense_wide_e8_k1" in names
+    rows = twin_table(get_preset("tiny_dense"), names, seq_len=128)
+    for row in rows:
+        if not row["twin"].startswith("dense_wide"):
+            assert abs(row["flops_vs_dense"] - 1) < 0.01, row
+
+
+@pytest.mark.parametrize("name, match", [
+    ("sparse", "is not a twin name"), ("moe_e8", "is not a twin name"), ("moe_e2_k3", "1 <= k <= E"),
+    ("moe_e0_k1", "at least 1 expert"),
+])
+def test_bad_twin_names(name, match):
+    with pytest.raises(ValueError, match=match):
+        parse_twin(name)
+
+
+def test_unmatchable_twin_is_refused():
+    narrow = ModelConfig(vocab_size=64, n_layer=1, d_model=16, n_head=2, d_ff=4, max_seq_len=16)
+    with pytest.raises(ValueError, match="no expert width matches"):
+        moe_twin(narrow, 64, 1)  # the router alone costs more than the dense FFN
+
+
+# ------------------------------------------------------------------------------------------ the config boundary
+
+
+def compose_run(overrides, tmp_path):
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    return run_config_from_dict(OmegaConf.to_container(cfg, resolve=True), str(tmp_path))
+
+
+def test_twin_key_resolves_at_the_boundary(tmp_path):
+    run = compose_run(["model=tiny_dense", "twin=moe_e8_k1"], tmp_path)
+    assert run.twin == "moe_e8_k1" and run.model == moe_twin(get_preset("tiny_dense"), 8, 1, seq_len=128)
+    assert compose_run(["model=tiny_dense"], tmp_path).twin is None
+    with pytest.raises(ValueError, match="is not a twin name"):
+        compose_run(["twin=nope"], tmp_path)
+    with pytest.raises(ValueError, match="exclude each other"):
+        compose_run(["twin=dense", "init_from=/some/ckpt"], tmp_path)
+
+
+@pytest.mark.parametrize("experiment", ["demo", "dense_vs_moe"])
+def test_sweep_experiments_share_everything_but_the_twin(experiment, tmp_path):
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+        cfg = compose("train", overrides=[f"experiment={experiment}"], return_hydra_config=True)
+    twins = str(cfg.hydra.sweeper.params.twin).split(",")
+    assert twins[0] == "dense" and any(t.startswith("moe_") for t in twins)
+    assert cfg.hydra.sweep.subdir == "dense"  # ${twin}: one directory per twin
+    runs = [compose_run([f"experiment={experiment}", f"twin={t}"], tmp_path) for t in twins]
+    ref = flops_per_token(runs[0].model, runs[0].trainer.seq_len).training
+    for run in runs:
+        assert (run.data, run.trainer, run.optim, run.seed) == (runs[0].data, runs[0].trainer, runs[0].optim, runs[0].seed)
+        if not run.twin.startswith("dense_wide"):
+            assert abs(flops_per_token(run.model, run.trainer.seq_len).training - ref) / ref < 0.01

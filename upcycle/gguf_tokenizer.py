@@ -1,0 +1,124 @@
+"""A `tokenizers.Tokenizer` rebuilt from a GGUF file's tokenizer.ggml.* metadata.
+
+Supported: tokenizer.ggml.model = "gpt2", byte-level BPE (GPT-2, Llama 3, Qwen2, SmolLM, ...): the vocabulary
+(tokenizer.ggml.tokens), the merges (tokenizer.ggml.merges), control tokens (token_type 3) as special added
+tokens and user-defined ones (token_type 4) as plain added tokens, and the pre-tokenizer that
+tokenizer.ggml.pre names (the split regex its merges were learned with). Other tokenizer models
+(sentencepiece "llama", "t5", ...) are not rebuilt: the reader returns no tokenizer and says so.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Optional
+
+if TYPE_CHECKING:
+    import tokenizers
+
+    from upcycle.gguf_reader import GGUFFile
+
+CONTROL, USER_DEFINED = 3, 4
+
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# tokenizer.ggml.pre -> how text is split before merging (llama.cpp's llama-vocab.cpp pre-tokenizer types).
+PRE_TOKENIZERS = {
+    "default": "gpt2", "gpt-2": "gpt2", "gpt2": "gpt2",
+    "smollm": "digits+gpt2",  # SmolLM/SmolLM2: each digit alone, then GPT-2's split
+    "llama3": "llama3", "llama-v3": "llama3", "llama-bpe": "llama3", "smaug-bpe": "llama3", "dbrx": "llama3",
+    "qwen2": "qwen2", "deepseek-r1-qwen": "qwen2",
+}
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table (the alphabet byte-level BPE vocabularies are spelled in)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
+def _pre_tokenizer(kind: str):
+    from tokenizers import Regex, pre_tokenizers
+
+    if kind == "gpt2":
+        return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if kind == "digits+gpt2":
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    split = {"llama3": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT}[kind]
+    return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+
+
+def build_bpe_tokenizer(tokens: list[str], merges: list[str], token_types: Optional[list[int]],
+                        pre: str = "default") -> tuple["tokenizers.Tokenizer", Optional[str]]:
+    """A byte-level BPE tokenizer from llama.cpp-style vocabulary lists; returns (tokenizer, note or None)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models
+
+    spelling = _bytes_to_unicode()
+    alphabet = set(spelling.values())
+    vocab = {}
+    for i, t in enumerate(tokens):
+        # A token spelled outside the byte alphabet (a raw special token) is respelled so the model accepts it.
+        vocab.setdefault(t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8")), i)
+    pairs = []
+    for m in merges:
+        parts = m.split(" ")
+        if len(parts) != 2:
+            raise ValueError(f"tokenizer.ggml.merges has a malformed merge {m!r}; expected 'left right'")
+        pairs.append((parts[0], parts[1]))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False))
+    note = None
+    kind = PRE_TOKENIZERS.get(pre)
+    if kind is None:
+        note = (f"tokenizer.ggml.pre={pre!r} is not known here; text is split GPT-2 style, which may tokenize some "
+                f"text differently from llama.cpp (known: {sorted(PRE_TOKENIZERS)})")
+        kind = "gpt2"
+    tok.pre_tokenizer = _pre_tokenizer(kind)
+    tok.decoder = decoders.ByteLevel()
+    types = token_types or []
+    control = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types)
+               if ty == CONTROL and set(t) <= alphabet]
+    user = [AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == USER_DEFINED]
+    if control:
+        tok.add_special_tokens(control)
+    if user:
+        tok.add_tokens(user)
+    return tok, note
+
+
+def gguf_tokenizer(f: "GGUFFile") -> tuple[Optional["tokenizers.Tokenizer"], dict[str, str], Optional[str], Optional[str]]:
+    """(tokenizer or None, special tokens by name, chat template, note) from a GGUF file's metadata."""
+    model = f.field("tokenizer.ggml.model", None)
+    template = f.field("tokenizer.chat_template", None)
+    if model is None:
+        return None, {}, template, "the file carries no tokenizer (no tokenizer.ggml.model)"
+    tokens = f.field("tokenizer.ggml.tokens", None)
+    if tokens is None:
+        raise ValueError(f"{f.path.name}: tokenizer.ggml.tokens is missing although tokenizer.ggml.model={model!r}")
+    special: dict[str, str] = {}
+    for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"), ("unk_token", "unknown_token_id"),
+                      ("pad_token", "padding_token_id")):
+        i: Any = f.field(f"tokenizer.ggml.{key}", None)
+        if i is not None:
+            if not 0 <= int(i) < len(tokens):
+                raise ValueError(f"{f.path.name}: tokenizer.ggml.{key}={i} is outside the vocabulary of {len(tokens)}")
+            special[name] = tokens[int(i)]
+    if model != "gpt2":
+        return None, special, template, (f"tokenizer.ggml.model={model!r} is not rebuilt (supported: 'gpt2', "
+                                         f"byte-level BPE); the checkpoint is written without a tokenizer")
+    merges = f.field("tokenizer.ggml.merges", None)
+    if merges is None:
+        raise ValueError(f"{f.path.name}: tokenizer.ggml.merges is missing; a 'gpt2' (BPE) tokenizer needs its merges")
+    tok, note = build_bpe_tokenizer(list(tokens), list(merges), f.field("tokenizer.ggml.token_type", None),
+                                    f.field("tokenizer.ggml.pre", "default"))
+    return tok, special, template, note
