@@ -19,8 +19,11 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
+# A dense model and two MoE twins with its training FLOPs per token, one after the other, then the report.
 demo: setup
-	$(PY) -m experiments.train experiment=demo
+	rm -rf runs/demo
+	$(PY) -m experiments.train -m experiment=demo
+	$(PY) -m experiments.compare runs/demo
 
 test: setup
 	$(PY) -m pytest -q

@@ -252,7 +252,12 @@ def build_report(sweep_dir: str | Path, baseline: Optional[str] = None) -> Repor
                          f"or resume the unfinished runs with resume=auto")
     check_comparable(finished)
     base = pick_baseline(finished, baseline)
-    ordered = [base] + [r for r in finished if r is not base]
+    def order(r: Run) -> tuple:  # dense runs by size, then MoE runs by top-k and expert count
+        router = (r.model.get("moe") or {}).get("router") or {}
+        return (r.is_moe, router.get("top_k", 0) if r.is_moe else 0,
+                (r.model.get("moe") or {}).get("num_experts", 0) if r.is_moe else 0, r.info.get("params_total") or 0, r.name)
+
+    ordered = [base] + sorted((r for r in finished if r is not base), key=order)
     rows = [row_for(r, base) for r in ordered]
     b = base.curve[-1]
     return Report(root, base, ordered, left_out, rows, b["val_loss"], b["flops"], b["elapsed_s"])
@@ -302,7 +307,7 @@ def markdown(report: Report, plots: Sequence[Path] = ()) -> str:
     groups = sorted({str(r.info.get("group")) for r in report.runs if r.info.get("group")})
     out = [f"# Dense versus sparse: {report.sweep_dir}", ""]
     if groups:
-        out += [f"Sweep group: {', '.join(groups)}. ", ""]
+        out += [f"Sweep group: {', '.join(groups)}.", ""]
     out += [f"Baseline **{report.baseline.name}**: final validation loss L* = {report.target_loss:.4f} nats after "
             f"F* = {report.budget_flops:.3g} training FLOPs and T* = {report.budget_s:.1f} s of training steps.", "",
             markdown_table(report), "",

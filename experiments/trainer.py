@@ -12,6 +12,7 @@ import json
 import random
 import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -29,6 +30,7 @@ from moe.flops import count_params, flops_per_token
 from moe.config import ModelConfig
 from moe.model import Transformer
 from routing.router import Router
+from routing.stats import CollapseMonitor
 
 STATE_FILE = "trainer_state.pt"
 RUN_FILE = "run.json"
@@ -104,6 +106,7 @@ class Trainer:
         self.flops_per_token = flops_per_token(self.model_cfg, tc.seq_len).training
         self.val_set = self.data.val_batches(tc.batch_size, tc.seq_len, tc.eval_batches)
         self._step_rng = _rng_state()
+        self.collapse = CollapseMonitor()
         resumed = self._maybe_resume()
         self.logger = MetricsLogger(self.run_dir, cfg.logger, cfg.to_dict(), resume_step=self.state.step if resumed else None)
 
@@ -126,9 +129,14 @@ class Trainer:
     # ---------------------------------------------------------------- checkpoints
 
     def _maybe_resume(self) -> bool:
-        if self.cfg.resume != "auto":
-            return False
         found = checkpoint_dirs(self.run_dir)
+        if self.cfg.resume != "auto":
+            if found:  # a fresh run here would mix its checkpoints and curves with the old run's
+                raise ValueError(
+                    f"{self.run_dir} already holds checkpoints of another run ({found[-1][1].name}); continue it with "
+                    f"resume=auto, or choose a new directory with hydra.run.dir=..."
+                )
+            return False
         if not found:
             print(f"resume=auto: no checkpoint in {self.run_dir / 'checkpoints'}, starting from step 0")
             return False
@@ -235,6 +243,9 @@ class Trainer:
                 st.flops += self.flops_per_token * tokens_per_step
                 st.loss_sum += out["lm_loss"]
                 st.loss_count += 1
+                for layer, values in out["stats"].items():  # every step: patience counts steps
+                    for message in self.collapse.update(st.step, layer, values["tokens_per_expert"], tokens_per_step):
+                        warnings.warn(message, stacklevel=1)
                 final = st.step == tc.max_steps
                 evaluate = final or (tc.eval_interval > 0 and st.step % tc.eval_interval == 0)
                 val_loss = self.evaluate() if evaluate else None
@@ -262,6 +273,9 @@ class Trainer:
                 path = self.save()
                 print(f"\ninterrupted: saved {path}; continue with resume=auto")
             self._write_run_file("interrupted")
+            raise
+        except BaseException as e:
+            self._write_run_file("failed", {"error": f"{type(e).__name__}: {e}"})
             raise
         finally:
             if bar is not None:

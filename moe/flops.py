@@ -81,14 +81,14 @@ def count_params(cfg: ModelConfig) -> ParamCount:
     """Parameters of Transformer(cfg), computed from the config (exact; see ParamCount for each field)."""
     d, V, L = cfg.d_model, cfg.vocab_size, cfg.n_layer
     n_sparse = len(cfg.sparse_layers)
-    E, k = cfg.moe.num_experts, cfg.moe.router.top_k
+    E = cfg.moe.num_experts
 
     embedding = V * d + ((cfg.max_seq_len + cfg.position_offset) * d if cfg.position == "learned" else 0)
     lm_head = 0 if cfg.tie_embeddings else d * V
     per_block = 2 * _norm_params(cfg) + _attention_params(cfg)
     dense_ffn = _ffn_params(cfg, cfg.d_ff, cfg.glu)
     expert = _ffn_params(cfg, cfg.expert_hidden, cfg.expert_glu)
-    router = n_sparse * d * E
+    router = n_sparse * d * E if cfg.moe.router.has_gate else 0
     shared_width = _shared_width(cfg)
     shared_experts = n_sparse * ((_ffn_params(cfg, shared_width, cfg.expert_glu) + (d if cfg.moe.shared_gate else 0))
                                  if shared_width else 0)
@@ -97,7 +97,7 @@ def count_params(cfg: ModelConfig) -> ParamCount:
               + shared_experts)
 
     total = shared + experts_total
-    active = shared + n_sparse * k * expert
+    active = shared + round(n_sparse * cfg.moe.router.experts_per_token * expert)
     return ParamCount(total=total, embedding=embedding, active=active, active_non_embedding=active - embedding,
                       experts_total=experts_total, router=router)
 
@@ -119,11 +119,11 @@ def flops_per_token(cfg: ModelConfig, seq_len: Optional[int] = None, *, attentio
     attention_scores = L * 4 * S * H * hd  # per token: (2*S*S*H*hd for QK^T + the same for AV) / S
     ffn_dense = (L - n_sparse) * (3 if cfg.glu else 2) * 2 * d * cfg.d_ff
     n_expert_proj = 3 if cfg.expert_glu else 2
-    experts = n_sparse * cfg.moe.router.top_k * n_expert_proj * 2 * d * cfg.expert_hidden
+    experts = round(n_sparse * cfg.moe.router.experts_per_token * n_expert_proj * 2 * d * cfg.expert_hidden)
     shared_width = _shared_width(cfg)
     if shared_width:  # shared experts are always active; counted with the routed ones
         experts += n_sparse * (n_expert_proj * 2 * d * shared_width + (2 * d if cfg.moe.shared_gate else 0))
-    router = n_sparse * 2 * d * cfg.moe.num_experts
+    router = n_sparse * 2 * d * cfg.moe.num_experts if cfg.moe.router.has_gate else 0
     lm_head = 2 * d * cfg.vocab_size
 
     forward = attention_proj + attention_scores + ffn_dense + experts + router + lm_head

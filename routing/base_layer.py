@@ -29,6 +29,7 @@ first T mod E experts take one more token.
 from __future__ import annotations
 
 import heapq
+import math
 from typing import Optional
 
 import torch
@@ -43,8 +44,8 @@ from routing.sinkhorn import sinkhorn
 from routing.stats import routing_stats
 
 AUCTION_REL_EPS = 1e-4  # final epsilon of the auction, as a fraction of the logit spread (max - min)
-AUCTION_EPS_FACTOR = 16.0  # epsilon scaling: each phase divides epsilon by this
-AUCTION_MAX_ROUNDS = 1_000_000  # a safety net per phase; the auction terminates long before (finite by theory)
+AUCTION_EPS_FACTOR = 64.0  # epsilon scaling: each phase divides epsilon by this
+AUCTION_MAX_ROUNDS = 100_000  # a safety net per phase (rounds, or serial bids); real phases take tens to hundreds
 AUCTION_SERIAL_BELOW = 32  # free tokens below which bids go one at a time (cheaper than a vectorised round)
 
 
@@ -98,21 +99,20 @@ def _bid_rounds(s: Tensor, prices: Tensor, slot_bid: Tensor, slot_tok: Tensor, f
 
 
 def _bid_serial(s: Tensor, prices: Tensor, slot_bid: Tensor, slot_tok: Tensor, free: Tensor, eps: float,
-                capacity: list[int]) -> tuple[Tensor, Tensor, Tensor]:
+                capacity: list[int], rows: dict[int, list[float]]) -> tuple[Tensor, Tensor, Tensor]:
     """Gauss-Seidel bids, one token at a time, with a min-heap of bids per expert, until no token is free.
 
     The end of a phase is a chain of single evictions (a token displaces one, which displaces another ...); one
-    bid here costs microseconds of Python where a vectorised round costs a dozen tensor operations.
+    bid here costs microseconds of Python where a vectorised round costs a dozen tensor operations. Heaps are
+    built only for the experts that receive a bid; rows caches the score rows already fetched (t -> [E]).
     """
-    E, C = slot_bid.shape
-    bids, toks, price = slot_bid.tolist(), slot_tok.tolist(), prices.tolist()
-    heaps = [list(zip(bids[e][: capacity[e]], toks[e][: capacity[e]])) for e in range(E)]
-    for heap in heaps:
-        heapq.heapify(heap)  # the lowest held bid (an empty slot's -inf first) is what a newcomer displaces
-    rows: dict[int, list[float]] = {}
+    E = slot_bid.shape[0]
+    price = prices.tolist()
+    heaps: dict[int, list[tuple[float, int]]] = {}
     queue = free.tolist()
-    rows.update(zip(queue, s[free].tolist()))
-    touched: set[int] = set()
+    missing = [t for t in queue if t not in rows]
+    if missing:
+        rows.update(zip(missing, s[missing].tolist()))
     neg_inf = float("-inf")
     for _ in range(AUCTION_MAX_ROUNDS):
         if not queue:
@@ -129,17 +129,21 @@ def _bid_serial(s: Tensor, prices: Tensor, slot_bid: Tensor, slot_tok: Tensor, f
                 v1, v2, e1 = v, v1, e
             elif v > v2:
                 v2 = v
-        _, out = heapq.heappushpop(heaps[e1], (row[e1] - v2 + eps, t))  # the bid beats the lowest held one
-        touched.add(e1)
-        if heaps[e1][0][0] > neg_inf:
-            price[e1] = heaps[e1][0][0]
+        heap = heaps.get(e1)
+        if heap is None:
+            cap = capacity[e1]
+            heap = heaps[e1] = list(zip(slot_bid[e1, :cap].tolist(), slot_tok[e1, :cap].tolist()))
+            heapq.heapify(heap)  # the lowest held bid (an empty slot's -inf first) is what a newcomer displaces
+        _, out = heapq.heappushpop(heap, (row[e1] - v2 + eps, t))  # the bid beats the lowest held one
+        if heap[0][0] > neg_inf:
+            price[e1] = heap[0][0]
         if out >= 0:
             queue.append(out)
     else:
         raise RuntimeError(f"auction did not converge in {AUCTION_MAX_ROUNDS} serial bids (eps={eps:g})")
     slot_bid, slot_tok = slot_bid.clone(), slot_tok.clone()
-    for e in touched:  # write back only the experts whose holders changed (in heap order: rows need no order)
-        held_bid, held_tok = zip(*heaps[e])
+    for e, heap in heaps.items():  # write back the experts that received bids (heap order: rows need no order)
+        held_bid, held_tok = zip(*heap)
         slot_bid[e, : capacity[e]] = torch.tensor(held_bid, dtype=s.dtype)
         slot_tok[e, : capacity[e]] = torch.tensor(held_tok, dtype=torch.long)
     return torch.tensor(price, dtype=s.dtype, device=s.device), slot_bid, slot_tok
@@ -166,6 +170,8 @@ def auction_assignment(scores: Tensor, capacity: Tensor, eps: Optional[float] = 
         return live[torch.zeros(T, dtype=torch.long, device=device)], prices
     s, cap = scores.detach().float()[:, live], capacity[live]
     spread = float(s.max() - s.min())
+    if not math.isfinite(spread):
+        raise FloatingPointError("BASE routing got non-finite router logits; lower optim.lr or set trainer.grad_clip")
     if spread == 0.0:  # every balanced assignment is optimal: fill the experts in token order
         return live.repeat_interleave(cap), prices
     eps_final = eps if eps is not None else AUCTION_REL_EPS * spread
@@ -174,6 +180,7 @@ def auction_assignment(scores: Tensor, capacity: Tensor, eps: Optional[float] = 
     expert_of_slot = torch.arange(L, device=device)[:, None].expand(L, C)
     empty = torch.where(exists, float("-inf"), float("inf"))
     sub_prices = torch.zeros(L, device=device)
+    cap_list, rows = cap.tolist(), {}  # rows: score rows fetched by the serial bidder, kept across phases
     slot_bid, slot_tok = empty, torch.full((L, C), -1, dtype=torch.long, device=device)
     free = torch.arange(T, device=device)
     # Epsilon scaling (Bertsekas 1988): a coarse eps settles the prices in a few rounds; each finer phase starts
@@ -182,7 +189,7 @@ def auction_assignment(scores: Tensor, capacity: Tensor, eps: Optional[float] = 
     while True:
         sub_prices, slot_bid, slot_tok, free = _bid_rounds(s, sub_prices, slot_bid, slot_tok, free, cur)
         if free.numel():
-            sub_prices, slot_bid, slot_tok = _bid_serial(s, sub_prices, slot_bid, slot_tok, free, cur, cap.tolist())
+            sub_prices, slot_bid, slot_tok = _bid_serial(s, sub_prices, slot_bid, slot_tok, free, cur, cap_list, rows)
         if cur <= eps_final:
             break
         cur = max(cur / AUCTION_EPS_FACTOR, eps_final)

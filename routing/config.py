@@ -70,10 +70,25 @@ class RouterConfig:
             raise ValueError(
                 f"routing.eval_capacity_factor={self.eval_capacity_factor} must be positive or null for expert_choice"
             )
+        if self.name == "base" and self.top_k != 1:
+            raise ValueError(
+                f"routing.top_k={self.top_k} but BASE layers send every token to exactly one expert; set routing.top_k=1"
+            )
         if self.random_second and self.top_k != 2:
             raise ValueError(f"routing.random_second needs routing.top_k=2, got {self.top_k}")
         if not 0.0 <= self.jitter < 1.0:
             raise ValueError(f"routing.jitter={self.jitter} must be in [0, 1)")
+
+    @property
+    def has_gate(self) -> bool:
+        """Whether the router owns a d x E linear gate (hash routing reads token ids instead)."""
+        return self.name != "hash"
+
+    @property
+    def experts_per_token(self) -> float:
+        """Experts a token reaches on average in training: k for token choice, capacity_factor * k for expert
+        choice (experts fill capacity_factor * T * k / E slots each). FLOP accounting uses this."""
+        return self.capacity_factor * self.top_k if self.name == "expert_choice" else float(self.top_k)
 
     def check_experts(self, num_experts: int) -> None:
         """Checks what depends on the layer this router serves; raised when the model config is built."""

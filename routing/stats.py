@@ -4,6 +4,8 @@ Shape legend: T tokens, E experts, k choices per token.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -32,7 +34,7 @@ def routing_stats(probs: Tensor, counts: Tensor, kept: Tensor) -> dict[str, Tens
 class CollapseMonitor:
     """Watches tokens-per-expert over training steps and reports a collapsed layer once per episode.
 
-    A layer has collapsed when one expert takes more than `share` of its assignments, or when some expert
+    A layer has collapsed when one expert receives more than `share` of the tokens, or when some expert
     receives nothing, for `patience` consecutive steps. Plain Python state: the trainer owns it and prints
     what `update` returns; nothing is stored globally.
     """
@@ -43,9 +45,11 @@ class CollapseMonitor:
         self._dead: dict[int, int] = {}  # layer -> consecutive steps with at least one empty expert
         self._reported: set[tuple[int, str]] = set()
 
-    def update(self, step: int, layer: int, tokens_per_expert: Tensor) -> list[str]:
+    def update(self, step: int, layer: int, tokens_per_expert: Tensor, num_tokens: Optional[int] = None) -> list[str]:
+        """num_tokens: tokens routed this step (with top-k an expert's share is of tokens, not of the k*T
+        assignments, so a top-2 expert can exceed one half); None: the assignments' total."""
         counts = tokens_per_expert.detach().float().cpu()
-        total = float(counts.sum())
+        total = float(num_tokens) if num_tokens is not None else float(counts.sum())
         messages = []
         for kind, bad, streaks in (
             ("hot", total > 0 and float(counts.max()) > self.share * total, self._hot),

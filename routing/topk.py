@@ -58,12 +58,16 @@ class TopKRouter(Router):
             cf = cfg.eval_capacity_factor
         capacity = expert_capacity(T, E, cfg.top_k, cf, cfg.min_capacity)
         if keep_second is None:
-            token_index, expert_index, row_weight, counts, kept = assign(expert_idx, weight, E, capacity, cfg.drop_policy)
+            token_index, expert_index, row_weight, counts, kept = assign(
+                expert_idx, weight, E, capacity, cfg.drop_policy
+            )
         else:
             # A dropped second choice is parked on a virtual expert E: it takes no slot of a real expert, and its
             # rows sort last, so cutting them off leaves a plan over the E real experts.
             parked = torch.cat([expert_idx[:, :1], torch.where(keep_second, expert_idx[:, 1], E)[:, None]], dim=1)
-            token_index, expert_index, row_weight, counts, kept = assign(parked, weight, E + 1, capacity, cfg.drop_policy)
+            token_index, expert_index, row_weight, counts, kept = assign(
+                parked, weight, E + 1, capacity, cfg.drop_policy
+            )
             counts = counts[:E]
             n = int(counts.sum())  # a host sync, as capacity already needs one
             token_index, expert_index, row_weight = token_index[:n], expert_index[:n], row_weight[:n]

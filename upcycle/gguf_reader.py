@@ -72,7 +72,7 @@ class GGUFFile:
         shape = tuple(int(n) for n in reversed(t.shape))  # GGUF lists dimensions innermost first
         Q = gguf.GGMLQuantizationType
         if qtype == Q.F32:
-            arr = np.asarray(t.data, dtype=np.float32)
+            arr = np.array(t.data, dtype=np.float32)  # a copy: the file is memory-mapped read-only
         elif qtype == Q.F16:
             arr = np.asarray(t.data).view(np.float16).astype(np.float32)
         else:

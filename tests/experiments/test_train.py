@@ -558,3 +558,32 @@ def test_cli_bad_override(override, expected, tmp_path, text_corpus):
     assert proc.returncode != 0
     assert expected in proc.stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_fresh_run_refuses_a_directory_with_checkpoints(tmp_path, text_corpus):
+    train(tmp_path / "run", text_corpus, "trainer.max_steps=1")
+    with pytest.raises(ValueError, match="already holds checkpoints.*resume=auto"):
+        Trainer(make_run(tmp_path / "run", text_corpus, "trainer.max_steps=2"))
+
+
+def test_a_crash_marks_the_run_failed(tmp_path, text_corpus, monkeypatch):
+    t = Trainer(make_run(tmp_path / "run", text_corpus, "trainer.max_steps=3"))
+    monkeypatch.setattr(t, "train_step", lambda: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="boom"):
+        t.fit()
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert info["status"] == "failed" and "boom" in info["summary"]["error"]
+
+
+def test_collapse_warning_fires_in_training(tmp_path, text_corpus, monkeypatch):
+    # Force a collapse: every router's gate sends all tokens to expert 0 and training cannot move it (lr ~ 0).
+    t = Trainer(make_run(tmp_path / "run", text_corpus, "trainer.max_steps=3", "optim.lr=1e-12", "optim.min_lr=0"))
+    t.collapse.patience = 2
+    with torch.no_grad():
+        for block in t.model.blocks:
+            if hasattr(block.ffn, "router"):
+                block.ffn.router.gate.weight.zero_()
+                block.ffn.router.gate.weight[0] = 1e3  # expert 0's logit dominates for any positive-sum input
+                block.ffn.router.gate.weight[1] = -1e3
+    with pytest.warns(UserWarning, match="has collapsed: expert"):
+        t.fit()

@@ -40,7 +40,7 @@ def _x(seed: int = 1, t: int = T) -> torch.Tensor:
 
 
 def _total(scores: torch.Tensor, expert: torch.Tensor) -> float:
-    return float(scores.double().gather(1, expert[:, None]).sum())
+    return float(scores.detach().double().gather(1, expert[:, None]).sum())
 
 
 # ---------------------------------------------------------------- exact references for the assignment problem
@@ -199,8 +199,10 @@ def test_sinkhorn_solver_is_exactly_balanced_and_near_optimal(tokens, experts, s
     assert torch.equal(torch.bincount(expert, minlength=experts), cap)
     optimum = _total(scores, auction_assignment(scores, cap)[0])
     assert _total(scores, expert) <= optimum + 1e-6
-    # approximate but close: within 1 affinity unit per 16 tokens of the optimum on these cases
-    assert _total(scores, expert) >= optimum - tokens / 16
+    # approximate but close: at least 90% of the way from a random balanced assignment (its expected total) to
+    # the optimum on these cases (measured: 0.92, 0.98, 0.97, 1.0)
+    random_total = float((scores.double().mean(0) * cap).sum())
+    assert _total(scores, expert) - random_total >= 0.9 * (optimum - random_total)
 
 
 # ---------------------------------------------------------------- the router
@@ -227,7 +229,7 @@ def test_training_auction_plan_is_optimal():
     router = _router()
     x = _x()
     plan = router(x)
-    logits = x @ router.gate.weight.t()
+    logits = (x @ router.gate.weight.t()).detach()
     expert = torch.empty(T, dtype=torch.long)
     expert[plan.token_index] = plan.expert_index
     optimum = _hungarian_max(logits, balanced_capacity(T, E))
@@ -283,12 +285,11 @@ def test_stats_schema():
 
 def test_top_k_must_be_one():
     with pytest.raises(ValueError, match="routing.top_k=2"):
-        build_router(D, E, RouterConfig(name="base", top_k=2))
-    with pytest.raises(ValueError, match="routing.top_k"):
-        ModelConfig(vocab_size=32, n_layer=1, d_model=8, n_head=2, d_ff=16,
-                    moe=dict(layers="all", num_experts=4, router=dict(name="base", top_k=2))) and \
-            Transformer(ModelConfig(vocab_size=32, n_layer=1, d_model=8, n_head=2, d_ff=16,
-                                    moe=dict(layers="all", num_experts=4, router=dict(name="base", top_k=2))))
+        RouterConfig(name="base", top_k=2)
+    cfg = RouterConfig(name="base", top_k=1)
+    cfg.top_k = 3  # changed after validation: the router refuses it too
+    with pytest.raises(ValueError, match="routing.top_k=3"):
+        BaseRouter(D, E, cfg)
 
 
 def test_config_validation():
@@ -314,6 +315,8 @@ def check_dispatchers_agree(router: dict, setup=None, train: bool = True, seed: 
     ref = MoELayer(tiny_model_config(router, "einsum"))
     with torch.no_grad():
         torch.nn.init.normal_(ref.router.gate.weight, 0.0, 0.5)
+        for p in ref.experts.parameters():  # a bare MoELayer leaves its experts uninitialised (the model inits them)
+            torch.nn.init.normal_(p, 0.0, 0.3)
     if setup is not None:
         setup(ref)
     x0 = torch.randn(2, 10, 16, generator=torch.Generator().manual_seed(seed + 1))

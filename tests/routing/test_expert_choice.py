@@ -64,7 +64,8 @@ def test_every_expert_takes_exactly_C_per_group(mode, k, cf):
     assert plan.capacity == P * C
     assert plan.counts.tolist() == [P * C] * E
     group = _group_of_rows(plan, mode, S)
-    per_group = torch.zeros(P, E, dtype=torch.long).index_put_((group, plan.expert_index), torch.ones_like(group), accumulate=True)
+    per_group = torch.zeros(P, E, dtype=torch.long)
+    per_group.index_put_((group, plan.expert_index), torch.ones_like(group), accumulate=True)
     assert per_group.tolist() == [[C] * E] * P
     # each expert took exactly its top-C tokens of each group
     scores = _scores(router, x)
@@ -321,7 +322,8 @@ def assert_dispatchers_agree(router: RouterConfig, training: bool = True, seq: i
         results[name] = run_layer(layer, x, ids, g)
     y_ref, g_ref, plan_ref = results["einsum"]
     for name, (y, grads, plan) in results.items():
-        assert torch.equal(plan.token_index, plan_ref.token_index) and torch.equal(plan.expert_index, plan_ref.expert_index)
+        assert torch.equal(plan.token_index, plan_ref.token_index)
+        assert torch.equal(plan.expert_index, plan_ref.expert_index)
         torch.testing.assert_close(y, y_ref, **TOL)
         assert grads.keys() == g_ref.keys()
         for n in grads:
