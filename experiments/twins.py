@@ -20,6 +20,10 @@ shaving E/P columns off the experts (for the tiny base, d_ff=384 and E=8 top-1 g
 flops_per_token itself (FLOPs are affine in f_e), so shared experts or other FFN variants are matched too;
 the result is checked and a twin that cannot be matched within `tolerance` is refused with ValueError.
 
+Top-1 twins gate with the chosen expert's softmax probability (order=softmax_topk, the Switch Transformer's):
+with the default topk_softmax order one chosen logit always gets weight 1 and the router learns only from the
+balancing loss. Top-2 and wider twins keep the base router's order.
+
 Which slots are sparse: `layers` ("all" by default; "every:2" for GShard/GLaM-style interleaving). Everything
 else (attention, embeddings, norms, the router's options such as capacity or the aux-loss coefficient) is the
 base's. Library code: no Hydra, no wandb; experiments.config resolves `twin=NAME` through `build_twin`.
@@ -104,6 +108,10 @@ def moe_twin(base: ModelConfig, num_experts: int, top_k: int, *, layers: str = "
     if str(layers).strip() == "none":
         raise ValueError("an MoE twin needs sparse layers; use layers=all, every:K, last:N or a list")
     router = dataclasses.replace(base.moe.router, top_k=top_k)
+    if top_k == 1 and router.order == "topk_softmax":
+        # A softmax over one chosen logit is 1: the router would get no gradient from the LM loss (it learnt
+        # nothing in the demo's first try). Top-1 twins gate with the chosen expert's probability, as Switch does.
+        router = dataclasses.replace(router, order="softmax_topk")
     moe = dataclasses.replace(base.moe, layers=layers, num_experts=num_experts, router=router)
     if not moe.sparse_layers(base.n_layer):
         raise ValueError(f"layers={layers!r} makes no FFN slot of a {base.n_layer}-layer model sparse")

@@ -30,6 +30,9 @@ class MoEConfig:
     num_shared_experts: int = 0  # always-active experts beside the routed ones (DeepSeekMoE, Qwen-MoE)
     shared_hidden: Optional[int] = None  # hidden width of the shared experts together; None: num_shared * f
     shared_gate: bool = False  # scale the shared experts' output by sigmoid(x . w) per token (Qwen-MoE)
+    # Ranks each sparse layer's experts are sharded over (ep; divides num_experts and the world size). A model
+    # is built at full size and sharded by moe.parallel.distribute; checkpoints are full-size whatever ep was.
+    expert_parallel: int = 1
     router: RouterConfig = field(default_factory=RouterConfig)  # how tokens choose experts
 
     def __post_init__(self) -> None:
@@ -43,6 +46,19 @@ class MoEConfig:
             raise ValueError("model.moe.num_shared_experts must be >= 0 and model.moe.shared_hidden positive or null")
         if self.dispatcher not in DISPATCHERS:
             raise ValueError(f"model.moe.dispatcher={self.dispatcher!r} must be one of {DISPATCHERS}")
+        if self.expert_parallel < 1:
+            raise ValueError(f"model.moe.expert_parallel={self.expert_parallel} must be at least 1")
+        if self.expert_parallel > 1 and self.num_experts % self.expert_parallel:
+            raise ValueError(
+                f"model.moe.expert_parallel={self.expert_parallel} does not divide model.moe.num_experts="
+                f"{self.num_experts}: every rank of an expert-parallel group holds the same number of experts"
+            )
+        if self.expert_parallel > 1 and self.dispatcher != "sorted":
+            raise ValueError(
+                f"model.moe.dispatcher={self.dispatcher!r} cannot run expert-parallel (model.moe.expert_parallel="
+                f"{self.expert_parallel}): the all-to-all dispatcher runs the local experts with 'sorted'; "
+                f"set model.moe.dispatcher=sorted"
+            )
 
     def sparse_layers(self, n_layer: int) -> tuple[int, ...]:
         """Indices of the sparse FFN slots in a model of n_layer blocks."""

@@ -32,6 +32,11 @@ class Experts(nn.Module):
             p.allreduce = False
             p.group_name = "ep_size_1"
         self.use_grouped_mm = True  # False forces the per-expert loop (used by benchmarks and FLOP tests)
+        # Expert parallelism (moe.parallel.shard_experts): this bank then holds only experts
+        # [first_expert, first_expert + num_experts) of num_global_experts, and ep_group is its all-to-all group.
+        self.num_global_experts, self.first_expert = E, 0
+        self.ep_size, self.ep_rank, self.ep_group = 1, 0, None
+        self.layer_name = ""  # the module path, named in collective errors
 
     def _weights(self, dtype: torch.dtype) -> tuple[Tensor, Optional[Tensor], Tensor]:
         # Under autocast the activations arrive in bf16 while the master weights stay fp32.

@@ -27,6 +27,8 @@ class _ContiguousGrad(torch.autograd.Function):
 def _grouped_mm_ok(x: Tensor, w: Tensor) -> bool:
     if not hasattr(F, "grouped_mm") or x.dtype != w.dtype or not x.is_contiguous() or not w.is_contiguous():
         return False
+    if x.shape[0] == 0:  # no rows (an expert-parallel rank none of whose experts got a token): backward rejects it
+        return False
     if x.is_cuda:  # the CUDA kernel is bf16-only on Hopper; other dtypes take the loop
         if x.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device)[0] < 9:
             return False

@@ -10,10 +10,12 @@ import torch
 from torch import Tensor, nn
 
 from moe.config import ModelConfig
-from moe.dispatch import DISPATCHERS
+from moe.dispatch import DISPATCHERS, alltoall_dispatch
+from moe.dispatch.alltoall import collective_failure
 from moe.experts import Experts
 from moe.ffn import DenseFFN
 from routing import RoutingPlan, build_router
+from routing.losses import CollectiveError
 
 
 class MoELayer(nn.Module):
@@ -36,8 +38,15 @@ class MoELayer(nn.Module):
         shape = x.shape
         h = x.reshape(-1, shape[-1])  # [T, d]
         ids = token_ids.reshape(-1) if token_ids is not None else None
-        plan = self.router(h, ids, seq_len=shape[-2] if len(shape) == 3 else None)
-        y = DISPATCHERS[self.dispatcher](h, plan, self.experts)
+        try:
+            plan = self.router(h, ids, seq_len=shape[-2] if len(shape) == 3 else None)
+        except CollectiveError as e:  # data parallelism: the load-balancing all-reduce timed out or lost a peer
+            raise collective_failure(self.experts, e.phase, e.counts, e.error) from e
+        # Sharded experts (moe.parallel.shard_experts) run behind the all-to-all, which uses `sorted` locally.
+        if self.experts.ep_size > 1:
+            y = alltoall_dispatch(h, plan, self.experts)
+        else:
+            y = DISPATCHERS[self.dispatcher](h, plan, self.experts)
         if self.shared is not None:
             s = self.shared(h)
             if self.shared_gate is not None:

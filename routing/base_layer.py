@@ -18,7 +18,10 @@ Two solvers (`routing.base_solver`):
 - "auction": Bertsekas' auction algorithm for the transportation problem with E experts of C_e identical slots,
   tokens bidding for experts, with epsilon scaling. It ends with every token's expert within eps of its best
   under the final expert prices, so its total affinity is within T * eps of the optimum (eps is 1e-4 of the
-  logit spread by default). E is small, so each round is a few [T, E] tensor operations.
+  logit spread by default). E is small, so the state is E prices and an [E, C] matrix of held bids: rounds
+  where many tokens bid are a dozen tensor operations, and the short eviction chains at the end of a phase run
+  as serial bids on per-expert heaps. No state is carried between calls (a warm start from the last call's prices
+  would make routing depend on history and break bit-exact resumption), so a call is a pure function of its logits.
 - "sinkhorn": the S-BASE approximation (Clark et al. 2022): Sinkhorn-normalise exp(logits) to the experts'
   slot counts for `routing.sinkhorn_iters` iterations, then a greedy balanced rounding that meets the slot
   counts exactly.
@@ -58,8 +61,8 @@ def balanced_capacity(num_tokens: int, num_experts: int, device: Optional[torch.
 # ---------------------------------------------------------------- auction
 #
 # Tokens bid for experts (Bertsekas' auction for the transportation problem: E objects with C_e identical
-# slots each). State: for each expert the bids of its holders, ascending, in a [E, C] slot matrix (an empty slot
-# holds -inf, a slot past the expert's capacity +inf). An expert's price is its lowest held bid once it is full,
+# slots each). State: for each expert the bids of its holders in a [E, C] slot matrix, rows in any order (an empty
+# slot holds -inf, a slot past the expert's capacity +inf). An expert's price is its lowest held bid once it is full,
 # the price it started the phase with before; a bid always beats the current price, so prices never fall.
 # Invariant (eps-complementary slackness): every held token t of expert e satisfies
 #     s[t, e] - price[e] >= max_{e' != e} (s[t, e'] - price[e']) - eps,

@@ -17,8 +17,8 @@ experts become less attractive, idle ones more, without a loss term that fights 
 - The load is the selection count before capacity (the demand the bias controls), summed over the training
   forwards since the last optimizer step (so over gradient-accumulation micro-batches) in a non-persistent buffer.
   Like Megatron-core, nothing is counted in eval mode or without autograd (evaluation, activation recomputation).
-  Under torch.distributed the counts are summed over all ranks before the update, so every rank moves its bias
-  identically.
+  Under data parallelism (Router.batch_group, set by moe.parallel.distribute) the counts are summed over the
+  group before the update, so every replica moves its bias identically.
 - k > 1: the weights are normalised over the k choices (DeepSeek-V3's norm_topk_prob). k = 1: the single score is
   used as is, since a normalised single weight is the constant 1 and would cut the gate off from the LM loss.
 - No sequence-wise balance loss (DeepSeek-V3's complementary loss with a tiny alpha) and no group-limited routing.
@@ -83,7 +83,7 @@ class BiasBalancedRouter(Router):
             num_tokens=T,
             capacity=capacity if cf > 0 else None,
             kept=kept,
-            aux_losses=standard_losses(cfg, logits, probs, expert_idx),
+            aux_losses=standard_losses(cfg, logits, probs, expert_idx, group=self.batch_group),
             stats=routing_stats(probs.detach(), counts, kept),
         )
 
@@ -91,8 +91,8 @@ class BiasBalancedRouter(Router):
     def after_optimizer_step(self) -> None:
         """b += u * sign(mean load - load) from the loads counted since the last step, then reset the count."""
         load = self.load.clone()
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(load)  # one bias for all data-parallel replicas
+        if self.batch_group is not None:  # data parallel (moe.parallel.distribute): one bias for all replicas
+            dist.all_reduce(load, group=self.batch_group)
         if float(load.sum()) > 0:  # nothing counted (an eval-only stretch): leave the bias alone
             self.bias += self.cfg.bias_update_rate * torch.sign(load.mean() - load)
         self.load.zero_()

@@ -8,14 +8,35 @@ import torch
 from torch import Tensor
 
 
-def load_balancing_loss(probs: Tensor, expert_idx: Tensor, num_experts: int) -> Tensor:
+class CollectiveError(RuntimeError):
+    """A collective inside a router failed (a process-group timeout, a dead peer); carries this rank's counts."""
+
+    def __init__(self, phase: str, counts: list, error: BaseException):
+        super().__init__(f"{phase} failed (rows per expert on this rank {counts}): {type(error).__name__}: {error}")
+        self.phase, self.counts, self.error = phase, counts, error
+
+
+def load_balancing_loss(probs: Tensor, expert_idx: Tensor, num_experts: int, group=None) -> Tensor:
     """Switch Transformer's E * sum_i f_i * P_i.
 
     probs [T, E] fp32 router probabilities; expert_idx [T, k] chosen experts (before capacity, as in Switch).
     f_i is the fraction of the T*k assignments sent to expert i, P_i the mean probability of expert i.
     Equals 1 under perfect balance, E when one expert takes everything with certainty.
+
+    group: a data-parallel process group over which the global batch is spread in equal shards. f (counts, not
+    differentiable) is then summed over the group with one all-reduce, so each rank returns E * sum_i f_i * P_i^rank
+    and the mean over ranks, the loss data-parallel training minimises, is the global batch's loss exactly.
     """
     counts = torch.bincount(expert_idx.reshape(-1), minlength=num_experts).to(probs.dtype)
+    if group is not None:
+        import torch.distributed as dist
+
+        total = torch.cat([counts, counts.new_full((1,), expert_idx.numel())])
+        try:
+            dist.all_reduce(total, group=group)
+        except RuntimeError as e:  # a timeout or a dead peer: MoELayer adds the layer and re-raises
+            raise CollectiveError("all-reduce of the load-balancing loss's expert counts", counts.tolist(), e) from e
+        return num_experts * torch.sum(total[:-1] / total[-1] * probs.mean(dim=0))
     f = counts / expert_idx.numel()
     p = probs.mean(dim=0)
     return num_experts * torch.sum(f * p)

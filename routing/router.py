@@ -18,6 +18,10 @@ from routing.plan import RoutingPlan
 
 class Router(nn.Module):
     needs_gate = True  # False for routers that never look at the hidden state (hash routing)
+    # Data parallelism: the process group the global batch is spread over (set by moe.parallel.distribute). The
+    # load-balancing loss then counts its expert fractions over the whole group, so that the loss and its
+    # gradients equal those of one process holding the global batch. None: this process's tokens only.
+    batch_group = None
 
     def __init__(self, d_model: int, num_experts: int, cfg: RouterConfig, vocab_size: Optional[int] = None):
         super().__init__()

@@ -99,6 +99,6 @@ class SinkhornRouter(Router):
             num_tokens=T,
             capacity=capacity if cf > 0 else None,
             kept=kept,
-            aux_losses=standard_losses(cfg, logits, probs, expert_idx),
+            aux_losses=standard_losses(cfg, logits, probs, expert_idx, group=self.batch_group),
             stats=routing_stats(probs.detach(), counts, kept),
         )

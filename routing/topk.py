@@ -80,16 +80,18 @@ class TopKRouter(Router):
             num_tokens=T,
             capacity=capacity if cf > 0 else None,
             kept=kept,
-            aux_losses=standard_losses(cfg, logits, probs, expert_idx),
+            aux_losses=standard_losses(cfg, logits, probs, expert_idx, group=self.batch_group),
             stats=routing_stats(probs.detach(), counts, kept),
         )
 
 
-def standard_losses(cfg: RouterConfig, logits: Tensor, probs: Tensor, expert_idx: Tensor) -> dict[str, Tensor]:
-    """The Switch load-balancing loss and the ST-MoE z-loss, scaled; a zero coefficient leaves a loss out."""
+def standard_losses(cfg: RouterConfig, logits: Tensor, probs: Tensor, expert_idx: Tensor,
+                    group=None) -> dict[str, Tensor]:
+    """The Switch load-balancing loss and the ST-MoE z-loss, scaled; a zero coefficient leaves a loss out.
+    group: the data-parallel group of Router.batch_group (see load_balancing_loss)."""
     aux = {}
     if cfg.aux_loss_coef > 0:
-        aux["load_balancing_loss"] = cfg.aux_loss_coef * load_balancing_loss(probs, expert_idx, probs.shape[-1])
+        aux["load_balancing_loss"] = cfg.aux_loss_coef * load_balancing_loss(probs, expert_idx, probs.shape[-1], group)
     if cfg.z_loss_coef > 0:
         aux["router_z_loss"] = cfg.z_loss_coef * router_z_loss(logits)
     return aux

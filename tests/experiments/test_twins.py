@@ -63,6 +63,18 @@ def test_match_holds_at_the_data_vocabulary_and_seq_len():
             assert abs(a - b) / b < 0.01
 
 
+def test_top1_twins_gate_with_the_probability():
+    base = get_preset("tiny_dense")  # router order topk_softmax: a softmax over one logit would always be 1
+    assert base.moe.router.order == "topk_softmax"
+    assert moe_twin(base, 8, 1).moe.router.order == "softmax_topk"
+    assert moe_twin(base, 8, 2).moe.router.order == "topk_softmax"  # top-2 keeps the base's order
+    model = Transformer(moe_twin(BASES["gelu_nobias"], 4, 1))
+    x = torch.randint(0, 500, (2, 8))
+    model(x, x).loss.backward()  # the LM loss alone (no aux) reaches the router
+    gate = [p for n, p in model.named_parameters() if "router" in n]
+    assert gate and all(p.grad is not None and p.grad.abs().sum() > 0 for p in gate)
+
+
 def test_every_other_layer_twin():
     base = get_preset("tiny_dense")
     twin = moe_twin(base, 16, 2, layers="every:2")

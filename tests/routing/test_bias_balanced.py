@@ -249,3 +249,30 @@ def test_one_training_step_updates_the_bias(k):
         assert router.bias.abs().sum() > 0  # after_optimizer_step moved it
         assert router.load.sum() == 0  # reset by the step; the helper's later forwards run without autograd
         assert all(b == 0.0 or b == pytest.approx(0.01) for b in router.bias.abs().tolist())  # one step of u
+
+
+# ---------------------------------------------------------------- data parallel: one bias for all replicas
+
+def _dp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        router = build_router(D, E, RouterConfig(name="bias_balanced", top_k=1, bias_update_rate=0.1))
+        router.batch_group = dist.group.WORLD  # what moe.parallel.distribute sets
+        with torch.no_grad():  # rank 0 overloads expert 0, rank 1 expert 1: the sums are [5, 5, 1, 1]
+            router.load.copy_(torch.tensor([4.0, 1.0, 1.0, 0.0]) if rank == 0 else torch.tensor([1.0, 4.0, 0.0, 1.0]))
+        router.after_optimizer_step()
+        torch.save(router.bias, f"{out_dir}/bias_{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_bias_update_sums_loads_over_the_data_parallel_group(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_dp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    b0, b1 = torch.load(tmp_path / "bias_0.pt"), torch.load(tmp_path / "bias_1.pt")
+    assert torch.equal(b0, b1)  # alone, rank 0 would have moved expert 0 down and expert 1 up
+    torch.testing.assert_close(b0, torch.tensor([-0.1, -0.1, 0.1, 0.1]), rtol=0, atol=1e-7)

@@ -105,14 +105,15 @@ def write_gguf(path: Path, hf_llama, quantize: tuple[str, ...] = ("blk.0.ffn_up.
                              ("self_attn.v_proj", "attn_v"), ("self_attn.o_proj", "attn_output"),
                              ("mlp.gate_proj", "ffn_gate"), ("mlp.up_proj", "ffn_up"), ("mlp.down_proj", "ffn_down")):
             names[f"model.layers.{i}.{ours}.weight"] = f"blk.{i}.{theirs}.weight"
+            names[f"model.layers.{i}.{ours}.bias"] = f"blk.{i}.{theirs}.bias"  # Qwen2's q/k/v biases, when present
     written = {}
     for hf_name, name in names.items():
         if name in drop or hf_name not in sd:
             continue
         t = sd[hf_name]
-        if name.endswith("attn_q.weight"):
+        if name.endswith("attn_q.weight") and arch == "llama":  # llama.cpp permutes Q/K for llama only
             t = llama_cpp_permute(t, c.num_attention_heads)
-        elif name.endswith("attn_k.weight"):
+        elif name.endswith("attn_k.weight") and arch == "llama":
             t = llama_cpp_permute(t, c.num_key_value_heads)
         arr = t.numpy().astype(np.float32)
         if name in quantize:

@@ -42,6 +42,16 @@ def test_gguf_reads_back_equal(tmp_path):
     assert diff < 2e-5
 
 
+def test_gguf_qwen2(tmp_path):
+    hf = make_hf("qwen2", tmp_path / "hf")
+    write_gguf(tmp_path / "q.gguf", hf, quantize=(), arch="qwen2")
+    src = read_dense(tmp_path / "q.gguf")
+    assert src.config.attn_bias == "qkv"
+    ids = ids_for(TINY["vocab"])
+    with torch.no_grad():
+        assert (src.build_model()(ids).logits - hf_logits(hf, ids)).abs().max() < 2e-5
+
+
 def test_gguf_tied_head(tmp_path):
     hf = make_hf("llama", tmp_path / "hf", tie_word_embeddings=True)
     write_gguf(tmp_path / "m.gguf", hf, quantize=(), drop=("output.weight",))
