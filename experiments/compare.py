@@ -132,7 +132,9 @@ def load_run(path: Path, sweep_dir: Path) -> Run:
     run = Run(name=str(info.get("twin") or rel), path=path, info=info, records=records)
     last = records[-1]["step"] if records else 0
     if problem is None and run.status != "finished":
-        what = {"running": "still running, or died", "interrupted": "interrupted (Ctrl-C)"}.get(run.status, run.status)
+        error = (info.get("summary") or {}).get("error")
+        what = {"running": "still running, or died", "interrupted": "interrupted (Ctrl-C)",
+                "failed": f"failed ({error})" if error else "failed"}.get(run.status, run.status)
         problem = f"unfinished: status {run.status!r} in {RUN_FILE}, {what} at step {last} of {run.max_steps}"
     elif problem is None and bad:
         problem = bad

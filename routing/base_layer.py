@@ -6,15 +6,15 @@ Lewis et al. 2021, "BASE Layers: Simplifying Training of Large, Sparse Models". 
 receives the same number of tokens, and among all such assignments the router takes the one that maximises the
 total token-expert affinity (the logits). Balance is a constraint, not a loss, so no load-balancing loss is
 needed (with every expert at exactly T/E tokens the Switch loss would be the constant 1, with zero gradient):
-`routing.aux_loss_coef` is ignored; the z-loss is added when `routing.z_loss_coef` > 0. At evaluation tokens
+`model.moe.router.aux_loss_coef` is ignored; the z-loss is added when `model.moe.router.z_loss_coef` > 0. At evaluation tokens
 are routed greedily to their top-1 expert, since at inference a token cannot see the others of its batch.
 
 The token's output is h + sigmoid(h . w_e) f_e(h) (the paper's Eq. 1); the residual is the block's, so the plan's
-combine weight is sigmoid(logit of the assigned expert) (times `routing.scale`, 1 by default), which is also
+combine weight is sigmoid(logit of the assigned expert) (times `model.moe.router.scale`, 1 by default), which is also
 how the gate learns: the assignment itself carries no gradient. (fairseq's BaseLayer mixes
 alpha f_e(h) + (1 - alpha) h inside the layer; the paper's form fits the plan's y = sum weight * expert(x).)
 
-Two solvers (`routing.base_solver`):
+Two solvers (`model.moe.router.base_solver`):
 - "auction": Bertsekas' auction algorithm for the transportation problem with E experts of C_e identical slots,
   tokens bidding for experts, with epsilon scaling. It ends with every token's expert within eps of its best
   under the final expert prices, so its total affinity is within T * eps of the optimum (eps is 1e-4 of the
@@ -23,7 +23,7 @@ Two solvers (`routing.base_solver`):
   as serial bids on per-expert heaps. No state is carried between calls (a warm start from the last call's prices
   would make routing depend on history and break bit-exact resumption), so a call is a pure function of its logits.
 - "sinkhorn": the S-BASE approximation (Clark et al. 2022): Sinkhorn-normalise exp(logits) to the experts'
-  slot counts for `routing.sinkhorn_iters` iterations, then a greedy balanced rounding that meets the slot
+  slot counts for `model.moe.router.sinkhorn_iters` iterations, then a greedy balanced rounding that meets the slot
   counts exactly.
 
 When E does not divide T, the experts' sizes are floor(T/E) or ceil(T/E) (they differ by at most one): the
@@ -261,7 +261,7 @@ class BaseRouter(Router):
     def __init__(self, d_model: int, num_experts: int, cfg: RouterConfig, vocab_size: Optional[int] = None):
         if cfg.top_k != 1:
             raise ValueError(
-                f"routing.top_k={cfg.top_k} but BASE layers send every token to exactly one expert; set routing.top_k=1"
+                f"model.moe.router.top_k={cfg.top_k} but BASE layers send every token to exactly one expert; set model.moe.router.top_k=1"
             )
         super().__init__(d_model, num_experts, cfg, vocab_size)
 

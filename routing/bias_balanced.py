@@ -5,11 +5,11 @@ Shape legend: T tokens, d model width, E experts, k choices per token, N survivi
 DeepSeek-V3 (DeepSeek-AI, Liu et al. 2024, "DeepSeek-V3 Technical Report", Sec. 2.1.2; the method is Wang et al.
 2024, "Auxiliary-Loss-Free Load Balancing Strategy for Mixture-of-Experts"):
 
-    s = sigmoid(logits)                      (routing.score_fn; "softmax" gives DeepSeek-V2's scores)
+    s = sigmoid(logits)                      (model.moe.router.score_fn; "softmax" gives DeepSeek-V2's scores)
     chosen = top-k of (s + b)                b [E]: a bias that only decides who is chosen
     weight = s[chosen] / sum(s[chosen]) * scale
 
-and after every optimizer step  b_e += u * sign(mean load - load_e)  (u = routing.bias_update_rate): overloaded
+and after every optimizer step  b_e += u * sign(mean load - load_e)  (u = model.moe.router.bias_update_rate): overloaded
 experts become less attractive, idle ones more, without a loss term that fights the language-model gradient.
 
 - `bias` is a persistent fp32 buffer: it is saved in checkpoints and restored with them, it has no gradient, and
@@ -22,7 +22,7 @@ experts become less attractive, idle ones more, without a loss term that fights 
 - k > 1: the weights are normalised over the k choices (DeepSeek-V3's norm_topk_prob). k = 1: the single score is
   used as is, since a normalised single weight is the constant 1 and would cut the gate off from the LM loss.
 - No sequence-wise balance loss (DeepSeek-V3's complementary loss with a tiny alpha) and no group-limited routing.
-  The Switch loss applies only when routing.aux_loss_coef > 0 (conf/routing/bias_balanced.yaml sets 0), on the
+  The Switch loss applies only when model.moe.router.aux_loss_coef > 0 (conf/routing/bias_balanced.yaml sets 0), on the
   scores normalised to a distribution over experts, as are the routing statistics.
 """
 from __future__ import annotations

@@ -42,42 +42,42 @@ class RouterConfig:
         from routing.registry import ROUTERS  # late import: the registry imports this module
 
         if self.name not in ROUTERS:
-            raise ValueError(f"routing.name={self.name!r} is not a known router; choose one of {sorted(ROUTERS)}")
+            raise ValueError(f"model.moe.router.name={self.name!r} is not a known router; choose one of {sorted(ROUTERS)}")
         if self.top_k < 1:
-            raise ValueError(f"routing.top_k={self.top_k} must be at least 1")
+            raise ValueError(f"model.moe.router.top_k={self.top_k} must be at least 1")
         if self.order not in ORDERS:
-            raise ValueError(f"routing.order={self.order!r} must be one of {ORDERS}")
+            raise ValueError(f"model.moe.router.order={self.order!r} must be one of {ORDERS}")
         if self.drop_policy not in DROP_POLICIES:
-            raise ValueError(f"routing.drop_policy={self.drop_policy!r} must be one of {DROP_POLICIES}")
+            raise ValueError(f"model.moe.router.drop_policy={self.drop_policy!r} must be one of {DROP_POLICIES}")
         if self.min_capacity < 0:
-            raise ValueError(f"routing.min_capacity={self.min_capacity} must be non-negative")
+            raise ValueError(f"model.moe.router.min_capacity={self.min_capacity} must be non-negative")
         if self.ec_mode not in EC_MODES:
-            raise ValueError(f"routing.ec_mode={self.ec_mode!r} must be one of {EC_MODES}")
+            raise ValueError(f"model.moe.router.ec_mode={self.ec_mode!r} must be one of {EC_MODES}")
         if self.base_solver not in BASE_SOLVERS:
-            raise ValueError(f"routing.base_solver={self.base_solver!r} must be one of {BASE_SOLVERS}")
+            raise ValueError(f"model.moe.router.base_solver={self.base_solver!r} must be one of {BASE_SOLVERS}")
         if self.score_fn not in SCORE_FNS:
-            raise ValueError(f"routing.score_fn={self.score_fn!r} must be one of {SCORE_FNS}")
+            raise ValueError(f"model.moe.router.score_fn={self.score_fn!r} must be one of {SCORE_FNS}")
         if self.sinkhorn_iters < 1:
-            raise ValueError(f"routing.sinkhorn_iters={self.sinkhorn_iters} must be at least 1")
+            raise ValueError(f"model.moe.router.sinkhorn_iters={self.sinkhorn_iters} must be at least 1")
         if self.bias_update_rate < 0:
-            raise ValueError(f"routing.bias_update_rate={self.bias_update_rate} must be non-negative")
+            raise ValueError(f"model.moe.router.bias_update_rate={self.bias_update_rate} must be non-negative")
         if self.name == "expert_choice" and self.capacity_factor <= 0:
             raise ValueError(
-                f"routing.capacity_factor={self.capacity_factor} must be positive for expert_choice: each expert "
+                f"model.moe.router.capacity_factor={self.capacity_factor} must be positive for expert_choice: each expert "
                 f"takes ceil(capacity_factor * T * top_k / E) tokens"
             )
         if self.name == "expert_choice" and self.eval_capacity_factor is not None and self.eval_capacity_factor <= 0:
             raise ValueError(
-                f"routing.eval_capacity_factor={self.eval_capacity_factor} must be positive or null for expert_choice"
+                f"model.moe.router.eval_capacity_factor={self.eval_capacity_factor} must be positive or null for expert_choice"
             )
         if self.name == "base" and self.top_k != 1:
             raise ValueError(
-                f"routing.top_k={self.top_k} but BASE layers send every token to exactly one expert; set routing.top_k=1"
+                f"model.moe.router.top_k={self.top_k} but BASE layers send every token to exactly one expert; set model.moe.router.top_k=1"
             )
         if self.random_second and self.top_k != 2:
-            raise ValueError(f"routing.random_second needs routing.top_k=2, got {self.top_k}")
+            raise ValueError(f"model.moe.router.random_second needs model.moe.router.top_k=2, got {self.top_k}")
         if not 0.0 <= self.jitter < 1.0:
-            raise ValueError(f"routing.jitter={self.jitter} must be in [0, 1)")
+            raise ValueError(f"model.moe.router.jitter={self.jitter} must be in [0, 1)")
 
     @property
     def has_gate(self) -> bool:
@@ -94,6 +94,6 @@ class RouterConfig:
         """Checks what depends on the layer this router serves; raised when the model config is built."""
         if self.top_k > num_experts:
             raise ValueError(
-                f"routing.top_k={self.top_k} is larger than moe.num_experts={num_experts}; "
-                f"lower routing.top_k or raise moe.num_experts"
+                f"model.moe.router.top_k={self.top_k} is larger than moe.num_experts={num_experts}; "
+                f"lower model.moe.router.top_k or raise moe.num_experts"
             )

@@ -1,19 +1,19 @@
 """Expert-choice routing: every expert picks its top-C tokens, instead of every token picking its top-k experts.
 
-Shape legend: T tokens, d model width, E experts, k = routing.top_k (the nominal experts per token), B sequences
+Shape legend: T tokens, d model width, E experts, k = model.moe.router.top_k (the nominal experts per token), B sequences
 of S tokens (T = B * S, token t = b * S + s), P groups of G tokens each (P * G = T), C capacity (tokens each
 expert takes from each group), N = P * E * C plan rows.
 
 Zhou et al. 2022, "Mixture-of-Experts with Expert Choice Routing" (NeurIPS 2022). The router scores S = softmax
 over experts of the token's logits (fp32); each expert takes the C tokens with the highest score for it, with
-C = ceil(capacity_factor * G * k / E) (at least routing.min_capacity, at most G), so on average a token is
+C = ceil(capacity_factor * G * k / E) (at least model.moe.router.min_capacity, at most G), so on average a token is
 processed by capacity_factor * k experts. The combine weight of a (token, expert) row is the token's score for
-that expert (times routing.scale). Every expert receives exactly C tokens per group: load balance holds by
-construction, so no balancing loss is used (routing.aux_loss_coef is ignored); the ST-MoE z-loss is added when
-routing.z_loss_coef > 0. Some tokens may be picked by no expert (they pass through the residual only); the
+that expert (times model.moe.router.scale). Every expert receives exactly C tokens per group: load balance holds by
+construction, so no balancing loss is used (model.moe.router.aux_loss_coef is ignored); the ST-MoE z-loss is added when
+model.moe.router.z_loss_coef > 0. Some tokens may be picked by no expert (they pass through the residual only); the
 `dropped_fraction` statistic is the fraction of such tokens.
 
-Which tokens compete (routing.ec_mode):
+Which tokens compete (model.moe.router.ec_mode):
 - "batch": as in the paper, one group of all T tokens. In a decoder this leaks the future: whether an expert
   takes token (b, s) depends on the scores of later tokens of the same sequence (and of every other sequence),
   so training can use information the model will not have when it generates, and the loss is not a faithful
@@ -58,8 +58,8 @@ def group_members(num_tokens: int, seq_len: int, mode: str, device: Optional[tor
         return tokens.view(1, num_tokens)
     if seq_len < 1 or num_tokens % seq_len:
         raise ValueError(
-            f"expert_choice with routing.ec_mode=per_position needs T = B * S tokens; got T={num_tokens} tokens "
-            f"for sequences of {seq_len}: pass the router x [B*S, d] with seq_len=S, or use routing.ec_mode=batch"
+            f"expert_choice with model.moe.router.ec_mode=per_position needs T = B * S tokens; got T={num_tokens} tokens "
+            f"for sequences of {seq_len}: pass the router x [B*S, d] with seq_len=S, or use model.moe.router.ec_mode=batch"
         )
     return tokens.view(num_tokens // seq_len, seq_len).t()  # [S, B]: group s holds tokens b * S + s
 
@@ -89,7 +89,7 @@ class ExpertChoiceRouter(Router):
             warnings.warn(
                 f"expert_choice: groups of {G} tokens give each of the {E} experts less than one slot "
                 f"(capacity_factor * G * top_k = {cf * G * cfg.top_k:g} < E), so every expert takes a token; use "
-                f"a batch of at least {E / (cf * cfg.top_k):g} sequences with routing.ec_mode=per_position",
+                f"a batch of at least {E / (cf * cfg.top_k):g} sequences with model.moe.router.ec_mode=per_position",
                 stacklevel=3,
             )
 

@@ -3,9 +3,9 @@
 Shape legend: T tokens, d model width, E experts, V vocabulary, k = 1 choice per token, N = T plan rows.
 
 Roller et al. 2021, "Hash Layers For Large Sparse Models" (NeurIPS 2021). Each token goes to the one expert its
-id hashes to, whatever its hidden state, with combine weight 1 (times routing.scale): there is nothing to learn
+id hashes to, whatever its hidden state, with combine weight 1 (times model.moe.router.scale): there is nothing to learn
 and nothing to balance, so no auxiliary loss, no capacity (dropless) and no router parameters. The hash is the
-paper's random hash made balanced over the vocabulary: a permutation of the V ids drawn from routing.hash_seed is
+paper's random hash made balanced over the vocabulary: a permutation of the V ids drawn from model.moe.router.hash_seed is
 dealt round-robin to the experts, so expert loads over the vocabulary differ by at most one id (balance over
 real text then depends on token frequencies; the paper also studies frequency-balanced, bigram and clustered
 hashes, not built here). The table is a persistent buffer: it travels in checkpoints, so a resumed or reloaded
@@ -45,8 +45,8 @@ class HashRouter(Router):
     def __init__(self, d_model: int, num_experts: int, cfg: RouterConfig, vocab_size: Optional[int] = None):
         if cfg.top_k != 1:
             raise ValueError(
-                f"routing.top_k={cfg.top_k} but hash routing sends every token to exactly one expert; "
-                f"set routing.top_k=1"
+                f"model.moe.router.top_k={cfg.top_k} but hash routing sends every token to exactly one expert; "
+                f"set model.moe.router.top_k=1"
             )
         if vocab_size is None or vocab_size < 1:
             raise ValueError(

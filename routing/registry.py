@@ -1,4 +1,4 @@
-"""Router registry: `routing.name` -> router class. Every router returns a RoutingPlan (routing.plan).
+"""Router registry: `model.moe.router.name` -> router class. Every router returns a RoutingPlan (routing.plan).
 
 Entries are import paths, resolved on first use, so the registry can name every family without importing
 them all (and without an import cycle with routing.config, which checks names against it).
@@ -23,7 +23,7 @@ ROUTERS: dict[str, str] = {
 
 def router_class(name: str) -> type[Router]:
     if name not in ROUTERS:
-        raise ValueError(f"routing.name={name!r} is not a known router; choose one of {sorted(ROUTERS)}")
+        raise ValueError(f"model.moe.router.name={name!r} is not a known router; choose one of {sorted(ROUTERS)}")
     module, cls = ROUTERS[name].split(":")
     return getattr(importlib.import_module(module), cls)
 

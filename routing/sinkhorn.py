@@ -15,7 +15,7 @@ follows Megatron-core's `TopKRouter.sinkhorn_load_balancing`:
   `_sinkhorn_activation`; earlier Megatron versions used sigmoid for every k).
 
 Differences from Megatron, on purpose: the normalisation runs in the log domain (Megatron exponentiates raw
-logits, which overflows for logits above ~88), for a fixed `routing.sinkhorn_iters` instead of until a tolerance
+logits, which overflows for logits above ~88), for a fixed `model.moe.router.sinkhorn_iters` instead of until a tolerance
 (a fixed cost and no host synchronisation per iteration), and the aux losses follow the shared coefficients
 (Megatron asserts an aux-loss coefficient of 0 for Sinkhorn; conf/routing/sinkhorn.yaml sets it to 0).
 """

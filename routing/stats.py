@@ -64,7 +64,7 @@ class CollapseMonitor:
                     e = int(counts.argmax())
                     messages.append(
                         f"step {step}: MoE layer {layer} has collapsed: expert {e} took {float(counts[e]) / total:.0%} of "
-                        f"the tokens for {streaks[layer]} steps; raise routing.aux_loss_coef, add router jitter, or "
+                        f"the tokens for {streaks[layer]} steps; raise model.moe.router.aux_loss_coef, add router jitter, or "
                         f"lower optim.lr"
                     )
                 else:

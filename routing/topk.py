@@ -3,7 +3,7 @@
 Shape legend: T tokens, d model width, E experts, k choices per token, N surviving assignments.
 
 GShard's random routing (Lepikhin et al. 2021, "GShard: Scaling Giant Models with Conditional Computation and
-Automatic Sharding", its top-2 gating), `routing.random_second` with k = 2: in training the second expert is kept only
+Automatic Sharding", its top-2 gating), `model.moe.router.random_second` with k = 2: in training the second expert is kept only
 with probability min(1, 2 * g2), g2 = w2 / (w1 + w2) its share of the two gates, so a second choice that would
 barely contribute usually saves its expert's slot. The draw uses torch's global RNG (seeded, and saved in
 trainer checkpoints); a dropped second choice is removed before capacity and marked not kept. Evaluation keeps both.
@@ -39,7 +39,7 @@ def topk_gating(logits: Tensor, top_k: int, order: str, renormalize: bool) -> tu
 def gshard_keep_second(weight: Tensor) -> Tensor:
     """weight [T, 2] top-2 gates -> [T] bool: keep the second choice with probability min(1, 2 * g2) (GShard)."""
     w = weight.detach()
-    g2 = w[:, 1] / w.sum(dim=-1)  # normalised over the two, whatever routing.order/renormalize gave
+    g2 = w[:, 1] / w.sum(dim=-1)  # normalised over the two, whatever model.moe.router.order/renormalize gave
     return torch.rand_like(g2) < 2.0 * g2  # g2 <= 1/2, so 2 * g2 <= 1 is already min(1, 2 * g2)
 
 

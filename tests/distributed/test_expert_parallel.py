@@ -210,19 +210,17 @@ def test_ranks_with_different_token_counts(tmp_path):
 def _timeout_worker(rank: int, world: int, port: int, out_path: str) -> None:
     init_gloo(rank, world, port, timeout_s=2.0)
     torch.manual_seed(0)
-    groups = make_groups(2, E)
-    # with the load-balancing loss, the router's all-reduce is a layer's first collective; without, the all-to-all
-    models = [distribute(Transformer(model_config({**CASES["top2"], "aux_loss_coef": c}, 2)), groups) for c in (0.01, 0)]
+    # no load-balancing loss: the layer's first collective is the all-to-all of the counts (with it, the router's
+    # all-reduce comes first: test_router_collective_failure_names_the_layer)
+    model = distribute(Transformer(model_config({**CASES["top2"], "aux_loss_coef": 0.0}, 2)), make_groups(2, E))
     done = Path(out_path)
     if rank == 0:
-        messages = []
-        for model in models:
-            try:
-                model(torch.zeros(2, S, dtype=torch.long))
-                messages.append("no error")
-            except MoECollectiveError as e:
-                messages.append(str(e))
-        done.write_text(json.dumps(messages))
+        try:
+            model(torch.zeros(2, S, dtype=torch.long))
+            message = "no error"
+        except MoECollectiveError as e:
+            message = str(e)
+        done.write_text(message)
     else:  # never reaches the layer: stays alive until rank 0 has reported, so rank 0 sees a timeout
         deadline = time.monotonic() + 30
         while not done.exists() and time.monotonic() < deadline:
@@ -232,10 +230,27 @@ def _timeout_worker(rank: int, world: int, port: int, out_path: str) -> None:
 def test_collective_timeout_names_rank_layer_and_counts(tmp_path):
     path = tmp_path / "timeout.txt"
     run_workers(_timeout_worker, 2, str(path), timeout_s=60)
-    for message, phase in zip(json.loads(path.read_text()), ("load-balancing loss", "exchange of per-expert counts")):
-        assert "failed on rank 0 (expert-parallel rank 0 of 2, experts 0..3)" in message, message
-        assert "MoE layer blocks.0.ffn" in message and phase in message, message
-        assert "this rank's token rows per expert [" in message and "Timed out" in message, message
+    message = path.read_text()
+    assert "failed on rank 0 (expert-parallel rank 0 of 2, experts 0..3)" in message, message
+    assert "MoE layer blocks.0.ffn during the exchange of per-expert counts" in message, message
+    assert "this rank's token rows per expert [" in message and "Timed out" in message, message
+
+
+def test_router_collective_failure_names_the_layer(monkeypatch):
+    """Data parallelism: a failed load-balancing all-reduce is reported with the layer and this rank's counts."""
+    def stuck(*args, **kwargs):
+        raise RuntimeError("Timed out waiting 2000ms for recv operation to complete")
+
+    model = Transformer(model_config(CASES["top2"], 1))
+    for name, block in enumerate(model.blocks):
+        block.ffn.router.batch_group = object()  # any group: the collective below never runs
+        block.ffn.experts.layer_name = f"blocks.{name}.ffn"
+    monkeypatch.setattr(dist, "all_reduce", stuck)
+    with pytest.raises(MoECollectiveError) as e:
+        model(torch.zeros(2, S, dtype=torch.long))
+    message = str(e.value)
+    assert "MoE layer blocks.0.ffn during the all-reduce of the load-balancing loss's expert counts" in message
+    assert "this rank's token rows per expert [" in message and "Timed out" in message
 
 
 def test_describe_exchange_lists_counts_by_source():

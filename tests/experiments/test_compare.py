@@ -139,8 +139,11 @@ def test_missing_and_empty_sweep_dirs(tmp_path):
 def test_no_finished_runs(tmp_path):
     fake_run(tmp_path / "s", "dense", DENSE_F[:2], [5.0, 4.0], status="running")
     fake_run(tmp_path / "s", "moe_e8_k1", DENSE_F[:1], [5.0], status="interrupted", moe=True)
+    bad = fake_run(tmp_path / "s", "moe_e8_k2", DENSE_F[:1], [5.0], status="failed", moe=True)
+    info = json.loads((bad / "run.json").read_text())
+    (bad / "run.json").write_text(json.dumps({**info, "summary": {"error": "FloatingPointError: loss became nan"}}))
     with pytest.raises(ValueError, match=r"no finished runs .*dense: unfinished: status 'running'.*moe_e8_k1: unfinished: "
-                                         r"status 'interrupted'"):
+                                         r"status 'interrupted'.*moe_e8_k2: .*failed \(FloatingPointError: loss became nan\)"):
         build_report(tmp_path / "s")
 
 

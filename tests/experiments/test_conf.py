@@ -43,6 +43,7 @@ def to_run(cfg, run_dir):
 def fill_missing(group: str, name: str, text_corpus: Path) -> list[str]:
     """Values for the fields a group file leaves as ??? (e.g. data.path)."""
     node = OmegaConf.load(CONF_DIR / group / f"{name}.yaml")
+    node.pop("hydra", None)  # hydra.* interpolations (${now:...}, ${hydra.job.num}) resolve only inside Hydra
     values = {"path": str(text_corpus), "vocab_size": "257"}
     out = []
     for key in sorted(OmegaConf.missing_keys(node)):

@@ -60,18 +60,18 @@ def test_kv_heads_must_divide_heads():
 
 
 def test_top_k_larger_than_experts_raises_only_when_sparse():
-    with pytest.raises(ValueError, match=r"routing\.top_k"):
+    with pytest.raises(ValueError, match=r"model\.moe\.router\.top_k"):
         _model("all", num_experts=2, router=RouterConfig(top_k=3))
     _model("none", num_experts=2, router=RouterConfig(top_k=3))  # a dense model does not route
 
 
 @pytest.mark.parametrize("bad,field", [
-    (dict(name="nope"), "routing.name"),
-    (dict(top_k=0), "routing.top_k"),
-    (dict(order="sideways"), "routing.order"),
-    (dict(drop_policy="random"), "routing.drop_policy"),
-    (dict(min_capacity=-1), "routing.min_capacity"),
-    (dict(jitter=1.0), "routing.jitter"),
+    (dict(name="nope"), "model.moe.router.name"),
+    (dict(top_k=0), "model.moe.router.top_k"),
+    (dict(order="sideways"), "model.moe.router.order"),
+    (dict(drop_policy="random"), "model.moe.router.drop_policy"),
+    (dict(min_capacity=-1), "model.moe.router.min_capacity"),
+    (dict(jitter=1.0), "model.moe.router.jitter"),
 ])
 def test_router_config_errors(bad, field):
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):

@@ -284,18 +284,18 @@ def test_stats_schema():
 
 
 def test_top_k_must_be_one():
-    with pytest.raises(ValueError, match="routing.top_k=2"):
+    with pytest.raises(ValueError, match="model.moe.router.top_k=2"):
         RouterConfig(name="base", top_k=2)
     cfg = RouterConfig(name="base", top_k=1)
     cfg.top_k = 3  # changed after validation: the router refuses it too
-    with pytest.raises(ValueError, match="routing.top_k=3"):
+    with pytest.raises(ValueError, match="model.moe.router.top_k=3"):
         BaseRouter(D, E, cfg)
 
 
 def test_config_validation():
-    with pytest.raises(ValueError, match="routing.base_solver"):
+    with pytest.raises(ValueError, match="model.moe.router.base_solver"):
         RouterConfig(name="base", top_k=1, base_solver="hungarian")
-    with pytest.raises(ValueError, match="routing.sinkhorn_iters"):
+    with pytest.raises(ValueError, match="model.moe.router.sinkhorn_iters"):
         RouterConfig(name="base", top_k=1, sinkhorn_iters=0)
 
 

@@ -220,9 +220,9 @@ def test_stats_use_normalised_scores():
 
 
 def test_config_validation():
-    with pytest.raises(ValueError, match="routing.score_fn"):
+    with pytest.raises(ValueError, match="model.moe.router.score_fn"):
         RouterConfig(name="bias_balanced", score_fn="tanh")
-    with pytest.raises(ValueError, match="routing.bias_update_rate"):
+    with pytest.raises(ValueError, match="model.moe.router.bias_update_rate"):
         RouterConfig(name="bias_balanced", bias_update_rate=-1.0)
 
 

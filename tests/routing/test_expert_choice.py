@@ -257,11 +257,11 @@ def test_training_with_tiny_groups_warns_and_every_expert_takes_the_token():
 
 
 def test_config_errors():
-    with pytest.raises(ValueError, match="routing.capacity_factor"):
+    with pytest.raises(ValueError, match="model.moe.router.capacity_factor"):
         RouterConfig(name="expert_choice", capacity_factor=0.0)
-    with pytest.raises(ValueError, match="routing.eval_capacity_factor"):
+    with pytest.raises(ValueError, match="model.moe.router.eval_capacity_factor"):
         RouterConfig(name="expert_choice", capacity_factor=1.0, eval_capacity_factor=-1.0)
-    with pytest.raises(ValueError, match="routing.ec_mode"):
+    with pytest.raises(ValueError, match="model.moe.router.ec_mode"):
         RouterConfig(name="expert_choice", capacity_factor=1.0, ec_mode="causal")
     with pytest.raises(ValueError, match="seq_len|T = B"):
         _ec()(_x(t=T - 1), seq_len=S)

@@ -1,4 +1,4 @@
-"""GShard random routing (routing.random_second): the second expert kept with probability min(1, 2 * g2)."""
+"""GShard random routing (model.moe.router.random_second): the second expert kept with probability min(1, 2 * g2)."""
 from pathlib import Path
 
 import pytest
@@ -122,7 +122,7 @@ def test_weights_of_kept_rows_are_the_renormalised_gates():
 
 
 def test_random_second_needs_top2():
-    with pytest.raises(ValueError, match="routing.random_second"):
+    with pytest.raises(ValueError, match="model.moe.router.random_second"):
         RouterConfig(top_k=1, random_second=True)
 
 

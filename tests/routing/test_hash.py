@@ -95,7 +95,7 @@ def test_table_survives_checkpoint_and_dtype_cast(tmp_path):
     save_checkpoint(tmp_path / "ckpt", model)
     loaded = load_model(tmp_path / "ckpt")
     assert torch.equal(loaded.blocks[0].ffn.router.table, router.table)
-    # every layer draws its table from the same routing.hash_seed; only layer 0's was changed
+    # every layer draws its table from the same model.moe.router.hash_seed; only layer 0's was changed
     assert torch.equal(loaded.blocks[1].ffn.router.table, hash_table(VOCAB, E, 0))
     assert not torch.equal(loaded.blocks[1].ffn.router.table, router.table)
     loaded.to(torch.bfloat16)
@@ -115,9 +115,9 @@ def test_missing_token_ids_raise():
 def test_build_errors():
     with pytest.raises(ValueError, match="vocabulary size"):
         build_router(D, E, RouterConfig(name="hash", top_k=1))
-    with pytest.raises(ValueError, match="routing.top_k=2"):  # k > 1 is not built: it says which field to change
+    with pytest.raises(ValueError, match="model.moe.router.top_k=2"):  # k > 1 is not built: it says which field to change
         build_router(D, E, RouterConfig(name="hash", top_k=2), vocab_size=VOCAB)
-    with pytest.raises(ValueError, match="routing.top_k=2"):
+    with pytest.raises(ValueError, match="model.moe.router.top_k=2"):
         MoELayer(model_cfg(RouterConfig(name="hash", top_k=2)))
 
 

@@ -286,7 +286,7 @@ def test_jitter_only_in_training():
 
 
 def test_registry_and_check_experts():
-    with pytest.raises(ValueError, match="routing.top_k"):
+    with pytest.raises(ValueError, match="model.moe.router.top_k"):
         TopKRouter(D, 2, RouterConfig(top_k=3))
-    with pytest.raises(ValueError, match="routing.name"):
+    with pytest.raises(ValueError, match="model.moe.router.name"):
         RouterConfig(name="nope")
