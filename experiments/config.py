@@ -38,7 +38,7 @@ class OptimConfig:
 
 @dataclass
 class TrainerConfig:
-    kind: str = "single"  # single process; multi-process engines (ddp, deepspeed) are not built yet
+    kind: str = "single"  # single (one process) or ddp (torchrun: data x expert parallel, experiments.distributed)
     max_steps: int = 300  # optimizer steps of the whole run (the schedule's length)
     batch_size: int = 16  # sequences per micro-batch
     seq_len: int = 128  # tokens per sequence (at most model.max_seq_len)
@@ -53,13 +53,18 @@ class TrainerConfig:
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16
     threads: int = 0  # torch intra-op threads on CPU; 0 keeps torch's default
     progress: bool = True  # a progress bar with loss and tokens/s
+    collective_timeout_s: float = 600.0  # trainer=ddp: a collective waiting longer fails, naming rank and layer
 
     def __post_init__(self) -> None:
-        if self.kind != "single":
+        if self.kind == "deepspeed":
             raise ValueError(
-                f"trainer.kind={self.kind!r} is not available yet: only trainer=single is built "
-                f"(multi-process training is tracked in its own issue)"
+                "trainer.kind='deepspeed' is not built yet: use trainer=ddp (torchrun) for data and expert "
+                "parallelism, or trainer=single"
             )
+        if self.kind not in ("single", "ddp"):
+            raise ValueError(f"trainer.kind={self.kind!r} must be single or ddp")
+        if self.collective_timeout_s <= 0:
+            raise ValueError(f"trainer.collective_timeout_s={self.collective_timeout_s} must be positive")
         for name in ("max_steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "log_interval"):
             if getattr(self, name) < 1:
                 raise ValueError(f"trainer.{name}={getattr(self, name)} must be at least 1")
@@ -106,6 +111,11 @@ class RunConfig:
         if self.twin is not None and self.init_from:
             raise ValueError(f"twin={self.twin!r} and init_from={self.init_from!r} exclude each other: a twin is "
                              f"built from the composed model, init_from takes the checkpoint's; drop one of them")
+        if self.model.moe.expert_parallel > 1 and self.trainer.kind == "single":
+            raise ValueError(
+                f"model.moe.expert_parallel={self.model.moe.expert_parallel} needs one process per rank: launch "
+                f"torchrun --nproc_per_node=N -m experiments.train trainer=ddp, or set model.moe.expert_parallel=1"
+            )
         if self.trainer.seq_len > self.model.max_seq_len:
             raise ValueError(
                 f"trainer.seq_len={self.trainer.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}; "

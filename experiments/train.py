@@ -27,7 +27,13 @@ def main(cfg: DictConfig) -> float | None:
     if hydra_cfg.mode == RunMode.MULTIRUN and isinstance(logger, dict) and logger.get("group") is None:
         logger["group"] = Path(hydra_cfg.sweep.dir).name  # the runs of one sweep share a group (wandb, run.json)
     run = run_config_from_dict(d, hydra_cfg.runtime.output_dir)
-    summary = Trainer(run).fit()
+    trainer = Trainer(run)
+    try:
+        summary = trainer.fit()
+    finally:
+        trainer.par.close()  # trainer=ddp: leaves the process group
+    if not trainer.par.is_main:
+        return summary["final_val_loss"]
     print(f"final validation loss {summary['final_val_loss']:.4f} nats "
           f"(unigram entropy of the validation split: {summary['unigram_entropy']:.4f})")
     print(f"metrics:    {summary['metrics']}")

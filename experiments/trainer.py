@@ -8,6 +8,7 @@ back to the checkpoint's step. On CPU a resumed run reproduces the uninterrupted
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import random
 import shutil
@@ -22,13 +23,15 @@ import torch
 
 from experiments.config import RunConfig
 from experiments.data import PreparedData, describe, prepare
-from experiments.metrics import MetricsLogger, flatten_stats
+from experiments.distributed import NullLogger, setup_parallel
+from experiments.metrics import METRICS_FILE, MetricsLogger, flatten_stats
 from experiments.optim import build_optimizer, lr_at
 from experiments.tokenizer import load_tokenizer
 from moe.checkpoint import load_config, load_weights, read_metadata, save_checkpoint
 from moe.flops import count_params, flops_per_token
 from moe.config import ModelConfig
 from moe.model import Transformer
+from moe.parallel import same_model
 from routing.router import Router
 from routing.stats import CollapseMonitor
 
@@ -83,13 +86,14 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 class Trainer:
     def __init__(self, cfg: RunConfig, data: Optional[PreparedData] = None):
         self.cfg = cfg
-        self.run_dir = cfg.path
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         tc = cfg.trainer
+        self.par = setup_parallel(cfg)  # trainer=ddp: checks the settings, then joins torchrun's process group
+        self.run_dir = Path(self.par.broadcast(str(cfg.path)))  # rank 0's directory for every rank
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         if tc.threads:
             torch.set_num_threads(tc.threads)
-        self.device = resolve_device(tc.device)
-        self.data = data or prepare(cfg.data, tokenizer=_checkpoint_tokenizer(cfg.init_from))
+        self.device = self.par.local_device(resolve_device(tc.device))
+        self.data = data or self.par.main_first(lambda: prepare(cfg.data, tokenizer=_checkpoint_tokenizer(cfg.init_from)))
         self.model_cfg = self._model_config()
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
@@ -98,22 +102,26 @@ class Trainer:
         if cfg.init_from:
             load_weights(self.model, cfg.init_from)
         self.model.to(self.device)
+        self.par.distribute(self.model)  # expert parallelism: keeps this rank's experts (before the optimizer)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.state = TrainState()
         bf16 = tc.precision == "bf16" or (tc.precision == "auto" and self.device.type == "cuda")
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
         self.params = count_params(self.model_cfg)
         self.flops_per_token = flops_per_token(self.model_cfg, tc.seq_len).training
-        self.val_set = self.data.val_batches(tc.batch_size, tc.seq_len, tc.eval_batches)
+        self.val_set = [self.par.local_rows(*b) for b in self.data.val_batches(tc.batch_size, tc.seq_len, tc.eval_batches)]
         self._step_rng = _rng_state()
         self.collapse = CollapseMonitor()
         resumed = self._maybe_resume()
-        self.logger = MetricsLogger(self.run_dir, cfg.logger, cfg.to_dict(), resume_step=self.state.step if resumed else None)
+        self.logger = (MetricsLogger(self.run_dir, cfg.logger, cfg.to_dict(), resume_step=self.state.step if resumed else None)
+                       if self.par.is_main else NullLogger(self.run_dir / METRICS_FILE))
 
     def _model_config(self):
         """The model to train: the checkpoint's for init_from, else the composed one sized to the tokenizer."""
         if self.cfg.init_from:
             mcfg = load_config(self.cfg.init_from)
+            # how many ranks share the experts is this run's choice, not the checkpoint's
+            mcfg = mcfg.replace(moe=dataclasses.replace(mcfg.moe, expert_parallel=self.cfg.model.moe.expert_parallel))
             if mcfg.vocab_size < self.data.vocab_size:
                 raise ValueError(
                     f"init_from={self.cfg.init_from} has a vocabulary of {mcfg.vocab_size} but the data's tokenizer "
@@ -142,7 +150,7 @@ class Trainer:
             return False
         step, path = found[-1]
         saved = read_metadata(path)
-        if ModelConfig.from_dict(saved["model"]) != self.model_cfg:  # fields added since then take their defaults
+        if not same_model(ModelConfig.from_dict(saved["model"]), self.model_cfg):  # new fields take their defaults
             raise ValueError(
                 f"resume=auto: {path} was trained with a different model config; resume with the same overrides, "
                 f"or start a new run directory (hydra.run.dir=...)"
@@ -151,7 +159,7 @@ class Trainer:
             raise ValueError(f"resume=auto: {path} was trained on different data or a different tokenizer")
         load_weights(self.model, path)
         blob = torch.load(path / STATE_FILE, map_location=self.device, weights_only=False)
-        self.optimizer.load_state_dict(blob["optimizer"])
+        self.par.load_optimizer_state(self.optimizer, self.model, blob["optimizer"])  # full-size layout
         self.state = TrainState(**blob["state"])
         _set_rng_state(blob["rng"])
         self._step_rng = blob["rng"]
@@ -160,14 +168,20 @@ class Trainer:
 
     def save(self) -> Path:
         path = self.run_dir / "checkpoints" / f"step_{self.state.step}"
-        blob = {"optimizer": self.optimizer.state_dict(), "state": asdict(self.state), "rng": self._step_rng}
+        # Full-size weights and optimizer state (expert shards gathered: every rank takes part; rank 0 writes).
+        weights, optimizer = self.par.model_state(self.model), self.par.optimizer_state(self.optimizer, self.model)
+        if not self.par.is_main:
+            self.par.barrier()  # returns once rank 0 has written the checkpoint
+            return path
+        blob = {"optimizer": optimizer, "state": asdict(self.state), "rng": self._step_rng}
         extra = {STATE_FILE: lambda p: torch.save(blob, p)}
         if self.data.tokenizer is not None:
             extra["tokenizer.json"] = self.data.tokenizer.save
         meta = {"step": self.state.step, "data_fingerprint": self.data.fingerprint, "run": self.cfg.to_dict()}
-        save_checkpoint(path, self.model, extra=extra, metadata=meta)
+        save_checkpoint(path, self.model, extra=extra, metadata=meta, state=weights)
         for _, old in checkpoint_dirs(self.run_dir)[: -self.cfg.trainer.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
+        self.par.barrier()
         return path
 
     # ---------------------------------------------------------------- steps
@@ -180,7 +194,7 @@ class Trainer:
             with self.autocast():
                 losses.append(self.model(x.to(self.device), y.to(self.device)).loss.item())
         self.model.train()
-        return float(np.mean(losses))
+        return self.par.mean(float(np.mean(losses)))  # equal row shards: the mean over ranks is the global mean
 
     def train_step(self) -> dict[str, Any]:
         tc, step = self.cfg.trainer, self.state.step
@@ -191,7 +205,9 @@ class Trainer:
         aux: dict[str, float] = {}
         stats: dict[int, dict[str, torch.Tensor]] = {}
         for micro in range(tc.grad_accum):
-            x, y = self.data.get_batch("train", step * tc.grad_accum + micro, tc.batch_size, tc.seq_len, self.cfg.seed)
+            # the global batch, whatever the world size; each rank keeps its rows (trainer=ddp)
+            x, y = self.par.local_rows(*self.data.get_batch("train", step * tc.grad_accum + micro, tc.batch_size,
+                                                            tc.seq_len, self.cfg.seed))
             with self.autocast():
                 out = self.model(x.to(self.device), y.to(self.device))
             (out.total_loss / tc.grad_accum).backward()
@@ -202,8 +218,9 @@ class Trainer:
                 acc = stats.setdefault(layer, {k: torch.zeros_like(v) for k, v in values.items()})
                 for k, v in values.items():
                     acc[k] += v if k == "tokens_per_expert" else v / tc.grad_accum
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else float("inf"))
+        # trainer=ddp: gradients reduced over the ranks, the global norm computed over the expert shards
+        grad_norm = self.par.clip_gradients(self.model, tc.grad_clip)
+        lm_loss, aux, stats = self.par.reduce_step(lm_loss, aux, stats)  # logged values: the global batch's
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         for module in self.model.modules():  # routers with per-step state (bias balancing) update it now
@@ -221,13 +238,14 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         tc, st = self.cfg.trainer, self.state
         self._write_run_file("running")
-        print(describe(self.data))
-        print(f"model: {self.params.total:,} parameters, {self.params.active:,} active per token, "
-              f"{self.flops_per_token:.3g} training FLOPs per token; sparse layers {list(self.model_cfg.sparse_layers)}")
+        if self.par.is_main:
+            print(describe(self.data))
+            print(f"model: {self.params.total:,} parameters, {self.params.active:,} active per token, "
+                  f"{self.flops_per_token:.3g} training FLOPs per token; sparse layers {list(self.model_cfg.sparse_layers)}")
         tokens_per_step = tc.batch_size * tc.seq_len * tc.grad_accum
         last_log = (time.perf_counter(), st.tokens, st.elapsed_s)
         val_loss: Optional[float] = None
-        bar = _progress(tc.progress, tc.max_steps, st.step)
+        bar = _progress(tc.progress and self.par.is_main, tc.max_steps, st.step)
         self.model.train()
         try:
             while st.step < tc.max_steps:
@@ -291,6 +309,8 @@ class Trainer:
 
     def _write_run_file(self, status: str, summary: Optional[dict] = None) -> None:
         """run.json: what a report needs besides the curves (sizes, FLOPs per token, data identity, status)."""
+        if not self.par.is_main:
+            return
         info = {"status": status, "params_total": self.params.total, "params_active": self.params.active,
                 "flops_per_token": self.flops_per_token, "data_fingerprint": self.data.fingerprint,
                 "vocab_size": self.model_cfg.vocab_size, "sparse_layers": list(self.model_cfg.sparse_layers),

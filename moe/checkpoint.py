@@ -17,14 +17,16 @@ from safetensors.torch import load_file, save_file
 
 from moe.config import ModelConfig
 from moe.model import Transformer
+from moe.parallel import full_shapes, full_state_dict, load_full_state_dict
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 
 
 def model_state(model: Transformer) -> dict[str, torch.Tensor]:
-    """The state dict to save: tied weights stored once (safetensors refuses shared storage)."""
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    """The state dict to save: tied weights stored once (safetensors refuses shared storage), experts at full size
+    (an expert-parallel model's shards are gathered: a collective, every rank of the model must call it)."""
+    state = {k: v.detach().contiguous() for k, v in full_state_dict(model).items()}
     if model.cfg.tie_embeddings:
         state.pop("lm_head.weight", None)
     return state
@@ -35,18 +37,22 @@ def save_checkpoint(
     model: Transformer,
     extra: Optional[dict[str, Callable[[Path], None]]] = None,
     metadata: Optional[dict] = None,
+    state: Optional[dict[str, torch.Tensor]] = None,
 ) -> Path:
     """Writes the checkpoint directory `path` atomically.
 
     extra: file name -> writer(path) for additional files (the trainer's state, a tokenizer).
     metadata: extra JSON stored beside the model config in config.json (e.g. the step, the data fingerprint).
+    state: the tensors to write, model_state(model) when None (expert parallelism: gathered on every rank,
+    written by one).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tmp.chmod(0o755)  # mkdtemp makes the folder private; a checkpoint should read like any other directory
     try:
         (tmp / CONFIG_FILE).write_text(json.dumps({"model": model.cfg.to_dict(), **(metadata or {})}, indent=2))
-        save_file(model_state(model), str(tmp / WEIGHTS_FILE))
+        save_file(state if state is not None else model_state(model), str(tmp / WEIGHTS_FILE))
         for name, writer in (extra or {}).items():
             writer(tmp / name)
         if path.exists():  # replace an older checkpoint of the same name: move it aside first, then swap
@@ -92,17 +98,17 @@ def load_weights(model: Transformer, path: str | Path) -> None:
         state = load_file(str(weights))
     except Exception as e:  # safetensors raises its own error types for truncated or foreign files
         raise ValueError(f"cannot read {weights}: {e}") from None
-    expected = model_state(model)
+    expected = full_shapes(model)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-              for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v)}"
+              for k, v in expected.items() if k in state and state[k].shape != v]
     if missing or unexpected or shapes:
         raise ValueError(
             f"checkpoint {path} does not fit this model config: missing {missing[:8]}, unexpected {unexpected[:8]}, "
             f"shape mismatches {shapes[:8]}; load it with the config stored in its config.json"
         )
-    model.load_state_dict(state, strict=False)  # lm_head.weight is tied to embed.weight when absent
+    load_full_state_dict(model, state, strict=False)  # lm_head.weight is tied to embed.weight when absent
 
 
 def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> Transformer:

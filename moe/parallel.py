@@ -25,7 +25,8 @@ Checkpoints use the full-size layout (`full_state_dict`, `load_full_state_dict`)
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import datetime
+from dataclasses import dataclass, replace
 from typing import Any, Iterable, Optional
 
 import torch
@@ -69,8 +70,11 @@ class ParallelGroups:
         return self.world_size // self.ep_size
 
 
-def make_groups(expert_parallel: int, num_experts: int) -> ParallelGroups:
-    """Builds the expert-parallel and expert-data-parallel groups; every rank must call it, in the same order."""
+def make_groups(expert_parallel: int, num_experts: int, timeout: Optional[datetime.timedelta] = None) -> ParallelGroups:
+    """Builds the expert-parallel and expert-data-parallel groups; every rank must call it, in the same order.
+
+    timeout: of the new groups' collectives; give the one of init_process_group (new groups do not inherit it,
+    they default to torch's 30 minutes)."""
     if not dist.is_initialized():
         raise RuntimeError("moe.parallel.make_groups needs torch.distributed.init_process_group first")
     W, rank, ep = dist.get_world_size(), dist.get_rank(), expert_parallel
@@ -79,17 +83,23 @@ def make_groups(expert_parallel: int, num_experts: int) -> ParallelGroups:
     ep_group, expert_dp = None, world
     if ep > 1:
         for k in range(W // ep):  # new_group is collective: every rank creates every group
-            g = dist.new_group(list(range(k * ep, (k + 1) * ep)))
+            g = dist.new_group(list(range(k * ep, (k + 1) * ep)), timeout=timeout)
             if rank // ep == k:
                 ep_group = g
         if ep == W:
             expert_dp = None  # one replica: nothing to sum
         else:
             for s in range(ep):
-                g = dist.new_group(list(range(s, W, ep)))
+                g = dist.new_group(list(range(s, W, ep)), timeout=timeout)
                 if rank % ep == s:
                     expert_dp = g
     return ParallelGroups(W, rank, ep, rank % ep, ep_group, expert_dp, world)
+
+
+def same_model(a, b) -> bool:
+    """Whether two ModelConfigs describe the same weights: expert_parallel is how a run spreads them, not what
+    they are (checkpoints are full-size), so it is left out."""
+    return a.replace(moe=replace(a.moe, expert_parallel=1)) == b.replace(moe=replace(b.moe, expert_parallel=1))
 
 
 def expert_banks(model: nn.Module) -> list[tuple[str, Experts]]:
@@ -242,6 +252,17 @@ def split_shard(full: Tensor, bank: Experts) -> Tensor:
         raise ValueError(f"{bank.layer_name}: a full-size expert tensor has {bank.num_global_experts} experts, "
                          f"got shape {tuple(full.shape)}")
     return full[bank.first_expert:bank.first_expert + bank.num_experts].clone()
+
+
+def full_shapes(model: nn.Module) -> dict[str, torch.Size]:
+    """The shape of every tensor model_state would save, without gathering (tied lm_head left out as there)."""
+    shards = _shard_names(model)
+    shapes = {}
+    for k, v in model.state_dict().items():
+        shapes[k] = torch.Size((shards[k].num_global_experts, *v.shape[1:])) if k in shards else v.shape
+    if getattr(getattr(model, "cfg", None), "tie_embeddings", False):
+        shapes.pop("lm_head.weight", None)
+    return shapes
 
 
 def full_state_dict(model: nn.Module) -> dict[str, Tensor]:

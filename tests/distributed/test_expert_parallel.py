@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import datetime
 import json
 import time
 from pathlib import Path
@@ -212,7 +213,8 @@ def _timeout_worker(rank: int, world: int, port: int, out_path: str) -> None:
     torch.manual_seed(0)
     # no load-balancing loss: the layer's first collective is the all-to-all of the counts (with it, the router's
     # all-reduce comes first: test_router_collective_failure_names_the_layer)
-    model = distribute(Transformer(model_config({**CASES["top2"], "aux_loss_coef": 0.0}, 2)), make_groups(2, E))
+    model = distribute(Transformer(model_config({**CASES["top2"], "aux_loss_coef": 0.0}, 2)),
+                       make_groups(2, E, timeout=datetime.timedelta(seconds=2)))
     done = Path(out_path)
     if rank == 0:
         try:

@@ -26,6 +26,15 @@ def smollm2_gguf() -> Path | None:
     return found[0] if found and found[0].is_file() else None
 
 
+@pytest.fixture(scope="module", autouse=True)
+def all_cores():
+    """tests/conftest.py runs torch on one thread (steadier for tiny shapes); a 135M model wants every core."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(before, os.cpu_count() or 1))
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def gguf_path() -> Path:
     path = smollm2_gguf()
