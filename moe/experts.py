@@ -37,6 +37,17 @@ class Experts(nn.Module):
         self.num_global_experts, self.first_expert = E, 0
         self.ep_size, self.ep_rank, self.ep_group = 1, 0, None
         self.layer_name = ""  # the module path, named in collective errors
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self, std: float = 0.02, down_std: Optional[float] = None) -> None:
+        """Normal weights, zero biases (a bank built on its own is usable; Transformer re-initialises it with
+        its own std and GPT-2's scaled std for the down projection)."""
+        for name, p in self.named_parameters():
+            if name.startswith("b_"):
+                p.zero_()
+            else:
+                p.normal_(0.0, down_std if (name == "w_down" and down_std is not None) else std)
 
     def _weights(self, dtype: torch.dtype) -> tuple[Tensor, Optional[Tensor], Tensor]:
         # Under autocast the activations arrive in bf16 while the master weights stay fp32.

@@ -82,11 +82,7 @@ class Transformer(nn.Module):
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
             elif isinstance(module, Experts):
-                for pname, p in module.named_parameters():
-                    if pname.startswith("b_"):
-                        nn.init.zeros_(p)
-                    else:
-                        nn.init.normal_(p, 0.0, out_std if pname == "w_down" else std)
+                module.reset_parameters(std, down_std=out_std)
             elif isinstance(module, (nn.LayerNorm, RMSNorm)):
                 module.reset_parameters()
 
