@@ -36,9 +36,14 @@ OUTPUTS = ("comparison.md", "comparison.csv", "loss_vs_flops.png", "loss_vs_time
 # ------------------------------------------------------------------------------------------ interpolation
 
 
-def interp_at(xs: Sequence[float], ys: Sequence[float], x: float) -> Optional[float]:
+SLACK = 0.01  # twins match FLOPs per token within 1%: a budget up to 1% past a curve's end reads its last value
+
+
+def interp_at(xs: Sequence[float], ys: Sequence[float], x: float, slack: float = 0.0) -> Optional[float]:
     """y at x on a curve sampled at increasing xs > 0, linear in log x between the two bracketing samples;
-    None outside [xs[0], xs[-1]] (no extrapolation)."""
+    the last y for x at most `slack` (relative) past the last sample; None elsewhere (no extrapolation)."""
+    if xs and xs[-1] < x <= xs[-1] * (1 + slack):
+        return float(ys[-1])
     if not xs or x < xs[0] or x > xs[-1]:
         return None
     for i in range(len(xs)):
@@ -225,7 +230,7 @@ def row_for(run: Run, base: Run) -> dict[str, Any]:
         "steps": last["step"], "tokens": last["tokens"], "train_flops": last["flops"], "train_s": last["elapsed_s"],
         "tokens_per_s": last["tokens"] / last["elapsed_s"] if last.get("elapsed_s") else None,
         "final_val_loss": final["val_loss"],
-        "loss_at_base_flops": interp_at(fx, fy, F), "loss_at_base_time": interp_at(tx, fy, T),
+        "loss_at_base_flops": interp_at(fx, fy, F, SLACK), "loss_at_base_time": interp_at(tx, fy, T),
     }
     if run is base:  # by definition: the baseline spends its own budget
         row.update(flops_to_base_loss=F, flop_multiplier=1.0, flop_reach="baseline",
@@ -317,7 +322,8 @@ def markdown(report: Report, plots: Sequence[Path] = ()) -> str:
             "excluded), as measured on the machine and under the load the run had; compare seconds only between runs "
             "that ran on the same hardware one at a time.",
             "² The run's validation loss at the baseline's final budget (F* FLOPs, T* seconds), linear in log FLOPs "
-            "(log seconds) between the two evaluations that bracket it; — when the run's curve does not reach that far.",
+            "(log seconds) between the two evaluations that bracket it (its final value when F* lies less than 1% past its end: twins "
+            "match FLOPs per token to 1%); — when the run's curve does not cover it.",
             "³ FLOPs (seconds) at which the run's validation loss first reaches L*, interpolated log-linearly in FLOPs "
             "(seconds) between the two bracketing evaluations; the multiplier is F*/F (T*/T): how many times fewer FLOPs "
             "(seconds) the run needs to match the baseline's final loss (Artetxe et al. 2022; Fedus et al. 2021). "

@@ -38,13 +38,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from routing.capacity import assign
+from routing.capacity import choice_plan
 from routing.config import RouterConfig
 from routing.losses import router_z_loss
 from routing.plan import RoutingPlan
 from routing.router import Router
 from routing.sinkhorn import sinkhorn
-from routing.stats import routing_stats
 
 AUCTION_REL_EPS = 1e-4  # final epsilon of the auction, as a fraction of the logit spread (max - min)
 AUCTION_EPS_FACTOR = 64.0  # epsilon scaling: each phase divides epsilon by this
@@ -281,17 +280,6 @@ class BaseRouter(Router):
         expert_idx = expert[:, None]  # [T, 1]
         weight = torch.sigmoid(logits.gather(1, expert_idx)) * cfg.scale  # [T, 1], differentiable
         # Nothing is dropped: the balanced assignment fits its slots by construction, and greedy eval is dropless.
-        token_index, expert_index, row_weight, counts, kept = assign(expert_idx, weight, E, None, cfg.drop_policy)
         aux = {"router_z_loss": cfg.z_loss_coef * router_z_loss(logits)} if cfg.z_loss_coef > 0 else {}
         probs = torch.softmax(logits, dim=-1)  # a distribution over experts, for the statistics only
-        return RoutingPlan(
-            token_index=token_index,
-            expert_index=expert_index,
-            weight=row_weight,
-            counts=counts,
-            num_tokens=T,
-            capacity=capacity,
-            kept=kept,
-            aux_losses=aux,
-            stats=routing_stats(probs.detach(), counts, kept),
-        )
+        return choice_plan(expert_idx, weight, probs, E, capacity, True, cfg.drop_policy, aux)

@@ -10,6 +10,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from routing.plan import RoutingPlan
+from routing.stats import routing_stats
+
 
 def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float, min_capacity: int) -> Optional[int]:
     """Slots per expert, or None when dropless (capacity_factor == 0).
@@ -68,3 +71,32 @@ def assign(
         order = order[keep_sorted]  # the only host synchronisation: N is data-dependent once tokens drop
         counts = counts.clamp(max=capacity)
     return flat_token[order], flat_expert[order], flat_weight[order], counts, kept
+
+
+def choice_plan(
+    expert_idx: Tensor,  # [T, k] chosen experts
+    weight: Tensor,  # [T, k] combine weights
+    probs: Tensor,  # [T, E] a distribution over experts per token, for the statistics
+    num_experts: int,
+    capacity: Optional[int],
+    fixed: bool,
+    drop_policy: str,
+    aux_losses: dict[str, Tensor],
+) -> RoutingPlan:
+    """The plan of k choices per token: `assign` through capacity, plus the standard statistics.
+
+    fixed: the capacity is a fixed layout (capacity_factor > 0, or BASE's balanced slots) that padded
+    dispatchers should use as C; otherwise it only caps the counts.
+    """
+    token_index, expert_index, row_weight, counts, kept = assign(expert_idx, weight, num_experts, capacity, drop_policy)
+    return RoutingPlan(
+        token_index=token_index,
+        expert_index=expert_index,
+        weight=row_weight,
+        counts=counts,
+        num_tokens=expert_idx.shape[0],
+        capacity=capacity if fixed else None,
+        kept=kept,
+        aux_losses=aux_losses,
+        stats=routing_stats(probs.detach(), counts, kept),
+    )

@@ -44,7 +44,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from routing.capacity import assign, expert_capacity
+from routing.capacity import choice_plan, expert_capacity
 from routing.losses import router_z_loss
 from routing.plan import RoutingPlan
 from routing.router import Router
@@ -122,17 +122,4 @@ class ExpertChoiceRouter(Router):
         as in expert choice), dropless."""
         T, E = scores.shape
         weight, expert_idx = scores.topk(k, dim=-1)  # [T, k]
-        token_index, expert_index, row_weight, counts, kept = assign(
-            expert_idx, weight * self.cfg.scale, E, None, "position"
-        )
-        return RoutingPlan(
-            token_index=token_index,
-            expert_index=expert_index,
-            weight=row_weight,
-            counts=counts,
-            num_tokens=T,
-            capacity=None,
-            kept=kept,
-            aux_losses=aux,
-            stats=routing_stats(scores.detach(), counts, kept),
-        )
+        return choice_plan(expert_idx, weight * self.cfg.scale, scores, E, None, False, "position", aux)

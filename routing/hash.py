@@ -22,11 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from routing.capacity import assign
+from routing.capacity import choice_plan
 from routing.config import RouterConfig
 from routing.plan import RoutingPlan
 from routing.router import Router
-from routing.stats import routing_stats
 
 
 def hash_table(vocab_size: int, num_experts: int, seed: int) -> Tensor:
@@ -67,16 +66,5 @@ class HashRouter(Router):
             raise ValueError(f"hash routing got token_ids of shape {tuple(token_ids.shape)} for {T} tokens")
         expert = self.table[token_ids]  # [T]
         weight = torch.full((T, 1), self.cfg.scale, dtype=torch.float32, device=x.device)  # no gate: constant
-        token_index, expert_index, row_weight, counts, kept = assign(expert[:, None], weight, E, None, "position")
         probs = F.one_hot(expert, E).float()  # the hash is certain: entropy 0, top-1 probability 1
-        return RoutingPlan(
-            token_index=token_index,
-            expert_index=expert_index,
-            weight=row_weight,
-            counts=counts,
-            num_tokens=T,
-            capacity=None,
-            kept=kept,
-            aux_losses={},
-            stats=routing_stats(probs, counts, kept),
-        )
+        return choice_plan(expert[:, None], weight, probs, E, None, False, "position", {})

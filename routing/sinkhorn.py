@@ -27,10 +27,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from routing.capacity import assign, expert_capacity
+from routing.capacity import choice_plan, expert_capacity
 from routing.plan import RoutingPlan
 from routing.router import Router
-from routing.stats import routing_stats
 from routing.topk import standard_losses
 
 
@@ -89,16 +88,6 @@ class SinkhornRouter(Router):
         if not self.training and cfg.eval_capacity_factor is not None:
             cf = cfg.eval_capacity_factor
         capacity = expert_capacity(T, E, cfg.top_k, cf, cfg.min_capacity)
-        token_index, expert_index, row_weight, counts, kept = assign(expert_idx, weight, E, capacity, cfg.drop_policy)
         probs = torch.softmax(logits, dim=-1)  # a distribution over experts, for the balance loss and the statistics
-        return RoutingPlan(
-            token_index=token_index,
-            expert_index=expert_index,
-            weight=row_weight,
-            counts=counts,
-            num_tokens=T,
-            capacity=capacity if cf > 0 else None,
-            kept=kept,
-            aux_losses=standard_losses(cfg, logits, probs, expert_idx, group=self.batch_group),
-            stats=routing_stats(probs.detach(), counts, kept),
-        )
+        aux = standard_losses(cfg, logits, probs, expert_idx, group=self.batch_group)
+        return choice_plan(expert_idx, weight, probs, E, capacity, cf > 0, cfg.drop_policy, aux)

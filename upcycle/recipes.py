@@ -46,7 +46,6 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-from torch import Tensor
 
 from moe.config import ModelConfig, MoEConfig, DISPATCHERS
 from moe.ffn import DenseFFN

@@ -79,6 +79,8 @@ def test_interpolation_is_log_linear():
     assert interp_at(xs, ys, 10.0) == pytest.approx(4.0)  # halfway in log x
     assert interp_at(xs, ys, 1.0) == 5.0 and interp_at(xs, ys, 100.0) == 3.0
     assert interp_at(xs, ys, 0.5) is None and interp_at(xs, ys, 200.0) is None
+    assert interp_at(xs, ys, 100.5) is None and interp_at(xs, ys, 100.5, slack=0.01) == 3.0  # twins' 1% tolerance
+    assert interp_at(xs, ys, 102.0, slack=0.01) is None
     assert first_reach(xs, ys, 4.0) == (pytest.approx(10.0), "interpolated")
     assert first_reach(xs, ys, 5.5) == (1.0, "at_first")
     assert first_reach(xs, ys, 2.0) == (None, "not_reached")

@@ -1,6 +1,5 @@
 """Aux-loss-free bias balancing (DeepSeek-V3): biased selection, unbiased normalised weights, the bias update
 after optimizer steps, its checkpointing, and its effect on a skewed router."""
-import copy
 import math
 
 import pytest
