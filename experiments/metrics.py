@@ -27,6 +27,16 @@ def flatten_stats(stats: dict[int, dict[str, torch.Tensor]]) -> dict[str, Any]:
     return out
 
 
+def routing_summary(stats: dict[int, dict[str, torch.Tensor]]) -> str:
+    """One console line per sparse layer from a step's routing statistics."""
+    return "\n".join(
+        f"  layer {layer}: max/mean load {float(v['max_load']):.2f}, dropped {float(v['dropped_fraction']):.1%}, "
+        f"router entropy {float(v['router_entropy']):.3f}, top-1 prob {float(v['top1_prob']):.3f}, "
+        f"dead experts {int(v['dead_experts'])}"
+        for layer, v in sorted(stats.items())
+    )
+
+
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():

@@ -24,7 +24,7 @@ import torch
 from experiments.config import RunConfig
 from experiments.data import PreparedData, describe, prepare
 from experiments.distributed import NullLogger, setup_parallel
-from experiments.metrics import METRICS_FILE, MetricsLogger, flatten_stats
+from experiments.metrics import METRICS_FILE, MetricsLogger, flatten_stats, routing_summary
 from experiments.optim import build_optimizer, lr_at
 from experiments.tokenizer import load_tokenizer
 from moe.checkpoint import load_config, load_weights, read_metadata, save_checkpoint
@@ -245,6 +245,7 @@ class Trainer:
         tokens_per_step = tc.batch_size * tc.seq_len * tc.grad_accum
         last_log = (time.perf_counter(), st.tokens, st.elapsed_s)
         val_loss: Optional[float] = None
+        last_stats: dict[int, dict[str, torch.Tensor]] = {}
         bar = _progress(tc.progress and self.par.is_main, tc.max_steps, st.step)
         self.model.train()
         try:
@@ -261,6 +262,7 @@ class Trainer:
                 st.flops += self.flops_per_token * tokens_per_step
                 st.loss_sum += out["lm_loss"]
                 st.loss_count += 1
+                last_stats = out["stats"]
                 for layer, values in out["stats"].items():  # every step: patience counts steps
                     for message in self.collapse.update(st.step, layer, values["tokens_per_expert"], tokens_per_step):
                         warnings.warn(message, stacklevel=1)
@@ -301,6 +303,8 @@ class Trainer:
             self.logger.close()
         if val_loss is None:  # resumed at max_steps: no step ran, so nothing was evaluated
             val_loss = self.evaluate()
+        if last_stats and self.par.is_main:
+            print(f"routing at step {st.step} (last training batch):\n{routing_summary(last_stats)}")
         summary = {"final_val_loss": val_loss, "unigram_entropy": self.data.unigram_entropy("val"),
                    "steps": st.step, "tokens": st.tokens, "flops": st.flops, "elapsed_s": st.elapsed_s,
                    "metrics": str(self.logger.path), "checkpoint": str(checkpoint_dirs(self.run_dir)[-1][1])}
