@@ -5,12 +5,13 @@ so a crash at any point leaves either the old checkpoint or the new one, never h
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Iterator, Callable, Optional
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -47,15 +48,24 @@ def save_checkpoint(
     written by one).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    tmp.chmod(0o755)  # mkdtemp makes the folder private; a checkpoint should read like any other directory
-    try:
+    with write_atomically(path) as tmp:
         (tmp / CONFIG_FILE).write_text(json.dumps({"model": model.cfg.to_dict(), **(metadata or {})}, indent=2))
         save_file(state if state is not None else model_state(model), str(tmp / WEIGHTS_FILE))
         for name, writer in (extra or {}).items():
             writer(tmp / name)
-        if path.exists():  # replace an older checkpoint of the same name: move it aside first, then swap
+    return path
+
+
+@contextlib.contextmanager
+def write_atomically(path: Path) -> Iterator[Path]:
+    """Yields a temporary folder beside `path`; on success it replaces `path` by renames, on any error it is
+    removed and `path` is left as it was. An existing `path` is moved aside first, then swapped."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tmp.chmod(0o755)  # mkdtemp makes the folder private; a checkpoint should read like any other directory
+    try:
+        yield tmp
+        if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
             os.replace(path, old)
             os.replace(tmp, path)
@@ -65,7 +75,6 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return path
 
 
 def read_metadata(path: str | Path) -> dict:

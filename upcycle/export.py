@@ -20,15 +20,13 @@ granular model). Shared experts are refused.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
+from moe.checkpoint import write_atomically
 from moe.config import ModelConfig
 from moe.ffn import DenseFFN
 from moe.layer import MoELayer
@@ -207,23 +205,11 @@ def export_hf(model: Transformer, out: str | Path, tokenizer=None, tokenizer_con
     # safetensors refuses shared storage: every tensor is written as its own contiguous copy.
     tensors = {k: v.detach().float().contiguous().clone() for k, v in tensors.items()}
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with write_atomically(out) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if tokenizer is not None:
             (tmp / "tokenizer.json").write_text(tokenizer.to_str())
         if tokenizer_config:
             (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=1))
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

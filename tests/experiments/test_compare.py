@@ -9,7 +9,6 @@ import glob
 import json
 import math
 import os
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_module
 
+from tests.wandb_log import wandb_records
 from experiments.compare import build_report, first_reach, interp_at, main, multiplier, write_report
 from experiments.hydra_conf import CONFIG_MODULE, register_configs
 
@@ -250,29 +250,6 @@ def test_sweep_report_equals_the_metrics(sweep):
 
 
 # ------------------------------------------------------------------------------------------ wandb, read back
-
-
-def wandb_records(path: Path):
-    """The protobuf records of an offline .wandb file (LevelDB log format: 32 KiB blocks, 7-byte headers)."""
-    pb = pytest.importorskip("wandb.proto.wandb_internal_pb2")
-    raw, block, pos, buf, out = path.read_bytes(), 32768, 7, b"", []
-    assert raw[:4] == b":W&B"
-    while pos + 7 <= len(raw):
-        left = block - pos % block
-        if left < 7:
-            pos += left
-            continue
-        _, length, kind = struct.unpack("<IHB", raw[pos:pos + 7])
-        if kind == 0 and length == 0:
-            pos += left
-            continue
-        data, pos = raw[pos + 7:pos + 7 + length], pos + 7 + length
-        buf = data if kind in (1, 2) else buf + data
-        if kind in (1, 4):
-            rec = pb.Record()
-            rec.ParseFromString(buf)
-            out.append(rec)
-    return out
 
 
 def test_sweep_wandb_runs_have_axes_histograms_and_group(sweep):

@@ -8,7 +8,6 @@ import json
 import math
 import os
 import shutil
-import struct
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 import moe.checkpoint
+from tests.wandb_log import wandb_records
 from experiments import trainer as trainer_mod
 from experiments.config import run_config_from_dict
 from experiments.data import PreparedData
@@ -375,28 +375,9 @@ def test_init_from(tmp_path, text_corpus):
 
 
 def _wandb_history(path: Path) -> list[dict]:
-    """History rows of an offline .wandb file (a LevelDB-style log of protobuf records)."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    raw, block, pos, rows, buf = path.read_bytes(), 32768, 7, [], b""
-    assert raw[:4] == b":W&B"
-    while pos + 7 <= len(raw):
-        left = block - pos % block
-        if left < 7:
-            pos += left
-            continue
-        _, length, kind = struct.unpack("<IHB", raw[pos:pos + 7])
-        if kind == 0 and length == 0:
-            pos += left
-            continue
-        data, pos = raw[pos + 7:pos + 7 + length], pos + 7 + length
-        buf = data if kind in (1, 2) else buf + data
-        if kind in (1, 4):
-            rec = pb.Record()
-            rec.ParseFromString(buf)
-            if rec.WhichOneof("record_type") == "history":
-                rows.append({it.key or "/".join(it.nested_key): json.loads(it.value_json) for it in rec.history.item})
-    return rows
+    """History rows of an offline .wandb file."""
+    return [{it.key or "/".join(it.nested_key): json.loads(it.value_json) for it in rec.history.item}
+            for rec in wandb_records(path) if rec.WhichOneof("record_type") == "history"]
 
 
 def test_wandb_offline(tmp_path, text_corpus):
