@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 # torch first: a plain `torch` requirement with no torch present would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup demo test test-fast bench allocator clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,15 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# CPU timings need an allocator that keeps freed pages (experiments/allocator.py): jemalloc where it can be had.
+allocator:
+	@if ldconfig -p | grep -q libjemalloc.so; then echo "jemalloc: installed"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then apt-get install -y -q libjemalloc2 >/dev/null && echo "jemalloc: installed now"; \
+	else echo "jemalloc: not installed and cannot install it here (needs root and apt-get); the bench falls back to glibc kept pages"; fi
+
+bench: setup allocator
+	$(PY) -m experiments.bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) runs outputs multirun

@@ -3,8 +3,9 @@
 One MoE layer (router + dispatch + experts + combine), forward plus backward, measured side by side in one
 process against a dense FFN with the same active parameters (dense hidden = k * f). Per shape:
 
-- Switchyard's dispatchers: `einsum` (GShard one-hot reference), `sorted` with torch's grouped_mm, and `sorted`
-  with the per-expert loop (`experts.use_grouped_mm = False`); all share one set of weights.
+- Switchyard's dispatchers: `einsum` (GShard one-hot reference), `sorted` as it runs by default (its grouped GEMM
+  `auto`: torch's grouped_mm on CUDA, the per-expert loop on CPU), `sorted` forced onto torch's grouped_mm, and
+  `triton` (fused kernels; CUDA only: the interpreter is not worth timing); all share one set of weights.
 - The peers a user would pick instead: DeepSpeed's `deepspeed.moe.layer.MoE` (CPU accelerator, a 1-process gloo
   group, dropless, no random token selection, no 2nd-expert sampling, its Experts holding a plain FFN of the same
   shape, weights copied from ours), and a Mixtral-style per-expert loop (transformers' MixtralExperts.forward:
@@ -18,7 +19,8 @@ process against a dense FFN with the same active parameters (dense hidden = k * 
 
 Protocol: implementations interleaved round-robin within each repetition (the starting one rotates), a warm-up
 repetition, then `--reps` (>= 7) timed ones; ratios are MoE time / dense time as min-over-min and the median of
-the per-repetition pairs. One thread by default, fixed seeds, the 1-minute load average checked. Every MoE
+the per-repetition pairs. One thread by default, fixed seeds, the 1-minute load average checked, and the process
+re-executed once with a retaining allocator (experiments/allocator.py; `--allocator`). Every MoE
 implementation's output is checked against `einsum` before anything is timed.
 """
 from __future__ import annotations
@@ -37,6 +39,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
+from experiments import allocator
 from moe.config import ModelConfig, MoEConfig
 from moe.ffn import DenseFFN
 from moe.layer import MoELayer
@@ -44,6 +47,7 @@ from routing.config import RouterConfig
 
 DEFAULT_SHAPES = "4096:512:768:8:1,4096:512:768:8:2,4096:512:768:32:2,8192:512:2048:8:2,8192:512:2048:32:2"
 QUICK_SHAPES = "256:64:96:4:1,256:64:96:8:2"
+SORTED = "sorted (default: grouped GEMM auto)"
 ATOL = 1e-4  # fp32 agreement of the MoE implementations' outputs with einsum (relative to the output's scale)
 
 
@@ -115,20 +119,7 @@ def machine_report(threads: int) -> list[str]:
         lines.append(msg)
     except OSError:
         lines.append("load average: unavailable")
-    preloaded = os.environ.get("LD_PRELOAD", "")
-    libs = ""
-    try:
-        libs = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        pass
-    found = [ln.split("=>")[-1].strip() for ln in libs.splitlines() if "jemalloc" in ln or "tcmalloc" in ln]
-    if "jemalloc" in preloaded or "tcmalloc" in preloaded:
-        lines.append(f"allocator: {preloaded} preloaded")
-    elif found:
-        lines.append(f"allocator: glibc malloc; a faster one is installed: LD_PRELOAD={found[0]} python -m experiments.bench ...")
-    else:
-        lines.append("allocator: glibc malloc (neither libjemalloc nor libtcmalloc found by ldconfig -p; "
-                     "install one, e.g. apt-get install libjemalloc2, and LD_PRELOAD it)")
+    lines.append(f"allocator: {allocator.current()}")
     return lines
 
 
@@ -266,17 +257,19 @@ def bench_shape(s: Shape, reps: int, peers: bool, seed: int = 0) -> ShapeResult:
     gy = torch.randn(s.T, s.d, generator=g)
     moe_params = list(layer.parameters())
 
-    def dispatcher(name: str, grouped: bool) -> Callable[[Tensor], Tensor]:
+    def dispatcher(name: str, gemm: str = "auto") -> Callable[[Tensor], Tensor]:
         def fwd(h: Tensor) -> Tensor:
-            layer.dispatcher, layer.experts.use_grouped_mm = name, grouped
+            layer.dispatcher, layer.experts.gemm_impl = name, gemm
             return layer(h)[0]
         return fwd
 
     forwards: dict[str, tuple[Callable[[Tensor], Tensor], list[Tensor]]] = {
-        "einsum": (dispatcher("einsum", True), moe_params),
-        "sorted (grouped_mm)": (dispatcher("sorted", True), moe_params),
-        "sorted (per-expert loop)": (dispatcher("sorted", False), moe_params),
+        "einsum": (dispatcher("einsum"), moe_params),
+        SORTED: (dispatcher("sorted"), moe_params),
+        "sorted (torch grouped_mm)": (dispatcher("sorted", "grouped_mm"), moe_params),
     }
+    if x.is_cuda:
+        forwards["triton"] = (dispatcher("triton"), moe_params)
     if peers:
         forwards["Mixtral-style loop (transformers)"] = (lambda h: mixtral_loop(layer, h, s.k), moe_params)
         ds, why = deepspeed_moe(layer, s)
@@ -298,7 +291,7 @@ def bench_shape(s: Shape, reps: int, peers: bool, seed: int = 0) -> ShapeResult:
 
     # Experts only, on rows already gathered in expert order (the lower bound of any dispatcher).
     with torch.no_grad():
-        layer.dispatcher, layer.experts.use_grouped_mm = "sorted", True
+        layer.dispatcher, layer.experts.gemm_impl = "sorted", "auto"
         plan = layer.router(x)
     rows = x[plan.token_index].contiguous()
     gy_rows = torch.randn(rows.shape, generator=g)
@@ -317,12 +310,12 @@ def bench_shape(s: Shape, reps: int, peers: bool, seed: int = 0) -> ShapeResult:
             ratio_min=min(ts) / min(dense_t),
             ratio_median_pairs=statistics.median(a / b for a, b in zip(ts, dense_t)),
             max_abs_diff=diffs.get(name, 0.0 if name == "einsum" else None)))
-    sorted_t, experts_t = times["sorted (grouped_mm)"], times["experts only, pre-sorted"]
-    res.notes.append(f"dispatch overhead (sorted grouped_mm / experts only): {min(sorted_t) / min(experts_t):.3f} "
+    sorted_t, experts_t = times[SORTED], times["experts only, pre-sorted"]
+    res.notes.append(f"dispatch overhead (sorted / experts only): {min(sorted_t) / min(experts_t):.3f} "
                      f"min-over-min, {statistics.median(a / b for a, b in zip(sorted_t, experts_t)):.3f} median of pairs")
     if "DeepSpeed MoE" in times:
         ds_t = times["DeepSpeed MoE"]
-        res.notes.append(f"DeepSpeed MoE / sorted (grouped_mm): {min(ds_t) / min(sorted_t):.2f}x min-over-min, "
+        res.notes.append(f"DeepSpeed MoE / sorted: {min(ds_t) / min(sorted_t):.2f}x min-over-min, "
                          f"{statistics.median(a / b for a, b in zip(ds_t, sorted_t)):.2f}x median of pairs")
     res.gemm = gemm_throughput(rows, layer.experts.w_up.detach(), plan.counts, reps)
     res.bandwidth = permute_bandwidth(x, plan, reps)
@@ -338,8 +331,8 @@ def gemm_throughput(rows: Tensor, w: Tensor, counts: Tensor, reps: int) -> dict:
     flops = 2.0 * N * d * f
     with torch.no_grad():
         times = interleaved({
-            "grouped (grouped_mm)": lambda: grouped_matmul(rows, w, counts, True),
-            "grouped (per-expert loop)": lambda: grouped_matmul(rows, w, counts, False),
+            "grouped_mm": lambda: grouped_matmul(rows, w, counts, "grouped_mm"),
+            "loop": lambda: grouped_matmul(rows, w, counts, "loop"),
             "dense GEMM": lambda: rows @ dense_w,
         }, reps)
     return {n: flops / min(ts) / 1e9 for n, ts in times.items()}
@@ -384,9 +377,10 @@ def to_markdown(results: list[ShapeResult], header: list[str]) -> str:
                        f"{row.ratio_median_pairs:.2f} | {diff} |")
         out.append("")
         g = r.gemm
-        out.append(f"grouped GEMM forward (x[N,d] @ w_up over expert segments): grouped_mm {g['grouped (grouped_mm)']:.1f} "
-                   f"GFLOP/s, per-expert loop {g['grouped (per-expert loop)']:.1f} GFLOP/s, one dense GEMM of the same "
-                   f"FLOPs {g['dense GEMM']:.1f} GFLOP/s ({g['grouped (grouped_mm)'] / g['dense GEMM']:.0%} of dense).  ")
+        best = max(g["grouped_mm"], g["loop"])
+        out.append(f"grouped GEMM forward (x[N,d] @ w_up over expert segments): torch grouped_mm {g['grouped_mm']:.1f} "
+                   f"GFLOP/s, per-expert loop {g['loop']:.1f} GFLOP/s, one dense GEMM of the same FLOPs "
+                   f"{g['dense GEMM']:.1f} GFLOP/s (the faster grouped one at {best / g['dense GEMM']:.0%} of dense).  ")
         bw = r.bandwidth
         out.append(f"permute {bw['permute (gather)']:.1f} GB/s, combine {bw['combine (weighted index_add)']:.1f} GB/s, "
                    f"row copy {bw['copy of the rows']:.1f} GB/s (reference).  ")
@@ -428,6 +422,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--no-peers", action="store_true", help="skip DeepSpeed, the Mixtral-style loop and MegaBlocks")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="also write the markdown tables to this file")
+    p.add_argument("--allocator", default="auto", choices=allocator.CHOICES,
+                   help="re-run once with this allocator preloaded (auto: jemalloc, else tcmalloc, else glibc "
+                        "keeping freed pages; system: as the environment has it)")
     a = p.parse_args(argv)
     shapes = parse_shapes(a.shapes or (QUICK_SHAPES if a.quick else DEFAULT_SHAPES))
     reps = a.reps if a.reps is not None else (2 if a.quick else 7)
@@ -439,4 +436,12 @@ def main(argv: Optional[list[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    args = sys.argv[1:]
+    choice = next((v.split("=", 1)[1] for v in args if v.startswith("--allocator=")), None)
+    if choice is None and "--allocator" in args[:-1]:
+        choice = args[args.index("--allocator") + 1]
+    if choice in allocator.CHOICES and choice != "system":  # anything else: argparse reports it in main()
+        allocator.reexec("experiments.bench", args, choice)
+    main(args)

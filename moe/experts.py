@@ -20,6 +20,7 @@ class Experts(nn.Module):
         super().__init__()
         E, d, f = num_experts, d_model, hidden
         self.num_experts, self.act = E, activation_fn(activation)
+        self.activation = activation  # the name, for fused kernels (moe.dispatch.triton) that apply it themselves
         self.w_up = nn.Parameter(torch.empty(E, d, f))
         self.w_gate = nn.Parameter(torch.empty(E, d, f)) if glu else None
         self.w_down = nn.Parameter(torch.empty(E, f, d))
@@ -31,7 +32,9 @@ class Experts(nn.Module):
             # must skip them and reduce them over their own group (the tags DeepSpeed's MoE code reads).
             p.allreduce = False
             p.group_name = "ep_size_1"
-        self.use_grouped_mm = True  # False forces the per-expert loop (used by benchmarks and FLOP tests)
+        # moe.grouped_gemm.IMPLS: "auto" (torch's grouped_mm on CUDA, the per-expert loop elsewhere), or force
+        # "grouped_mm" / "loop" (benchmarks compare them; FLOP tests need the loop, whose matmuls FlopCounterMode sees)
+        self.gemm_impl = "auto"
         # Expert parallelism (moe.parallel.shard_experts): this bank then holds only experts
         # [first_expert, first_expert + num_experts) of num_global_experts, and ep_group is its all-to-all group.
         self.num_global_experts, self.first_expert = E, 0
@@ -57,17 +60,17 @@ class Experts(nn.Module):
     def forward_sorted(self, x: Tensor, expert_index: Tensor, counts: Tensor) -> Tensor:
         """x [N, d] rows grouped by expert (counts [E] rows each, expert_index [N]) -> [N, d]."""
         w_up, w_gate, w_down = self._weights(x.dtype)
-        h = grouped_matmul(x, w_up, counts, self.use_grouped_mm)  # [N, f]
+        h = grouped_matmul(x, w_up, counts, self.gemm_impl)  # [N, f]
         if self.b_up is not None:
             h = h + self.b_up[expert_index].to(h.dtype)
         if w_gate is not None:
-            g = grouped_matmul(x, w_gate, counts, self.use_grouped_mm)
+            g = grouped_matmul(x, w_gate, counts, self.gemm_impl)
             if self.b_gate is not None:
                 g = g + self.b_gate[expert_index].to(g.dtype)
             h = self.act(g) * h
         else:
             h = self.act(h)
-        y = grouped_matmul(h, w_down, counts, self.use_grouped_mm)  # [N, d]
+        y = grouped_matmul(h, w_down, counts, self.gemm_impl)  # [N, d]
         if self.b_down is not None:
             y = y + self.b_down[expert_index].to(y.dtype)
         return y

@@ -1,14 +1,23 @@
 """Grouped matmul over contiguous per-expert row segments: y[seg_e] = x[seg_e] @ w[e].
 
 Shape legend: N rows (sorted by expert), E experts, a input width, b output width.
-Uses torch.nn.functional.grouped_mm where its layout rules hold, else a per-expert loop over `w.unbind(0)`
-(indexing w[e] in a loop would make autograd allocate a full [E, a, b] gradient per expert).
+
+Two implementations, chosen by `impl`:
+- "grouped_mm": torch.nn.functional.grouped_mm, one fused kernel on CUDA (bf16 on Hopper) where its layout
+  rules hold. Its CPU version is a loop of matmuls plus layout copies, measured ~20% slower than the loop below
+  on the benchmark's shapes (docs/benchmarks.md), so "auto" uses it on CUDA only.
+- "loop": one matmul per expert, written straight into a preallocated output (forward, grad-input and
+  grad-weight alike), so no split/cat/stack copies appear in forward or backward. It needs the split sizes on
+  the host (a sync on CUDA, free on CPU).
+"auto" takes grouped_mm where it applies on CUDA and the loop everywhere else.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+IMPLS = ("auto", "grouped_mm", "loop")
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -22,6 +31,49 @@ class _ContiguousGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
         return grad.contiguous()
+
+
+class _SegmentMatmul(torch.autograd.Function):
+    """The per-expert loop as one autograd node: every matmul writes into its slice of one output buffer.
+
+    Autograd through split / unbind / cat would copy the rows' gradient once more (cat) and stack E weight
+    gradients into a fresh [E, a, b] tensor; here grad_x and grad_w are filled in place, expert by expert.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor, splits: list[int]) -> Tensor:
+        ctx.save_for_backward(x, w)
+        ctx.splits = splits
+        out = x.new_empty(x.shape[0], w.shape[2])
+        start = 0
+        # Inputs arrive in one dtype (Experts._weights casts); autocast must not re-cast them against `out`.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            for e, n in enumerate(splits):
+                if n:
+                    torch.mm(x[start:start + n], w[e], out=out[start:start + n])
+                start += n
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, w = ctx.saved_tensors
+        grad = grad.contiguous()
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_x = x.new_empty(x.shape) if need_x else None
+        grad_w = w.new_empty(w.shape) if need_w else None
+        start = 0
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            for e, n in enumerate(ctx.splits):
+                rows = slice(start, start + n)
+                if need_x and n:
+                    torch.mm(grad[rows], w[e].t(), out=grad_x[rows])
+                if need_w:
+                    if n:
+                        torch.mm(x[rows].t(), grad[rows], out=grad_w[e])
+                    else:
+                        grad_w[e].zero_()  # an expert without rows gets a zero gradient, never garbage
+                start += n
+        return grad_x, grad_w, None
 
 
 def _grouped_mm_ok(x: Tensor, w: Tensor) -> bool:
@@ -39,10 +91,11 @@ def _grouped_mm_ok(x: Tensor, w: Tensor) -> bool:
     return (x.shape[1] * size) % 16 == 0 and (w.shape[2] * size) % 16 == 0 and (w.shape[1] * w.shape[2] * size) % 16 == 0
 
 
-def grouped_matmul(x: Tensor, w: Tensor, counts: Tensor, use_grouped_mm: bool = True) -> Tensor:
+def grouped_matmul(x: Tensor, w: Tensor, counts: Tensor, impl: str = "auto") -> Tensor:
     """x [N, a] rows sorted by expert, w [E, a, b], counts [E] rows per expert -> [N, b]."""
-    if use_grouped_mm and _grouped_mm_ok(x, w):
+    if impl not in IMPLS:
+        raise ValueError(f"grouped matmul impl={impl!r} must be one of {IMPLS}")
+    if impl != "loop" and (x.is_cuda or impl == "grouped_mm") and _grouped_mm_ok(x, w):
         offs = torch.cumsum(counts, 0).to(torch.int32)
         return _ContiguousGrad.apply(F.grouped_mm(x, w, offs=offs))
-    outs = [xs @ we for xs, we in zip(x.split(counts.tolist()), w.unbind(0))]
-    return torch.cat(outs) if outs else x.new_zeros(0, w.shape[2])
+    return _SegmentMatmul.apply(x, w, counts.tolist())

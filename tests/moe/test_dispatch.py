@@ -90,8 +90,9 @@ def test_grouped_mm_equals_loop(k, cf, glu):
     g = torch.randn(T, 8, generator=torch.Generator().manual_seed(6))
     assert _grouped_mm_ok(x, experts.w_up) and _grouped_mm_ok(torch.zeros(3, 12), experts.w_down), \
         "these shapes must take the grouped_mm path"
+    experts.gemm_impl = "grouped_mm"
     fused = _run("sorted", router, experts, x, g)
-    experts.use_grouped_mm = False
+    experts.gemm_impl = "loop"
     loop = _run("sorted", router, experts, x, g)
     _compare(fused, loop)
 
@@ -105,13 +106,13 @@ def test_loop_fallback_for_unaligned_widths(d, f, k):
     _compare(_run("einsum", router, experts, x, g), _run("sorted", router, experts, x, g))
 
 
-@pytest.mark.parametrize("use_grouped_mm", [True, False])
-def test_grouped_matmul_segments(use_grouped_mm):
+@pytest.mark.parametrize("impl", ["grouped_mm", "loop"])
+def test_grouped_matmul_segments(impl):
     gen = torch.Generator().manual_seed(3)
     counts = torch.tensor([3, 0, 5, 2])
     x = torch.randn(10, 8, generator=gen, requires_grad=True)
     w = torch.randn(4, 8, 4, generator=gen, requires_grad=True)
-    y = grouped_matmul(x, w, counts, use_grouped_mm)
+    y = grouped_matmul(x, w, counts, impl)
     ref = torch.cat([x[0:3] @ w[0], x[3:8] @ w[2], x[8:10] @ w[3]])
     torch.testing.assert_close(y, ref, **TOL)
     y.sum().backward()  # a stride-0 incoming gradient
@@ -123,8 +124,8 @@ def test_grouped_matmul_segments(use_grouped_mm):
 def test_grouped_matmul_no_rows():
     x = torch.zeros(0, 8)
     w = torch.randn(4, 8, 4)
-    for flag in (True, False):
-        assert grouped_matmul(x, w, torch.zeros(4, dtype=torch.long), flag).shape == (0, 4)
+    for impl in ("grouped_mm", "loop"):
+        assert grouped_matmul(x, w, torch.zeros(4, dtype=torch.long), impl).shape == (0, 4)
 
 
 @pytest.mark.parametrize("name", sorted(DISPATCHERS))
@@ -136,3 +137,60 @@ def test_dispatch_bf16_runs_close_to_fp32(name):
     y16 = DISPATCHERS[name](x.bfloat16(), plan, experts_bf16)
     assert y16.dtype == torch.bfloat16
     torch.testing.assert_close(y16.float(), y32.detach(), rtol=5e-2, atol=5e-2)
+
+
+# ---------------------------------------------------------------- choosing a dispatcher (auto, triton)
+
+def test_auto_resolves_to_sorted_without_cuda(monkeypatch):
+    from moe.dispatch import resolve_dispatcher
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # auto never picks the interpreter, however the variable is set
+    assert resolve_dispatcher("auto", torch.device("cpu")) == ("sorted", "auto: no CUDA device (cpu tensors)")
+    assert resolve_dispatcher("einsum", torch.device("cpu"))[0] == "einsum"
+    assert resolve_dispatcher("auto", torch.device("cpu"), expert_parallel=True)[0] == "sorted"
+    if not torch.cuda.is_available():
+        name, why = resolve_dispatcher("auto", torch.device("cuda"))
+        assert name == "sorted" and "CUDA" in why
+
+
+def test_forced_triton_that_cannot_run_says_what_to_change(monkeypatch):
+    import moe.kernels
+    from moe.dispatch import resolve_dispatcher
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match=r"model\.moe\.dispatcher=triton cannot run here: .*(TRITON_INTERPRET|triton)"):
+        resolve_dispatcher("triton", torch.device("cpu"))
+    monkeypatch.setattr(moe.kernels, "_triton_version", lambda: None)  # as if triton were not installed
+    assert moe.kernels.triton_status()[0] is False and "not importable" in moe.kernels.triton_status()[1]
+    with pytest.raises(ValueError, match=r"model\.moe\.dispatcher=triton cannot run here: triton is not importable"):
+        resolve_dispatcher("triton", torch.device("cuda"))
+    assert resolve_dispatcher("auto", torch.device("cuda"))[0] == "sorted"
+    with pytest.raises(ValueError, match=r"model\.moe\.dispatcher=triton cannot run expert-parallel"):
+        resolve_dispatcher("triton", torch.device("cpu"), expert_parallel=True)
+
+
+def test_auto_layer_on_cpu_runs_sorted_and_says_so():
+    from moe import ModelConfig, MoEConfig, Transformer
+    from moe.dispatch import describe_dispatch
+
+    def model(layers):
+        return Transformer(ModelConfig(vocab_size=32, n_layer=2, d_model=8, n_head=2, d_ff=12, max_seq_len=8,
+                                       moe=MoEConfig(layers=layers, num_experts=E)))
+
+    moe_model = model("all")
+    assert describe_dispatch(moe_model) == "dispatcher: sorted (auto: no CUDA device (cpu tensors))"
+    assert describe_dispatch(model("none")) == "dispatcher: none (dense model)"
+    layer = moe_model.blocks[0].ffn
+    assert layer.resolved_dispatcher(torch.device("cpu"))[0] == "sorted"
+    assert layer.router.topk_impl is None and layer.router.sort_impl is None  # routing's own torch code
+
+
+def test_importing_the_library_does_not_import_triton():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    # moe.kernels itself, the dispatchers and the layer import triton only when a kernel is about to run
+    code = ("import sys, moe, moe.kernels, moe.dispatch, moe.layer\n"
+            "assert not any(m == 'triton' or m.startswith('triton.') for m in sys.modules), 'triton was imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=str(Path(__file__).resolve().parents[2]))

@@ -6,7 +6,7 @@ of a tiny Transformer, divided by the tokens. Three things it does not see by de
   no FLOP formula (counted 0). The main tests force the MATH backend, whose plain bmm's FlopCounterMode counts
   with its own formulas (backward = 2 x forward). A second test keeps the fused CPU kernel and maps it to
   torch's formulas for the GPU fused kernels, whose backward recomputes QK^T (moe.flops attention_recompute).
-- F.grouped_mm (the experts' default path) is counted 0 too. The main MoE tests set use_grouped_mm=False on
+- F.grouped_mm (the experts' path on CUDA) is counted 0 too. The main MoE tests set gemm_impl="loop" on
   every Experts module: the per-expert loop then runs plain aten.mm, again counted by torch's own formulas,
   an oracle independent of ours. A custom mapping for aten._grouped_mm would need a formula we write
   ourselves; one test does that, to show the grouped path does the same work as the loop.
@@ -71,7 +71,7 @@ def _model(kw: dict, grouped_mm: bool = False) -> Transformer:
     model = Transformer(ModelConfig(**kw))
     for m in model.modules():
         if isinstance(m, Experts):
-            m.use_grouped_mm = grouped_mm
+            m.gemm_impl = "grouped_mm" if grouped_mm else "loop"
     return model
 
 
