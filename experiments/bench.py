@@ -48,7 +48,9 @@ from routing.config import RouterConfig
 DEFAULT_SHAPES = "4096:512:768:8:1,4096:512:768:8:2,4096:512:768:32:2,8192:512:2048:8:2,8192:512:2048:32:2"
 QUICK_SHAPES = "256:64:96:4:1,256:64:96:8:2"
 SORTED = "sorted (default: grouped GEMM auto)"
-ATOL = 1e-4  # fp32 agreement of the MoE implementations' outputs with einsum (relative to the output's scale)
+# agreement of the MoE implementations' outputs with einsum, relative to the output's scale
+ATOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -93,6 +95,7 @@ class ShapeResult:
     notes: list[str] = field(default_factory=list)
     gemm: dict = field(default_factory=dict)
     bandwidth: dict = field(default_factory=dict)
+    peak_gbs: Optional[float] = None  # the device's peak memory bandwidth, where known (CUDA)
 
 
 # ---------------------------------------------------------------------------------------------- machine checks
@@ -236,25 +239,29 @@ def step_fn(forward: Callable[[Tensor], Tensor], params: list[Tensor], x: Tensor
 def interleaved(fns: dict[str, Callable[[], None]], reps: int, warmup: int = 1) -> dict[str, list[float]]:
     names = list(fns)
     times = {n: [] for n in names}
+    sync = torch.cuda.synchronize if torch.cuda.is_initialized() else (lambda: None)
     for r in range(warmup + reps):
         start = r % len(names)
         for n in names[start:] + names[:start]:  # round-robin, the first one rotating
+            sync()
             t0 = time.perf_counter()
             fns[n]()
+            sync()  # CUDA work is asynchronous: time it to completion
             dt = time.perf_counter() - t0
             if r >= warmup:
                 times[n].append(dt)
     return times
 
 
-def bench_shape(s: Shape, reps: int, peers: bool, seed: int = 0) -> ShapeResult:
+def bench_shape(s: Shape, reps: int, peers: bool, seed: int = 0, device: str = "cpu",
+                dtype: torch.dtype = torch.float32) -> ShapeResult:
     res = ShapeResult(s)
     torch.manual_seed(seed)
-    layer = build_layer(s)
-    dense = DenseFFN(s.d, s.k * s.f, "gelu", False, False)
+    layer = build_layer(s).to(device, dtype)  # the router keeps fp32 (Router._apply)
+    dense = DenseFFN(s.d, s.k * s.f, "gelu", False, False).to(device, dtype)
     g = torch.Generator().manual_seed(seed + 1)
-    x = torch.randn(s.T, s.d, generator=g)
-    gy = torch.randn(s.T, s.d, generator=g)
+    x = torch.randn(s.T, s.d, generator=g).to(device, dtype)
+    gy = torch.randn(s.T, s.d, generator=g).to(device, dtype)
     moe_params = list(layer.parameters())
 
     def dispatcher(name: str, gemm: str = "auto") -> Callable[[Tensor], Tensor]:
@@ -272,8 +279,9 @@ def bench_shape(s: Shape, reps: int, peers: bool, seed: int = 0) -> ShapeResult:
         forwards["triton"] = (dispatcher("triton"), moe_params)
     if peers:
         forwards["Mixtral-style loop (transformers)"] = (lambda h: mixtral_loop(layer, h, s.k), moe_params)
-        ds, why = deepspeed_moe(layer, s)
+        ds, why = deepspeed_moe(layer, s) if not x.is_cuda else (None, "timed on CPU only by this bench")
         if ds is not None:
+            ds.deepspeed_moe.experts.to(dtype)  # its gate stays fp32, as ours
             forwards["DeepSpeed MoE"] = (lambda h: ds(h[None])[0][0], list(ds.parameters()))
         else:
             res.notes.append(f"DeepSpeed MoE: {why}")
@@ -286,7 +294,7 @@ def bench_shape(s: Shape, reps: int, peers: bool, seed: int = 0) -> ShapeResult:
         diffs = {}
         for name, (fwd, _) in forwards.items():
             diffs[name] = (fwd(x) - ref).abs().max().item()
-            if diffs[name] > ATOL * max(1.0, scale):
+            if diffs[name] > ATOL[dtype] * max(1.0, scale):
                 raise AssertionError(f"{name} disagrees with einsum at {s.name}: max |diff| {diffs[name]:.3g}")
 
     # Experts only, on rows already gathered in expert order (the lower bound of any dispatcher).
@@ -294,7 +302,7 @@ def bench_shape(s: Shape, reps: int, peers: bool, seed: int = 0) -> ShapeResult:
         layer.dispatcher, layer.experts.gemm_impl = "sorted", "auto"
         plan = layer.router(x)
     rows = x[plan.token_index].contiguous()
-    gy_rows = torch.randn(rows.shape, generator=g)
+    gy_rows = torch.randn(rows.shape, generator=g).to(device, dtype)
 
     fns = {"dense FFN (hidden k*f)": step_fn(dense, list(dense.parameters()), x, gy)}
     for name, (fwd, params) in forwards.items():
@@ -319,6 +327,7 @@ def bench_shape(s: Shape, reps: int, peers: bool, seed: int = 0) -> ShapeResult:
                          f"{statistics.median(a / b for a, b in zip(ds_t, sorted_t)):.2f}x median of pairs")
     res.gemm = gemm_throughput(rows, layer.experts.w_up.detach(), plan.counts, reps)
     res.bandwidth = permute_bandwidth(x, plan, reps)
+    res.peak_gbs = peak_bandwidth(x.device)
     return res
 
 
@@ -340,7 +349,7 @@ def gemm_throughput(rows: Tensor, w: Tensor, counts: Tensor, reps: int) -> dict:
 
 def permute_bandwidth(x: Tensor, plan, reps: int) -> dict:
     """GB/s of the gather and of the weighted combine (bytes read + written) vs a copy of the rows."""
-    ti, w = plan.token_index, plan.weight
+    ti, w = plan.token_index, plan.weight.to(x.dtype)
     N, d = ti.numel(), x.shape[1]
     rows = x[ti].contiguous()
     b = x.element_size()
@@ -356,6 +365,16 @@ def permute_bandwidth(x: Tensor, plan, reps: int) -> dict:
         "copy of the rows": 2 * N * d * b,
     }
     return {n: moved[n] / min(ts) / 1e9 for n, ts in times.items()}
+
+
+def peak_bandwidth(device: torch.device) -> Optional[float]:
+    """The device's peak memory bandwidth in GB/s from its memory clock and bus width (double data rate), where
+    torch reports them (CUDA); None on CPU, whose peak this bench cannot know."""
+    if device.type != "cuda":
+        return None
+    props = torch.cuda.get_device_properties(device)
+    clock_khz, bus_bits = getattr(props, "memory_clock_rate", 0), getattr(props, "memory_bus_width", 0)
+    return 2 * clock_khz * 1e3 * bus_bits / 8 / 1e9 if clock_khz and bus_bits else None
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -383,28 +402,35 @@ def to_markdown(results: list[ShapeResult], header: list[str]) -> str:
                    f"{g['dense GEMM']:.1f} GFLOP/s (the faster grouped one at {best / g['dense GEMM']:.0%} of dense).  ")
         bw = r.bandwidth
         out.append(f"permute {bw['permute (gather)']:.1f} GB/s, combine {bw['combine (weighted index_add)']:.1f} GB/s, "
-                   f"row copy {bw['copy of the rows']:.1f} GB/s (reference).  ")
+                   f"row copy {bw['copy of the rows']:.1f} GB/s (reference)"
+                   + (f"; device peak {r.peak_gbs:.0f} GB/s: permute at {bw['permute (gather)'] / r.peak_gbs:.0%}, "
+                      f"combine at {bw['combine (weighted index_add)'] / r.peak_gbs:.0%}" if r.peak_gbs else "") + ".  ")
         for n in r.notes:
             out.append(f"{n}.  ")
     return "\n".join(out) + "\n"
 
 
 def run(shapes: list[Shape], reps: int = 7, threads: int = 1, peers: bool = True, seed: int = 0,
-        log: Callable[[str], None] = print) -> tuple[list[ShapeResult], str]:
+        log: Callable[[str], None] = print, device: str = "cpu", dtype: str = "fp32") -> tuple[list[ShapeResult], str]:
     if reps < 1:
         raise ValueError(f"--reps={reps} must be at least 1 (the protocol asks for 7 or more)")
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     header = machine_report(threads)
-    header.append(f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}; fp32, forward + backward; "
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device={device}: CUDA is not available here; use --device cpu")
+        header.append(f"device: {torch.cuda.get_device_name(device)}")
+    header.append(f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}; {dtype} on {device}, "
+                  f"forward + backward; "
                   f"{reps} repetitions after 1 warm-up, round-robin; ratios = time / dense FFN time")
     for h in header:
         log(h)
     results = []
     try:
         for s in shapes:
-            r = bench_shape(s, reps, peers, seed)
+            r = bench_shape(s, reps, peers, seed, device, DTYPES[dtype])
             results.append(r)
             log(to_markdown([r], []))
     finally:
@@ -421,6 +447,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 for ratios)")
     p.add_argument("--no-peers", action="store_true", help="skip DeepSpeed, the Mixtral-style loop and MegaBlocks")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu, or cuda[:i] (adds the triton dispatcher)")
+    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="fp32 (CPU tables), bf16 (GPU tables)")
     p.add_argument("--out", default=None, help="also write the markdown tables to this file")
     p.add_argument("--allocator", default="auto", choices=allocator.CHOICES,
                    help="re-run once with this allocator preloaded (auto: jemalloc, else tcmalloc, else glibc "
@@ -428,7 +456,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     a = p.parse_args(argv)
     shapes = parse_shapes(a.shapes or (QUICK_SHAPES if a.quick else DEFAULT_SHAPES))
     reps = a.reps if a.reps is not None else (2 if a.quick else 7)
-    _, md = run(shapes, reps, a.threads, not a.no_peers, a.seed)
+    _, md = run(shapes, reps, a.threads, not a.no_peers, a.seed, device=a.device, dtype=a.dtype)
     if a.out:
         with open(a.out, "w") as fh:
             fh.write(md)

@@ -46,3 +46,12 @@ def test_disagreement_is_caught(monkeypatch):
     monkeypatch.setattr(bench, "mixtral_loop", lambda layer, x, k: real(layer, x, k) * 1.5)
     with pytest.raises(AssertionError, match="disagrees with einsum"):
         bench.run(bench.parse_shapes("64:32:48:4:2"), reps=1, log=lambda s: None)
+
+
+def test_bf16_run_and_cuda_refusal():
+    results, md = bench.run(bench.parse_shapes("64:32:48:4:2"), reps=1, peers=False, log=lambda s: None, dtype="bf16")
+    assert "bf16 on cpu" in md
+    assert all(r.max_abs_diff is None or r.max_abs_diff < 3e-2 for r in results[0].rows)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="--device cpu"):
+            bench.run(bench.parse_shapes("64:32:48:4:2"), reps=1, peers=False, log=lambda s: None, device="cuda")
