@@ -15,7 +15,7 @@ ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
 NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("learned", "rope", "none")
 ATTN_BIAS = ("none", "all", "qkv")
-DISPATCHERS = ("einsum", "sorted")
+DISPATCHERS = ("auto", "einsum", "sorted", "triton", "tutel")
 
 
 @dataclass
@@ -26,7 +26,11 @@ class MoEConfig:
     num_experts: int = 8  # routed experts per sparse layer (E)
     expert_hidden: Optional[int] = None  # hidden width f of each expert; None: the dense FFN's d_ff
     glu: Optional[bool] = None  # gated experts; None: as the dense FFN (model.glu). GLaM gates only its dense FFNs
-    dispatcher: str = "sorted"  # "einsum" (GShard one-hot reference) or "sorted" (grouped matmul, dropless)
+    # "auto" (triton for CUDA tensors when triton imports, else sorted; the run's log says which), "einsum" (GShard
+    # one-hot reference), "sorted" (grouped matmul, dropless) or "triton" (fused gather/GEMM/combine and top-k
+    # kernels; needs CUDA, or TRITON_INTERPRET=1 to run on CPU for tests) or "tutel" (Tutel's encode/decode kernels
+    # around padded experts; tutel is not on PyPI, so only where it was installed from source)
+    dispatcher: str = "auto"
     num_shared_experts: int = 0  # always-active experts beside the routed ones (DeepSeekMoE, Qwen-MoE)
     shared_hidden: Optional[int] = None  # hidden width of the shared experts together; None: num_shared * f
     shared_gate: bool = False  # scale the shared experts' output by sigmoid(x . w) per token (Qwen-MoE)
@@ -53,11 +57,11 @@ class MoEConfig:
                 f"model.moe.expert_parallel={self.expert_parallel} does not divide model.moe.num_experts="
                 f"{self.num_experts}: every rank of an expert-parallel group holds the same number of experts"
             )
-        if self.expert_parallel > 1 and self.dispatcher != "sorted":
+        if self.expert_parallel > 1 and self.dispatcher not in ("auto", "sorted"):
             raise ValueError(
                 f"model.moe.dispatcher={self.dispatcher!r} cannot run expert-parallel (model.moe.expert_parallel="
                 f"{self.expert_parallel}): the all-to-all dispatcher runs the local experts with 'sorted'; "
-                f"set model.moe.dispatcher=sorted"
+                f"set model.moe.dispatcher=auto or sorted"
             )
 
     def sparse_layers(self, n_layer: int) -> tuple[int, ...]:

@@ -22,6 +22,14 @@ class Router(nn.Module):
     # load-balancing loss then counts its expert fractions over the whole group, so that the loss and its
     # gradients equal those of one process holding the global batch. None: this process's tokens only.
     batch_group = None
+    # Injected implementations (routing imports only torch; moe.layer.MoELayer installs fused kernels here when its
+    # dispatcher resolves to `triton`). None: the torch code of this package. Routers that do not use them ignore them.
+    # topk_impl(logits [T, E], top_k, order, renormalize) -> (probs [T, E], weight [T, k], expert_idx [T, k]), the
+    #     contract of routing.topk.topk_gating.
+    # sort_impl(expert_idx [T, k], E) -> a tuple whose first four items are order [A], token_index [A],
+    #     expert_index [A], counts [E]: the dropless rows of routing.capacity.assign (choice-major, stable by expert).
+    topk_impl = None
+    sort_impl = None
 
     def __init__(self, d_model: int, num_experts: int, cfg: RouterConfig, vocab_size: Optional[int] = None):
         super().__init__()

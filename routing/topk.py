@@ -50,14 +50,19 @@ class TopKRouter(Router):
         cfg = self.cfg
         T = logits.shape[0]
         E = self.num_experts
-        probs, weight, expert_idx = topk_gating(logits, cfg.top_k, cfg.order, cfg.renormalize)
+        probs, weight, expert_idx = (self.topk_impl or topk_gating)(logits, cfg.top_k, cfg.order, cfg.renormalize)
         keep_second = gshard_keep_second(weight) if cfg.random_second and self.training else None
         weight = weight * cfg.scale
         cf = cfg.capacity_factor
         if not self.training and cfg.eval_capacity_factor is not None:
             cf = cfg.eval_capacity_factor
         capacity = expert_capacity(T, E, cfg.top_k, cf, cfg.min_capacity)
-        if keep_second is None:
+        if keep_second is None and capacity is None and self.sort_impl is not None:
+            # Dropless: an injected device sort gives assign's rows without its host synchronisation.
+            order, token_index, expert_index, counts = self.sort_impl(expert_idx, E)[:4]
+            row_weight = weight.t().reshape(-1)[order]
+            kept = torch.ones_like(expert_idx, dtype=torch.bool)
+        elif keep_second is None:
             token_index, expert_index, row_weight, counts, kept = assign(
                 expert_idx, weight, E, capacity, cfg.drop_policy
             )

@@ -175,3 +175,17 @@ def test_tiny_presets_forward(name):
 def test_router_non_mapping_raises():
     with pytest.raises(ValueError, match="model.moe.router must be a mapping"):
         MoEConfig(router="topk")
+
+
+def test_dispatcher_choices_and_default():
+    assert MoEConfig().dispatcher == "auto"
+    for name in ("auto", "einsum", "sorted", "triton"):
+        assert MoEConfig(layers="all", dispatcher=name).dispatcher == name
+
+
+def test_expert_parallel_takes_auto_and_sorted_only():
+    for name in ("auto", "sorted"):
+        MoEConfig(layers="all", num_experts=8, expert_parallel=2, dispatcher=name)
+    for name in ("einsum", "triton"):
+        with pytest.raises(ValueError, match=rf"model\.moe\.dispatcher='{name}' cannot run expert-parallel.*auto or sorted"):
+            MoEConfig(layers="all", num_experts=8, expert_parallel=2, dispatcher=name)

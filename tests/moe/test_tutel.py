@@ -123,3 +123,23 @@ def test_real_tutel_equals_einsum():
     torch.testing.assert_close(got[0], ref[0], **TOL)
     for n in ref[1]:
         torch.testing.assert_close(got[1][n], ref[1][n], **TOL)
+
+
+def test_layer_with_tutel_dispatcher(tutel_model):
+    """model.moe.dispatcher=tutel selects the adapter in a whole MoE layer; without tutel it is a clear error."""
+    from moe.config import ModelConfig, MoEConfig
+    from moe.dispatch import describe_dispatch
+    from moe.layer import MoELayer
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(d_model=D, d_ff=F, n_head=2, moe=MoEConfig(layers="all", num_experts=E, dispatcher="tutel"))
+    layer = MoELayer(cfg)
+    x = torch.randn(2, T // 2, D)
+    y, _ = layer(x)
+    layer.dispatcher = "sorted"
+    torch.testing.assert_close(y, layer(x)[0], **TOL)
+    layer.dispatcher = "tutel"
+    assert "dispatcher: tutel" in describe_dispatch(layer)
+    sys.modules["tutel.impls.fast_dispatch"] = None  # the fixture restores it
+    with pytest.raises(ValueError, match="not on PyPI"):
+        layer(x)

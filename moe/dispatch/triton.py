@@ -1,0 +1,43 @@
+"""Triton dispatch: the `sorted` contract with the gather fused into the first grouped GEMM and the weighted combine
+fused into the second.
+
+Shape legend: T tokens, d model width, f expert hidden width, E experts, N plan rows (sorted by expert).
+
+    h [N, f] = act(x[token_index] @ w_gate[e] + b_gate) * (x[token_index] @ w_up[e] + b_up)   (GLU; else act(up))
+    y [T, d] = sum over rows r of token t: weight[r] * (h[r] @ w_down[e_r] + b_down[e_r])
+
+`sorted` materialises x[token_index] [N, d], the expert outputs [N, d] and their weighted copy before an
+index_add_; here the rows are read straight from x inside the first kernel (moe.kernels.grouped_gemm) and the
+second kernel's epilogue scales and reduces them per token, deterministically. The segment offsets are a cumsum of
+plan.counts on the device, so the dispatch itself never waits on the host. Triton is imported only when this runs.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import Tensor
+
+from routing.plan import RoutingPlan
+
+
+def triton_dispatch(x: Tensor, plan: RoutingPlan, experts) -> Tensor:
+    """x [T, d] -> y [T, d]; same contract as sorted_dispatch (moe.dispatch.sorted)."""
+    from moe.kernels import triton_status
+
+    ok, why = triton_status(x.device)
+    if not ok:
+        raise ValueError(f"model.moe.dispatcher=triton cannot run here: {why}; set model.moe.dispatcher=auto or sorted")
+    from moe.kernels.grouped_gemm import gather_grouped_up, grouped_down_combine
+
+    # Under autocast the activations arrive in bf16 while the master weights stay fp32 (as Experts.forward_sorted).
+    w_up, w_gate, w_down = experts._weights(x.dtype)
+
+    def bias(b: Optional[Tensor]) -> Optional[Tensor]:
+        return None if b is None else b.to(x.dtype)  # forward_sorted adds biases in the activations' dtype
+
+    offsets = plan.offsets  # [E+1] on the device: cumsum of plan.counts, no host sync
+    h = gather_grouped_up(x, plan.token_index, offsets, w_up, w_gate, bias(experts.b_up), bias(experts.b_gate),
+                          experts.activation)  # [N, f]
+    y = grouped_down_combine(h, w_down, bias(experts.b_down), offsets, plan.weight.float(), plan.token_index,
+                             plan.num_tokens)  # [T, d]
+    return y if y.dtype == x.dtype else y.to(x.dtype)

@@ -1,0 +1,85 @@
+"""Deterministic row → token reduction: a token-major order of the plan rows and a segmented sum over it.
+
+Shape legend: T tokens, N plan rows (sorted by expert), D row width, row_token [N] the token each row carries.
+
+Summing the rows of a token with atomics (or `index_add_` on CUDA) makes the result depend on which thread
+arrives first: two runs differ in the last bits. Instead the rows are given a token-major order once (a stable
+device-side sort of row_token), the grouped GEMM's epilogue writes row r to its token-major slot `slot[r]`, and
+one program per token adds that token's 0..k consecutive slots in a fixed order. Every step is a sort, a
+search or a plain store, so results are bitwise reproducible on CUDA as on CPU, and nothing synchronises with
+the host (the launch grid depends only on T and D, never on how many rows a token has).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+
+@dataclass
+class TokenOrder:
+    """Where each plan row goes in the token-major order, and where each token's rows start."""
+
+    slot: Tensor  # [N] long, position of row r in the token-major order (the inverse of the sort permutation)
+    token_offsets: Tensor  # [T+1] long, token t's rows are slots token_offsets[t]:token_offsets[t+1]
+
+    @staticmethod
+    def build(row_token: Tensor, num_tokens: int) -> "TokenOrder":
+        # Stable: rows of one token keep their expert order, so the summation order is fixed by the plan alone.
+        sorted_token, perm = torch.sort(row_token, stable=True)
+        # slot = perm^-1. perm is a permutation, so every index is written exactly once: deterministic, and a
+        # scatter (unlike some index_put_ paths) never synchronises with the host.
+        slot = torch.empty_like(perm).scatter_(0, perm, torch.arange(perm.numel(), device=perm.device))
+        tokens = torch.arange(num_tokens + 1, device=row_token.device, dtype=sorted_token.dtype)
+        # First slot whose token is >= t; token_offsets[T] = N because every row's token is < T.
+        token_offsets = torch.searchsorted(sorted_token, tokens)
+        return TokenOrder(slot=slot, token_offsets=token_offsets)
+
+
+@triton.jit
+def round_to(v, dtype: tl.constexpr, INTERPRETED: tl.constexpr):
+    """fp32 v -> dtype, rounded to nearest even. The Triton interpreter truncates fp32 -> bf16 (the GPU rounds),
+    so under it the rounding is done on the bits first and the cast then drops only zero bits."""
+    if INTERPRETED and dtype == tl.bfloat16:
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16  # the carry may bump the exponent: correct
+        v = bits.to(tl.float32, bitcast=True)
+    return v.to(dtype)
+
+
+@triton.jit
+def _segment_sum_kernel(rows_ptr, token_offsets_ptr, out_ptr, D, stride_rows, stride_out,
+                        INTERPRETED: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out[t, cols] = sum of rows[j, cols] over j in token t's slot range, in slot order, accumulated in fp32."""
+    t = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_mask = cols < D
+    lo = tl.load(token_offsets_ptr + t)
+    hi = tl.load(token_offsets_ptr + t + 1)
+    acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for j in range(lo, hi):  # 0..k iterations: a token without rows keeps the zeros
+        acc += tl.load(rows_ptr + j * stride_rows + cols, mask=col_mask, other=0.0).to(tl.float32)
+    out = round_to(acc, out_ptr.dtype.element_ty, INTERPRETED)
+    tl.store(out_ptr + t.to(tl.int64) * stride_out + cols, out, mask=col_mask)
+
+
+# Whether triton.jit gave interpreted kernels (TRITON_INTERPRET=1 when triton was imported): they run on CPU
+# tensors, and need the interpreter workarounds (round_to here, fp32 dot operands in grouped_gemm).
+INTERPRETED = type(_segment_sum_kernel).__name__ == "InterpretedFunction"
+
+
+def segment_sum(rows: Tensor, token_offsets: Tensor, dtype: torch.dtype, block_d: int = 1024) -> Tensor:
+    """rows [N, D] in token-major order, token_offsets [T+1] -> [T, D] in `dtype` (rows of a token summed)."""
+    num_tokens, width = token_offsets.numel() - 1, rows.shape[1]
+    out = torch.empty(num_tokens, width, device=rows.device, dtype=dtype)
+    if num_tokens == 0 or width == 0:
+        return out
+    assert rows.stride(1) == 1, "segment_sum expects rows with contiguous columns"
+    block_d = min(block_d, triton.next_power_of_2(width))
+    grid = (num_tokens, triton.cdiv(width, block_d))
+    _segment_sum_kernel[grid](rows, token_offsets, out, width, rows.stride(0), out.stride(0),
+                              INTERPRETED=INTERPRETED, BLOCK_D=block_d)
+    return out
