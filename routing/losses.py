@@ -27,7 +27,10 @@ def load_balancing_loss(probs: Tensor, expert_idx: Tensor, num_experts: int, gro
     differentiable) is then summed over the group with one all-reduce, so each rank returns E * sum_i f_i * P_i^rank
     and the mean over ranks, the loss data-parallel training minimises, is the global batch's loss exactly.
     """
-    counts = torch.bincount(expert_idx.reshape(-1), minlength=num_experts).to(probs.dtype)
+    flat = expert_idx.reshape(-1)
+    # scatter_add rather than bincount: bincount sizes its output from the data, a host sync on CUDA
+    counts = torch.zeros(num_experts, dtype=probs.dtype, device=flat.device).scatter_add_(
+        0, flat, torch.ones_like(flat, dtype=probs.dtype))
     if group is not None:
         import torch.distributed as dist
 

@@ -70,7 +70,7 @@ class UpcycleConfig:
     shared_gate: bool = False  # shared: a sigmoid gate on the shared expert (Qwen-MoE), zero-initialised
     drop_ratio: float = 0.5  # drop: fraction r of each expert's hidden neurons re-initialised
     noise_std: float = 0.01  # noise: std of the added noise, relative to each dense matrix's std
-    dispatcher: str = "sorted"  # moe.dispatcher of the result
+    dispatcher: str = "auto"  # moe.dispatcher of the result (auto: triton on CUDA, else sorted)
     seed: int = 0  # seeds router init, noise and the re-initialised neurons
 
     def __post_init__(self) -> None:
