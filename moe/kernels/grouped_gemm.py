@@ -35,11 +35,19 @@ How the kernels are laid out, and why:
   [N, column tiles] buffer that is summed afterwards (a fixed-order sum, not an atomic).
 - Products accumulate in fp32; outputs come back in the activation dtype. fp32 inputs use IEEE fp32 dot
   products unless torch allows TF32 (torch.backends.cuda.matmul.allow_tf32), matching torch's own matmuls.
+  Weights in another dtype (fp32 masters under autocast) are cast to the activation dtype before the call.
+
+Not fused (separate launches): the activation gradient (one elementwise kernel writing the [N, f] gradients of
+the pre-activations, read by the input- and weight-gradient GEMMs), the per-token segmented sums, and the
+token-major order (a stable torch.sort, a scatter and a searchsorted; built in the combine's forward and again
+in the up projection's backward).
 
 Block sizes are a `GemmBlocks` argument: GPU defaults are fixed (not autotuned: autotuning benchmarks every
-config on first call of each shape, and without a GPU in CI its configs could not be tested here); the Triton
-interpreter (TRITON_INTERPRET=1, CPU tensors, used by the tests) gets large blocks because its cost grows
-with the number of program instances, not with their size.
+config on the first call of each shape, and with no GPU in CI its configs could not be tested here); the
+Triton interpreter (TRITON_INTERPRET=1, CPU tensors, used by the tests) gets large blocks because its cost
+grows with the number of program instances, not with their size. The interpreter also needs two workarounds
+(see `_mma` and moe.kernels.combine.round_to): its bf16 dot multiplies the raw bits, and its fp32 -> bf16
+cast truncates instead of rounding.
 """
 from __future__ import annotations
 
@@ -71,15 +79,20 @@ class GemmBlocks:
 
 
 GPU_BLOCKS = GemmBlocks()
+# fp32 operands take twice the shared memory per stage: a 32-wide K chunk keeps the GLU kernels (two weight
+# tiles per stage) near 100 KB, under the A100's 164 KB as well as the H100's 227 KB.
+GPU_BLOCKS_FP32 = GemmBlocks(block_k=32)
 # The interpreter runs program instances one after another in numpy: few large tiles are fastest.
 INTERPRETER_BLOCKS = GemmBlocks(block_m=64, block_n=64, block_k=64, block_elementwise=1 << 16,
                                 num_warps=1, num_stages=1)
 
 
-def _blocks_for(blocks: Optional[GemmBlocks]) -> GemmBlocks:
+def _blocks_for(blocks: Optional[GemmBlocks], dtype: torch.dtype) -> GemmBlocks:
     if blocks is not None:
         return blocks
-    return INTERPRETER_BLOCKS if INTERPRETED else GPU_BLOCKS
+    if INTERPRETED:
+        return INTERPRETER_BLOCKS
+    return GPU_BLOCKS_FP32 if dtype == torch.float32 else GPU_BLOCKS
 
 
 def _check_device(t: Tensor) -> None:
@@ -425,7 +438,7 @@ class _GatherGroupedUp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, row_token: Tensor, offsets: Tensor, w_up: Tensor, w_gate: Optional[Tensor],
                 b_up: Optional[Tensor], b_gate: Optional[Tensor], activation: str, blocks: GemmBlocks) -> Tensor:
-        (T, d), (E, _, f), N = x.shape, w_up.shape, row_token.numel()
+        (_, d), (E, _, f), N = x.shape, w_up.shape, row_token.numel()
         glu = w_gate is not None
         save_pre = any(ctx.needs_input_grad)
         h = x.new_empty(N, f)
@@ -551,7 +564,7 @@ def gather_grouped_up(x: Tensor, row_token: Tensor, offsets: Tensor, w_up: Tenso
     dt = x.dtype
     return _GatherGroupedUp.apply(x.contiguous(), row_token.contiguous(), offsets.contiguous(), _cast(w_up, dt),
                                   _cast(w_gate, dt), _cast(b_up, dt), _cast(b_gate, dt), activation,
-                                  _blocks_for(blocks))
+                                  _blocks_for(blocks, dt))
 
 
 def grouped_down_combine(h: Tensor, w_down: Tensor, b_down: Optional[Tensor], offsets: Tensor, row_weight: Tensor,
@@ -562,4 +575,4 @@ def grouped_down_combine(h: Tensor, w_down: Tensor, b_down: Optional[Tensor], of
     dt = h.dtype
     return _GroupedDownCombine.apply(h.contiguous(), _cast(w_down, dt), _cast(b_down, dt), offsets.contiguous(),
                                      row_weight.contiguous(), row_token.contiguous(), num_tokens,
-                                     _blocks_for(blocks))
+                                     _blocks_for(blocks, dt))

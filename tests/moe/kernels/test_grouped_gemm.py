@@ -7,6 +7,9 @@ dimensions. With CUDA the same small tests run compiled on the GPU, and the gpu-
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -228,6 +231,62 @@ def test_unknown_activation_raises():
     p = make_params(T, D, FF, E, False, False, torch.float32)
     with pytest.raises(ValueError, match="activation"):
         gather_grouped_up(p["x"], row_token, offsets, p["w_up"], None, None, None, "tanh")
+
+
+# -------------------------------------------------------------------------------- compiled for a GPU, without one
+
+# Compiles every kernel for sm_90 (Triton front end, MLIR passes, ptxas) in a process where triton is not
+# interpreted: the interpreter accepts code the compiler rejects (types, masks, constexpr use), and CI has no GPU.
+COMPILE_SCRIPT = textwrap.dedent("""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    import moe.kernels.combine as c
+    import moe.kernels.grouped_gemm as g
+
+    def build(fn, types, consts, **opts):
+        sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}  # ints: i32
+        triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32), options=opts)
+
+    for dt, prec, bk in (("*bf16", "tf32", 64), ("*fp32", "ieee", 32)):
+        p = lambda *names, t=dt: {n: t for n in names}
+        tiles = dict(PRECISION=prec, INTERPRETED=False, BLOCK_M=64, BLOCK_N=128, BLOCK_K=bk, E_POW2=8)
+        build(g._gather_up_kernel, {**p("x_ptr", "wu_ptr", "wg_ptr", "bu_ptr", "bg_ptr", "h_ptr", "pu_ptr", "pg_ptr"),
+              **p("row_token_ptr", "offsets_ptr", t="*i64")},
+              dict(GLU=True, HAS_BU=True, HAS_BG=True, ACT="gelu", SAVE_PRE=True, **tiles), num_warps=4, num_stages=3)
+        build(g._rows_to_slots_kernel, {**p("a1_ptr", "a2_ptr", "w1_ptr", "w2_ptr", "bias_ptr"),
+              **p("offsets_ptr", t="*i32"), **p("slot_ptr", t="*i64"), **p("scale_ptr", "out_ptr", t="*fp32")},
+              dict(TWO=True, HAS_BIAS=True, HAS_SCALE=True, **tiles), num_warps=4, num_stages=3)
+        build(g._down_grad_h_kernel, {**p("gy_ptr", "w_ptr", "b_ptr", "h_ptr", "gh_ptr"),
+              **p("row_token_ptr", "offsets_ptr", t="*i64"), **p("rw_ptr", "part_ptr", t="*fp32")},
+              dict(HAS_BIAS=True, **tiles), num_warps=4, num_stages=3)
+        for up in (True, False):
+            build(g._grouped_wgrad_kernel, {**p("a_ptr", "b1_ptr", "b2_ptr", "dw1_ptr", "dw2_ptr"),
+                  **p("db1_ptr", "db2_ptr"), **p("a_index_ptr", "b_index_ptr", "offsets_ptr", t="*i64"),
+                  **p("scale_ptr", t="*fp32")},
+                  dict(A_GATHER=up, B_GATHER=not up, HAS_SCALE=not up, TWO=up, HAS_BIAS=True, PRECISION=prec,
+                       INTERPRETED=False, BLOCK_P=64, BLOCK_Q=128, BLOCK_R=bk), num_warps=4, num_stages=3)
+        for act in ("gelu", "gelu_tanh", "relu", "silu"):
+            build(g._act_backward_kernel, {**p("gh_ptr", "pu_ptr", "pg_ptr", "gu_ptr", "gg_ptr"), "numel": "i64"},
+                  dict(GLU=act != "relu", ACT=act, INTERPRETED=False, BLOCK=1024), num_warps=4)
+        build(c._segment_sum_kernel, {**p("out_ptr"), **p("rows_ptr", t="*fp32"), **p("token_offsets_ptr", t="*i64")},
+              dict(INTERPRETED=False, BLOCK_D=1024), num_warps=4)
+    print("compiled")
+""")
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_hopper(tmp_path):
+    from triton.backends import backends
+
+    if "nvidia" not in backends:
+        pytest.skip("this triton build has no NVIDIA backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")  # compile for real, and never into the home directory
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    done = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
 
 
 # ------------------------------------------------------------------------------------------ real sizes on a GPU
