@@ -57,11 +57,11 @@ class MoEConfig:
                 f"model.moe.expert_parallel={self.expert_parallel} does not divide model.moe.num_experts="
                 f"{self.num_experts}: every rank of an expert-parallel group holds the same number of experts"
             )
-        if self.expert_parallel > 1 and self.dispatcher not in ("auto", "sorted"):
+        if self.expert_parallel > 1 and self.dispatcher not in ("auto", "sorted", "triton"):
             raise ValueError(
                 f"model.moe.dispatcher={self.dispatcher!r} cannot run expert-parallel (model.moe.expert_parallel="
-                f"{self.expert_parallel}): the all-to-all dispatcher runs the local experts with 'sorted'; "
-                f"set model.moe.dispatcher=auto or sorted"
+                f"{self.expert_parallel}): the all-to-all dispatcher runs the local experts with 'sorted' or "
+                f"'triton'; set model.moe.dispatcher=auto, sorted or triton"
             )
 
     def sparse_layers(self, n_layer: int) -> tuple[int, ...]:

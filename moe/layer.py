@@ -62,9 +62,9 @@ class MoELayer(nn.Module):
             plan = self.router(h, ids, seq_len=shape[-2] if len(shape) == 3 else None)
         except CollectiveError as e:  # data parallelism: the load-balancing all-reduce timed out or lost a peer
             raise collective_failure(self.experts, e.phase, e.counts, e.error) from e
-        # Sharded experts (moe.parallel.shard_experts) run behind the all-to-all, which uses `sorted` locally.
+        # Sharded experts (moe.parallel.shard_experts) run behind the all-to-all, `sorted` or `triton` locally.
         if self.experts.ep_size > 1:
-            y = alltoall_dispatch(h, plan, self.experts)
+            y = alltoall_dispatch(h, plan, self.experts, local_dispatcher=name)
         else:
             y = dispatch_fn(name)(h, plan, self.experts)
         if self.shared is not None:

@@ -1,8 +1,8 @@
 """Dispatchers move tokens to experts and back according to a RoutingPlan; all compute the same function.
 
-model.moe.dispatcher picks one: einsum, sorted, triton, tutel (Tutel's kernels, where tutel is installed), or auto (the default: triton on CUDA when triton imports,
-else sorted). `resolve_dispatcher` turns the configured name and the tensors' device into the one that runs, and
-`describe_dispatch` says which, and why, for a run's log.
+model.moe.dispatcher picks one: einsum, sorted, triton, tutel (Tutel's kernels, where tutel is installed), or auto
+(the default: triton on CUDA when triton imports, else sorted). `resolve_dispatcher` turns the configured name and
+the tensors' device into the one that runs, and `describe_dispatch` says which, and why, for a run's log.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ DISPATCHERS = {
 # `triton` needs CUDA (or TRITON_INTERPRET=1 on CPU, for tests) and `tutel` an install from source, so they are
 # looked up by dispatch_fn, not listed above.
 # Not a choice of model.moe.dispatcher either: MoELayer switches to alltoall_dispatch by itself when its experts are an
-# expert-parallel shard (moe.parallel.shard_experts); it runs `sorted` on the local experts.
+# expert-parallel shard (moe.parallel.shard_experts); the resolved `sorted` or `triton` then runs the local experts.
 ALL_DISPATCHERS = {**DISPATCHERS, "triton": triton_dispatch, "tutel": tutel_dispatch}
 
 
@@ -40,16 +40,11 @@ def resolve_dispatcher(name: str, device: torch.device, expert_parallel: bool = 
     if name in DISPATCHERS:
         return name, f"model.moe.dispatcher={name}"
     if name == "auto":
-        if expert_parallel:
-            return "sorted", "auto: expert-parallel layers run sorted behind the all-to-all"
         if device.type != "cuda":
             return "sorted", f"auto: no CUDA device ({device.type} tensors)"
         ok, why = triton_status(device)
         return ("triton" if ok else "sorted"), f"auto: {why}"
     if name == "triton":
-        if expert_parallel:
-            raise ValueError("model.moe.dispatcher=triton cannot run expert-parallel (the all-to-all runs sorted on "
-                             "the local experts); set model.moe.dispatcher=auto or sorted")
         ok, why = triton_status(device)
         if not ok:
             raise ValueError(

@@ -11,7 +11,9 @@ expert, so the rows bound for one rank are contiguous), M rows this rank receive
     3. rows:    x[token_index] [N, d] -> [M, d], an uneven all_to_all_single inside an autograd Function whose
                 backward is the reverse exchange.
     4. experts: the M rows arrive grouped by source rank; a stable sort on the device regroups them by local
-                expert and Experts.forward_sorted runs the local experts (the `sorted` path).
+                expert. `sorted` copies them into that order, runs Experts.forward_sorted and
+                copies the results back; `triton` reads them through the permutation inside its first grouped
+                GEMM and writes each result straight to its arrival slot from its second (no copies).
     5. return:  results back to the ranks of their tokens, [M, d] -> [N, d] (the same Function, reversed splits).
     6. combine: y[t] = sum of weight[r] * out[r] over the rows r of token t (weighted index_add), as `sorted`.
 
@@ -101,8 +103,9 @@ class _Exchange(torch.autograd.Function):
         return out, None, None, None, None, None
 
 
-def alltoall_dispatch(x: Tensor, plan: RoutingPlan, experts) -> Tensor:
-    """x [T, d] -> y [T, d]; same contract as sorted_dispatch, with `experts` a shard (moe.parallel.shard_experts)."""
+def alltoall_dispatch(x: Tensor, plan: RoutingPlan, experts, local_dispatcher: str = "sorted") -> Tensor:
+    """x [T, d] -> y [T, d]; same contract as sorted_dispatch, with `experts` a shard (moe.parallel.shard_experts).
+    local_dispatcher: runs the local experts, "sorted" or "triton" (fused kernels; CUDA or TRITON_INTERPRET=1)."""
     if experts.ep_size == 1:
         from moe.dispatch.sorted import sorted_dispatch
 
@@ -134,12 +137,29 @@ def alltoall_dispatch(x: Tensor, plan: RoutingPlan, experts) -> Tensor:
     expert_of_row = local.repeat_interleave(recv_counts, output_size=M)  # [M]
     order = torch.argsort(expert_of_row, stable=True)
     local_counts = recv_counts.view(P, E_l).sum(0)  # [E_l]
-    out = experts.forward_sorted(got[order], expert_of_row[order], local_counts)  # [M, d]
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(M, device=x.device)
-    out = out[inverse]  # back to arrival order
+    if local_dispatcher == "triton":
+        out = _triton_local(got, order, local_counts, experts)  # [M, d] in arrival order
+    else:
+        out = experts.forward_sorted(got[order], expert_of_row[order], local_counts)  # [M, d]
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(M, device=x.device)
+        out = out[inverse]  # back to arrival order
 
     # 5. results back to the ranks of their tokens, 6. weighted combine.
     back = _Exchange.apply(out, recv, send, group, where, "return exchange of expert outputs")  # [N, d]
     back = back * plan.weight.to(back.dtype)[:, None]
     return x.new_zeros(x.shape).index_add_(0, plan.token_index, back.to(x.dtype))
+
+
+def _triton_local(got: Tensor, order: Tensor, local_counts: Tensor, experts) -> Tensor:
+    """The local experts on the fused kernels: row r of expert order is arrival row order[r]; the combine gives each
+    arrival row exactly one result of weight 1, so "tokens" are the M arrival slots."""
+    from moe.kernels.grouped_gemm import gather_grouped_up, grouped_down_combine
+
+    M = got.shape[0]
+    w_up, w_gate, w_down = experts._weights(got.dtype)
+    b_up, b_gate, b_down = (None if b is None else b.to(got.dtype) for b in (experts.b_up, experts.b_gate, experts.b_down))
+    offsets = torch.cat([local_counts.new_zeros(1), local_counts.cumsum(0)])  # [E_l + 1], on the device
+    h = gather_grouped_up(got, order, offsets, w_up, w_gate, b_up, b_gate, experts.activation)  # [M, f]
+    ones = torch.ones(M, dtype=torch.float32, device=got.device)
+    return grouped_down_combine(h, w_down, b_down, offsets, ones, order, M).to(got.dtype)  # [M, d]

@@ -183,9 +183,9 @@ def test_dispatcher_choices_and_default():
         assert MoEConfig(layers="all", dispatcher=name).dispatcher == name
 
 
-def test_expert_parallel_takes_auto_and_sorted_only():
-    for name in ("auto", "sorted"):
+def test_expert_parallel_takes_auto_sorted_and_triton_only():
+    for name in ("auto", "sorted", "triton"):
         MoEConfig(layers="all", num_experts=8, expert_parallel=2, dispatcher=name)
-    for name in ("einsum", "triton"):
-        with pytest.raises(ValueError, match=rf"model\.moe\.dispatcher='{name}' cannot run expert-parallel.*auto or sorted"):
+    for name in ("einsum", "tutel"):
+        with pytest.raises(ValueError, match=rf"model\.moe\.dispatcher='{name}' cannot run expert-parallel.*auto, sorted or triton"):
             MoEConfig(layers="all", num_experts=8, expert_parallel=2, dispatcher=name)

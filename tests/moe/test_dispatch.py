@@ -165,8 +165,8 @@ def test_forced_triton_that_cannot_run_says_what_to_change(monkeypatch):
     with pytest.raises(ValueError, match=r"model\.moe\.dispatcher=triton cannot run here: triton is not importable"):
         resolve_dispatcher("triton", torch.device("cuda"))
     assert resolve_dispatcher("auto", torch.device("cuda"))[0] == "sorted"
-    with pytest.raises(ValueError, match=r"model\.moe\.dispatcher=triton cannot run expert-parallel"):
-        resolve_dispatcher("triton", torch.device("cpu"), expert_parallel=True)
+    with pytest.raises(ValueError, match=r"model\.moe\.dispatcher=triton cannot run here"):
+        resolve_dispatcher("triton", torch.device("cuda"), expert_parallel=True)
 
 
 def test_auto_layer_on_cpu_runs_sorted_and_says_so():
