@@ -38,7 +38,9 @@ class OptimConfig:
 
 @dataclass
 class TrainerConfig:
-    kind: str = "single"  # single (one process) or ddp (torchrun: data x expert parallel, experiments.distributed)
+    # single (one process), ddp (torchrun: data x expert parallel, experiments.distributed) or deepspeed (the
+    # DeepSpeed engine under torchrun or the deepspeed launcher, experiments.deepspeed_engine; settings in `deepspeed`)
+    kind: str = "single"
     max_steps: int = 300  # optimizer steps of the whole run (the schedule's length)
     batch_size: int = 16  # sequences per micro-batch
     seq_len: int = 128  # tokens per sequence (at most model.max_seq_len)
@@ -53,16 +55,11 @@ class TrainerConfig:
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16
     threads: int = 0  # torch intra-op threads on CPU; 0 keeps torch's default
     progress: bool = True  # a progress bar with loss and tokens/s
-    collective_timeout_s: float = 600.0  # trainer=ddp: a collective waiting longer fails, naming rank and layer
+    collective_timeout_s: float = 600.0  # trainer=ddp|deepspeed: a collective waiting longer fails
 
     def __post_init__(self) -> None:
-        if self.kind == "deepspeed":
-            raise ValueError(
-                "trainer.kind='deepspeed' is not built yet: use trainer=ddp (torchrun) for data and expert "
-                "parallelism, or trainer=single"
-            )
-        if self.kind not in ("single", "ddp"):
-            raise ValueError(f"trainer.kind={self.kind!r} must be single or ddp")
+        if self.kind not in ("single", "ddp", "deepspeed"):
+            raise ValueError(f"trainer.kind={self.kind!r} must be single, ddp or deepspeed")
         if self.collective_timeout_s <= 0:
             raise ValueError(f"trainer.collective_timeout_s={self.collective_timeout_s} must be positive")
         for name in ("max_steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "log_interval"):
@@ -72,6 +69,53 @@ class TrainerConfig:
             raise ValueError(f"trainer.precision={self.precision!r} must be auto, fp32 or bf16")
         if self.keep_checkpoints < 1:
             raise ValueError(f"trainer.keep_checkpoints={self.keep_checkpoints} must be at least 1")
+
+
+ZERO_STAGES = (0, 1, 2, 3)
+
+
+@dataclass
+class DeepSpeedConfig:
+    """trainer=deepspeed: the DeepSpeed engine's own settings (conf/deepspeed/). What the trainer already says is not
+    repeated here: the batch sizes come from trainer.batch_size (the global batch), trainer.grad_accum and the world
+    size, clipping from trainer.grad_clip, bf16 from trainer.precision (auto: bf16 on CUDA, fp32 on CPU), the
+    optimizer and schedule from optim (experiments.deepspeed_engine builds the DeepSpeed JSON config from all three)."""
+    # ZeRO stage: 0 plain data parallel (every rank holds weights, gradients and optimizer state), 1 optimizer state
+    # partitioned over the data-parallel ranks, 2 gradients too. 3 (weights partitioned too) is refused: DeepSpeed
+    # does not support it with MoE layers, and this trainer's checkpoints and evaluation need whole weights.
+    zero_stage: int = 1
+    # ZeRO 1/2: elements per bucket of the gradient reduction (reduce-scatter / all-reduce) and of the all-gather of
+    # the updated weight partitions. Larger buckets: fewer, larger collectives, more temporary memory.
+    reduce_bucket_size: int = 50_000_000
+    allgather_bucket_size: int = 50_000_000
+    # ZeRO 2: reduce gradient buckets while the backward still runs (overlap; more memory). ZeRO 1/2: reduce through
+    # one contiguous buffer (less fragmentation; with expert parallelism required: DeepSpeed's other path all-reduces
+    # expert gradients over every rank).
+    overlap_comm: bool = False
+    contiguous_gradients: bool = True
+    # ZeRO-Offload of the optimizer state to the CPU: none only. The offloaded optimizer is DeepSpeed's CPU Adam,
+    # not this project's AdamW, so its losses would not equal trainer=single's; refused with that reason.
+    offload_optimizer: str = "none"
+    # Also write DeepSpeed's own engine checkpoint (engine.save_checkpoint) beside each of ours, to
+    # RUN_DIR/deepspeed/step_N; `python -m experiments.convert_deepspeed` turns one into our format.
+    engine_checkpoint: bool = False
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in ZERO_STAGES:
+            raise ValueError(f"deepspeed.zero_stage={self.zero_stage} must be 0, 1 or 2 (3 is not supported)")
+        if self.zero_stage == 3:
+            raise ValueError(
+                "deepspeed.zero_stage=3 is not supported: DeepSpeed refuses ZeRO stage 3 with MoE layers, and "
+                "trainer=deepspeed needs whole weights for evaluation and checkpoints; use deepspeed=zero1 or zero2"
+            )
+        for name in ("reduce_bucket_size", "allgather_bucket_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"deepspeed.{name}={getattr(self, name)} must be at least 1")
+        if self.offload_optimizer != "none":
+            raise ValueError(
+                f"deepspeed.offload_optimizer={self.offload_optimizer!r} is not supported: ZeRO-Offload runs "
+                f"DeepSpeed's CPU Adam instead of this project's AdamW; keep deepspeed.offload_optimizer=none"
+            )
 
 
 @dataclass
@@ -97,6 +141,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)  # optimizer and schedule
     trainer: TrainerConfig = field(default_factory=TrainerConfig)  # loop, evaluation, checkpoints
     logger: LoggerConfig = field(default_factory=LoggerConfig)  # where metrics go besides metrics.jsonl
+    deepspeed: Optional[DeepSpeedConfig] = None  # trainer=deepspeed: the engine's settings; None for other trainers
     run_dir: str = "."  # where metrics.jsonl and checkpoints/ are written
     seed: int = 0  # seeds initialisation, batches, dropout and router noise
     resume: str = "never"  # never, or auto: continue from the newest complete checkpoint in run_dir
@@ -111,6 +156,20 @@ class RunConfig:
         if self.twin is not None and self.init_from:
             raise ValueError(f"twin={self.twin!r} and init_from={self.init_from!r} exclude each other: a twin is "
                              f"built from the composed model, init_from takes the checkpoint's; drop one of them")
+        if (self.trainer.kind == "deepspeed") != (self.deepspeed is not None):
+            raise ValueError(
+                "trainer.kind='deepspeed' needs the deepspeed settings and only it uses them: select both with "
+                "trainer=deepspeed (which picks deepspeed=zero1), not trainer.kind=deepspeed alone"
+                if self.deepspeed is None else
+                f"deepspeed settings were given but trainer.kind={self.trainer.kind!r}; use trainer=deepspeed"
+            )
+        ep = self.model.moe.expert_parallel
+        if self.deepspeed is not None and ep > 1 and not self.deepspeed.contiguous_gradients:
+            raise ValueError(
+                f"deepspeed.contiguous_gradients=false with model.moe.expert_parallel={ep}: "
+                f"DeepSpeed's non-contiguous ZeRO reduction all-reduces expert gradients over every rank, mixing "
+                f"different experts; keep deepspeed.contiguous_gradients=true"
+            )
         if self.model.moe.expert_parallel > 1 and self.trainer.kind == "single":
             raise ValueError(
                 f"model.moe.expert_parallel={self.model.moe.expert_parallel} needs one process per rank: launch "
@@ -170,6 +229,8 @@ def run_config_from_dict(d: dict[str, Any], run_dir: str) -> RunConfig:
         optim=_from_dict(OptimConfig, _checked(OptimConfig, d.get("optim", {}), "optim"), "optim"),
         trainer=trainer,
         logger=_from_dict(LoggerConfig, _checked(LoggerConfig, d.get("logger", {}), "logger"), "logger"),
+        deepspeed=(None if d.get("deepspeed") is None else
+                   _from_dict(DeepSpeedConfig, _checked(DeepSpeedConfig, d["deepspeed"], "deepspeed"), "deepspeed")),
         run_dir=run_dir,
         seed=top.get("seed", 0),
         resume=top.get("resume", "never"),

@@ -1,6 +1,6 @@
 """Launch glue for multi-process training (trainer=ddp): torchrun's environment, the process groups, and what a
 rank does differently from the single process. The Trainer calls the same hooks whatever the engine; `Single`
-makes each of them what one process does.
+makes each of them what one process does (trainer=deepspeed's are in experiments.deepspeed_engine).
 
     torchrun --nproc_per_node=N -m experiments.train trainer=ddp model.moe.expert_parallel=N [hydra.run.dir=DIR]
 
@@ -47,6 +47,28 @@ class Single:
 
     def distribute(self, model: nn.Module) -> nn.Module:
         return model
+
+    def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        """Called once the weights and optimizer state are loaded; returns the optimizer whose param groups take the
+        learning rate (trainer=deepspeed builds its engine here and returns its client optimizer)."""
+        return optimizer
+
+    def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+        return model(x, y)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self, model: nn.Module, optimizer: torch.optim.Optimizer, max_norm: float) -> float:
+        """After the step's backward passes: reduce and clip the gradients, update, clear; returns the global gradient
+        norm before clipping."""
+        norm = self.clip_gradients(model, max_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def save_engine(self, run_dir, step: int) -> None:
+        """Writes an engine's own checkpoint beside ours (trainer=deepspeed with deepspeed.engine_checkpoint)."""
 
     def local_rows(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return x, y
@@ -195,12 +217,17 @@ class DataParallel(Single):
 
 
 def setup_parallel(cfg) -> Single:
-    """The engine for cfg.trainer.kind (a RunConfig): Single, or DataParallel after every check has passed."""
+    """The engine for cfg.trainer.kind (a RunConfig): Single, or DataParallel / DeepSpeedParallel after every check
+    has passed."""
     tc = cfg.trainer
     if tc.kind == "single":
         return Single()
+    if tc.kind == "deepspeed":
+        from experiments.deepspeed_engine import setup_deepspeed
+
+        return setup_deepspeed(cfg)
     if tc.kind != "ddp":
-        raise ValueError(f"trainer.kind={tc.kind!r} is not built yet; use trainer=ddp or trainer=single")
+        raise ValueError(f"trainer.kind={tc.kind!r} must be single, ddp or deepspeed")
     missing = [k for k in TORCHRUN_ENV if k not in os.environ]
     if missing:
         raise ValueError(

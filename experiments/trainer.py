@@ -28,6 +28,7 @@ from experiments.metrics import METRICS_FILE, MetricsLogger, flatten_stats, rout
 from experiments.optim import build_optimizer, lr_at
 from experiments.tokenizer import load_tokenizer
 from moe.checkpoint import load_config, load_weights, read_metadata, save_checkpoint
+from moe.dispatch import describe_dispatch
 from moe.flops import count_params, flops_per_token
 from moe.config import ModelConfig
 from moe.model import Transformer
@@ -113,6 +114,7 @@ class Trainer:
         self._step_rng = _rng_state()
         self.collapse = CollapseMonitor()
         resumed = self._maybe_resume()
+        self.optimizer = self.par.prepare(self.model, self.optimizer)  # trainer=deepspeed: the engine, from here on
         self.logger = (MetricsLogger(self.run_dir, cfg.logger, cfg.to_dict(), resume_step=self.state.step if resumed else None)
                        if self.par.is_main else NullLogger(self.run_dir / METRICS_FILE))
 
@@ -170,6 +172,7 @@ class Trainer:
         path = self.run_dir / "checkpoints" / f"step_{self.state.step}"
         # Full-size weights and optimizer state (expert shards gathered: every rank takes part; rank 0 writes).
         weights, optimizer = self.par.model_state(self.model), self.par.optimizer_state(self.optimizer, self.model)
+        self.par.save_engine(self.run_dir, self.state.step)  # deepspeed.engine_checkpoint: DeepSpeed's own as well
         if not self.par.is_main:
             self.par.barrier()  # returns once rank 0 has written the checkpoint
             return path
@@ -209,8 +212,8 @@ class Trainer:
             x, y = self.par.local_rows(*self.data.get_batch("train", step * tc.grad_accum + micro, tc.batch_size,
                                                             tc.seq_len, self.cfg.seed))
             with self.autocast():
-                out = self.model(x.to(self.device), y.to(self.device))
-            (out.total_loss / tc.grad_accum).backward()
+                out = self.par.forward(self.model, x.to(self.device), y.to(self.device))
+            self.par.backward(out.total_loss / tc.grad_accum)
             lm_loss += out.loss.item() / tc.grad_accum
             for name, value in out.aux_losses.items():
                 aux[name] = aux.get(name, 0.0) + value.item() / tc.grad_accum
@@ -218,11 +221,9 @@ class Trainer:
                 acc = stats.setdefault(layer, {k: torch.zeros_like(v) for k, v in values.items()})
                 for k, v in values.items():
                     acc[k] += v if k == "tokens_per_expert" else v / tc.grad_accum
-        # trainer=ddp: gradients reduced over the ranks, the global norm computed over the expert shards
-        grad_norm = self.par.clip_gradients(self.model, tc.grad_clip)
+        # trainer=ddp|deepspeed: gradients reduced over the ranks, the global norm computed over the expert shards
+        grad_norm = self.par.step(self.model, self.optimizer, tc.grad_clip)  # clip, update, clear
         lm_loss, aux, stats = self.par.reduce_step(lm_loss, aux, stats)  # logged values: the global batch's
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
         for module in self.model.modules():  # routers with per-step state (bias balancing) update it now
             if isinstance(module, Router):
                 module.after_optimizer_step()
@@ -242,6 +243,7 @@ class Trainer:
             print(describe(self.data))
             print(f"model: {self.params.total:,} parameters, {self.params.active:,} active per token, "
                   f"{self.flops_per_token:.3g} training FLOPs per token; sparse layers {list(self.model_cfg.sparse_layers)}")
+            print(describe_dispatch(self.model))
         tokens_per_step = tc.batch_size * tc.seq_len * tc.grad_accum
         last_log = (time.perf_counter(), st.tokens, st.elapsed_s)
         val_loss: Optional[float] = None

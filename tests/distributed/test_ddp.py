@@ -11,7 +11,6 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
-from hydra.errors import MissingConfigException
 from safetensors.torch import load_file
 
 from experiments.metrics import read_metrics
@@ -112,11 +111,3 @@ def test_bad_ddp_launch(env, overrides, match, tmp_path, text_corpus, monkeypatc
         Trainer(run)
     assert not dist.is_initialized()
     assert not (tmp_path / "checkpoints").exists()
-
-
-def test_trainer_deepspeed_is_refused_by_name(tmp_path, text_corpus):
-    """Not built: trainer=deepspeed has no group file (Hydra names the options), trainer.kind=deepspeed says so."""
-    with pytest.raises(MissingConfigException, match=r"trainer/deepspeed"):
-        make_run(tmp_path, text_corpus, "trainer=deepspeed")
-    with pytest.raises(ValueError, match=r"trainer.kind='deepspeed' is not built yet: use trainer=ddp"):
-        make_run(tmp_path, text_corpus, "trainer.kind=deepspeed")

@@ -14,7 +14,7 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
 
 import conf
-from experiments.config import LoggerConfig, OptimConfig, TrainerConfig, run_config_from_dict
+from experiments.config import DeepSpeedConfig, LoggerConfig, OptimConfig, TrainerConfig, run_config_from_dict
 from experiments.generate import generate_text
 from experiments.hydra_conf import CONFIG_MODULE, register_configs
 from moe.config import ModelConfig, _from_dict
@@ -67,6 +67,8 @@ def test_default_train_config(tmp_path):
 @pytest.mark.parametrize("group, name", GROUP_FILES, ids=[f"{g}={n}" for g, n in GROUP_FILES])
 def test_group_file_composes_and_builds(group, name, tmp_path, text_corpus):
     overrides = [f"{group}={name}", *fill_missing(group, name, text_corpus)]
+    if group == "deepspeed":
+        overrides.insert(0, "trainer=deepspeed")  # the engine's settings exist only with trainer=deepspeed
     cfg = compose_cfg(overrides)
     run = to_run(cfg, tmp_path)
     model = Transformer(run.model.replace(vocab_size=257))
@@ -110,6 +112,7 @@ def test_group_defaults_match_dataclass_defaults():
         return _from_dict(cls, OmegaConf.to_container(OmegaConf.load(CONF_DIR / group / f"{name}.yaml")), where)
 
     assert load("trainer", "single", TrainerConfig, "trainer") == TrainerConfig()
+    assert load("deepspeed", "zero1", DeepSpeedConfig, "deepspeed") == DeepSpeedConfig()
     assert load("optim", "adamw", OptimConfig, "optim") == OptimConfig()
     assert load("logger", "none", LoggerConfig, "logger") == LoggerConfig()
     assert load("routing", "topk", RouterConfig, "routing") == RouterConfig()
@@ -258,8 +261,9 @@ def test_forced_unknown_field_is_refused(tmp_path):
         ("model.moe.layers=7", r"model.moe.layers lists \[7\]"),
         ("optim.schedule=step", r"optim.schedule='step'"),
         ("optim.min_lr=1.0", r"optim.min_lr=1.0"),
-        ("trainer.kind=mpi", r"trainer.kind='mpi' must be single or ddp"),
-        ("trainer.kind=deepspeed", r"trainer.kind='deepspeed' is not built yet"),
+        ("trainer.kind=mpi", r"trainer.kind='mpi' must be single, ddp or deepspeed"),
+        ("trainer.kind=deepspeed", r"trainer.kind='deepspeed' needs the deepspeed settings"),
+        ("deepspeed=zero1", r"deepspeed settings were given but trainer.kind='single'"),
         ("model.moe.expert_parallel=2", r"model.moe.expert_parallel=2 needs one process per rank"),
         ("model.moe.expert_parallel=3", r"model.moe.expert_parallel=3 does not divide model.moe.num_experts=8"),
         ("trainer.precision=fp16", r"trainer.precision='fp16'"),
@@ -281,6 +285,23 @@ def test_bad_values_raise_at_the_boundary(override, match, tmp_path):
     cfg = compose_cfg([override])  # Hydra only checks types; the dataclasses check values
     with pytest.raises(ValueError, match=match):
         to_run(cfg, tmp_path)
+
+
+def test_trainer_deepspeed_selects_zero1_and_takes_the_other_stages(tmp_path):
+    """trainer=deepspeed picks deepspeed=zero1 (conf/trainer/deepspeed.yaml); deepspeed=zero0|zero2 and field
+    overrides replace it; the other trainers have no deepspeed section."""
+    assert to_run(compose_cfg(["trainer=deepspeed"]), tmp_path).deepspeed == DeepSpeedConfig(zero_stage=1)
+    for stage in (0, 2):
+        run = to_run(compose_cfg(["trainer=deepspeed", f"deepspeed=zero{stage}"]), tmp_path)
+        assert run.trainer.kind == "deepspeed" and run.deepspeed.zero_stage == stage
+    run = to_run(compose_cfg(["trainer=deepspeed", "deepspeed.reduce_bucket_size=1000"]), tmp_path)
+    assert run.deepspeed.reduce_bucket_size == 1000
+    assert to_run(compose_cfg([]), tmp_path).deepspeed is None
+    assert to_run(compose_cfg(["trainer=ddp"]), tmp_path).deepspeed is None
+    with pytest.raises(ConfigCompositionException):
+        compose_cfg(["deepspeed.zero_stage=2"])  # no deepspeed section without trainer=deepspeed
+    with pytest.raises(ValueError, match=r"deepspeed.zero_stage='x' must be int"):
+        to_run(compose_cfg(["trainer=deepspeed", "deepspeed.zero_stage=x"]), tmp_path)
 
 
 def test_numbers_where_text_is_expected_become_text(tmp_path):
