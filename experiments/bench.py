@@ -4,7 +4,7 @@ One MoE layer (router + dispatch + experts + combine), forward plus backward, me
 process against a dense FFN with the same active parameters (dense hidden = k * f). Per shape:
 
 - Switchyard's dispatchers: `einsum` (GShard one-hot reference), `sorted` as it runs by default (its grouped GEMM
-  `auto`: torch's grouped_mm on CUDA, the per-expert loop on CPU), `sorted` forced onto torch's grouped_mm, and
+  `auto`: torch's grouped_mm where its layout rules hold), `sorted` forced onto the per-expert loop, and
   `triton` (fused kernels; CUDA only: the interpreter is not worth timing); all share one set of weights.
 - The peers a user would pick instead: DeepSpeed's `deepspeed.moe.layer.MoE` (CPU accelerator, a 1-process gloo
   group, dropless, no random token selection, no 2nd-expert sampling, its Experts holding a plain FFN of the same
@@ -273,7 +273,7 @@ def bench_shape(s: Shape, reps: int, peers: bool, seed: int = 0, device: str = "
     forwards: dict[str, tuple[Callable[[Tensor], Tensor], list[Tensor]]] = {
         "einsum": (dispatcher("einsum"), moe_params),
         SORTED: (dispatcher("sorted"), moe_params),
-        "sorted (torch grouped_mm)": (dispatcher("sorted", "grouped_mm"), moe_params),
+        "sorted (per-expert loop)": (dispatcher("sorted", "loop"), moe_params),
     }
     if x.is_cuda:
         forwards["triton"] = (dispatcher("triton"), moe_params)
@@ -467,8 +467,8 @@ if __name__ == "__main__":
     import sys
 
     args = sys.argv[1:]
-    choice = next((v.split("=", 1)[1] for v in args if v.startswith("--allocator=")), None)
-    if choice is None and "--allocator" in args[:-1]:
+    choice = next((v.split("=", 1)[1] for v in args if v.startswith("--allocator=")), "auto")
+    if "--allocator" in args[:-1]:
         choice = args[args.index("--allocator") + 1]
     if choice in allocator.CHOICES and choice != "system":  # anything else: argparse reports it in main()
         allocator.reexec("experiments.bench", args, choice)

@@ -32,8 +32,9 @@ class Experts(nn.Module):
             # must skip them and reduce them over their own group (the tags DeepSpeed's MoE code reads).
             p.allreduce = False
             p.group_name = "ep_size_1"
-        # moe.grouped_gemm.IMPLS: "auto" (torch's grouped_mm on CUDA, the per-expert loop elsewhere), or force
-        # "grouped_mm" / "loop" (benchmarks compare them; FLOP tests need the loop, whose matmuls FlopCounterMode sees)
+        # moe.grouped_gemm.IMPLS: "auto" (torch's grouped_mm where its layout rules hold, else the per-expert loop),
+        # or force "grouped_mm" / "loop" (benchmarks compare them; FLOP tests need the loop, whose matmuls
+        # FlopCounterMode sees)
         self.gemm_impl = "auto"
         # Expert parallelism (moe.parallel.shard_experts): this bank then holds only experts
         # [first_expert, first_expert + num_experts) of num_global_experts, and ep_group is its all-to-all group.

@@ -11,6 +11,12 @@ import torch
 # small ops sometimes stall for milliseconds), and one thread keeps floating-point results independent of load.
 torch.set_num_threads(1)
 
+# Without CUDA the Triton kernels run in Triton's interpreter. Triton must be imported after the variable is set, and
+# any test module may import it first, so it is set here, before every test module (auto never picks the
+# interpreter: only tests that ask for `triton` run it).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
