@@ -60,6 +60,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from moe.kernels import next_pow2
 from moe.kernels.combine import INTERPRETED, TokenOrder, round_to, segment_sum
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
@@ -110,7 +111,7 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 def _pow2(n: int) -> int:
-    return max(2, triton.next_power_of_2(n))  # tl.arange needs a power of two
+    return max(2, next_pow2(n))  # tl.arange needs a power of two, and at least 2 here
 
 
 # ---------------------------------------------------------------------------------------------- device helpers
