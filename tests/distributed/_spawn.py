@@ -4,7 +4,10 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -36,3 +39,20 @@ def run_workers(fn, world: int, *args, timeout_s: float = 120.0) -> None:
                 if p.is_alive():
                     p.kill()
             raise TimeoutError(f"{world} workers of {fn.__name__} did not finish in {timeout_s:.0f} s")
+
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def launch_train(nproc: int, args: list[str], launcher: str = "torchrun", timeout_s: float = 240.0) -> None:
+    """`python -m experiments.train ARGS` on nproc processes under torchrun or DeepSpeed's launcher (with
+    --no_local_rank: it would otherwise append --local_rank, which Hydra refuses); a failure shows both outputs."""
+    if launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "experiments.train", *args]
+    else:
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", f"--num_gpus={nproc}", "--no_local_rank",
+               f"--master_port={free_port()}", "--module", "experiments.train", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout_s)
+    assert proc.returncode == 0, f"{launcher} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"

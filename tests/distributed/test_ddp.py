@@ -4,9 +4,6 @@ process), and a 4-rank ep=4 run resumes from it to give the single run's 4th ste
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,7 +13,8 @@ from safetensors.torch import load_file
 from experiments.metrics import read_metrics
 from experiments.trainer import Trainer
 from moe.checkpoint import load_model
-from tests.experiments.test_train import REPO_ROOT, TINY, data_overrides, make_run
+from tests.distributed._spawn import launch_train
+from tests.experiments.test_train import TINY, data_overrides, make_run
 
 pytestmark = pytest.mark.distributed
 
@@ -27,12 +25,8 @@ LOSS_TOL = 2e-6
 
 
 def torchrun(nproc: int, run_dir, corpus, *overrides: str) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "experiments.train", "model=tiny_moe", *data_overrides(corpus), *TINY, *STEPS,
-           "trainer=ddp", f"hydra.run.dir={run_dir}", *overrides]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    launch_train(nproc, ["model=tiny_moe", *data_overrides(corpus), *TINY, *STEPS, "trainer=ddp",
+                         f"hydra.run.dir={run_dir}", *overrides])
 
 
 @pytest.fixture(scope="module")

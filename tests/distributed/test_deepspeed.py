@@ -7,7 +7,6 @@ any process group. Both launchers: torchrun and deepspeed --no_local_rank."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from experiments.convert_deepspeed import convert
 from experiments.metrics import read_metrics
 from experiments.trainer import Trainer
 from moe.checkpoint import load_model
-from tests.distributed._spawn import free_port
+from tests.distributed._spawn import launch_train
 from tests.experiments.test_train import REPO_ROOT, TINY, data_overrides, make_run
 
 pytest.importorskip("deepspeed")
@@ -34,17 +33,8 @@ LOSS_TOL = 2e-6
 
 
 def launch(nproc: int, run_dir, corpus, *overrides: str, launcher: str = "torchrun") -> None:
-    args = ["model=tiny_moe", *data_overrides(corpus), *TINY, *STEPS, "trainer=deepspeed",
-            f"hydra.run.dir={run_dir}", *overrides]
-    if launcher == "torchrun":
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "experiments.train", *args]
-    else:  # DeepSpeed's launcher would append --local_rank, which Hydra refuses: --no_local_rank
-        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", f"--num_gpus={nproc}", "--no_local_rank",
-               f"--master_port={free_port()}", "--module", "experiments.train", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, f"{launcher} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    launch_train(nproc, ["model=tiny_moe", *data_overrides(corpus), *TINY, *STEPS, "trainer=deepspeed",
+                         f"hydra.run.dir={run_dir}", *overrides], launcher)
 
 
 @pytest.fixture(scope="module")
