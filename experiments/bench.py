@@ -31,7 +31,6 @@ import importlib.util
 import os
 import platform
 import statistics
-import subprocess
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional

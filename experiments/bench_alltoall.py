@@ -103,9 +103,9 @@ def main() -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     mp.spawn(_worker, args=(a.ranks, port, vars(a), str(out)), nprocs=a.ranks)
     r = json.loads(out.read_text())
-    print(f"| preset | ranks = ep | tokens per rank | MoE layers | all-to-all bytes sent per layer and step "
-          f"(fwd+bwd, one rank) | rows sent to other ranks per layer (fwd) | step | in all-to-all | in gradient "
-          f"reduction |\n|---|---|---|---|---|---|---|---|---|")
+    print("| preset | ranks = ep | tokens per rank | MoE layers | all-to-all bytes sent per layer and step "
+          "(fwd+bwd, one rank) | rows sent to other ranks per layer (fwd) | step | in all-to-all | in gradient "
+          "reduction |\n|---|---|---|---|---|---|---|---|---|")
     print(f"| {a.preset} | {a.ranks} | {r['tokens_per_rank']} | {r['layers']} | {r['bytes_per_layer'] / 1e6:.2f} MB "
           f"| {r['remote_rows_per_layer']:.0f} | {r['step_s'] * 1e3:.0f} ms | {r['all_to_all_s'] / r['step_s']:.1%} "
           f"| {r['reduce_s'] / r['step_s']:.1%} |")

@@ -1,4 +1,5 @@
-"""Spawning gloo worker processes for the `distributed` tests: a free port, a deadline, tiny shapes, one thread."""
+"""Launching the `distributed` tests: spawned gloo workers (a free port, a deadline, one thread), training runs
+under torchrun or the deepspeed launcher, and launches that must be refused before any process group exists."""
 from __future__ import annotations
 
 import datetime
@@ -9,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -56,3 +58,22 @@ def launch_train(nproc: int, args: list[str], launcher: str = "torchrun", timeou
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout_s)
     assert proc.returncode == 0, f"{launcher} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+
+
+# What torchrun sets for rank 0 of 2 (the port is never used: the launches below must fail before connecting).
+TORCHRUN_ENV = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
+
+
+def assert_refused(run, env: dict, match: str, run_dir: Path, monkeypatch) -> None:
+    """Building a Trainer for `run` under the launcher environment `env` raises ValueError(match) before any
+    process group or checkpoint exists."""
+    from experiments.trainer import Trainer
+
+    for k in TORCHRUN_ENV:
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(ValueError, match=match):
+        Trainer(run)
+    assert not dist.is_initialized()
+    assert not (Path(run_dir) / "checkpoints").exists()

@@ -7,13 +7,12 @@ import json
 
 import pytest
 import torch
-import torch.distributed as dist
 from safetensors.torch import load_file
 
 from experiments.metrics import read_metrics
 from experiments.trainer import Trainer
 from moe.checkpoint import load_model
-from tests.distributed._spawn import launch_train
+from tests.distributed._spawn import TORCHRUN_ENV, assert_refused, launch_train
 from tests.experiments.test_train import TINY, data_overrides, make_run
 
 pytestmark = pytest.mark.distributed
@@ -87,7 +86,6 @@ def test_resume_at_ep4_from_ep2_checkpoint_continues_the_single_run(runs):
 
 # ---------------------------------------------------------------- bad launches fail before any process group
 
-TORCHRUN_ENV = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
 
 
 @pytest.mark.parametrize("env, overrides, match", [
@@ -96,12 +94,4 @@ TORCHRUN_ENV = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR"
     (TORCHRUN_ENV, ["trainer.batch_size=3"], r"trainer.batch_size=3 is the global batch and must be divisible"),
 ])
 def test_bad_ddp_launch(env, overrides, match, tmp_path, text_corpus, monkeypatch):
-    for k in TORCHRUN_ENV:
-        monkeypatch.delenv(k, raising=False)
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    run = make_run(tmp_path, text_corpus, "trainer=ddp", *overrides)
-    with pytest.raises(ValueError, match=match):
-        Trainer(run)
-    assert not dist.is_initialized()
-    assert not (tmp_path / "checkpoints").exists()
+    assert_refused(make_run(tmp_path, text_corpus, "trainer=ddp", *overrides), env, match, tmp_path, monkeypatch)

@@ -20,7 +20,7 @@ from experiments.convert_deepspeed import convert
 from experiments.metrics import read_metrics
 from experiments.trainer import Trainer
 from moe.checkpoint import load_model
-from tests.distributed._spawn import launch_train
+from tests.distributed._spawn import TORCHRUN_ENV, assert_refused, launch_train
 from tests.experiments.test_train import REPO_ROOT, TINY, data_overrides, make_run
 
 pytest.importorskip("deepspeed")
@@ -154,7 +154,6 @@ def test_converter_errors(runs, tmp_path):
 
 # ---------------------------------------------------------------- bad settings fail before any process group
 
-TORCHRUN_ENV = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
 
 
 @pytest.mark.parametrize("env, overrides, match", [
@@ -164,15 +163,7 @@ TORCHRUN_ENV = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR"
     (TORCHRUN_ENV, ["deepspeed=zero0", "trainer.precision=bf16"], r"deepspeed.zero_stage=0 with bf16"),
 ])
 def test_bad_deepspeed_launch(env, overrides, match, tmp_path, text_corpus, monkeypatch):
-    for k in TORCHRUN_ENV:
-        monkeypatch.delenv(k, raising=False)
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    run = make_run(tmp_path, text_corpus, "trainer=deepspeed", *overrides)
-    with pytest.raises(ValueError, match=match):
-        Trainer(run)
-    assert not dist.is_initialized()
-    assert not (tmp_path / "checkpoints").exists()
+    assert_refused(make_run(tmp_path, text_corpus, "trainer=deepspeed", *overrides), env, match, tmp_path, monkeypatch)
 
 
 def test_missing_deepspeed_names_the_extra(tmp_path, text_corpus, monkeypatch):
