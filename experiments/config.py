@@ -56,6 +56,9 @@ class TrainerConfig:
     threads: int = 0  # torch intra-op threads on CPU; 0 keeps torch's default
     progress: bool = True  # a progress bar with loss and tokens/s
     collective_timeout_s: float = 600.0  # trainer=ddp|deepspeed: a collective waiting longer fails
+    # Steps in a row whose gradient norm is not finite that are skipped (no update, counted and logged) before the
+    # run stops; 0 stops at the first. A spike of NaNs passes; a diverged run stops with its last good checkpoint named.
+    max_skipped_steps: int = 5
 
     def __post_init__(self) -> None:
         if self.kind not in ("single", "ddp", "deepspeed"):
@@ -69,6 +72,9 @@ class TrainerConfig:
             raise ValueError(f"trainer.precision={self.precision!r} must be auto, fp32 or bf16")
         if self.keep_checkpoints < 1:
             raise ValueError(f"trainer.keep_checkpoints={self.keep_checkpoints} must be at least 1")
+        if self.max_skipped_steps < 0:
+            raise ValueError(f"trainer.max_skipped_steps={self.max_skipped_steps} must be non-negative (0: stop at "
+                             f"the first non-finite gradient)")
 
 
 ZERO_STAGES = (0, 1, 2, 3)
