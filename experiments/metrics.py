@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -38,10 +39,24 @@ def routing_summary(stats: dict[int, dict[str, torch.Tensor]]) -> str:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The records of metrics.jsonl. A last line cut short (a kill or a full disk during the write) is dropped with
+    a warning; a damaged line elsewhere is an error that names the file and the line."""
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_text(errors="replace").splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if number == len(lines):
+                warnings.warn(f"{path}: dropped its last line, cut short mid-record ({e})", stacklevel=2)
+                continue
+            raise ValueError(f"{path} line {number} is not a JSON record ({e}); the file is damaged") from None
+    return records
 
 
 def truncate_metrics(run_dir: str | Path, last_step: int) -> None:

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from experiments.config import run_config_from_dict
 from experiments.hydra_conf import register_configs
+from experiments.preemption import Preempted, exit_preempted
 from experiments.trainer import Trainer
 
 register_configs()
@@ -30,6 +31,9 @@ def main(cfg: DictConfig) -> float | None:
     trainer = Trainer(run)
     try:
         summary = trainer.fit()
+    except Preempted as e:
+        print(e)
+        exit_preempted(e)  # hands the signal to a requeueing handler (submitit), then exits with PREEMPTED_EXIT
     finally:
         trainer.par.close()  # trainer=ddp: leaves the process group
     if not trainer.par.is_main:

@@ -1,32 +1,43 @@
-"""The single-process training loop: batches, AdamW, schedule, clipping, accumulation, evaluation,
-metrics, atomic checkpoints and exact resumption.
+"""The training loop: batches, AdamW, schedule, clipping, accumulation, evaluation, metrics, checkpoints,
+exact resumption, non-finite steps and preemption.
 
 Exact resumption rests on three things: batches are a pure function of (seed, step) (experiments.data),
 the checkpoint holds the optimizer state and the RNG state at the step boundary, and the metrics file is cut
 back to the checkpoint's step. On CPU a resumed run reproduces the uninterrupted run's losses bit for bit.
+
+What a run guarantees about its checkpoints (experiments.checkpoints, experiments.trainer_state, moe.manifest):
+nothing in them is a pickle; every file is verified against the manifest before it is trusted, and a damaged
+newest checkpoint is named and passed over for the newest intact one; a step whose gradient norm is not finite
+updates nothing (trainer.max_skipped_steps in a row stop the run, naming the last good checkpoint), and only
+finite weights and optimizer state are written; SIGTERM / SIGUSR1 / submitit's signal finish the step, save it
+and stop (experiments.preemption).
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import json
+import math
+import os
 import random
-import shutil
+import signal
 import time
 import warnings
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 import torch
 
+from experiments.checkpoints import CheckpointManager
 from experiments.config import RunConfig
 from experiments.data import PreparedData, describe, prepare
 from experiments.distributed import NullLogger, setup_parallel
 from experiments.metrics import METRICS_FILE, MetricsLogger, flatten_stats, routing_summary
 from experiments.optim import build_optimizer, lr_at
+from experiments.preemption import Preempted, PreemptionFlag
 from experiments.tokenizer import load_tokenizer
+from experiments.trainer_state import TrainState, load_trainer_state, rng_state, set_rng_state, state_writers
 from moe.checkpoint import load_config, load_weights, read_metadata, save_checkpoint
 from moe.dispatch import describe_dispatch
 from moe.flops import count_params, flops_per_token
@@ -36,18 +47,8 @@ from moe.parallel import same_model
 from routing.router import Router
 from routing.stats import CollapseMonitor
 
-STATE_FILE = "trainer_state.pt"
 RUN_FILE = "run.json"
-
-
-@dataclass
-class TrainState:
-    step: int = 0  # optimizer steps completed
-    tokens: int = 0  # training tokens consumed
-    flops: float = 0.0  # cumulative training FLOPs (model FLOPs: 3x forward, see moe.flops)
-    elapsed_s: float = 0.0  # seconds spent in training steps (evaluation and checkpointing excluded)
-    loss_sum: float = 0.0  # LM loss summed since the last metrics record (carried across a resume)
-    loss_count: int = 0  # steps in loss_sum
+_PEER_SIGNAL = signal.SIGTERM  # what run.json names on a rank that stopped because another rank was signalled
 
 
 def resolve_device(name: str) -> torch.device:
@@ -60,28 +61,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 def checkpoint_dirs(run_dir: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints in run_dir/checkpoints, oldest first (temporary names start with a dot)."""
-    root = run_dir / "checkpoints"
-    found = []
-    for p in root.glob("step_*") if root.is_dir() else []:
-        if p.name.split("_", 1)[1].isdigit() and (p / STATE_FILE).is_file():
-            found.append((int(p.name.split("_", 1)[1]), p))
-    return sorted(found)
-
-
-def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    """Complete checkpoints in run_dir/checkpoints, oldest first (experiments.checkpoints)."""
+    return CheckpointManager(run_dir, keep=1).complete()
 
 
 class Trainer:
@@ -91,6 +72,10 @@ class Trainer:
         self.par = setup_parallel(cfg)  # trainer=ddp: checks the settings, then joins torchrun's process group
         self.run_dir = Path(self.par.broadcast(str(cfg.path)))  # rank 0's directory for every rank
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.ckpts = CheckpointManager(self.run_dir, tc.keep_checkpoints)
+        if self.par.is_main:
+            for name in self.ckpts.remove_leftovers():
+                print(f"removed {name}: left in {self.ckpts.root} by an interrupted write")
         if tc.threads:
             torch.set_num_threads(tc.threads)
         self.device = self.par.local_device(resolve_device(tc.device))
@@ -111,8 +96,9 @@ class Trainer:
         self.params = count_params(self.model_cfg)
         self.flops_per_token = flops_per_token(self.model_cfg, tc.seq_len).training
         self.val_set = [self.par.local_rows(*b) for b in self.data.val_batches(tc.batch_size, tc.seq_len, tc.eval_batches)]
-        self._step_rng = _rng_state()
+        self._step_rng = rng_state()
         self.collapse = CollapseMonitor()
+        self.preemption = PreemptionFlag()
         resumed = self._maybe_resume()
         self.optimizer = self.par.prepare(self.model, self.optimizer)  # trainer=deepspeed: the engine, from here on
         self.logger = (MetricsLogger(self.run_dir, cfg.logger, cfg.to_dict(), resume_step=self.state.step if resumed else None)
@@ -139,18 +125,27 @@ class Trainer:
     # ---------------------------------------------------------------- checkpoints
 
     def _maybe_resume(self) -> bool:
-        found = checkpoint_dirs(self.run_dir)
-        if self.cfg.resume != "auto":
+        found = self.ckpts.complete()
+        resume = self.cfg.resume
+        if resume != "auto" and found and os.environ.get("SLURM_RESTART_COUNT", "0") not in ("", "0"):
+            # a requeued Slurm job (preempted, or past its time limit with max_num_timeout) runs its original command
+            print(f"Slurm requeued this job (SLURM_RESTART_COUNT={os.environ['SLURM_RESTART_COUNT']}): resuming")
+            resume = "auto"
+        if resume != "auto":
             if found:  # a fresh run here would mix its checkpoints and curves with the old run's
                 raise ValueError(
                     f"{self.run_dir} already holds checkpoints of another run ({found[-1][1].name}); continue it with "
                     f"resume=auto, or choose a new directory with hydra.run.dir=..."
                 )
             return False
-        if not found:
-            print(f"resume=auto: no checkpoint in {self.run_dir / 'checkpoints'}, starting from step 0")
+        # rank 0 verifies (and sets damaged ones aside); every rank loads the checkpoint it chose
+        chosen = self.par.broadcast(self.ckpts.newest_intact() if self.par.is_main else None)
+        if chosen is None:
+            print(f"resume=auto: no checkpoint in {self.ckpts.root}, starting from step 0")
             return False
-        step, path = found[-1]
+        step, path = chosen
+        if step != found[-1][0]:
+            print(f"resume=auto: continuing from {path.name}, the newest intact checkpoint")
         saved = read_metadata(path)
         if not same_model(ModelConfig.from_dict(saved["model"]), self.model_cfg):  # new fields take their defaults
             raise ValueError(
@@ -159,33 +154,50 @@ class Trainer:
             )
         if saved.get("data_fingerprint") != self.data.fingerprint:
             raise ValueError(f"resume=auto: {path} was trained on different data or a different tokenizer")
+        optimizer, self.state, rng = load_trainer_state(path, self.device)
         load_weights(self.model, path)
-        blob = torch.load(path / STATE_FILE, map_location=self.device, weights_only=False)
-        self.par.load_optimizer_state(self.optimizer, self.model, blob["optimizer"])  # full-size layout
-        self.state = TrainState(**blob["state"])
-        _set_rng_state(blob["rng"])
-        self._step_rng = blob["rng"]
+        self.par.load_optimizer_state(self.optimizer, self.model, optimizer)  # full-size layout
+        set_rng_state(rng)
+        self._step_rng = rng
         print(f"resumed from {path} at step {step}")
         return True
 
     def save(self) -> Path:
-        path = self.run_dir / "checkpoints" / f"step_{self.state.step}"
+        path = self.ckpts.path(self.state.step)
         # Full-size weights and optimizer state (expert shards gathered: every rank takes part; rank 0 writes).
         weights, optimizer = self.par.model_state(self.model), self.par.optimizer_state(self.optimizer, self.model)
+        bad = _first_non_finite(weights if weights is not None else self.model.state_dict(), optimizer)
+        if self.par.agree(bad is not None):  # every rank refuses together (expert shards differ between ranks)
+            raise FloatingPointError(
+                f"not saving {path}: {bad or 'another rank holds a non-finite tensor'} at step {self.state.step}; "
+                f"{self._last_good()}"
+            )
         self.par.save_engine(self.run_dir, self.state.step)  # deepspeed.engine_checkpoint: DeepSpeed's own as well
         if not self.par.is_main:
             self.par.barrier()  # returns once rank 0 has written the checkpoint
             return path
-        blob = {"optimizer": optimizer, "state": asdict(self.state), "rng": self._step_rng}
-        extra = {STATE_FILE: lambda p: torch.save(blob, p)}
+        extra = state_writers(optimizer, self.state, self._step_rng)
         if self.data.tokenizer is not None:
             extra["tokenizer.json"] = self.data.tokenizer.save
         meta = {"step": self.state.step, "data_fingerprint": self.data.fingerprint, "run": self.cfg.to_dict()}
-        save_checkpoint(path, self.model, extra=extra, metadata=meta, state=weights)
-        for _, old in checkpoint_dirs(self.run_dir)[: -self.cfg.trainer.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
+        try:
+            save_checkpoint(path, self.model, extra=extra, metadata=meta, state=weights)
+        except (OSError, RuntimeError) as e:  # disk full, quota, permissions: say where, and what is still safe
+            previous = self.ckpts.complete()
+            raise OSError(
+                f"could not write checkpoint {path} ({type(e).__name__}: {e}); nothing was left half-written"
+                + (f" and the previous checkpoint {previous[-1][1]} is intact" if previous else "")
+                + "; free space or choose another hydra.run.dir, then resume=auto"
+            ) from e
+        self.ckpts.rotate()
         self.par.barrier()
         return path
+
+    def _last_good(self) -> str:
+        found = self.ckpts.complete()
+        return (f"the last good checkpoint is {found[-1][1]}: continue from it with resume=auto and a lower optim.lr "
+                if found else
+                "no checkpoint of this run was kept; start again with a lower optim.lr")
 
     # ---------------------------------------------------------------- steps
 
@@ -221,18 +233,44 @@ class Trainer:
                 acc = stats.setdefault(layer, {k: torch.zeros_like(v) for k, v in values.items()})
                 for k, v in values.items():
                     acc[k] += v if k == "tokens_per_expert" else v / tc.grad_accum
-        # trainer=ddp|deepspeed: gradients reduced over the ranks, the global norm computed over the expert shards
-        grad_norm = self.par.step(self.model, self.optimizer, tc.grad_clip)  # clip, update, clear
-        lm_loss, aux, stats = self.par.reduce_step(lm_loss, aux, stats)  # logged values: the global batch's
-        for module in self.model.modules():  # routers with per-step state (bias balancing) update it now
-            if isinstance(module, Router):
-                module.after_optimizer_step()
-        if not np.isfinite(lm_loss):
+        # trainer=ddp|deepspeed: gradients reduced over the ranks, the global norm computed over the expert shards.
+        # A non-finite norm (the same on every rank) updates nothing: the engine skips the optimizer step.
+        grad_norm = float(self.par.step(self.model, self.optimizer, tc.grad_clip))  # clip, update, clear
+        skipped = not math.isfinite(grad_norm)
+        if skipped and not self.par.skips_non_finite:
             raise FloatingPointError(
-                f"training loss became {lm_loss} at step {step + 1}; lower optim.lr or set trainer.grad_clip, and "
-                f"resume from the last checkpoint with resume=auto"
+                f"the gradient norm is {grad_norm} at step {step + 1} and trainer={tc.kind} has already applied the "
+                f"update (it cannot skip a step); {self._last_good()}"
             )
-        return {"lr": lr, "lm_loss": lm_loss, "aux": aux, "stats": stats, "grad_norm": float(grad_norm)}
+        lm_loss, aux, stats = self.par.reduce_step(lm_loss, aux, stats)  # logged values: the global batch's
+        if not skipped:
+            for module in self.model.modules():  # routers with per-step state (bias balancing) update it now
+                if isinstance(module, Router):
+                    module.after_optimizer_step()
+        return {"lr": lr, "lm_loss": lm_loss, "aux": aux, "stats": stats, "grad_norm": grad_norm, "skipped": skipped}
+
+    def _count_skip(self, skipped: bool) -> None:
+        """Counts a skipped step; too many in a row stop the run. Since the weights do not change during the run of
+        skips, the checkpoint of the step before it holds weights whose gradients were not finite on every batch
+        since: it is set aside (step_N.diverged) so that resume=auto takes the one before."""
+        st, limit = self.state, self.cfg.trainer.max_skipped_steps
+        st.skipped_in_a_row = st.skipped_in_a_row + 1 if skipped else 0
+        st.skipped_steps += skipped
+        if skipped:
+            warnings.warn(f"step {st.step}: the gradient norm is not finite; the update was skipped "
+                          f"({st.skipped_in_a_row} in a row, trainer.max_skipped_steps={limit})", stacklevel=2)
+        if st.skipped_in_a_row <= limit:
+            return
+        since = st.step - st.skipped_in_a_row  # the weights as they left this step
+        if self.par.is_main:
+            for step, _ in self.ckpts.complete():
+                if step >= since:
+                    print(f"set aside {self.ckpts.set_aside(step, 'diverged')}: its weights give non-finite gradients")
+        self.par.barrier()
+        raise FloatingPointError(
+            f"the gradient norm was not finite for {st.skipped_in_a_row} steps in a row (steps {since + 1}-{st.step}; "
+            f"trainer.max_skipped_steps={limit}): the weights since step {since} diverge; {self._last_good()}"
+        )
 
     # ---------------------------------------------------------------- the loop
 
@@ -251,53 +289,69 @@ class Trainer:
         bar = _progress(tc.progress and self.par.is_main, tc.max_steps, st.step)
         self.model.train()
         try:
-            while st.step < tc.max_steps:
-                self._step_rng = _rng_state()
-                t0 = time.perf_counter()
-                out = self.train_step()
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize()
-                st.elapsed_s += time.perf_counter() - t0
-                st.step += 1
-                self._step_rng = _rng_state()  # an interrupt from here on saves this step: the RNG as it leaves it
-                st.tokens += tokens_per_step
-                st.flops += self.flops_per_token * tokens_per_step
-                st.loss_sum += out["lm_loss"]
-                st.loss_count += 1
-                last_stats = out["stats"]
-                for layer, values in out["stats"].items():  # every step: patience counts steps
-                    for message in self.collapse.update(st.step, layer, values["tokens_per_expert"], tokens_per_step):
-                        warnings.warn(message, stacklevel=1)
-                final = st.step == tc.max_steps
-                evaluate = final or (tc.eval_interval > 0 and st.step % tc.eval_interval == 0)
-                val_loss = self.evaluate() if evaluate else None
-                if final or evaluate or st.step % tc.log_interval == 0:
-                    tps = (st.tokens - last_log[1]) / max(st.elapsed_s - last_log[2], 1e-9)
-                    record = {"step": st.step, "tokens": st.tokens, "flops": st.flops,
-                              "train_loss": st.loss_sum / st.loss_count, "lr": out["lr"], "grad_norm": out["grad_norm"],
-                              "tokens_per_s": tps, "elapsed_s": st.elapsed_s, **out["aux"]}
-                    if val_loss is not None:
-                        record["val_loss"] = val_loss
-                    record.update(flatten_stats(out["stats"]))
-                    self.logger.log(record)
-                    st.loss_sum, st.loss_count = 0.0, 0
-                    last_log = (time.perf_counter(), st.tokens, st.elapsed_s)
+            with self.preemption:
+                while st.step < tc.max_steps:
+                    self._step_rng = rng_state()
+                    t0 = time.perf_counter()
+                    out = self.train_step()
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize()
+                    st.elapsed_s += time.perf_counter() - t0
+                    st.step += 1
+                    self._step_rng = rng_state()  # an interrupt from here on saves this step: the RNG as it leaves it
+                    st.tokens += tokens_per_step
+                    st.flops += self.flops_per_token * tokens_per_step
+                    if not out["skipped"]:  # a skipped step's loss is NaN or inf: it would poison the mean
+                        st.loss_sum += out["lm_loss"]
+                        st.loss_count += 1
+                    self._count_skip(out["skipped"])
+                    last_stats = out["stats"]
+                    for layer, values in out["stats"].items():  # every step: patience counts steps
+                        for message in self.collapse.update(st.step, layer, values["tokens_per_expert"], tokens_per_step):
+                            warnings.warn(message, stacklevel=1)
+                    final = st.step == tc.max_steps
+                    evaluate = final or (tc.eval_interval > 0 and st.step % tc.eval_interval == 0)
+                    val_loss = self.evaluate() if evaluate else None
+                    if final or evaluate or st.step % tc.log_interval == 0:
+                        tps = (st.tokens - last_log[1]) / max(st.elapsed_s - last_log[2], 1e-9)
+                        record = {"step": st.step, "tokens": st.tokens, "flops": st.flops,
+                                  "train_loss": st.loss_sum / st.loss_count if st.loss_count else math.nan,
+                                  "lr": out["lr"], "grad_norm": out["grad_norm"], "skipped_steps": st.skipped_steps,
+                                  "tokens_per_s": tps, "elapsed_s": st.elapsed_s, **out["aux"]}
+                        if val_loss is not None:
+                            record["val_loss"] = val_loss
+                        record.update(flatten_stats(out["stats"]))
+                        self.logger.log(record)
+                        st.loss_sum, st.loss_count = 0.0, 0
+                        last_log = (time.perf_counter(), st.tokens, st.elapsed_s)
+                        if bar is not None:
+                            bar.set_postfix(loss=f"{record['train_loss']:.3f}", tok_s=f"{tps:,.0f}")
                     if bar is not None:
-                        bar.set_postfix(loss=f"{record['train_loss']:.3f}", tok_s=f"{tps:,.0f}")
-                if bar is not None:
-                    bar.update(1)
-                if final or (tc.ckpt_interval > 0 and st.step % tc.ckpt_interval == 0):
-                    self._step_rng = _rng_state()
-                    self.save()
+                        bar.update(1)
+                    saved = False
+                    # no periodic checkpoint inside a run of skipped steps: its weights are the ones before the run
+                    if final or (tc.ckpt_interval > 0 and st.step % tc.ckpt_interval == 0 and not st.skipped_in_a_row):
+                        self.save()
+                        saved = True
+                    # one scalar all-reduce per step under torchrun: every rank stops after the same step
+                    if self.par.agree(self.preemption.received is not None):
+                        path = self.ckpts.path(st.step) if saved else self.save()
+                        signum = self.preemption.received or _PEER_SIGNAL
+                        self._write_run_file("preempted", {"step": st.step, "checkpoint": str(path),
+                                                           "signal": signal.Signals(signum).name})
+                        raise Preempted(signum, st.step, str(path))
         except KeyboardInterrupt:
             # The last complete step is saved so that resume=auto continues exactly from it.
-            if st.step > 0 and not (self.run_dir / "checkpoints" / f"step_{st.step}").exists():
+            if st.step > 0 and not self.ckpts.path(st.step).exists():
                 path = self.save()
                 print(f"\ninterrupted: saved {path}; continue with resume=auto")
             self._write_run_file("interrupted")
             raise
+        except Preempted:
+            raise
         except BaseException as e:
-            self._write_run_file("failed", {"error": f"{type(e).__name__}: {e}"})
+            # every rank writes: when rank 0 is the one that died, the survivors still say why the run ended
+            self._write_run_file("failed", {"error": f"{type(e).__name__}: {e}", "rank": self.par.rank}, every_rank=True)
             raise
         finally:
             if bar is not None:
@@ -309,22 +363,36 @@ class Trainer:
             print(f"routing at step {st.step} (last training batch):\n{routing_summary(last_stats)}")
         summary = {"final_val_loss": val_loss, "unigram_entropy": self.data.unigram_entropy("val"),
                    "steps": st.step, "tokens": st.tokens, "flops": st.flops, "elapsed_s": st.elapsed_s,
-                   "metrics": str(self.logger.path), "checkpoint": str(checkpoint_dirs(self.run_dir)[-1][1])}
+                   "skipped_steps": st.skipped_steps,
+                   "metrics": str(self.logger.path), "checkpoint": str(self.ckpts.complete()[-1][1])}
         self._write_run_file("finished", summary)
         return summary
 
-    def _write_run_file(self, status: str, summary: Optional[dict] = None) -> None:
-        """run.json: what a report needs besides the curves (sizes, FLOPs per token, data identity, status)."""
-        if not self.par.is_main:
+    def _write_run_file(self, status: str, summary: Optional[dict] = None, every_rank: bool = False) -> None:
+        """run.json: what a report needs besides the curves (sizes, FLOPs per token, data identity, status).
+        Rank 0 writes it, or with every_rank each surviving rank (a failure: rank 0 may be the one that died)."""
+        if not (self.par.is_main or every_rank):
             return
         info = {"status": status, "params_total": self.params.total, "params_active": self.params.active,
                 "flops_per_token": self.flops_per_token, "data_fingerprint": self.data.fingerprint,
                 "vocab_size": self.model_cfg.vocab_size, "sparse_layers": list(self.model_cfg.sparse_layers),
                 "twin": self.cfg.twin, "group": self.cfg.logger.group,
                 "config": {**self.cfg.to_dict(), "model": self.model_cfg.to_dict()}, "summary": summary}
-        tmp = self.run_dir / (RUN_FILE + ".tmp")
+        tmp = self.run_dir / f"{RUN_FILE}.tmp-{self.par.rank}"
         tmp.write_text(json.dumps(info, indent=2))
         tmp.replace(self.run_dir / RUN_FILE)
+
+
+def _first_non_finite(weights: dict[str, torch.Tensor], optimizer: dict) -> Optional[str]:
+    """The name of the first weight or optimizer-state tensor holding NaN or inf, or None when all are finite."""
+    for name, t in weights.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return f"weight {name} is not finite"
+    for index, values in optimizer["state"].items():
+        for k, t in values.items():
+            if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                return f"optimizer state {k} of parameter {index} is not finite"
+    return None
 
 
 def _checkpoint_tokenizer(init_from: Optional[str]):

@@ -1,7 +1,9 @@
-"""Model checkpoint directories: config.json + model.safetensors (+ whatever a trainer adds).
+"""Model checkpoint directories: config.json + model.safetensors (+ whatever a trainer adds) + manifest.json.
 
 A checkpoint is written under a temporary name in the same parent directory and renamed into place,
-so a crash at any point leaves either the old checkpoint or the new one, never half of one.
+so a crash at any point leaves either the old checkpoint or the new one, never half of one. The manifest
+(moe.manifest: sizes and SHA-256 of every file) is written last, inside the temporary folder, and readers verify
+the files they load against it.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from moe.config import ModelConfig
+from moe.manifest import verify, write_manifest
 from moe.model import Transformer
 from moe.parallel import full_shapes, full_state_dict, load_full_state_dict
 
@@ -53,6 +56,7 @@ def save_checkpoint(
         save_file(state if state is not None else model_state(model), str(tmp / WEIGHTS_FILE))
         for name, writer in (extra or {}).items():
             writer(tmp / name)
+        write_manifest(tmp)
     return path
 
 
@@ -62,9 +66,9 @@ def write_atomically(path: Path) -> Iterator[Path]:
     removed and `path` is left as it was. An existing `path` is moved aside first, then swapped."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    tmp.chmod(0o755)  # mkdtemp makes the folder private; a checkpoint should read like any other directory
     try:
         yield tmp
+        _plain_permissions(tmp)
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
             os.replace(path, old)
@@ -77,6 +81,15 @@ def write_atomically(path: Path) -> Iterator[Path]:
         raise
 
 
+def _plain_permissions(folder: Path) -> None:
+    """Every file and folder of a checkpoint readable like any other (umask applies): mkdtemp makes the folder
+    private and some writers (safetensors) create their files 0600, which would leave siblings differing."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in [folder, *folder.rglob("*")]:
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
+
+
 def read_metadata(path: str | Path) -> dict:
     """config.json of a checkpoint directory, with a clear error when it is missing or unreadable."""
     path = Path(path)
@@ -85,6 +98,7 @@ def read_metadata(path: str | Path) -> dict:
     cfg_file = path / CONFIG_FILE
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{cfg_file} is missing: {path} is not a Switchyard checkpoint directory")
+    verify(path, [CONFIG_FILE])
     try:
         meta = json.loads(cfg_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -103,6 +117,7 @@ def load_weights(model: Transformer, path: str | Path) -> None:
     weights = Path(path) / WEIGHTS_FILE
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} is missing; the checkpoint at {path} is incomplete")
+    verify(path, [WEIGHTS_FILE])
     try:
         state = load_file(str(weights))
     except Exception as e:  # safetensors raises its own error types for truncated or foreign files

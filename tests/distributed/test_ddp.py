@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from experiments.metrics import read_metrics
 from experiments.trainer import Trainer
+from experiments.trainer_state import load_trainer_state
 from moe.checkpoint import load_model
 from tests.distributed._spawn import TORCHRUN_ENV, assert_refused, launch_train
 from tests.experiments.test_train import TINY, data_overrides, make_run
@@ -64,8 +65,8 @@ def test_checkpoint_is_full_size_and_loads_in_one_process(runs):
     for k in a:
         assert a[k].shape == b[k].shape, k
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=lambda m: f"{k}: {m}")
-    state = torch.load(mine / "trainer_state.pt", weights_only=False)["optimizer"]["state"]
-    ref_state = torch.load(ref / "trainer_state.pt", weights_only=False)["optimizer"]["state"]
+    state = load_trainer_state(mine, torch.device("cpu"))[0]["state"]
+    ref_state = load_trainer_state(ref, torch.device("cpu"))[0]["state"]
     for i in ref_state:
         assert state[i]["exp_avg"].shape == ref_state[i]["exp_avg"].shape
     idx = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
