@@ -14,6 +14,7 @@ from typing import Any, Optional
 from experiments.data import DataConfig
 from experiments.twins import build_twin
 from moe.config import ModelConfig, _from_dict
+from routing.config import check_finite
 
 
 @dataclass
@@ -28,12 +29,23 @@ class OptimConfig:
     eps: float = 1e-8  # AdamW epsilon
 
     def __post_init__(self) -> None:
+        check_finite(self, "optim")
         if self.schedule not in ("cosine", "linear", "constant"):
             raise ValueError(f"optim.schedule={self.schedule!r} must be cosine, linear or constant")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise ValueError(f"optim.lr={self.lr} and optim.min_lr={self.min_lr} need 0 <= min_lr <= lr and lr > 0")
         if self.warmup_steps < 0:
             raise ValueError(f"optim.warmup_steps={self.warmup_steps} must be non-negative")
+        # torch.optim.AdamW checks the betas and eps itself, but without naming the config field, and it never sees
+        # weight_decay (that goes in the param groups, unchecked): a negative value grows the weights every step.
+        if self.weight_decay < 0:
+            raise ValueError(f"optim.weight_decay={self.weight_decay} must be non-negative (0 disables decay)")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"optim.{name}={getattr(self, name)} must be in [0, 1) (usual: beta1=0.9, beta2=0.95)")
+        if self.eps <= 0:
+            raise ValueError(f"optim.eps={self.eps} must be positive: it keeps AdamW's step finite where the second "
+                             f"moment is zero (usual: 1e-8)")
 
 
 @dataclass
@@ -61,6 +73,7 @@ class TrainerConfig:
     max_skipped_steps: int = 5
 
     def __post_init__(self) -> None:
+        check_finite(self, "trainer")
         if self.kind not in ("single", "ddp", "deepspeed"):
             raise ValueError(f"trainer.kind={self.kind!r} must be single, ddp or deepspeed")
         if self.collective_timeout_s <= 0:
@@ -72,6 +85,10 @@ class TrainerConfig:
             raise ValueError(f"trainer.precision={self.precision!r} must be auto, fp32 or bf16")
         if self.keep_checkpoints < 1:
             raise ValueError(f"trainer.keep_checkpoints={self.keep_checkpoints} must be at least 1")
+        for name, zero in (("eval_interval", "evaluate only at the end"), ("ckpt_interval", "only the final checkpoint"),
+                           ("grad_clip", "no clipping"), ("threads", "torch's default")):
+            if getattr(self, name) < 0:
+                raise ValueError(f"trainer.{name}={getattr(self, name)} must be non-negative (0: {zero})")
         if self.max_skipped_steps < 0:
             raise ValueError(f"trainer.max_skipped_steps={self.max_skipped_steps} must be non-negative (0: stop at "
                              f"the first non-finite gradient)")
@@ -140,6 +157,9 @@ class LoggerConfig:
             raise ValueError(f"logger.mode={self.mode!r} must be offline, online or disabled")
 
 
+_DEFAULT_WARMUP = OptimConfig.warmup_steps  # the dataclass default (conf/optim/adamw.yaml says the same)
+
+
 @dataclass
 class RunConfig:
     model: ModelConfig  # the model to train (ignored in favour of the checkpoint's when init_from is set)
@@ -180,6 +200,14 @@ class RunConfig:
             raise ValueError(
                 f"model.moe.expert_parallel={self.model.moe.expert_parallel} needs one process per rank: launch "
                 f"torchrun --nproc_per_node=N -m experiments.train trainer=ddp, or set model.moe.expert_parallel=1"
+            )
+        if self.optim.warmup_steps > self.trainer.max_steps and self.optim.warmup_steps != _DEFAULT_WARMUP:
+            # The run would end inside the warmup: optim.lr is never reached and the decay never starts. The default
+            # warmup is let through, so that a short check (trainer.max_steps=1) needs no second override.
+            raise ValueError(
+                f"optim.warmup_steps={self.optim.warmup_steps} is longer than the run (trainer.max_steps="
+                f"{self.trainer.max_steps}): the learning rate would never reach optim.lr={self.optim.lr}; lower "
+                f"optim.warmup_steps to at most {self.trainer.max_steps} or raise trainer.max_steps"
             )
         if self.trainer.seq_len > self.model.max_seq_len:
             raise ValueError(

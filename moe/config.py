@@ -9,7 +9,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from routing.config import RouterConfig
+from routing.config import RouterConfig, check_finite
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
 NORMS = ("layernorm", "rmsnorm")
@@ -123,6 +123,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.moe, MoEConfig):  # a dict from JSON/Hydra; anything else is refused by name
             self.moe = _from_dict(MoEConfig, self.moe, "model.moe")
+        check_finite(self, "model")
         for name in ("vocab_size", "n_layer", "d_model", "n_head", "d_ff", "max_seq_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"model.{name}={getattr(self, name)} must be positive")
@@ -140,6 +141,12 @@ class ModelConfig:
                 raise ValueError(f"model.{name}={getattr(self, name)!r} must be one of {allowed}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout={self.dropout} must be in [0, 1)")
+        # Named here rather than by torch's normal_ at build time; std 0 would give every weight the same value.
+        if self.init_std <= 0:
+            raise ValueError(f"model.init_std={self.init_std} must be positive (0.02 is the usual scale)")
+        for name in ("norm_eps", "rope_theta"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"model.{name}={getattr(self, name)} must be positive")
         if self.sparse_layers:  # only a model that routes needs a router that fits it
             self.moe.router.check_experts(self.moe.num_experts)
 

@@ -1,14 +1,32 @@
 """Router configuration: one typed dataclass shared by every router family."""
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 ORDERS = ("topk_softmax", "softmax_topk")
 DROP_POLICIES = ("probs", "position")
 EC_MODES = ("per_position", "batch")
 BASE_SOLVERS = ("auction", "sinkhorn")
 SCORE_FNS = ("sigmoid", "softmax")
+# A capacity factor cf gives the E experts cf * T * k slots together, so at most cf * k of the T tokens reach any
+# expert. Below this many slots per token most tokens must skip the layer however well the router balances.
+MIN_SLOTS_PER_TOKEN = 0.5
+USES_CAPACITY = ("topk", "expert_choice", "sinkhorn", "bias_balanced")  # base and hash ignore the capacity settings
+
+
+def check_finite(cfg: Any, where: str) -> None:
+    """Refuses nan and inf in every float field of the config dataclass cfg, naming it as `where.field`.
+
+    Comparisons with nan are all false, so a range check such as `x <= 0` lets nan through to the first forward
+    or optimizer step; each config with float fields runs this before its range checks. No float field of these
+    configs means anything when infinite."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{where}.{f.name}={value} must be a finite number")
 
 
 @dataclass
@@ -41,6 +59,7 @@ class RouterConfig:
     def __post_init__(self) -> None:
         from routing.registry import ROUTERS  # late import: the registry imports this module
 
+        check_finite(self, "model.moe.router")
         if self.name not in ROUTERS:
             raise ValueError(f"model.moe.router.name={self.name!r} is not a known router; choose one of {sorted(ROUTERS)}")
         if self.top_k < 1:
@@ -78,6 +97,31 @@ class RouterConfig:
             raise ValueError(f"model.moe.router.random_second needs model.moe.router.top_k=2, got {self.top_k}")
         if not 0.0 <= self.jitter < 1.0:
             raise ValueError(f"model.moe.router.jitter={self.jitter} must be in [0, 1)")
+        if self.scale <= 0:
+            raise ValueError(f"model.moe.router.scale={self.scale} must be positive: it multiplies every combine "
+                             f"weight, so 0 switches the experts off (1 is the plain router, DeepSeek-V3 uses 2.5)")
+        for name in ("aux_loss_coef", "z_loss_coef"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"model.moe.router.{name}={getattr(self, name)} must be non-negative: a negative "
+                                 f"coefficient rewards what the loss penalises (0 turns the loss off)")
+        if self.name in USES_CAPACITY:
+            for name in ("capacity_factor", "eval_capacity_factor"):
+                self._check_capacity(name, getattr(self, name))
+
+    def _check_capacity(self, name: str, cf: Optional[float]) -> None:
+        """Refuses a fixed or capped capacity so small that most tokens must be dropped."""
+        if not cf:  # None (as training) or 0 (dropless)
+            return
+        slots = abs(cf) * self.top_k  # expert slots per token: C = ceil(|cf| * T * k / E) for each of E experts
+        if slots < MIN_SLOTS_PER_TOKEN:
+            raise ValueError(
+                f"model.moe.router.{name}={cf} with top_k={self.top_k} gives the experts {slots:g} slots per token "
+                f"(each expert takes ceil(|{name}| * T * top_k / E) tokens), so at most {100 * slots:.3g}% of the "
+                f"tokens reach an expert and at least {100 * (1 - slots):.3g}% skip the layer, however well the "
+                f"router balances. The capacity factor is a multiple of an evenly balanced expert's load: use 1.0 to "
+                f"2.0 (Switch: 1.25), 0 for dropless, or at least {MIN_SLOTS_PER_TOKEN / self.top_k:g} "
+                f"(= {MIN_SLOTS_PER_TOKEN} / top_k)"
+            )
 
     @property
     def has_gate(self) -> bool:
