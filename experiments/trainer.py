@@ -195,7 +195,7 @@ class Trainer:
 
     def _last_good(self) -> str:
         found = self.ckpts.complete()
-        return (f"the last good checkpoint is {found[-1][1]}: continue from it with resume=auto and a lower optim.lr "
+        return (f"the last good checkpoint is {found[-1][1]}: continue from it with resume=auto and a lower optim.lr"
                 if found else
                 "no checkpoint of this run was kept; start again with a lower optim.lr")
 
@@ -250,15 +250,18 @@ class Trainer:
         return {"lr": lr, "lm_loss": lm_loss, "aux": aux, "stats": stats, "grad_norm": grad_norm, "skipped": skipped}
 
     def _count_skip(self, skipped: bool) -> None:
-        """Counts a skipped step; too many in a row stop the run. Since the weights do not change during the run of
-        skips, the checkpoint of the step before it holds weights whose gradients were not finite on every batch
-        since: it is set aside (step_N.diverged) so that resume=auto takes the one before."""
-        st, limit = self.state, self.cfg.trainer.max_skipped_steps
+        st = self.state
         st.skipped_in_a_row = st.skipped_in_a_row + 1 if skipped else 0
         st.skipped_steps += skipped
         if skipped:
-            warnings.warn(f"step {st.step}: the gradient norm is not finite; the update was skipped "
-                          f"({st.skipped_in_a_row} in a row, trainer.max_skipped_steps={limit})", stacklevel=2)
+            warnings.warn(f"step {st.step}: the gradient norm is not finite; the update was skipped ({st.skipped_in_a_row} "
+                          f"in a row, trainer.max_skipped_steps={self.cfg.trainer.max_skipped_steps})", stacklevel=2)
+
+    def _stop_if_diverged(self) -> None:
+        """Too many skipped steps in a row stop the run. Since the weights do not change during the run of skips,
+        the checkpoint of the step before it holds weights whose gradients were not finite on every batch since: it
+        is set aside (step_N.diverged) so that resume=auto takes the one before."""
+        st, limit = self.state, self.cfg.trainer.max_skipped_steps
         if st.skipped_in_a_row <= limit:
             return
         since = st.step - st.skipped_in_a_row  # the weights as they left this step
@@ -328,8 +331,10 @@ class Trainer:
                             bar.set_postfix(loss=f"{record['train_loss']:.3f}", tok_s=f"{tps:,.0f}")
                     if bar is not None:
                         bar.update(1)
+                    self._stop_if_diverged()  # after the record: the metrics show the last skipped step
                     saved = False
-                    # no periodic checkpoint inside a run of skipped steps: its weights are the ones before the run
+                    # no periodic checkpoint inside a run of skipped steps: it would hold the weights from before the
+                    # run and rotate older, good checkpoints away
                     if final or (tc.ckpt_interval > 0 and st.step % tc.ckpt_interval == 0 and not st.skipped_in_a_row):
                         self.save()
                         saved = True
