@@ -30,9 +30,11 @@ def preemption_signals() -> list[signal.Signals]:
 class Preempted(Exception):
     """Training stopped at a step boundary because a preemption signal arrived; the checkpoint is written."""
 
-    def __init__(self, signum: int, step: int, checkpoint: str):
-        super().__init__(f"{signal.Signals(signum).name} received: stopped after step {step} and saved {checkpoint}; "
-                         f"continue with resume=auto")
+    def __init__(self, signum: Optional[int], step: int, checkpoint: str):
+        # signum None: this rank stopped because another rank was signalled
+        what = signal.Signals(signum).name if signum else "another rank's preemption signal"
+        super().__init__(f"{what} received: stopped after step {step} and saved {checkpoint}; continue with "
+                         f"resume=auto")
         self.signum, self.step, self.checkpoint = signum, step, checkpoint
 
 
@@ -64,6 +66,6 @@ class PreemptionFlag:
 def exit_preempted(e: Preempted) -> None:
     """What the application does after a preempted run: the handler that was there before ours (submitit's
     requeue) takes the signal now that the checkpoint is safe; then exit with PREEMPTED_EXIT."""
-    if callable(signal.getsignal(e.signum)):
+    if e.signum is not None and callable(signal.getsignal(e.signum)):
         signal.raise_signal(e.signum)
     raise SystemExit(PREEMPTED_EXIT)

@@ -48,7 +48,6 @@ from routing.router import Router
 from routing.stats import CollapseMonitor
 
 RUN_FILE = "run.json"
-_PEER_SIGNAL = signal.SIGTERM  # what run.json names on a rank that stopped because another rank was signalled
 
 
 def resolve_device(name: str) -> torch.device:
@@ -341,9 +340,9 @@ class Trainer:
                     # one scalar all-reduce per step under torchrun: every rank stops after the same step
                     if self.par.agree(self.preemption.received is not None):
                         path = self.ckpts.path(st.step) if saved else self.save()
-                        signum = self.preemption.received or _PEER_SIGNAL
+                        signum = self.preemption.received  # None: another rank was signalled
                         self._write_run_file("preempted", {"step": st.step, "checkpoint": str(path),
-                                                           "signal": signal.Signals(signum).name})
+                                                           "signal": signal.Signals(signum).name if signum else None})
                         raise Preempted(signum, st.step, str(path))
         except KeyboardInterrupt:
             # The last complete step is saved so that resume=auto continues exactly from it.
