@@ -44,12 +44,14 @@ from __future__ import annotations
 import contextlib
 import datetime
 import inspect
+import json
 import os
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import save_file
 from torch import nn
 
 from experiments.distributed import TORCHRUN_ENV, DataParallel
@@ -58,8 +60,11 @@ from moe.parallel import ParallelGroups
 
 INSTALL = "pip install -e '.[deepspeed]'"
 ENGINE_DIR = "deepspeed"  # RUN_DIR/deepspeed/step_N: DeepSpeed's own checkpoints (deepspeed.engine_checkpoint=true)
-# Expert shards of an expert-parallel run, one file per expert-parallel rank (a name DeepSpeed's own globs skip)
-EXPERT_SHARD_FILE = "switchyard_experts_ep_rank_{ep_rank:02d}.pt"
+# Expert shards of an expert-parallel run, one file per expert-parallel rank (a name DeepSpeed's own globs skip):
+# safetensors, never a pickle, so reading one (experiments.convert_deepspeed) cannot run code. The shard's place
+# (ep_size, ep_rank, banks) rides as JSON in the safetensors metadata under EXPERT_SHARD_META.
+EXPERT_SHARD_FILE = "switchyard_experts_ep_rank_{ep_rank:02d}.safetensors"
+EXPERT_SHARD_META = "switchyard_expert_parallel"
 
 
 def import_deepspeed():
@@ -232,6 +237,8 @@ def _adam_keys(state: dict) -> list[str]:
 class DeepSpeedParallel(DataParallel):
     """The Trainer's hooks on a DeepSpeed engine. Batch rows, expert sharding, logged values and checkpoints are
     DataParallel's; forward, backward and step are the engine's."""
+
+    skips_non_finite = False  # engine.step() updates whatever the norm (bf16/fp32 ZeRO checks no overflow)
 
     def __init__(self, groups: ParallelGroups, device: torch.device, cfg, num_experts: int):
         super().__init__(groups, device)
@@ -417,8 +424,9 @@ def save_engine_checkpoint(par: DeepSpeedParallel, save_dir: Path, tag: str, met
     DeepSpeed writes the module's state once (data-parallel rank 0: mp_rank_00_model_states.pt, under `module`, keys
     prefixed `model.` by EngineModule) and per-expert files only for its own MoE class, so with ep > 1 the other
     ranks' expert shards would be missing: the first replica of every expert shard (ranks 0..ep-1) also writes
-    EXPERT_SHARD_FILE, its shard of every expert parameter, keyed as in the module state. The model config (and
-    `metadata`) ride in the client state under "switchyard". experiments.convert_deepspeed reads all of it."""
+    EXPERT_SHARD_FILE (safetensors), its shard of every expert parameter, keyed as in the module state, with its
+    place (ep_size, ep_rank, banks: first expert, local and global expert counts) in the metadata. The model config
+    (and `metadata`) ride in the client state under "switchyard". experiments.convert_deepspeed reads all of it."""
     engine = par.engine
     model = engine.module.model
     client = {"switchyard": {"model": model.cfg.to_dict(), "expert_parallel": par.groups.ep_size, **(metadata or {})}}
@@ -432,7 +440,7 @@ def save_engine_checkpoint(par: DeepSpeedParallel, save_dir: Path, tag: str, met
     if g.ep_size > 1 and g.rank < g.ep_size:  # ranks 0..ep-1 hold the first replica of shards 0..ep-1
         meta = {"ep_size": g.ep_size, "ep_rank": g.ep_rank,
                 "banks": {name: [b.first_expert, b.num_experts, b.num_global_experts] for name, b in banks}}
-        torch.save({"module": shards, "expert_parallel": meta},
-                   Path(save_dir) / tag / EXPERT_SHARD_FILE.format(ep_rank=g.ep_rank))
+        save_file(shards, str(Path(save_dir) / tag / EXPERT_SHARD_FILE.format(ep_rank=g.ep_rank)),
+                  metadata={EXPERT_SHARD_META: json.dumps(meta)})
     dist.barrier()
     return Path(save_dir) / tag

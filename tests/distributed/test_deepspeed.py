@@ -2,7 +2,8 @@
 parallelism, give the single process's losses and gradient norms; the weights after 3 steps equal the single run's
 (expert gradients reduced over their expert-data-parallel group only); a run resumed from its step-3 checkpoint
 gives the uninterrupted run's 4th step bit for bit, and one resumed at another ZeRO stage and ep gives it within
-round-off; DeepSpeed's own checkpoint converts to ours (experiments.convert_deepspeed); bad settings fail before
+round-off; DeepSpeed's own checkpoint converts to ours (experiments.convert_deepspeed: with expert shards, and bf16
+with the fp32 masters of the ZeRO files), reading DeepSpeed's pickles as plain data only; bad settings fail before
 any process group. Both launchers: torchrun and deepspeed --no_local_rank."""
 from __future__ import annotations
 
@@ -14,11 +15,14 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
 from safetensors.torch import load_file
 
-from experiments.convert_deepspeed import convert
+from experiments.convert_deepspeed import DEEPSPEED_GLOBALS, convert, load_deepspeed_file
+from experiments.deepspeed_engine import EXPERT_SHARD_FILE, EXPERT_SHARD_META
 from experiments.metrics import read_metrics
 from experiments.trainer import Trainer
+from experiments.trainer_state import load_trainer_state
 from moe.checkpoint import load_model
 from tests.distributed._spawn import TORCHRUN_ENV, assert_refused, launch_train
 from tests.experiments.test_train import REPO_ROOT, TINY, data_overrides, make_run
@@ -61,6 +65,10 @@ def runs(tmp_path_factory, text_corpus):
     # ZeRO 0 in one process
     out["z0_one"] = root / "z0_one"
     launch(1, out["z0_one"], text_corpus, "deepspeed=zero0", "trainer.max_steps=3")
+    # DeepSpeed's bf16 mode (ZeRO 2, 2 ranks): bf16 module weights, fp32 masters only in the ZeRO files
+    out["z2_bf16"] = root / "z2_bf16"
+    launch(2, out["z2_bf16"], text_corpus, "deepspeed=zero2", "trainer.precision=bf16", "trainer.max_steps=2",
+           "deepspeed.engine_checkpoint=true")
     return out
 
 
@@ -89,8 +97,8 @@ def test_weights_after_three_steps_equal_single(runs, name):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=lambda m: f"{k}: {m}")
-    state = torch.load(mine / "trainer_state.pt", weights_only=False)["optimizer"]
-    ref_state = torch.load(ref / "trainer_state.pt", weights_only=False)["optimizer"]
+    state = load_trainer_state(mine, torch.device("cpu"))[0]
+    ref_state = load_trainer_state(ref, torch.device("cpu"))[0]
     assert [len(g["params"]) for g in state["param_groups"]] == [len(g["params"]) for g in ref_state["param_groups"]]
     for i, s in ref_state["state"].items():
         assert float(state["state"][i]["step"]) == float(s["step"]) == 3.0
@@ -123,6 +131,10 @@ def test_deepspeed_checkpoint_converts_to_ours(runs, tmp_path):
     assert (engine_dir / "latest").read_text().strip() == "step_4"
     tag = engine_dir / "step_3"
     assert (tag / "mp_rank_00_model_states.pt").is_file() and list(tag.glob("zero_pp_rank_*_optim_states.pt"))
+    for rank in (0, 1):  # the expert shards: safetensors with their place in the metadata, no pickle
+        with safe_open(str(tag / EXPERT_SHARD_FILE.format(ep_rank=rank)), framework="pt") as f:
+            assert json.loads(f.metadata()[EXPERT_SHARD_META])["ep_rank"] == rank
+    assert not list(tag.glob("switchyard_experts_*.pt"))
     out = convert(engine_dir, tmp_path / "converted", tag="step_3")
     ours = runs["z1_ep2"] / "checkpoints" / "step_3"
     a, b = load_file(str(out / "model.safetensors")), load_file(str(ours / "model.safetensors"))
@@ -141,12 +153,35 @@ def test_deepspeed_checkpoint_converts_to_ours(runs, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in b)
 
 
+def test_bf16_checkpoint_converts_with_the_fp32_masters(runs, tmp_path):
+    """bf16 module weights: the fp32 masters come from the ZeRO files, equal to the run's own checkpoint."""
+    tag = runs["z2_bf16"] / "deepspeed" / "step_2"
+    assert load_deepspeed_file(tag / "mp_rank_00_model_states.pt")["module"]["model.embed.weight"].dtype == \
+        torch.bfloat16
+    out = convert(tag, tmp_path / "converted")
+    a = load_file(str(out / "model.safetensors"))
+    b = load_file(str(runs["z2_bf16"] / "checkpoints" / "step_2" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("name, tag", [("z1_ep2", "step_3"), ("z2_bf16", "step_2")])
+def test_deepspeed_files_need_only_the_allowed_globals(runs, name, tag):
+    """Every pickle DeepSpeed writes for trainer=deepspeed (module state, ZeRO optimizer files) needs no global
+    beyond torch's weights_only defaults and DEEPSPEED_GLOBALS; a new DeepSpeed that pickles more shows up here."""
+    files = sorted((runs[name] / "deepspeed" / tag).glob("*.pt"))
+    assert len(files) == 3  # mp_rank_00_model_states.pt and 2 ranks' optimizer states
+    allowed = {n for _, n in DEEPSPEED_GLOBALS}
+    for f in files:
+        assert set(torch.serialization.get_unsafe_globals_in_checkpoint(f)) <= allowed, f
+        assert isinstance(load_deepspeed_file(f), dict)
+
+
 def test_converter_errors(runs, tmp_path):
     with pytest.raises(FileNotFoundError, match="latest"):
         convert(tmp_path, tmp_path / "out")
     broken = tmp_path / "broken"
     shutil.copytree(runs["z1_ep2"] / "deepspeed" / "step_3", broken)
-    (broken / "switchyard_experts_ep_rank_01.pt").unlink()
+    (broken / EXPERT_SHARD_FILE.format(ep_rank=1)).unlink()
     with pytest.raises(ValueError, match=r"expert shard files of ranks \[0\] found, expected 0..1"):
         convert(broken, tmp_path / "out")
     assert not (tmp_path / "out").exists()
