@@ -16,10 +16,16 @@ What makes N ranks train exactly like one process on the same global batch (moe.
   resumes or loads at any other.
 Pass hydra.run.dir under torchrun: each rank composes its own config, and ranks started in different seconds
 would otherwise each create a timestamped directory (rank 0's is used; the others stay empty).
+
+Every collective of DataParallel runs inside moe.parallel.named_collective: one that fails or outlives
+trainer.collective_timeout_s (a rank stopped, killed or out of step) raises MoECollectiveError naming this rank, the
+world size, the phase (gradient reduction with its bucket's first and last parameters, gradient norm, metrics
+reduction, checkpoint gather or barrier, stop agreement, ...) and the setting to raise.
 """
 from __future__ import annotations
 
 import datetime
+import math
 import os
 from typing import Any, Callable, Optional, TypeVar
 
@@ -32,12 +38,14 @@ from moe.parallel import ParallelGroups
 
 T = TypeVar("T")
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+CHECKPOINT_BARRIER = "checkpoint barrier (rank 0 writes the checkpoint while the others wait)"
 
 
 class Single:
     """One process: every hook is what the single-process trainer does."""
 
     world_size, rank, is_main, groups = 1, 0, True, None
+    skips_non_finite = True  # step() leaves the weights alone when the gradient norm is not finite
 
     def local_device(self, device: torch.device) -> torch.device:
         return device
@@ -61,9 +69,11 @@ class Single:
 
     def step(self, model: nn.Module, optimizer: torch.optim.Optimizer, max_norm: float) -> float:
         """After the step's backward passes: reduce and clip the gradients, update, clear; returns the global gradient
-        norm before clipping."""
+        norm before clipping. A non-finite norm (the same on every rank: it is the global one) skips the update, so
+        NaN gradients never reach the weights or the optimizer's moments."""
         norm = self.clip_gradients(model, max_norm)
-        optimizer.step()
+        if math.isfinite(norm):
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return norm
 
@@ -92,11 +102,15 @@ class Single:
     def load_optimizer_state(self, optimizer: torch.optim.Optimizer, model: nn.Module, state: dict) -> None:
         optimizer.load_state_dict(state)
 
-    def barrier(self) -> None:
+    def barrier(self, phase: str = CHECKPOINT_BARRIER) -> None:
         pass
 
-    def broadcast(self, obj: Any) -> Any:
+    def broadcast(self, obj: Any, phase: str = "broadcast from rank 0") -> Any:
         return obj
+
+    def agree(self, flag: bool) -> bool:
+        """Whether any rank passed True (e.g. a preemption signal seen by one rank stops them all at the same step)."""
+        return flag
 
     def close(self) -> None:
         pass
@@ -113,13 +127,20 @@ class DataParallel(Single):
     def local_device(self, device: torch.device) -> torch.device:
         return self._device
 
+    def _named(self, phase: str, detail: parallel.Detail = None):
+        """The context of one collective: its failure names this rank, the world size and the phase."""
+        return parallel.named_collective(phase, self.groups, detail)
+
     def main_first(self, fn: Callable[[], T]) -> T:
         """Rank 0 runs fn first (e.g. tokenizing the corpus into the shared cache), then the others."""
+        detail = "rank 0 runs it first (e.g. preparing the data into the shared cache) while the others wait"
         if self.is_main:
             out = fn()
-            dist.barrier()
+            with self._named("barrier after rank 0's turn of main_first", detail):
+                dist.barrier()
             return out
-        dist.barrier()
+        with self._named("barrier before this rank's turn of main_first", detail):
+            dist.barrier()
         return fn()
 
     def distribute(self, model: nn.Module) -> nn.Module:
@@ -130,28 +151,38 @@ class DataParallel(Single):
 
     def clip_gradients(self, model: nn.Module, max_norm: float) -> float:
         params = list(model.parameters())
-        parallel.reduce_gradients(params, self.groups)
+        parallel.reduce_gradients(params, self.groups, names=model.named_parameters)  # names: read on failure only
         return float(parallel.clip_grad_norm(params, max_norm if max_norm > 0 else float("inf"), self.groups))
 
-    def _sum(self, t: torch.Tensor) -> torch.Tensor:
+    def _sum(self, t: torch.Tensor, phase: str = "metrics reduction", detail: parallel.Detail = None) -> torch.Tensor:
         t = t.to(self._device, torch.float64)
-        dist.all_reduce(t)
+        with self._named(phase, detail):
+            dist.all_reduce(t)
         return t.cpu()
 
     def mean(self, value: float) -> float:
-        return float(self._sum(torch.tensor([value]))[0]) / self.world_size
+        total = self._sum(torch.tensor([value]), detail="a mean over the ranks (the validation loss)")
+        return float(total[0]) / self.world_size
+
+    def agree(self, flag: bool) -> bool:
+        """True on every rank if any rank passed True: one all-reduce (MAX) of a scalar, every rank every call."""
+        t = torch.tensor([1.0 if flag else 0.0], device=self._device)
+        with self._named("stop agreement", "whether any rank was asked to stop (e.g. preempted)"):
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
 
     def reduce_step(self, lm_loss: float, aux: dict[str, float], stats: dict) -> tuple[float, dict, dict]:
         """Losses averaged over ranks (equal shards: the global batch's); routing counts summed, the other
         statistics averaged, and max_load / dead_experts recomputed from the summed counts."""
         names = sorted(aux)
-        values = self._sum(torch.tensor([lm_loss] + [aux[n] for n in names])) / self.world_size
+        values = self._sum(torch.tensor([lm_loss] + [aux[n] for n in names]),
+                           detail=lambda: f"the training loss and the aux losses {names}") / self.world_size
         out_stats = {}
         for layer in sorted(stats):
             s = stats[layer]
             keys = sorted(s)
             flat = torch.cat([s[k].detach().reshape(-1).double().cpu() for k in keys])
-            flat = self._sum(flat)
+            flat = self._sum(flat, detail=lambda: f"the routing statistics {keys} of layer {layer}")
             reduced, i = {}, 0
             for k in keys:
                 n = s[k].numel()
@@ -186,8 +217,8 @@ class DataParallel(Single):
             bank = banks.get(id(p))
             if bank is None or i not in state:
                 continue
-            state[i] = {k: parallel.gather_shards(v, bank) if torch.is_tensor(v) and v.shape == p.shape else v
-                        for k, v in state[i].items()}
+            state[i] = {k: parallel.gather_shards(v, bank, what=f"optimizer state {k!r} of parameter {i}")
+                        if torch.is_tensor(v) and v.shape == p.shape else v for k, v in state[i].items()}
         return {**sd, "state": state}
 
     def load_optimizer_state(self, optimizer: torch.optim.Optimizer, model: nn.Module, state: dict) -> None:
@@ -203,12 +234,15 @@ class DataParallel(Single):
                         for k, v in local[i].items()}
         optimizer.load_state_dict({**state, "state": local})
 
-    def barrier(self) -> None:
-        dist.barrier()
+    def barrier(self, phase: str = CHECKPOINT_BARRIER) -> None:
+        """phase: what the ranks wait for, named if the barrier fails (the Trainer's: rank 0 writing a checkpoint)."""
+        with self._named(phase):
+            dist.barrier()
 
-    def broadcast(self, obj: Any) -> Any:
+    def broadcast(self, obj: Any, phase: str = "broadcast from rank 0") -> Any:
         box = [obj]
-        dist.broadcast_object_list(box, src=0)
+        with self._named(phase, f"a {type(obj).__name__}"):
+            dist.broadcast_object_list(box, src=0)
         return box[0]
 
     def close(self) -> None:

@@ -22,18 +22,25 @@ or expert choice's competition is per rank's tokens, as in every expert-parallel
 
 Parameters carry the tags DeepSpeed reads: experts `allreduce = False`, `group_name = f"ep_size_{ep}"`.
 Checkpoints use the full-size layout (`full_state_dict`, `load_full_state_dict`), so they do not depend on ep.
+
+A collective that fails or times out (gloo, or NCCL with blocking waits) is re-raised as MoECollectiveError by
+`named_collective`: this rank, the world size, the phase (gradient reduction, gradient norm, checkpoint gather, and
+the engines' own: experiments.distributed), what it carried (the first and last parameters of a gradient bucket)
+and the timeout to raise, instead of a bare "Timed out waiting ...ms for recv operation".
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 from dataclasses import dataclass, replace
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from moe.dispatch.alltoall import MoECollectiveError
 from moe.experts import Experts
 from routing.router import Router
 
@@ -63,6 +70,7 @@ class ParallelGroups:
     ep_group: Any  # its expert-parallel group (all-to-all, norm of expert shards); None when ep_size == 1
     expert_dp_group: Any  # the replicas of its expert shard (expert gradients are summed over it)
     world_group: Any  # every rank (non-expert gradients, the load-balancing fractions)
+    timeout_s: Optional[float] = None  # of the groups' collectives (trainer.collective_timeout_s), named in errors
 
     @property
     def dp_size(self) -> int:
@@ -93,7 +101,45 @@ def make_groups(expert_parallel: int, num_experts: int, timeout: Optional[dateti
                 g = dist.new_group(list(range(s, W, ep)), timeout=timeout)
                 if rank % ep == s:
                     expert_dp = g
-    return ParallelGroups(W, rank, ep, rank % ep, ep_group, expert_dp, world)
+    return ParallelGroups(W, rank, ep, rank % ep, ep_group, expert_dp, world,
+                          timeout.total_seconds() if timeout is not None else None)
+
+
+# ---------------------------------------------------------------- naming failed collectives
+
+Detail = Union[str, Callable[[], str], None]  # what a collective carried: a callable is called only on failure
+Names = Optional[Callable[[], Iterable[tuple[str, Tensor]]]]  # e.g. model.named_parameters, read only on failure
+
+
+def describe_collective(phase: str, groups: Optional[ParallelGroups] = None, detail: str = "") -> str:
+    """The report of a failed collective outside an MoE layer: which rank of how many, which phase, what it held."""
+    if groups is not None:
+        rank, world, timeout = groups.rank, groups.world_size, groups.timeout_s
+    else:
+        init = dist.is_available() and dist.is_initialized()
+        rank, world = (dist.get_rank(), dist.get_world_size()) if init else (0, 1)
+        timeout = None
+    setting = "trainer.collective_timeout_s" + (f", now {timeout:g} s" if timeout is not None else "")
+    return (f"collective failed on rank {rank} (world size {world}) during the {phase}"
+            + (f": {detail}" if detail else "")
+            + ". A process-group timeout here usually means another rank never reached this collective (it was "
+              "stopped, killed or failed, or ran a different number of steps or collectives); see the other ranks' "
+              f"errors, or raise the timeout ({setting})")
+
+
+@contextlib.contextmanager
+def named_collective(phase: str, groups: Optional[ParallelGroups] = None, detail: Detail = None) -> Iterator[None]:
+    """Wraps one collective: a failure (gloo and NCCL raise timeouts and dead peers as RuntimeError subclasses)
+    becomes MoECollectiveError naming this rank, the world size, the phase and `detail` (a callable is called only on
+    failure), caused by the original error. One already named (an MoE layer's) passes through unchanged."""
+    try:
+        yield
+    except MoECollectiveError:
+        raise
+    except RuntimeError as e:
+        text = detail() if callable(detail) else (detail or "")
+        raise MoECollectiveError(f"{describe_collective(phase, groups, text)}\n"
+                                 f"caused by {type(e).__name__}: {e}") from e
 
 
 def same_model(a, b) -> bool:
@@ -167,33 +213,52 @@ def _unique(params: Iterable[Tensor]) -> list[Tensor]:
     return out
 
 
-def _all_reduce_flat(grads: list[Tensor], group, scale: float) -> None:
-    """Sums each same-dtype bucket of grads over group in one collective (none when group is None), then scales."""
+def _bucket_detail(params: list[Tensor], names: Names, over: str) -> str:
+    """What a gradient bucket held, for its error: how many gradients, the first and last parameter names."""
+    lookup = {id(p): n for n, p in names()} if names is not None else {}
+    first, last = (lookup.get(id(p), f"a parameter of shape {tuple(p.shape)}") for p in (params[0], params[-1]))
+    values = sum(p.numel() for p in params)
+    g = params[0].grad
+    return (f"a bucket of {len(params)} {str(g.dtype).removeprefix('torch.')} gradients on {g.device} ({values:,} "
+            f"values) from {first} to {last}, summed over {over}")
+
+
+def _all_reduce_flat(params: list[Tensor], group, scale: float, groups: Optional[ParallelGroups] = None,
+                     names: Names = None, over: str = "") -> None:
+    """Sums each same-dtype bucket of the params' grads over group in one collective (none when group is None), then
+    scales. A failed collective names the bucket's first and last parameters (`names`: e.g. model.named_parameters,
+    called only then)."""
     buckets: dict[tuple, list[Tensor]] = {}
-    for g in grads:
-        buckets.setdefault((g.dtype, g.device), []).append(g)
-    for bucket in buckets.values():
+    for p in params:
+        buckets.setdefault((p.grad.dtype, p.grad.device), []).append(p)
+    for members in buckets.values():
+        bucket = [p.grad for p in members]
         flat = _flatten_dense_tensors(bucket)
         if group is not None:
-            dist.all_reduce(flat, group=group)
+            with named_collective("gradient reduction", groups, lambda: _bucket_detail(members, names, over)):
+                dist.all_reduce(flat, group=group)
         flat.mul_(scale)
         for g, v in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
             g.copy_(v)
 
 
 @torch.no_grad()
-def reduce_gradients(params: Iterable[Tensor], groups: ParallelGroups) -> None:
+def reduce_gradients(params: Iterable[Tensor], groups: ParallelGroups, names: Names = None) -> None:
     """Turns every rank's gradients of its own batch shard into the global batch's gradients (module doc).
 
     Missing gradients (an expert that got no tokens anywhere) become zeros, so every rank reduces the same
-    tensors in the same order."""
+    tensors in the same order. names (e.g. model.named_parameters): read only when a reduction fails, to name the
+    parameters its bucket held."""
     params = _unique(params)
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
     W = groups.world_size
-    _all_reduce_flat([p.grad for p in params if not is_expert(p)], groups.world_group if W > 1 else None, 1.0 / W)
-    _all_reduce_flat([p.grad for p in params if is_expert(p)], groups.expert_dp_group if W > 1 else None, 1.0 / W)
+    _all_reduce_flat([p for p in params if not is_expert(p)], groups.world_group if W > 1 else None, 1.0 / W,
+                     groups, names, f"all {W} ranks")
+    _all_reduce_flat([p for p in params if is_expert(p)], groups.expert_dp_group if W > 1 else None, 1.0 / W,
+                     groups, names, f"the {groups.dp_size} replicas of expert shard {groups.ep_rank} "
+                                    "(its expert-data-parallel group)")
 
 
 @torch.no_grad()
@@ -210,7 +275,9 @@ def global_grad_norm(params: Iterable[Tensor], groups: Optional[ParallelGroups])
         else:
             dense += sq
     if groups is not None and groups.ep_size > 1:
-        dist.all_reduce(expert, group=groups.ep_group)  # disjoint shards: each expert counted once
+        with named_collective("gradient norm", groups, f"the sum of squares of the expert shards' gradients over "
+                                                       f"the {groups.ep_size} ranks of the expert-parallel group"):
+            dist.all_reduce(expert, group=groups.ep_group)  # disjoint shards: each expert counted once
     return (dense + expert).sqrt()
 
 
@@ -239,10 +306,14 @@ def _shard_names(model: nn.Module) -> dict[str, Experts]:
     return out
 
 
-def gather_shards(t: Tensor, bank: Experts) -> Tensor:
-    """An expert shard [E_l, ...] -> the full tensor [E, ...] on every rank of the expert-parallel group."""
+def gather_shards(t: Tensor, bank: Experts, what: str = "", phase: str = "checkpoint gather") -> Tensor:
+    """An expert shard [E_l, ...] -> the full tensor [E, ...] on every rank of the expert-parallel group.
+    what: the tensor, named in the error of a failed gather (e.g. its state-dict key)."""
     parts = [torch.empty_like(t) for _ in range(bank.ep_size)]
-    dist.all_gather(parts, t.contiguous(), group=bank.ep_group)
+    with named_collective(phase, detail=lambda: f"{what or 'an expert tensor'} of MoE layer {bank.layer_name or '?'}, "
+                                                f"expert shard {bank.ep_rank} of {bank.ep_size} gathered over its "
+                                                f"expert-parallel group"):
+        dist.all_gather(parts, t.contiguous(), group=bank.ep_group)
     return torch.cat(parts)
 
 
@@ -271,7 +342,7 @@ def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
     shards = _shard_names(model)
     state = {}
     for k, v in model.state_dict().items():
-        state[k] = gather_shards(v.detach(), shards[k]) if k in shards else v
+        state[k] = gather_shards(v.detach(), shards[k], what=k) if k in shards else v
     return state
 
 
