@@ -24,15 +24,13 @@ from moe.model import Transformer
 from moe.parallel import ParallelGroups, make_groups
 from moe.presets import get_preset
 from tests.distributed._spawn import REPO_ROOT, init_gloo, run_workers
+from tests.experiments.test_train import TINY, data_overrides
 
 pytestmark = pytest.mark.distributed
 
 SETTING = "trainer.collective_timeout_s"
-# tests.experiments.test_train's TINY sizes, dense, logging every step and never evaluating or saving before the end
-RUN = ["model=tiny_dense", "model.n_layer=2", "model.d_model=32", "model.n_head=2", "model.d_ff=64",
-       "model.max_seq_len=32", "trainer.batch_size=4", "trainer.seq_len=16", "trainer.eval_batches=2",
-       "trainer.progress=false", "trainer.device=cpu", "trainer.log_interval=1", "trainer.eval_interval=0",
-       "trainer.ckpt_interval=0", "trainer.threads=1", "trainer.max_steps=1000000", "data=text", "data.tokenizer=byte"]
+# the tiny sizes of the training tests, dense, never evaluating or saving before the end
+RUN = ["model=tiny_dense", *TINY, "trainer.ckpt_interval=0", "trainer.threads=1", "trainer.max_steps=1000000"]
 
 
 # ---------------------------------------------------------------- every phase, in one process (collectives fail)
@@ -216,7 +214,7 @@ def test_stopped_rank_is_named_by_the_survivor(tmp_path, text_corpus):
     timeout_s = 6
     run_dir, log = tmp_path / "run", tmp_path / "torchrun.log"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "experiments.train", *RUN, f"data.path={text_corpus}", "trainer=ddp",
+           "-m", "experiments.train", *RUN, *data_overrides(text_corpus), "trainer=ddp",
            f"trainer.collective_timeout_s={timeout_s}", f"hydra.run.dir={run_dir}"]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=out,
