@@ -4,7 +4,9 @@ safetensors only; the few DeepSpeed objects of real checkpoints come back as pla
 checkpoints: tests/distributed/test_deepspeed.py.)"""
 from __future__ import annotations
 
+
 import pathlib
+import pickle
 
 import pytest
 import torch
@@ -41,9 +43,8 @@ def marker(tmp_path):
 
 
 def test_the_payload_is_live(tmp_path, marker):
-    """The payload below does run when unpickled without weights_only: the refusals test something."""
-    torch.save({"x": Payload(marker)}, tmp_path / "live.pt")
-    torch.load(tmp_path / "live.pt", weights_only=False)
+    """The payload below does run when unpickled: the refusals test something."""
+    pickle.loads(pickle.dumps({"x": Payload(marker)}))
     assert marker.exists()
 
 
