@@ -4,7 +4,6 @@ safetensors only; the few DeepSpeed objects of real checkpoints come back as pla
 checkpoints: tests/distributed/test_deepspeed.py.)"""
 from __future__ import annotations
 
-
 import pathlib
 import pickle
 
