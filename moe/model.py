@@ -2,6 +2,9 @@
 
 Block: x + Attention(norm(x)); x + FFN(norm(x)), where FFN is a DenseFFN or an MoELayer by config.
 Shape legend: B batch, S sequence, d model width, V vocabulary.
+
+Activation checkpointing (`Transformer.set_activation_checkpointing`) is a run-time choice, not a ModelConfig field:
+it trades compute for memory and leaves the weights, the outputs and the gradients as they are.
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from moe.attention import Attention
 from moe.config import ModelConfig
@@ -19,6 +23,7 @@ from moe.experts import Experts
 from moe.ffn import DenseFFN
 from moe.layer import MoELayer
 from moe.layers import RMSNorm, RotaryEmbedding, make_norm
+from routing.recompute import checkpoint_contexts
 
 
 @dataclass
@@ -43,8 +48,22 @@ class Block(nn.Module):
         self.ffn_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
         self.ffn = MoELayer(cfg) if sparse else DenseFFN(cfg.d_model, cfg.d_ff, cfg.activation, cfg.glu, cfg.ffn_bias)
         self.dropout = nn.Dropout(cfg.dropout)
+        # Activation checkpointing (set by Transformer.set_activation_checkpointing): keep only this block's inputs in
+        # training and recompute its activations in the backward.
+        self.checkpointed = False
 
     def forward(self, x: Tensor, rope, token_ids: Optional[Tensor]):
+        if self.checkpointed and self.training and torch.is_grad_enabled():
+            # Inside forward, so that hooks on the Block itself (FSDP2's fully_shard per block) run once, outside the
+            # replayed region, as with torchtitan's checkpoint_wrapper. Non-reentrant: the forward runs with autograd,
+            # so the outputs may be a (Tensor, RoutingPlan) pair whose aux losses carry gradients; preserve_rng_state
+            # makes the replay draw the same jitter, random second choices and dropout masks; context_fn marks the
+            # replay (routing.recompute) so routers do not repeat side effects such as counting their tokens.
+            return checkpoint(self._forward, x, rope, token_ids, use_reentrant=False, preserve_rng_state=True,
+                              context_fn=checkpoint_contexts)
+        return self._forward(x, rope, token_ids)
+
+    def _forward(self, x: Tensor, rope, token_ids: Optional[Tensor]):
         x = x + self.dropout(self.attn(self.attn_norm(x), rope))
         h = self.ffn_norm(x)
         if isinstance(self.ffn, MoELayer):
@@ -66,9 +85,21 @@ class Transformer(nn.Module):
         self.norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.dropout = nn.Dropout(cfg.dropout)
+        self.activation_checkpointing = 0  # every n-th block checkpointed; 0 off (set_activation_checkpointing)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.reset_parameters()
+
+    def set_activation_checkpointing(self, every: int) -> None:
+        """Recompute block activations in the backward instead of keeping them: 0 off, 1 every block, n the blocks
+        i with i % n == 0. Applies only to training forwards with autograd on (evaluation and generation are
+        unchanged); loss, aux losses, routing statistics, router state and gradients are those of every = 0."""
+        if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+            raise ValueError(f"activation checkpointing every={every!r} must be an int >= 0 "
+                             f"(0 off, 1 every block, n every n-th block)")
+        for i, block in enumerate(self.blocks):
+            block.checkpointed = every > 0 and i % every == 0
+        self.activation_checkpointing = every
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

@@ -16,7 +16,9 @@ experts become less attractive, idle ones more, without a loss term that fights 
   the Router base class keeps it in fp32 when the model is cast to bf16 (a 1e-3 step vanishes in bf16).
 - The load is the selection count before capacity (the demand the bias controls), summed over the training
   forwards since the last optimizer step (so over gradient-accumulation micro-batches) in a non-persistent buffer.
-  Like Megatron-core, nothing is counted in eval mode or without autograd (evaluation, activation recomputation).
+  Like Megatron-core, nothing is counted in eval mode or without autograd (evaluation, reentrant recomputation),
+  nor in the replay of a non-reentrant activation checkpoint, which runs with autograd on (routing.recompute):
+  a checkpointed layer would otherwise count its tokens twice.
   Under data parallelism (Router.batch_group, set by moe.parallel.distribute) the counts are summed over the
   group before the update, so every replica moves its bias identically.
 - k > 1: the weights are normalised over the k choices (DeepSeek-V3's norm_topk_prob). k = 1: the single score is
@@ -36,6 +38,7 @@ from torch import Tensor
 from routing.capacity import choice_plan, expert_capacity
 from routing.config import RouterConfig
 from routing.plan import RoutingPlan
+from routing.recompute import recomputing
 from routing.router import Router
 from routing.topk import standard_losses
 
@@ -65,7 +68,7 @@ class BiasBalancedRouter(Router):
         if cfg.top_k > 1:
             weight = weight / (weight.sum(dim=-1, keepdim=True) + 1e-20)
         weight = weight * cfg.scale
-        if self.training and torch.is_grad_enabled():
+        if self.training and torch.is_grad_enabled() and not recomputing():  # the replay saw these tokens already
             with torch.no_grad():
                 self.load += torch.bincount(expert_idx.reshape(-1), minlength=E).float()
         cf = cfg.capacity_factor

@@ -47,6 +47,7 @@ from torch import Tensor
 from routing.capacity import choice_plan, expert_capacity
 from routing.losses import router_z_loss
 from routing.plan import RoutingPlan
+from routing.recompute import recomputing
 from routing.router import Router
 from routing.stats import routing_stats
 
@@ -85,7 +86,7 @@ class ExpertChoiceRouter(Router):
         too_small = cf * G * cfg.top_k < E  # fewer tokens per group than one whole slot per expert
         if too_small and not self.training:
             return self._token_choice(scores, eval_top_k(cf, cfg.top_k, E), aux)
-        if too_small:
+        if too_small and not recomputing():  # warned in the forward already, not again in a checkpoint's replay
             warnings.warn(
                 f"expert_choice: groups of {G} tokens give each of the {E} experts less than one slot "
                 f"(capacity_factor * G * top_k = {cf * G * cfg.top_k:g} < E), so every expert takes a token; use "

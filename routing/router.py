@@ -2,7 +2,9 @@
 
 Shape legend: T tokens, d model width, E experts, S sequence length (T = B * S).
 Subclasses implement `route(logits, token_ids, seq_len) -> RoutingPlan`; routers with state that changes
-between optimizer steps (bias balancing) override `after_optimizer_step`.
+between optimizer steps (bias balancing) override `after_optimizer_step`. A forward may run twice for one batch
+(activation checkpointing replays it in the backward): a side effect on state, such as counting tokens for that
+update, is skipped while routing.recompute.recomputing() is true.
 """
 from __future__ import annotations
 
