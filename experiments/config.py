@@ -50,8 +50,9 @@ class OptimConfig:
 
 @dataclass
 class TrainerConfig:
-    # single (one process), ddp (torchrun: data x expert parallel, experiments.distributed) or deepspeed (the
-    # DeepSpeed engine under torchrun or the deepspeed launcher, experiments.deepspeed_engine; settings in `deepspeed`)
+    # The engine (experiments.engines; README "Choosing a trainer"): single (one process), ddp (torchrun: torch DDP x
+    # expert parallel), fsdp (torchrun: FSDP2 sharding x expert parallel on a DeviceMesh) or deepspeed (ZeRO 0-2 under
+    # torchrun or the deepspeed launcher; settings in `deepspeed`)
     kind: str = "single"
     max_steps: int = 300  # optimizer steps of the whole run (the schedule's length)
     batch_size: int = 16  # sequences per micro-batch
@@ -71,11 +72,32 @@ class TrainerConfig:
     # Steps in a row whose gradient norm is not finite that are skipped (no update, counted and logged) before the
     # run stops; 0 stops at the first. A spike of NaNs passes; a diverged run stops with its last good checkpoint named.
     max_skipped_steps: int = 5
+    # trainer=fsdp: replicas of the sharded model (HSDP: shard within groups of world / replicate ranks, replicate
+    # across them; 1 is plain FSDP over every rank). model.moe.expert_parallel must divide world / replicate.
+    replicate: int = 1
+    # Recompute each checkpointed block's activations in the backward instead of keeping them: 0 off, 1 every block,
+    # n every n-th block (less memory, about one more forward per step); routing statistics are counted once.
+    activation_checkpointing: int = 0
+    # Checkpoint layout: full (model.safetensors, rank 0 gathers and writes), sharded (every rank writes its pieces
+    # with torch.distributed.checkpoint; trainer=fsdp only) or auto (sharded under fsdp, else full). Either loads
+    # under every trainer at any world size; python -m experiments.convert_checkpoint turns one into the other.
+    checkpoint_format: str = "auto"
 
     def __post_init__(self) -> None:
         check_finite(self, "trainer")
-        if self.kind not in ("single", "ddp", "deepspeed"):
-            raise ValueError(f"trainer.kind={self.kind!r} must be single, ddp or deepspeed")
+        if self.kind not in ("single", "ddp", "fsdp", "deepspeed"):
+            raise ValueError(f"trainer.kind={self.kind!r} must be single, ddp, fsdp or deepspeed")
+        if self.checkpoint_format not in ("auto", "full", "sharded"):
+            raise ValueError(f"trainer.checkpoint_format={self.checkpoint_format!r} must be auto, full or sharded")
+        if self.checkpoint_format == "sharded" and self.kind != "fsdp":
+            raise ValueError(f"trainer.checkpoint_format=sharded needs trainer=fsdp (trainer={self.kind} holds whole "
+                             f"tensors on rank 0 and writes the full layout); use trainer.checkpoint_format=auto")
+        if self.replicate < 1 or (self.replicate > 1 and self.kind != "fsdp"):
+            raise ValueError(f"trainer.replicate={self.replicate} must be 1, or at least 1 with trainer=fsdp (HSDP "
+                             f"replicas of the sharded model)")
+        if self.activation_checkpointing < 0:
+            raise ValueError(f"trainer.activation_checkpointing={self.activation_checkpointing} must be 0 (off), 1 "
+                             f"(every block) or n (every n-th block)")
         if self.collective_timeout_s <= 0:
             raise ValueError(f"trainer.collective_timeout_s={self.collective_timeout_s} must be positive")
         for name in ("max_steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "log_interval"):

@@ -8,7 +8,7 @@ import torch
 from omegaconf import DictConfig
 
 from experiments.tokenizer import load_tokenizer
-from experiments.trainer import resolve_device
+from experiments.engines.ranks import resolve_device
 from moe.checkpoint import load_model
 
 

@@ -134,3 +134,16 @@ def _wandb_row(record: dict[str, Any]) -> dict[str, Any]:
             counts = np.asarray(value, dtype=float)
             row[key] = wandb.Histogram(np_histogram=(counts, np.arange(len(counts) + 1, dtype=float)))
     return row
+
+
+class NullLogger:
+    """The metrics logger of ranks other than 0: records are written once, by rank 0."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def log(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

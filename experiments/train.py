@@ -35,8 +35,8 @@ def main(cfg: DictConfig) -> float | None:
         print(e)
         exit_preempted(e)  # hands the signal to a requeueing handler (submitit), then exits with PREEMPTED_EXIT
     finally:
-        trainer.par.close()  # trainer=ddp: leaves the process group
-    if not trainer.par.is_main:
+        trainer.engine.close()  # under torchrun: leaves the process group
+    if not trainer.ranks.is_main:
         return summary["final_val_loss"]
     print(f"final validation loss {summary['final_val_loss']:.4f} nats "
           f"(unigram entropy of the validation split: {summary['unigram_entropy']:.4f})")

@@ -14,11 +14,9 @@ and stop (experiments.preemption).
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
-import os
 import random
 import signal
 import time
@@ -32,31 +30,20 @@ import torch
 from experiments.checkpoints import CheckpointManager
 from experiments.config import RunConfig
 from experiments.data import PreparedData, describe, prepare
-from experiments.distributed import NullLogger, setup_parallel
-from experiments.metrics import METRICS_FILE, MetricsLogger, flatten_stats, routing_summary
-from experiments.optim import build_optimizer, lr_at
+from experiments.engines import build_engine
+from experiments.metrics import METRICS_FILE, MetricsLogger, NullLogger, flatten_stats, routing_summary
+from experiments.optim import lr_at
 from experiments.preemption import Preempted, PreemptionFlag
 from experiments.tokenizer import load_tokenizer
-from experiments.trainer_state import TrainState, load_trainer_state, rng_state, set_rng_state, state_writers
-from moe.checkpoint import load_config, load_weights, read_metadata, save_checkpoint
+from experiments.trainer_state import TrainState, rng_state, set_rng_state
+from moe.checkpoint import load_config, load_weights
 from moe.dispatch import describe_dispatch
 from moe.flops import count_params, flops_per_token
-from moe.config import ModelConfig
 from moe.model import Transformer
-from moe.parallel import same_model
 from routing.router import Router
 from routing.stats import CollapseMonitor
 
 RUN_FILE = "run.json"
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"trainer.device={name!r} but CUDA is not available; use trainer.device=cpu")
-    return device
 
 
 def checkpoint_dirs(run_dir: Path) -> list[tuple[int, Path]]:
@@ -65,43 +52,48 @@ def checkpoint_dirs(run_dir: Path) -> list[tuple[int, Path]]:
 
 
 class Trainer:
+    """The loop: steps, evaluates and logs. The engine (experiments.engines) spreads the model over the ranks and
+    runs each step's communication; the checkpoint manager (experiments.checkpoints) saves and resumes."""
+
     def __init__(self, cfg: RunConfig, data: Optional[PreparedData] = None):
         self.cfg = cfg
         tc = cfg.trainer
-        self.par = setup_parallel(cfg)  # trainer=ddp: checks the settings, then joins torchrun's process group
-        self.run_dir = Path(self.par.broadcast(str(cfg.path)))  # rank 0's directory for every rank
+        self.engine = build_engine(cfg)  # checks the settings, then (torchrun) joins the process group
+        self.ranks = ranks = self.engine.ranks
+        self.run_dir = Path(ranks.broadcast(str(cfg.path), "broadcast of rank 0's run directory"))
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.ckpts = CheckpointManager(self.run_dir, tc.keep_checkpoints)
-        if self.par.is_main:
+        if ranks.is_main:
             for name in self.ckpts.remove_leftovers():
                 print(f"removed {name}: left in {self.ckpts.root} by an interrupted write")
         if tc.threads:
             torch.set_num_threads(tc.threads)
-        self.device = self.par.local_device(resolve_device(tc.device))
-        self.data = data or self.par.main_first(lambda: prepare(cfg.data, tokenizer=_checkpoint_tokenizer(cfg.init_from)))
+        self.device = self.engine.device
+        self.data = data or ranks.main_first(lambda: prepare(cfg.data, tokenizer=_checkpoint_tokenizer(cfg.init_from)))
         self.model_cfg = self._model_config()
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
-        self.model = Transformer(self.model_cfg)
+        self.model = Transformer(self.model_cfg)  # full size on every rank: the single process's initialisation
         if cfg.init_from:
             load_weights(self.model, cfg.init_from)
-        self.model.to(self.device)
-        self.par.distribute(self.model)  # expert parallelism: keeps this rank's experts (before the optimizer)
-        self.optimizer = build_optimizer(self.model, cfg.optim)
+        if tc.activation_checkpointing:
+            self.model.set_activation_checkpointing(tc.activation_checkpointing)
+        self.optimizer = self.engine.wrap(self.model, cfg.optim)  # expert shards, wrappers, the optimizer on them
+        self.sharded = tc.checkpoint_format == "sharded" or (tc.checkpoint_format == "auto" and tc.kind == "fsdp")
         self.state = TrainState()
-        bf16 = tc.precision == "bf16" or (tc.precision == "auto" and self.device.type == "cuda")
-        self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
         self.params = count_params(self.model_cfg)
         self.flops_per_token = flops_per_token(self.model_cfg, tc.seq_len).training
-        self.val_set = [self.par.local_rows(*b) for b in self.data.val_batches(tc.batch_size, tc.seq_len, tc.eval_batches)]
-        self._step_rng = rng_state()
+        self.val_set = [ranks.local_rows(*b) for b in self.data.val_batches(tc.batch_size, tc.seq_len, tc.eval_batches)]
         self.collapse = CollapseMonitor()
         self.preemption = PreemptionFlag()
-        resumed = self._maybe_resume()
-        self.optimizer = self.par.prepare(self.model, self.optimizer)  # trainer=deepspeed: the engine, from here on
+        resumed = self.ckpts.resume(cfg.resume, self.engine, self.optimizer, self.model, self.data.fingerprint)
+        if resumed is not None:
+            self.state, rng = resumed
+            set_rng_state(rng)
+        self._step_rng = rng_state()  # the RNG at the current step boundary: what a checkpoint of it holds
         self.logger = (MetricsLogger(self.run_dir, cfg.logger, cfg.to_dict(), resume_step=self.state.step if resumed else None)
-                       if self.par.is_main else NullLogger(self.run_dir / METRICS_FILE))
+                       if ranks.is_main else NullLogger(self.run_dir / METRICS_FILE))
 
     def _model_config(self):
         """The model to train: the checkpoint's for init_from, else the composed one sized to the tokenizer."""
@@ -123,92 +115,21 @@ class Trainer:
 
     # ---------------------------------------------------------------- checkpoints
 
-    def _maybe_resume(self) -> bool:
-        found = self.ckpts.complete()
-        resume = self.cfg.resume
-        if resume != "auto" and found and os.environ.get("SLURM_RESTART_COUNT", "0") not in ("", "0"):
-            # a requeued Slurm job (preempted, or past its time limit with max_num_timeout) runs its original command
-            print(f"Slurm requeued this job (SLURM_RESTART_COUNT={os.environ['SLURM_RESTART_COUNT']}): resuming")
-            resume = "auto"
-        if resume != "auto":
-            if found:  # a fresh run here would mix its checkpoints and curves with the old run's
-                raise ValueError(
-                    f"{self.run_dir} already holds checkpoints of another run ({found[-1][1].name}); continue it with "
-                    f"resume=auto, or choose a new directory with hydra.run.dir=..."
-                )
-            return False
-        # rank 0 verifies (and sets damaged ones aside); every rank loads the checkpoint it chose
-        chosen = self.par.broadcast(self.ckpts.newest_intact() if self.par.is_main else None)
-        if chosen is None:
-            print(f"resume=auto: no checkpoint in {self.ckpts.root}, starting from step 0")
-            return False
-        step, path = chosen
-        if step != found[-1][0]:
-            print(f"resume=auto: continuing from {path.name}, the newest intact checkpoint")
-        saved = read_metadata(path)
-        if not same_model(ModelConfig.from_dict(saved["model"]), self.model_cfg):  # new fields take their defaults
-            raise ValueError(
-                f"resume=auto: {path} was trained with a different model config; resume with the same overrides, "
-                f"or start a new run directory (hydra.run.dir=...)"
-            )
-        if saved.get("data_fingerprint") != self.data.fingerprint:
-            raise ValueError(f"resume=auto: {path} was trained on different data or a different tokenizer")
-        optimizer, self.state, rng = load_trainer_state(path, self.device)
-        load_weights(self.model, path)
-        self.par.load_optimizer_state(self.optimizer, self.model, optimizer)  # full-size layout
-        set_rng_state(rng)
-        self._step_rng = rng
-        print(f"resumed from {path} at step {step}")
-        return True
-
     def save(self) -> Path:
-        path = self.ckpts.path(self.state.step)
-        # Full-size weights and optimizer state (expert shards gathered: every rank takes part; rank 0 writes).
-        weights, optimizer = self.par.model_state(self.model), self.par.optimizer_state(self.optimizer, self.model)
-        bad = _first_non_finite(weights if weights is not None else self.model.state_dict(), optimizer)
-        if self.par.agree(bad is not None):  # every rank refuses together (expert shards differ between ranks)
-            raise FloatingPointError(
-                f"not saving {path}: {bad or 'another rank holds a non-finite tensor'} at step {self.state.step}; "
-                f"{self._last_good()}"
-            )
-        self.par.save_engine(self.run_dir, self.state.step)  # deepspeed.engine_checkpoint: DeepSpeed's own as well
-        if not self.par.is_main:
-            self.par.barrier()  # returns once rank 0 has written the checkpoint
-            return path
-        extra = state_writers(optimizer, self.state, self._step_rng)
-        if self.data.tokenizer is not None:
-            extra["tokenizer.json"] = self.data.tokenizer.save
+        """Checkpoints the current step (every rank calls it)."""
+        extra = {"tokenizer.json": self.data.tokenizer.save} if self.data.tokenizer is not None else {}
         meta = {"step": self.state.step, "data_fingerprint": self.data.fingerprint, "run": self.cfg.to_dict()}
-        try:
-            save_checkpoint(path, self.model, extra=extra, metadata=meta, state=weights)
-        except (OSError, RuntimeError) as e:  # disk full, quota, permissions: say where, and what is still safe
-            previous = self.ckpts.complete()
-            raise OSError(
-                f"could not write checkpoint {path} ({type(e).__name__}: {e}); nothing was left half-written"
-                + (f" and the previous checkpoint {previous[-1][1]} is intact" if previous else "")
-                + "; free space or choose another hydra.run.dir, then resume=auto"
-            ) from e
-        self.ckpts.rotate()
-        self.par.barrier()
-        return path
-
-    def _last_good(self) -> str:
-        found = self.ckpts.complete()
-        return (f"the last good checkpoint is {found[-1][1]}: continue from it with resume=auto and a lower optim.lr"
-                if found else
-                "no checkpoint of this run was kept; start again with a lower optim.lr")
+        return self.ckpts.save(self.state.step, self.engine, self.optimizer, self.model_cfg, self.state,
+                               self._step_rng, self.sharded, meta, extra)
 
     # ---------------------------------------------------------------- steps
 
     @torch.no_grad()
     def evaluate(self) -> float:
         self.model.eval()
-        losses = []
-        for x, y in self.val_set:
-            with self.autocast():
-                losses.append(self.model(x.to(self.device), y.to(self.device)).loss.item())
+        losses = [self.engine.forward(x, y).loss.item() for x, y in self.val_set]
         self.model.train()
-        return self.par.mean(float(np.mean(losses)))  # equal row shards: the mean over ranks is the global mean
+        return self.ranks.mean(float(np.mean(losses)))  # equal row shards: the mean over ranks is the global mean
 
     def train_step(self) -> dict[str, Any]:
         tc, step = self.cfg.trainer, self.state.step
@@ -219,12 +140,10 @@ class Trainer:
         aux: dict[str, float] = {}
         stats: dict[int, dict[str, torch.Tensor]] = {}
         for micro in range(tc.grad_accum):
-            # the global batch, whatever the world size; each rank keeps its rows (trainer=ddp)
-            x, y = self.par.local_rows(*self.data.get_batch("train", step * tc.grad_accum + micro, tc.batch_size,
-                                                            tc.seq_len, self.cfg.seed))
-            with self.autocast():
-                out = self.par.forward(self.model, x.to(self.device), y.to(self.device))
-            self.par.backward(out.total_loss / tc.grad_accum)
+            # the global batch, whatever the world size; each rank keeps its rows
+            x, y = self.ranks.local_rows(*self.data.get_batch("train", step * tc.grad_accum + micro, tc.batch_size,
+                                                              tc.seq_len, self.cfg.seed))
+            out = self.engine.train_micro(x, y, 1.0 / tc.grad_accum, last=micro == tc.grad_accum - 1)
             lm_loss += out.loss.item() / tc.grad_accum
             for name, value in out.aux_losses.items():
                 aux[name] = aux.get(name, 0.0) + value.item() / tc.grad_accum
@@ -232,16 +151,16 @@ class Trainer:
                 acc = stats.setdefault(layer, {k: torch.zeros_like(v) for k, v in values.items()})
                 for k, v in values.items():
                     acc[k] += v if k == "tokens_per_expert" else v / tc.grad_accum
-        # trainer=ddp|deepspeed: gradients reduced over the ranks, the global norm computed over the expert shards.
-        # A non-finite norm (the same on every rank) updates nothing: the engine skips the optimizer step.
-        grad_norm = float(self.par.step(self.model, self.optimizer, tc.grad_clip))  # clip, update, clear
+        # Gradients reduced over the ranks, the global norm computed over the shards; a non-finite norm (the same
+        # on every rank) updates nothing where the engine can skip the optimizer step.
+        grad_norm = float(self.engine.step(self.optimizer, tc.grad_clip))  # clip, update, clear
         skipped = not math.isfinite(grad_norm)
-        if skipped and not self.par.skips_non_finite:
+        if skipped and not self.engine.skips_non_finite:
             raise FloatingPointError(
                 f"the gradient norm is {grad_norm} at step {step + 1} and trainer={tc.kind} has already applied the "
-                f"update (it cannot skip a step); {self._last_good()}"
+                f"update (it cannot skip a step); {self.ckpts.last_good()}"
             )
-        lm_loss, aux, stats = self.par.reduce_step(lm_loss, aux, stats)  # logged values: the global batch's
+        lm_loss, aux, stats = self.ranks.reduce_logged(lm_loss, aux, stats)  # logged values: the global batch's
         if not skipped:
             for module in self.model.modules():  # routers with per-step state (bias balancing) update it now
                 if isinstance(module, Router):
@@ -264,14 +183,14 @@ class Trainer:
         if st.skipped_in_a_row <= limit:
             return
         since = st.step - st.skipped_in_a_row  # the weights as they left this step
-        if self.par.is_main:
+        if self.ranks.is_main:
             for step, _ in self.ckpts.complete():
                 if step >= since:
                     print(f"set aside {self.ckpts.set_aside(step, 'diverged')}: its weights give non-finite gradients")
-        self.par.barrier()
+        self.ranks.barrier()
         raise FloatingPointError(
             f"the gradient norm was not finite for {st.skipped_in_a_row} steps in a row (steps {since + 1}-{st.step}; "
-            f"trainer.max_skipped_steps={limit}): the weights since step {since} diverge; {self._last_good()}"
+            f"trainer.max_skipped_steps={limit}): the weights since step {since} diverge; {self.ckpts.last_good()}"
         )
 
     # ---------------------------------------------------------------- the loop
@@ -279,7 +198,7 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         tc, st = self.cfg.trainer, self.state
         self._write_run_file("running")
-        if self.par.is_main:
+        if self.ranks.is_main:
             print(describe(self.data))
             print(f"model: {self.params.total:,} parameters, {self.params.active:,} active per token, "
                   f"{self.flops_per_token:.3g} training FLOPs per token; sparse layers {list(self.model_cfg.sparse_layers)}")
@@ -288,12 +207,11 @@ class Trainer:
         last_log = (time.perf_counter(), st.tokens, st.elapsed_s)
         val_loss: Optional[float] = None
         last_stats: dict[int, dict[str, torch.Tensor]] = {}
-        bar = _progress(tc.progress and self.par.is_main, tc.max_steps, st.step)
+        bar = _progress(tc.progress and self.ranks.is_main, tc.max_steps, st.step)
         self.model.train()
         try:
             with self.preemption:
                 while st.step < tc.max_steps:
-                    self._step_rng = rng_state()
                     t0 = time.perf_counter()
                     out = self.train_step()
                     if self.device.type == "cuda":
@@ -338,7 +256,7 @@ class Trainer:
                         self.save()
                         saved = True
                     # one scalar all-reduce per step under torchrun: every rank stops after the same step
-                    if self.par.agree(self.preemption.received is not None):
+                    if self.ranks.agree(self.preemption.received is not None):
                         path = self.ckpts.path(st.step) if saved else self.save()
                         signum = self.preemption.received  # None: another rank was signalled
                         self._write_run_file("preempted", {"step": st.step, "checkpoint": str(path),
@@ -355,7 +273,7 @@ class Trainer:
             raise
         except BaseException as e:
             # every rank writes: when rank 0 is the one that died, the survivors still say why the run ended
-            self._write_run_file("failed", {"error": f"{type(e).__name__}: {e}", "rank": self.par.rank}, every_rank=True)
+            self._write_run_file("failed", {"error": f"{type(e).__name__}: {e}", "rank": self.ranks.rank}, every_rank=True)
             raise
         finally:
             if bar is not None:
@@ -363,7 +281,7 @@ class Trainer:
             self.logger.close()
         if val_loss is None:  # resumed at max_steps: no step ran, so nothing was evaluated
             val_loss = self.evaluate()
-        if last_stats and self.par.is_main:
+        if last_stats and self.ranks.is_main:
             print(f"routing at step {st.step} (last training batch):\n{routing_summary(last_stats)}")
         summary = {"final_val_loss": val_loss, "unigram_entropy": self.data.unigram_entropy("val"),
                    "steps": st.step, "tokens": st.tokens, "flops": st.flops, "elapsed_s": st.elapsed_s,
@@ -375,28 +293,16 @@ class Trainer:
     def _write_run_file(self, status: str, summary: Optional[dict] = None, every_rank: bool = False) -> None:
         """run.json: what a report needs besides the curves (sizes, FLOPs per token, data identity, status).
         Rank 0 writes it, or with every_rank each surviving rank (a failure: rank 0 may be the one that died)."""
-        if not (self.par.is_main or every_rank):
+        if not (self.ranks.is_main or every_rank):
             return
         info = {"status": status, "params_total": self.params.total, "params_active": self.params.active,
                 "flops_per_token": self.flops_per_token, "data_fingerprint": self.data.fingerprint,
                 "vocab_size": self.model_cfg.vocab_size, "sparse_layers": list(self.model_cfg.sparse_layers),
                 "twin": self.cfg.twin, "group": self.cfg.logger.group,
                 "config": {**self.cfg.to_dict(), "model": self.model_cfg.to_dict()}, "summary": summary}
-        tmp = self.run_dir / f"{RUN_FILE}.tmp-{self.par.rank}"
+        tmp = self.run_dir / f"{RUN_FILE}.tmp-{self.ranks.rank}"
         tmp.write_text(json.dumps(info, indent=2))
         tmp.replace(self.run_dir / RUN_FILE)
-
-
-def _first_non_finite(weights: dict[str, torch.Tensor], optimizer: dict) -> Optional[str]:
-    """The name of the first weight or optimizer-state tensor holding NaN or inf, or None when all are finite."""
-    for name, t in weights.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            return f"weight {name} is not finite"
-    for index, values in optimizer["state"].items():
-        for k, t in values.items():
-            if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                return f"optimizer state {k} of parameter {index} is not finite"
-    return None
 
 
 def _checkpoint_tokenizer(init_from: Optional[str]):

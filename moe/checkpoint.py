@@ -1,4 +1,5 @@
-"""Model checkpoint directories: config.json + model.safetensors (+ whatever a trainer adds) + manifest.json.
+"""Model checkpoint directories: config.json + model.safetensors (+ whatever a trainer adds) + manifest.json; a
+sharded checkpoint (moe.sharded_checkpoint) holds `sharded/` instead of model.safetensors, and reads the same way.
 
 A checkpoint is written under a temporary name in the same parent directory and renamed into place,
 so a crash at any point leaves either the old checkpoint or the new one, never half of one. The manifest
@@ -22,6 +23,7 @@ from moe.config import ModelConfig
 from moe.manifest import verify, write_manifest
 from moe.model import Transformer
 from moe.parallel import full_shapes, full_state_dict, load_full_state_dict
+from moe.sharded_checkpoint import is_sharded
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -52,33 +54,53 @@ def save_checkpoint(
     """
     path = Path(path)
     with write_atomically(path) as tmp:
-        (tmp / CONFIG_FILE).write_text(json.dumps({"model": model.cfg.to_dict(), **(metadata or {})}, indent=2))
-        save_file(state if state is not None else model_state(model), str(tmp / WEIGHTS_FILE))
-        for name, writer in (extra or {}).items():
-            writer(tmp / name)
-        write_manifest(tmp)
+        write_folder(tmp, model.cfg, state if state is not None else model_state(model), extra, metadata)
     return path
+
+
+def write_folder(folder: Path, cfg: ModelConfig, weights: Optional[dict[str, torch.Tensor]],
+                 extra: Optional[dict[str, Callable[[Path], None]]] = None, metadata: Optional[dict] = None) -> None:
+    """Fills a (temporary) checkpoint folder: config.json, model.safetensors unless weights is None (a sharded
+    checkpoint's tensors are in folder/sharded already), the extra files, and last the manifest of them all."""
+    (folder / CONFIG_FILE).write_text(json.dumps({"model": cfg.to_dict(), **(metadata or {})}, indent=2))
+    if weights is not None:
+        save_file(weights, str(folder / WEIGHTS_FILE))
+    for name, writer in (extra or {}).items():
+        writer(folder / name)
+    write_manifest(folder)
 
 
 @contextlib.contextmanager
 def write_atomically(path: Path) -> Iterator[Path]:
     """Yields a temporary folder beside `path`; on success it replaces `path` by renames, on any error it is
-    removed and `path` is left as it was. An existing `path` is moved aside first, then swapped."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    removed and `path` is left as it was."""
+    tmp = temporary_folder(path)
     try:
         yield tmp
-        _plain_permissions(tmp)
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        commit(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def temporary_folder(path: Path) -> Path:
+    """A new folder beside `path` (a name checkpoint managers recognise as a leftover) to write a checkpoint into;
+    a sharded checkpoint's ranks all write into the one rank 0 made."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+
+
+def commit(tmp: Path, path: Path) -> None:
+    """Puts the finished folder tmp in place of `path` by renames (an existing `path` is moved aside first, then
+    swapped), so a crash leaves the old checkpoint or the new one."""
+    _plain_permissions(tmp)
+    if path.exists():
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
 
 
 def _plain_permissions(folder: Path) -> None:
@@ -112,9 +134,17 @@ def load_config(path: str | Path) -> ModelConfig:
     return ModelConfig.from_dict(read_metadata(path)["model"])
 
 
-def load_weights(model: Transformer, path: str | Path) -> None:
-    """Loads model.safetensors into model, naming every missing, unexpected or mis-shaped tensor."""
-    weights = Path(path) / WEIGHTS_FILE
+def read_weights(model: Transformer, path: str | Path) -> dict[str, torch.Tensor]:
+    """The full-size weights of a checkpoint (model.safetensors, or a sharded checkpoint read whole), checked
+    against the model: every missing, unexpected or mis-shaped tensor is named."""
+    path = Path(path)
+    expected = full_shapes(model)
+    if is_sharded(path) and not (path / WEIGHTS_FILE).is_file():
+        verify(path)
+        from moe.sharded_checkpoint import SHARDED_DIR, read_full
+
+        return read_full(path / SHARDED_DIR, expected)[0]
+    weights = path / WEIGHTS_FILE
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} is missing; the checkpoint at {path} is incomplete")
     verify(path, [WEIGHTS_FILE])
@@ -122,7 +152,6 @@ def load_weights(model: Transformer, path: str | Path) -> None:
         state = load_file(str(weights))
     except Exception as e:  # safetensors raises its own error types for truncated or foreign files
         raise ValueError(f"cannot read {weights}: {e}") from None
-    expected = full_shapes(model)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v)}"
@@ -132,7 +161,12 @@ def load_weights(model: Transformer, path: str | Path) -> None:
             f"checkpoint {path} does not fit this model config: missing {missing[:8]}, unexpected {unexpected[:8]}, "
             f"shape mismatches {shapes[:8]}; load it with the config stored in its config.json"
         )
-    load_full_state_dict(model, state, strict=False)  # lm_head.weight is tied to embed.weight when absent
+    return state
+
+
+def load_weights(model: Transformer, path: str | Path) -> None:
+    """Loads a checkpoint's weights (either layout) into model, possibly expert-sharded."""
+    load_full_state_dict(model, read_weights(model, path), strict=False)  # lm_head.weight is tied to embed.weight
 
 
 def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> Transformer:

@@ -256,7 +256,15 @@ def reduce_gradients(params: Iterable[Tensor], groups: ParallelGroups, names: Na
     W = groups.world_size
     _all_reduce_flat([p for p in params if not is_expert(p)], groups.world_group if W > 1 else None, 1.0 / W,
                      groups, names, f"all {W} ranks")
-    _all_reduce_flat([p for p in params if is_expert(p)], groups.expert_dp_group if W > 1 else None, 1.0 / W,
+    reduce_expert_gradients([p for p in params if is_expert(p)], groups, names)
+
+
+@torch.no_grad()
+def reduce_expert_gradients(params: list[Tensor], groups: ParallelGroups, names: Names = None) -> None:
+    """The expert half of reduce_gradients (trainer=ddp: DDP reduces the rest during the backward): each expert
+    shard's gradient summed over its replicas and divided by the world size. Every gradient must exist."""
+    W = groups.world_size
+    _all_reduce_flat(params, groups.expert_dp_group if W > 1 else None, 1.0 / W,
                      groups, names, f"the {groups.dp_size} replicas of expert shard {groups.ep_rank} "
                                     "(its expert-data-parallel group)")
 

@@ -1,9 +1,9 @@
-"""trainer=deepspeed: the DeepSpeed engine behind the Trainer's hooks (experiments.distributed.Single).
+"""trainer=deepspeed: the DeepSpeed engine behind the Engine protocol (experiments.engines).
 
     torchrun --nproc_per_node=N -m experiments.train trainer=deepspeed [deepspeed=zero0|zero1|zero2] hydra.run.dir=DIR
     deepspeed --no_local_rank --num_gpus=N --module experiments.train trainer=deepspeed hydra.run.dir=DIR
 
-Everything that makes trainer=ddp equal to trainer=single holds here too (experiments.distributed): every rank draws
+Everything that makes trainer=ddp equal to trainer=single holds here too (experiments.engines.ddp): every rank draws
 the global batch and keeps rows rank::N, the model is built at full size under the run's seed and its experts are
 sharded (model.moe.expert_parallel), the load-balancing loss is global, only rank 0 writes, and checkpoints are our
 plain full-size directories. What DeepSpeed does instead of moe.parallel: the gradient reduction (ZeRO 0: an
@@ -42,10 +42,8 @@ experiments.convert_deepspeed for reading one.
 from __future__ import annotations
 
 import contextlib
-import datetime
 import inspect
 import json
-import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -54,8 +52,12 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 from torch import nn
 
-from experiments.distributed import TORCHRUN_ENV, DataParallel
+from experiments.engines import FullState, SavedState, checked_model_config
+from experiments.engines.full_size import as_full, load_full_optimizer_state, full_optimizer_state, use_bf16
+from experiments.engines.ranks import Torchrun, check_batch, init_process_group, launch_env, resolve_device
+from experiments.optim import build_optimizer
 from moe import parallel
+from moe.checkpoint import model_state
 from moe.parallel import ParallelGroups
 
 INSTALL = "pip install -e '.[deepspeed]'"
@@ -75,11 +77,6 @@ def import_deepspeed():
         raise ValueError(f"trainer=deepspeed needs DeepSpeed, which cannot be imported ({e}); install it with "
                          f"{INSTALL}, or use trainer=ddp") from None
     return deepspeed
-
-
-def use_bf16(precision: str, device: torch.device) -> bool:
-    """trainer.precision as the Trainer resolves it: auto is bf16 on CUDA, fp32 elsewhere."""
-    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
 
 
 def engine_config(cfg, world_size: int, bf16: bool) -> dict[str, Any]:
@@ -107,20 +104,15 @@ def engine_config(cfg, world_size: int, bf16: bool) -> dict[str, Any]:
     }
 
 
+HOW = ("torchrun --nproc_per_node=N -m experiments.train trainer=deepspeed ..., or "
+       "deepspeed --no_local_rank --num_gpus=N --module experiments.train trainer=deepspeed ...")
+
+
 def check_deepspeed(cfg) -> tuple[int, int, int, Any]:
     """Every check that needs no process group, for trainer=deepspeed; returns (world, rank, local_rank, the model
     config: init_from's when set)."""
     import_deepspeed()
-    missing = [k for k in TORCHRUN_ENV if k not in os.environ]
-    if missing:
-        raise ValueError(
-            f"trainer=deepspeed runs one process per rank under torchrun or the deepspeed launcher (missing {missing} "
-            f"in the environment): torchrun --nproc_per_node=N -m experiments.train trainer=deepspeed ..., or "
-            f"deepspeed --no_local_rank --num_gpus=N --module experiments.train trainer=deepspeed ..."
-        )
-    world, rank, local_rank = (int(os.environ[k]) for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"))
-    from experiments.trainer import resolve_device
-
+    world, rank, local_rank = launch_env("deepspeed", HOW)
     if cfg.deepspeed.zero_stage == 0 and use_bf16(cfg.trainer.precision, resolve_device(cfg.trainer.device)):
         raise ValueError(
             f"deepspeed.zero_stage=0 with bf16 (trainer.precision={cfg.trainer.precision!r}) is not supported: "
@@ -128,37 +120,12 @@ def check_deepspeed(cfg) -> tuple[int, int, int, Any]:
             f"gradients out; "
             f"use deepspeed=zero1 or zero2 for bf16, or trainer.precision=fp32"
         )
-    mcfg = cfg.model
-    if cfg.init_from:
-        from moe.checkpoint import load_config
-
-        mcfg = load_config(cfg.init_from)
+    mcfg = checked_model_config(cfg)
     ep = cfg.model.moe.expert_parallel
     if mcfg.is_moe or ep > 1:
         parallel.check_parallel(mcfg.moe.num_experts, ep, world)
-    if cfg.trainer.batch_size % world:
-        raise ValueError(f"trainer.batch_size={cfg.trainer.batch_size} is the global batch and must be divisible by "
-                         f"the world size {world}: every rank takes batch_size / world of its rows")
+    check_batch(cfg.trainer.batch_size, world)
     return world, rank, local_rank, mcfg
-
-
-def setup_deepspeed(cfg) -> "DeepSpeedParallel":
-    """Checks, then joins the process group and creates the expert groups (DeepSpeed's, our layout)."""
-    world, rank, local_rank, mcfg = check_deepspeed(cfg)
-    from experiments.trainer import resolve_device
-
-    device = resolve_device(cfg.trainer.device)
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    timeout = datetime.timedelta(seconds=cfg.trainer.collective_timeout_s)
-    # gloo on CPU whatever DeepSpeed's CPU accelerator would pick (ccl when oneCCL's bindings are installed): the
-    # same backend as trainer=ddp, and the one our all-to-all dispatcher is tested on. NCCL on CUDA.
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world, timeout=timeout)
-    deepspeed = import_deepspeed()
-    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", timeout=timeout)
-    groups = expert_groups(cfg.model.moe.expert_parallel)
-    return DeepSpeedParallel(groups, device, cfg, num_experts=mcfg.moe.num_experts if mcfg.is_moe else 0)
 
 
 def expert_groups(ep: int) -> ParallelGroups:
@@ -234,36 +201,52 @@ def _adam_keys(state: dict) -> list[str]:
     return [k for k, v in state.items() if torch.is_tensor(v) and v.dim() > 0]
 
 
-class DeepSpeedParallel(DataParallel):
-    """The Trainer's hooks on a DeepSpeed engine. Batch rows, expert sharding, logged values and checkpoints are
-    DataParallel's; forward, backward and step are the engine's."""
+class DeepSpeedEngine:
+    """The Engine protocol on a DeepSpeed engine. Batch rows, expert sharding, logged values and checkpoints are
+    trainer=ddp's (full-size layout); forward, backward and step are the engine's."""
 
     skips_non_finite = False  # engine.step() updates whatever the norm (bf16/fp32 ZeRO checks no overflow)
 
-    def __init__(self, groups: ParallelGroups, device: torch.device, cfg, num_experts: int):
-        super().__init__(groups, device)
+    def __init__(self, ranks: Torchrun, cfg, num_experts: int, run_dir: Path):
+        self.ranks, self.device, self.groups = ranks, ranks.device, ranks.groups
         self.cfg, self.num_experts = cfg, num_experts
-        self.bf16 = use_bf16(cfg.trainer.precision, device)
-        self.ds_config = engine_config(cfg, groups.world_size, self.bf16)
+        self.engine_dir = run_dir / ENGINE_DIR  # deepspeed.engine_checkpoint: every rank writes here
+        self.bf16 = use_bf16(cfg.trainer.precision, self.device)
+        self.ds_config = engine_config(cfg, ranks.world_size, self.bf16)
+        self.zero = self.ds_config["zero_optimization"]["stage"]
         self.engine = None
-        self.template: Optional[torch.optim.Optimizer] = None  # the Trainer's AdamW: our checkpoint layout
+        self.model: nn.Module = None  # the Transformer inside the engine
+        self.template: Optional[torch.optim.Optimizer] = None  # our AdamW over the model: the checkpoint layout
         self._norm: Optional[float] = None  # ZeRO 0: the norm the clip hook computed in this step
         self._max_norm = cfg.trainer.grad_clip
 
+    @classmethod
+    def launch(cls, cfg) -> "DeepSpeedEngine":
+        """Checks, then joins the process group and creates the expert groups (DeepSpeed's, our layout)."""
+        world, rank, local_rank, mcfg = check_deepspeed(cfg)
+        # gloo on CPU whatever DeepSpeed's CPU accelerator would pick (ccl when oneCCL's bindings are installed): the
+        # same backend as trainer=ddp, and the one our all-to-all dispatcher is tested on. NCCL on CUDA.
+        device, timeout = init_process_group(cfg.trainer.device, local_rank, world, rank,
+                                             cfg.trainer.collective_timeout_s)
+        deepspeed = import_deepspeed()
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", timeout=timeout)
+        ranks = Torchrun(expert_groups(cfg.model.moe.expert_parallel), device)
+        run_dir = Path(ranks.broadcast(str(cfg.path), "broadcast of rank 0's run directory"))
+        return cls(ranks, cfg, mcfg.moe.num_experts if mcfg.is_moe else 0, run_dir)
+
     # ------------------------------------------------------------ the engine
 
-    def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-        """Builds the engine around the (loaded, sharded) model; returns the client optimizer, whose param groups the
-        Trainer sets the learning rate on. Optimizer state loaded before (resume) moves into the engine's layout."""
+    def wrap(self, model: nn.Module, optim) -> torch.optim.Optimizer:
+        """Builds the engine around the expert-sharded model and a client copy of our AdamW (its param groups
+        split into DeepSpeed's MoE groups); returns the client optimizer, whose param groups take the learning
+        rate."""
         deepspeed = import_deepspeed()
-        self.template = optimizer
+        self.model = model = parallel.distribute(model.to(self.device), self.groups)
+        self.template = optimizer = build_optimizer(model, optim)
         accepted = inspect.signature(type(optimizer).__init__).parameters  # defaults also hold derived keys
         client = type(optimizer)(moe_param_groups(optimizer),
                                  **{k: v for k, v in optimizer.defaults.items() if k in accepted})
-        zero = self.ds_config["zero_optimization"]["stage"]
-        if zero == 0:  # fp32 (check_deepspeed): the engine steps our AdamW itself; state and the exact clip go on it
-            for p, s in optimizer.state.items():
-                client.state[p] = s
+        if self.zero == 0:  # fp32 (check_deepspeed): the engine steps our AdamW itself; the exact clip goes on it
             client.register_step_pre_hook(self._clip_hook(model))
         announcement = _moe_announcer(self.num_experts, self.groups.ep_size) if self.num_experts else None
         fp32 = {id(p): p.detach().clone() for p in model.parameters()} if self.bf16 else {}
@@ -274,16 +257,17 @@ class DeepSpeedParallel(DataParallel):
         torch.set_rng_state(rng)
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
-        if self.bf16:  # fp32 master weights from the loaded fp32 weights, not from their bf16 copies
-            from deepspeed.utils import safe_set_full_fp32_param
-
-            for p in model.parameters():
-                safe_set_full_fp32_param(p, fp32[id(p)])
-        if zero > 0:
+        if self.bf16:  # fp32 master weights from the fp32 weights, not from their bf16 copies
+            self._set_masters(lambda p: fp32[id(p)])
+        if self.zero > 0:
             self._init_partitioned_state(client)
-            self._load_partitioned_state(model, optimizer)
-        optimizer.state.clear()
         return client
+
+    def _set_masters(self, value) -> None:
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        for p in self.model.parameters():
+            safe_set_full_fp32_param(p, value(p))
 
     def _init_partitioned_state(self, client: torch.optim.Optimizer) -> None:
         """AdamW's state for the engine's flat fp32 partitions, created now as AdamW would at its first step (zero
@@ -308,13 +292,15 @@ class DeepSpeedParallel(DataParallel):
             self._norm = float(parallel.clip_grad_norm(params, max_norm if max_norm > 0 else float("inf"), self.groups))
         return clip
 
-    def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
-        return self.engine(x, y)[2]
+    def forward(self, x: torch.Tensor, y: torch.Tensor):
+        return self.engine(x.to(self.device), y.to(self.device))[2]
 
-    def backward(self, loss: torch.Tensor) -> None:
-        self.engine.backward(loss, scale_wrt_gas=False)  # the Trainer divided by trainer.grad_accum already
+    def train_micro(self, x: torch.Tensor, y: torch.Tensor, scale: float, last: bool):
+        out = self.forward(x, y)  # DeepSpeed reduces at step(): managed_gradient_accumulation is off
+        self.engine.backward(out.total_loss * scale, scale_wrt_gas=False)  # scale: 1 / trainer.grad_accum already
+        return out
 
-    def step(self, model: nn.Module, optimizer: torch.optim.Optimizer, max_norm: float) -> float:
+    def step(self, optimizer: torch.optim.Optimizer, max_norm: float) -> float:
         self._norm, self._max_norm = None, max_norm
         self.engine.step()
         norm = self._norm if self._norm is not None else self.engine.get_global_grad_norm()
@@ -344,21 +330,25 @@ class DeepSpeedParallel(DataParallel):
             for p, data in saved.items():
                 p.data = data
 
-    def model_state(self, model: nn.Module) -> Optional[dict[str, torch.Tensor]]:
-        with self._fp32_weights(model):
-            return super().model_state(model)
+    def state_to_save(self, optimizer: torch.optim.Optimizer, sharded: bool, step: int = 0) -> SavedState:
+        """trainer=single's layout: the fp32 weights and our AdamW's state at full size (ZeRO partitions gathered:
+        collectives, every rank calls it); deepspeed.engine_checkpoint: DeepSpeed's own checkpoint as well."""
+        if self.cfg.deepspeed.engine_checkpoint:
+            save_engine_checkpoint(self, self.engine_dir, f"step_{step}", {"step": step})
+        with self._fp32_weights(self.model):
+            weights = model_state(self.model)
+        return FullState(weights, self._optimizer_state(optimizer))
 
-    def optimizer_state(self, optimizer: torch.optim.Optimizer, model: nn.Module) -> dict:
-        """trainer=single's layout (the Trainer's AdamW, full-size experts): per-parameter state gathered from the
-        engine's optimizer (ZeRO partitions: safe_get_full_optimizer_state, a collective over each partition group)."""
+    def _optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict:
+        """Our AdamW's state_dict, full-size, from the engine's optimizer (ZeRO partitions:
+        safe_get_full_optimizer_state, a collective over each partition group)."""
         from deepspeed.utils import safe_get_full_optimizer_state
 
-        template = self.template
-        zero = self.ds_config["zero_optimization"]["stage"]
+        template, model = self.template, self.model
         params = [p for g in template.param_groups for p in g["params"]]
         step = self._step_value(optimizer)
         for p in params:
-            if zero == 0:
+            if self.zero == 0:
                 if p in optimizer.state:
                     template.state[p] = optimizer.state[p]
                 continue
@@ -370,7 +360,7 @@ class DeepSpeedParallel(DataParallel):
         for tg, cg in zip(template.param_groups, optimizer.param_groups):
             tg["lr"] = cg["lr"]
         try:
-            return super().optimizer_state(template, model)
+            return full_optimizer_state(template, model)
         finally:
             template.state.clear()
 
@@ -380,10 +370,26 @@ class DeepSpeedParallel(DataParallel):
                 return torch.as_tensor(s["step"]).detach().clone()
         return None
 
-    def load_optimizer_state(self, optimizer: torch.optim.Optimizer, model: nn.Module, state: dict) -> None:
-        if self.engine is not None:
-            raise RuntimeError("load the optimizer state before DeepSpeedParallel.prepare builds the engine")
-        super().load_optimizer_state(optimizer, model, state)  # into the Trainer's AdamW; prepare() moves it on
+    @torch.no_grad()
+    def load_state(self, optimizer: torch.optim.Optimizer, state) -> None:
+        """Full-size weights (and under bf16 the fp32 masters) and our AdamW's state, into the built engine."""
+        full = as_full(state, self.model)
+        parallel.load_full_state_dict(self.model, full.weights, strict=False)  # casts into bf16 module copies
+        if self.bf16:
+            local = dict(self.model.named_parameters())
+            saved = {id(p): full.weights[name] for name, p in local.items()}
+            shards = {id(p): bank for _, bank in parallel.expert_banks(self.model) if bank.ep_size > 1
+                      for p in bank.parameters()}
+            self._set_masters(lambda p: (parallel.split_shard(saved[id(p)], shards[id(p)]) if id(p) in shards
+                                         else saved[id(p)]).to(p.device, torch.float32))
+        template = self.template
+        load_full_optimizer_state(template, self.model, full.optimizer)  # our layout, this rank's expert rows
+        if self.zero == 0:
+            for p, s in template.state.items():
+                optimizer.state[p] = s
+        else:
+            self._load_partitioned_state(self.model, template)
+        template.state.clear()
 
     def _load_partitioned_state(self, model: nn.Module, template: torch.optim.Optimizer) -> None:
         """Resume under ZeRO 1/2: every parameter's moments written into its fragments of the partitions,
@@ -403,22 +409,14 @@ class DeepSpeedParallel(DataParallel):
             for k in keys:
                 safe_set_full_optimizer_state(p, s[k].to(p.device, torch.float32), k)
 
-    # ------------------------------------------------------------ DeepSpeed's own checkpoint
-
-    def save_engine(self, run_dir: Path, step: int) -> None:
-        """deepspeed.engine_checkpoint=true: engine.save_checkpoint to RUN_DIR/deepspeed/step_N (every rank takes
-        part), plus one file per expert-parallel rank with its expert shards (see save_engine_checkpoint)."""
-        if self.cfg.deepspeed.engine_checkpoint:
-            save_engine_checkpoint(self, Path(run_dir) / ENGINE_DIR, f"step_{step}", {"step": step})
-
     def close(self) -> None:
         if self.engine is not None and hasattr(self.engine, "destroy"):
             self.engine.destroy()  # releases DeepSpeed's hooks and buffers
         self.engine = None
-        super().close()
+        self.ranks.close()
 
 
-def save_engine_checkpoint(par: DeepSpeedParallel, save_dir: Path, tag: str, metadata: Optional[dict] = None) -> Path:
+def save_engine_checkpoint(par: DeepSpeedEngine, save_dir: Path, tag: str, metadata: Optional[dict] = None) -> Path:
     """engine.save_checkpoint(save_dir, tag), completed for expert parallelism; every rank calls it.
 
     DeepSpeed writes the module's state once (data-parallel rank 0: mp_rank_00_model_states.pt, under `module`, keys
