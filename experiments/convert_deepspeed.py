@@ -39,7 +39,7 @@ from typing import Optional
 import torch
 from safetensors import safe_open
 
-from experiments.deepspeed_engine import ENGINE_DIR, EXPERT_SHARD_FILE, EXPERT_SHARD_META
+from experiments.engines.deepspeed import ENGINE_DIR, EXPERT_SHARD_FILE, EXPERT_SHARD_META
 from moe.checkpoint import load_config, save_checkpoint
 from moe.config import ModelConfig
 from moe.model import Transformer
@@ -47,7 +47,7 @@ from moe.parallel import full_shapes
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
 OPTIM_STATES = re.compile(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt")  # ZeRO 1/2; bf16 mode: bf16_
-PREFIX = "model."  # experiments.deepspeed_engine.EngineModule holds the Transformer as `model`
+PREFIX = "model."  # experiments.engines.deepspeed.EngineModule holds the Transformer as `model`
 # The only non-default globals in the files trainer=deepspeed writes (DeepSpeed 0.19: its module state needs none,
 # its ZeRO 1/2 optimizer files these three). Each is plain data and is rebuilt as a plain value under its name, so
 # no DeepSpeed class, nor anything else, is imported or called while a user's file is read; torch's weights_only
@@ -199,7 +199,7 @@ def convert(ds_checkpoint: str | Path, out_dir: str | Path, tag: Optional[str] =
     if not isinstance(module, dict) or not module or not all(k.startswith(PREFIX) and isinstance(v, torch.Tensor)
                                                              for k, v in module.items()):
         raise ValueError(f"{tag_dir / MODEL_STATES}: the module state is not tensors under keys starting with "
-                         f"{PREFIX!r}; it was not written by experiments.deepspeed_engine")
+                         f"{PREFIX!r}; it was not written by experiments.engines.deepspeed")
     state = {k[len(PREFIX):]: v for k, v in module.items()}
     ep = (states.get("switchyard") or {}).get("expert_parallel", 1)
     if any(v.dtype != torch.float32 for v in state.values() if v.is_floating_point()):  # DeepSpeed's bf16 mode

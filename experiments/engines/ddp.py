@@ -70,8 +70,15 @@ class DDPEngine:
     def train_micro(self, x: torch.Tensor, y: torch.Tensor, scale: float, last: bool):
         with contextlib.nullcontext() if last else self.ddp.no_sync():
             out = self.forward(x, y)
-            (out.total_loss * scale).backward()
+            # the last micro-batch's backward all-reduces DDP's buckets: a rank that never joins is named here
+            with (parallel.named_collective("gradient reduction", self.ranks.groups, self._buckets) if last
+                  else contextlib.nullcontext()):
+                (out.total_loss * scale).backward()
         return out
+
+    def _buckets(self) -> str:
+        W = self.ranks.world_size
+        return f"DDP's gradient buckets of the non-expert parameters, all-reduced over all {W} ranks during the backward"
 
     def step(self, optimizer: torch.optim.Optimizer, max_norm: float) -> float:
         """Expert gradients summed over their replicas (DDP reduced the rest during the backward), the global norm

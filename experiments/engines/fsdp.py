@@ -130,6 +130,13 @@ class FSDPEngine:
             fully_shard(block, mesh=self.dense_mesh, mp_policy=mp)
         fully_shard(model, mesh=self.dense_mesh, mp_policy=mp)
         self.model = model
+        # The sharded parameters (the optimizer's) by state-dict key, taken now: between a forward and its backward
+        # the module attributes are FSDP's unsharded copies. A tied lm_head is listed once, as embed.weight.
+        params = dict(model.named_parameters())
+        buffers = dict(model.named_buffers())
+        tied = model.cfg.tie_embeddings
+        self._state = {k: params.get(k, buffers.get(k)) for k in model.state_dict()
+                       if not (tied and k == "lm_head.weight")}
         # id(expert parameter) -> E of its bank: the full-size first dimension in checkpoints
         self._experts_of = {id(p): bank.num_global_experts for _, bank in parallel.expert_banks(model)
                             for p in bank.parameters()}
@@ -180,14 +187,7 @@ class FSDPEngine:
 
     def _named_state(self) -> dict[str, Tensor]:
         """Parameters (as full-size DTensors) and buffers under their state-dict keys, a tied lm_head left out."""
-        params = dict(self.model.named_parameters())  # a tied lm_head.weight is listed once, as embed.weight
-        out = {}
-        for key, value in self.model.state_dict(keep_vars=True).items():
-            if key in params:
-                out[key] = self._global(params[key], params[key])
-            elif key != "lm_head.weight" or not self.model.cfg.tie_embeddings:
-                out[key] = value
-        return out
+        return {k: self._global(t, t) if isinstance(t, DTensor) else t for k, t in self._state.items()}
 
     def _moments(self, optimizer: torch.optim.Optimizer) -> dict[int, dict[str, Tensor]]:
         params = [p for g in optimizer.param_groups for p in g["params"]]

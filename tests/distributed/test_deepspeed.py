@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from experiments.convert_deepspeed import DEEPSPEED_GLOBALS, convert, load_deepspeed_file
-from experiments.deepspeed_engine import EXPERT_SHARD_FILE, EXPERT_SHARD_META
+from experiments.engines.deepspeed import EXPERT_SHARD_FILE, EXPERT_SHARD_META
 from experiments.metrics import read_metrics
 from experiments.trainer import Trainer
 from experiments.trainer_state import load_trainer_state

@@ -1,4 +1,5 @@
-"""Hangs name their place: every collective of trainer=ddp's engine (experiments.distributed.DataParallel) that fails
+"""Hangs name their place: every collective of the training loop (experiments.engines.ranks.Torchrun) and of the
+gradient reduction (moe.parallel) that fails
 or outlives trainer.collective_timeout_s raises MoECollectiveError naming this rank, the world size, the phase (for
 the gradient reduction the first and last parameters of its bucket) and the setting to raise. Also `agree`, the
 one-scalar vote the trainer takes for preemption. End to end: a rank stopped with SIGSTOP under torchrun."""
@@ -17,7 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from experiments.distributed import DataParallel, Single
+from experiments.engines.ranks import OneProcess, Torchrun
 from moe import parallel
 from moe.dispatch.alltoall import MoECollectiveError
 from moe.model import Transformer
@@ -41,12 +42,12 @@ def _timed_out(*args, **kwargs):
 
 @pytest.fixture
 def broken(monkeypatch):
-    """A DataParallel engine as rank 1 of 4 whose every collective times out."""
+    """The ranks of a torchrun launch as rank 1 of 4 whose every collective times out."""
     for name in ("all_reduce", "barrier", "broadcast_object_list", "all_gather"):
         monkeypatch.setattr(dist, name, _timed_out)
     groups = ParallelGroups(world_size=4, rank=1, ep_size=1, ep_rank=0, ep_group=None, expert_dp_group=object(),
                             world_group=object(), timeout_s=5.0)
-    return DataParallel(groups, torch.device("cpu"))
+    return Torchrun(groups, torch.device("cpu"))
 
 
 def _message(call) -> str:
@@ -63,16 +64,17 @@ def test_gradient_reduction_names_the_bucket(broken):
     model = Transformer(get_preset("tiny_dense").replace(n_layer=2, d_model=32, n_head=2, d_ff=64, vocab_size=64))
     model(torch.zeros(2, 8, dtype=torch.long), torch.zeros(2, 8, dtype=torch.long)).loss.backward()
     names = [n for n, p in model.named_parameters() if p.requires_grad]
-    message = _message(lambda: broken.clip_gradients(model, 1.0))
+    message = _message(lambda: parallel.reduce_gradients(list(model.parameters()), broken.groups,
+                                                         names=model.named_parameters))
     assert f"during the gradient reduction: a bucket of {len(names)} float32 gradients" in message, message
     assert f"from {names[0]} to {names[-1]}, summed over all 4 ranks" in message, message
 
 
 @pytest.mark.parametrize("phase, call, passing", [
     ("metrics reduction: the training loss and the aux losses ['z']",
-     lambda par: par.reduce_step(1.0, {"z": 0.5}, {}), 0),
+     lambda par: par.reduce_logged(1.0, {"z": 0.5}, {}), 0),
     ("metrics reduction: the routing statistics ['tokens_per_expert'] of layer 3",
-     lambda par: par.reduce_step(1.0, {}, {3: {"tokens_per_expert": torch.ones(4)}}), 1),
+     lambda par: par.reduce_logged(1.0, {}, {3: {"tokens_per_expert": torch.ones(4)}}), 1),
     ("metrics reduction: a mean over the ranks (the validation loss)", lambda par: par.mean(2.0), 0),
     ("stop agreement: whether any rank was asked to stop", lambda par: par.agree(True), 0),
     ("checkpoint barrier (rank 0 writes the checkpoint while the others wait)", lambda par: par.barrier(), 0),
@@ -112,14 +114,15 @@ def test_gradient_norm_and_checkpoint_gather_name_theirs(monkeypatch):
 
 
 def test_single_agrees_with_itself():
-    assert Single().agree(True) is True and Single().agree(False) is False
+    one = OneProcess(torch.device("cpu"))
+    assert one.agree(True) is True and one.agree(False) is False
 
 
 # ---------------------------------------------------------------- real gloo: the vote, and a peer that never comes
 
 def _agree_worker(rank: int, world: int, port: int, out_path: str) -> None:
     init_gloo(rank, world, port)
-    par = DataParallel(make_groups(1, 1), torch.device("cpu"))
+    par = Torchrun(make_groups(1, 1), torch.device("cpu"))
     votes = [par.agree(rank == 1), par.agree(False), par.agree(rank == 0)]
     Path(f"{out_path}.{rank}").write_text(json.dumps(votes))
     dist.destroy_process_group()
@@ -134,13 +137,13 @@ def test_agree_is_true_on_every_rank_if_any_rank_says_so(tmp_path):
 
 def _absent_peer_worker(rank: int, world: int, port: int, out_path: str) -> None:
     init_gloo(rank, world, port, timeout_s=2.0)
-    par = DataParallel(make_groups(1, 1, timeout=datetime.timedelta(seconds=2)), torch.device("cpu"))
+    groups = make_groups(1, 1, timeout=datetime.timedelta(seconds=2))
     model = Transformer(get_preset("tiny_dense").replace(n_layer=2, d_model=32, n_head=2, d_ff=64, vocab_size=64))
     done = Path(out_path)
     if rank == 0:
         model(torch.zeros(2, 8, dtype=torch.long), torch.zeros(2, 8, dtype=torch.long)).loss.backward()
         try:
-            par.clip_gradients(model, 1.0)
+            parallel.reduce_gradients(list(model.parameters()), groups, names=model.named_parameters)
             message = "no error"
         except MoECollectiveError as e:
             message = str(e)
@@ -247,7 +250,8 @@ def test_stopped_rank_is_named_by_the_survivor(tmp_path, text_corpus):
     print(f"after {waited:.1f} s: {line}")
     assert "on rank 0 (world size 2) during the " in line, line
     phase = line.split(" during the ", 1)[1]
-    assert phase.startswith(("gradient reduction: a bucket of", "metrics reduction", "stop agreement")), line
+    assert phase.startswith(("gradient reduction: DDP's gradient buckets", "gradient reduction: a bucket of",
+                             "metrics reduction", "stop agreement")), line
     assert f"({SETTING}, now {timeout_s} s)" in line, line
     run = json.loads((run_dir / "run.json").read_text())
     assert run["status"] == "failed" and "during the " + phase.split(":")[0] in run["summary"]["error"], run["summary"]

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from experiments.convert_deepspeed import MODEL_STATES, convert, load_deepspeed_file, main
-from experiments.deepspeed_engine import EXPERT_SHARD_FILE, EXPERT_SHARD_META
+from experiments.engines.deepspeed import EXPERT_SHARD_FILE, EXPERT_SHARD_META
 from moe.config import ModelConfig
 
 REFUSED = r"needs arbitrary unpickling \(globals? .+\), which Switchyard refuses because unpickling it can run code"

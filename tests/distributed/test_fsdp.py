@@ -1,0 +1,142 @@
+"""trainer=fsdp under torchrun equals trainer=single on the same global batch: 3 steps on 2 processes (ep 1: experts
+FSDP-sharded over both; ep 2 with activation checkpointing), on 4 processes (ep 2 x 2 FSDP shards of each expert
+bank) and on 4 as HSDP (2 replicas x 2 shards, ep 2) give the single process's losses and gradient norms (relative
+1e-6), routing counts, and weights (rtol 1e-5). The 4-process sharded checkpoint resumes at 2 processes / ep 1
+and under trainer=single with the single run's next loss. Bad meshes fail before any process group exists."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from experiments.metrics import read_metrics
+from experiments.trainer import Trainer
+from moe.sharded_checkpoint import METADATA_FILE, SHARDED_DIR, read_full
+from tests.distributed._spawn import TORCHRUN_ENV, assert_refused, launch_train
+from tests.distributed.test_ddp import STEPS, by_step
+from tests.experiments.test_train import TINY, data_overrides, make_run
+
+pytestmark = pytest.mark.distributed
+
+TOL = 1e-6  # relative, on losses and gradient norms
+KEYS = ("train_loss", "grad_norm", "load_balancing_loss", "router_z_loss")
+
+
+def torchrun(nproc: int, run_dir, corpus, *overrides: str) -> None:
+    launch_train(nproc, ["model=tiny_moe", *data_overrides(corpus), *TINY, *STEPS, "trainer=fsdp",
+                         f"hydra.run.dir={run_dir}", *overrides])
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, text_corpus):
+    root = tmp_path_factory.mktemp("fsdp")
+    out = {"single": root / "single"}
+    Trainer(make_run(out["single"], text_corpus, *STEPS, "trainer.max_steps=4")).fit()
+    for name, nproc, overrides in (
+        ("ep1", 2, ["model.moe.expert_parallel=1"]),
+        ("ep2_recompute", 2, ["model.moe.expert_parallel=2", "trainer.activation_checkpointing=1"]),
+        ("ep2x2", 4, ["model.moe.expert_parallel=2"]),
+        ("hsdp", 4, ["model.moe.expert_parallel=2", "trainer.replicate=2"]),
+    ):
+        out[name] = root / name
+        torchrun(nproc, out[name], text_corpus, "trainer.max_steps=3", *overrides)
+        out[name + "_metrics"] = read_metrics(out[name])
+    # the 4-process / ep 2 run's sharded checkpoint of step 3, continued to step 4 at 2 processes / ep 1 ...
+    out["resumed_fsdp"] = root / "resumed_fsdp"
+    shutil.copytree(out["ep2x2"], out["resumed_fsdp"])
+    torchrun(2, out["resumed_fsdp"], text_corpus, "trainer.max_steps=4", "model.moe.expert_parallel=1", "resume=auto")
+    # ... and in one process under trainer=single
+    out["resumed_single"] = root / "resumed_single"
+    shutil.copytree(out["ep2x2"], out["resumed_single"])
+    Trainer(make_run(out["resumed_single"], text_corpus, *STEPS, "trainer.max_steps=4", "resume=auto")).fit()
+    return out
+
+
+def _close(got: float, want: float) -> bool:
+    return abs(got - want) <= TOL * max(1.0, abs(want))
+
+
+@pytest.mark.parametrize("name", ["ep1", "ep2_recompute", "ep2x2", "hsdp"])
+def test_three_steps_equal_single_process(runs, name):
+    single, mine = read_metrics(runs["single"]), runs[name + "_metrics"]
+    assert [r["step"] for r in mine] == [1, 2, 3]
+    for key in KEYS:
+        want, got = by_step(single, key), by_step(mine, key)
+        for step in (1, 2, 3):
+            assert _close(got[step], want[step]), (name, key, step, got[step], want[step])
+    counts = [k for k in mine[0] if k.endswith("tokens_per_expert")]
+    assert counts and all(r[k] == s[k] for r, s in zip(mine, single) for k in counts), \
+        "routing counts are summed over the ranks and counted once under recompute"
+
+
+@pytest.mark.parametrize("name", ["ep1", "ep2x2", "hsdp"])
+def test_sharded_checkpoint_holds_the_single_run_weights_and_moments(runs, name):
+    folder = runs[name] / "checkpoints" / "step_3"
+    assert (folder / SHARDED_DIR / METADATA_FILE).is_file() and not (folder / "model.safetensors").exists()
+    shards = sorted(p.name for p in (folder / SHARDED_DIR).glob("*.distcp"))
+    assert len(shards) == (4 if name != "ep1" else 2), shards  # every rank wrote its own pieces
+    ref_dir = runs["single"] / "checkpoints" / "step_3"
+    weights, moments = read_full(folder / SHARDED_DIR)
+    ref = load_file(str(ref_dir / "model.safetensors"))
+    assert weights.keys() == ref.keys()
+    for k in ref:
+        torch.testing.assert_close(weights[k], ref[k], rtol=1e-5, atol=1e-7, msg=lambda m: f"{k}: {m}")
+    ref_moments = load_file(str(ref_dir / "trainer_state.safetensors"))
+    for key, t in ref_moments.items():
+        if key.startswith("optimizer/") and not key.endswith("/step"):
+            _, index, what = key.split("/")
+            torch.testing.assert_close(moments[int(index)][what], t, rtol=1e-4, atol=1e-9,
+                                       msg=lambda m: f"{key}: {m}")
+
+
+@pytest.mark.parametrize("name", ["resumed_fsdp", "resumed_single"])
+def test_sharded_checkpoint_resumes_at_another_world_size(runs, name):
+    single, resumed = read_metrics(runs["single"]), read_metrics(runs[name])
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    for key in ("train_loss", "grad_norm"):
+        assert _close(by_step(resumed, key)[4], by_step(single, key)[4]), (name, key)
+
+
+def test_single_process_activation_checkpointing_changes_nothing(tmp_path, text_corpus):
+    """trainer=single, on and off: the same losses and routing statistics, bit for bit."""
+    got = {}
+    for every in (0, 1):
+        Trainer(make_run(tmp_path / str(every), text_corpus, *STEPS, "trainer.max_steps=3",
+                         f"trainer.activation_checkpointing={every}")).fit()
+        got[every] = [{k: v for k, v in r.items() if k not in ("tokens_per_s", "elapsed_s")}
+                      for r in read_metrics(tmp_path / str(every))]
+    assert got[0] == got[1]
+
+
+# ---------------------------------------------------------------- bad meshes fail before any process group
+
+@pytest.mark.parametrize("env, overrides, match", [
+    ({}, [], r"trainer=fsdp runs one process per rank under torchrun"),
+    (TORCHRUN_ENV, ["trainer.replicate=3"], r"trainer.replicate=3 does not divide the world size 2"),
+    (TORCHRUN_ENV, ["trainer.replicate=2", "model.moe.expert_parallel=2"],
+     r"model.moe.expert_parallel=2 does not divide the shard dimension 1"),
+    (TORCHRUN_ENV, ["model.moe.num_experts=3", "model.moe.router.top_k=1", "model.moe.expert_parallel=2"],
+     r"model.moe.expert_parallel=2 does not divide model.moe.num_experts=3"),
+    (TORCHRUN_ENV, ["model.moe.dispatcher=triton"],
+     r"trainer=fsdp cannot run the triton dispatcher|model.moe.dispatcher=triton cannot run here"),
+    (TORCHRUN_ENV, ["trainer.batch_size=3"], r"trainer.batch_size=3 is the global batch and must be divisible"),
+])
+def test_bad_fsdp_launch(env, overrides, match, tmp_path, text_corpus, monkeypatch):
+    assert_refused(make_run(tmp_path, text_corpus, "trainer=fsdp", *overrides), env, match, tmp_path, monkeypatch)
+
+
+def test_missing_shard_is_named_and_passed_over(runs, tmp_path, text_corpus, capsys):
+    """A checkpoint that lost one rank's shard file: named, set aside, the previous checkpoint resumed."""
+    run_dir = tmp_path / "lost"
+    shutil.copytree(runs["ep2x2"], run_dir)
+    lost = run_dir / "checkpoints" / "step_3" / SHARDED_DIR / "__1_0.distcp"
+    lost.unlink()
+    with pytest.raises(FileNotFoundError, match=r"missing its shard files \['__1_0.distcp'\]"):
+        read_full(lost.parent)
+    Trainer(make_run(run_dir, text_corpus, *STEPS, "trainer.max_steps=3", "resume=auto")).fit()
+    out = capsys.readouterr().out
+    assert "checkpoint step_3 is damaged: __1_0.distcp" in out, out
+    assert (run_dir / "checkpoints" / "step_3.damaged").is_dir()
+    assert "resumed from" in out and "step_2" in out
