@@ -124,7 +124,7 @@ class DeepSpeedConfig:
     """trainer=deepspeed: the DeepSpeed engine's own settings (conf/deepspeed/). What the trainer already says is not
     repeated here: the batch sizes come from trainer.batch_size (the global batch), trainer.grad_accum and the world
     size, clipping from trainer.grad_clip, bf16 from trainer.precision (auto: bf16 on CUDA, fp32 on CPU), the
-    optimizer and schedule from optim (experiments.deepspeed_engine builds the DeepSpeed JSON config from all three)."""
+    optimizer and schedule from optim (experiments.engines.deepspeed builds the DeepSpeed JSON config from all three)."""
     # ZeRO stage: 0 plain data parallel (every rank holds weights, gradients and optimizer state), 1 optimizer state
     # partitioned over the data-parallel ranks, 2 gradients too. 3 (weights partitioned too) is refused: DeepSpeed
     # does not support it with MoE layers, and this trainer's checkpoints and evaluation need whole weights.

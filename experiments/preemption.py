@@ -3,7 +3,7 @@
 Slurm and Kubernetes send SIGTERM before SIGKILL; Slurm sends a signal ahead of the time limit when asked
 (`--signal`; hydra-submitit-launcher asks for SIGUSR2 `signal_delay_s` seconds before, its requeue signal); users
 send SIGUSR1 by hand. While training, each of them only sets a flag: the loop finishes the step it is on, every rank
-agrees to stop at the same step (experiments.distributed: `agree`), the checkpoint of that step is written, run.json
+agrees to stop at the same step (experiments.engines.ranks: `agree`), the checkpoint of that step is written, run.json
 says "preempted", and the process exits with PREEMPTED_EXIT. A handler that was installed before ours (submitit's,
 which requeues the job) is handed the signal once the checkpoint is safe, so a requeued sweep continues from it.
 """

@@ -203,8 +203,7 @@ class Trainer:
             print(f"model: {self.params.total:,} parameters, {self.params.active:,} active per token, "
                   f"{self.flops_per_token:.3g} training FLOPs per token; sparse layers {list(self.model_cfg.sparse_layers)}")
             print(describe_dispatch(self.model))
-        tokens_per_step = tc.batch_size * tc.seq_len * tc.grad_accum
-        last_log = (time.perf_counter(), st.tokens, st.elapsed_s)
+        self._last_log = (st.tokens, st.elapsed_s)  # what the next record's tokens/s are measured from
         val_loss: Optional[float] = None
         last_stats: dict[int, dict[str, torch.Tensor]] = {}
         bar = _progress(tc.progress and self.ranks.is_main, tc.max_steps, st.step)
@@ -212,56 +211,17 @@ class Trainer:
         try:
             with self.preemption:
                 while st.step < tc.max_steps:
-                    t0 = time.perf_counter()
-                    out = self.train_step()
-                    if self.device.type == "cuda":
-                        torch.cuda.synchronize()
-                    st.elapsed_s += time.perf_counter() - t0
-                    st.step += 1
-                    self._step_rng = rng_state()  # an interrupt from here on saves this step: the RNG as it leaves it
-                    st.tokens += tokens_per_step
-                    st.flops += self.flops_per_token * tokens_per_step
-                    if not out["skipped"]:  # a skipped step's loss is NaN or inf: it would poison the mean
-                        st.loss_sum += out["lm_loss"]
-                        st.loss_count += 1
-                    self._count_skip(out["skipped"])
+                    out = self._timed_step()
                     last_stats = out["stats"]
-                    for layer, values in out["stats"].items():  # every step: patience counts steps
-                        for message in self.collapse.update(st.step, layer, values["tokens_per_expert"], tokens_per_step):
-                            warnings.warn(message, stacklevel=1)
                     final = st.step == tc.max_steps
                     evaluate = final or (tc.eval_interval > 0 and st.step % tc.eval_interval == 0)
                     val_loss = self.evaluate() if evaluate else None
                     if final or evaluate or st.step % tc.log_interval == 0:
-                        tps = (st.tokens - last_log[1]) / max(st.elapsed_s - last_log[2], 1e-9)
-                        record = {"step": st.step, "tokens": st.tokens, "flops": st.flops,
-                                  "train_loss": st.loss_sum / st.loss_count if st.loss_count else math.nan,
-                                  "lr": out["lr"], "grad_norm": out["grad_norm"], "skipped_steps": st.skipped_steps,
-                                  "tokens_per_s": tps, "elapsed_s": st.elapsed_s, **out["aux"]}
-                        if val_loss is not None:
-                            record["val_loss"] = val_loss
-                        record.update(flatten_stats(out["stats"]))
-                        self.logger.log(record)
-                        st.loss_sum, st.loss_count = 0.0, 0
-                        last_log = (time.perf_counter(), st.tokens, st.elapsed_s)
-                        if bar is not None:
-                            bar.set_postfix(loss=f"{record['train_loss']:.3f}", tok_s=f"{tps:,.0f}")
+                        self._log(out, val_loss, bar)
                     if bar is not None:
                         bar.update(1)
                     self._stop_if_diverged()  # after the record: the metrics show the last skipped step
-                    saved = False
-                    # no periodic checkpoint inside a run of skipped steps: it would hold the weights from before the
-                    # run and rotate older, good checkpoints away
-                    if final or (tc.ckpt_interval > 0 and st.step % tc.ckpt_interval == 0 and not st.skipped_in_a_row):
-                        self.save()
-                        saved = True
-                    # one scalar all-reduce per step under torchrun: every rank stops after the same step
-                    if self.ranks.agree(self.preemption.received is not None):
-                        path = self.ckpts.path(st.step) if saved else self.save()
-                        signum = self.preemption.received  # None: another rank was signalled
-                        self._write_run_file("preempted", {"step": st.step, "checkpoint": str(path),
-                                                           "signal": signal.Signals(signum).name if signum else None})
-                        raise Preempted(signum, st.step, str(path))
+                    self._checkpoint_or_stop(final)
         except KeyboardInterrupt:
             # The last complete step is saved so that resume=auto continues exactly from it.
             if st.step > 0 and not self.ckpts.path(st.step).exists():
@@ -289,6 +249,61 @@ class Trainer:
                    "metrics": str(self.logger.path), "checkpoint": str(self.ckpts.complete()[-1][1])}
         self._write_run_file("finished", summary)
         return summary
+
+    def _timed_step(self) -> dict[str, Any]:
+        """One optimizer step, and the counters it moves (time, tokens, FLOPs, the loss mean, skips, collapse)."""
+        tc, st = self.cfg.trainer, self.state
+        t0 = time.perf_counter()
+        out = self.train_step()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        st.elapsed_s += time.perf_counter() - t0
+        st.step += 1
+        self._step_rng = rng_state()  # an interrupt from here on saves this step: the RNG as it leaves it
+        tokens = tc.batch_size * tc.seq_len * tc.grad_accum
+        st.tokens += tokens
+        st.flops += self.flops_per_token * tokens
+        if not out["skipped"]:  # a skipped step's loss is NaN or inf: it would poison the mean
+            st.loss_sum += out["lm_loss"]
+            st.loss_count += 1
+        self._count_skip(out["skipped"])
+        for layer, values in out["stats"].items():  # every step: patience counts steps
+            for message in self.collapse.update(st.step, layer, values["tokens_per_expert"], tokens):
+                warnings.warn(message, stacklevel=1)
+        return out
+
+    def _log(self, out: dict[str, Any], val_loss: Optional[float], bar) -> None:
+        """One metrics record: the mean training loss since the last one, throughput, the step's routing."""
+        st = self.state
+        tps = (st.tokens - self._last_log[0]) / max(st.elapsed_s - self._last_log[1], 1e-9)
+        record = {"step": st.step, "tokens": st.tokens, "flops": st.flops,
+                  "train_loss": st.loss_sum / st.loss_count if st.loss_count else math.nan,
+                  "lr": out["lr"], "grad_norm": out["grad_norm"], "skipped_steps": st.skipped_steps,
+                  "tokens_per_s": tps, "elapsed_s": st.elapsed_s, **out["aux"]}
+        if val_loss is not None:
+            record["val_loss"] = val_loss
+        record.update(flatten_stats(out["stats"]))
+        self.logger.log(record)
+        st.loss_sum, st.loss_count = 0.0, 0
+        self._last_log = (st.tokens, st.elapsed_s)
+        if bar is not None:
+            bar.set_postfix(loss=f"{record['train_loss']:.3f}", tok_s=f"{tps:,.0f}")
+
+    def _checkpoint_or_stop(self, final: bool) -> None:
+        """The periodic or final checkpoint, then the ranks' agreement on a preemption signal (one scalar
+        all-reduce per step under torchrun: every rank stops after the same step, its checkpoint written)."""
+        tc, st = self.cfg.trainer, self.state
+        saved = None
+        # no periodic checkpoint inside a run of skipped steps: it would hold the weights from before the run and
+        # rotate older, good checkpoints away
+        if final or (tc.ckpt_interval > 0 and st.step % tc.ckpt_interval == 0 and not st.skipped_in_a_row):
+            saved = self.save()
+        if self.ranks.agree(self.preemption.received is not None):
+            path = saved or self.save()
+            signum = self.preemption.received  # None: another rank was signalled
+            self._write_run_file("preempted", {"step": st.step, "checkpoint": str(path),
+                                               "signal": signal.Signals(signum).name if signum else None})
+            raise Preempted(signum, st.step, str(path))
 
     def _write_run_file(self, status: str, summary: Optional[dict] = None, every_rank: bool = False) -> None:
         """run.json: what a report needs besides the curves (sizes, FLOPs per token, data identity, status).

@@ -25,7 +25,7 @@ Checkpoints use the full-size layout (`full_state_dict`, `load_full_state_dict`)
 
 A collective that fails or times out (gloo, or NCCL with blocking waits) is re-raised as MoECollectiveError by
 `named_collective`: this rank, the world size, the phase (gradient reduction, gradient norm, checkpoint gather, and
-the engines' own: experiments.distributed), what it carried (the first and last parameters of a gradient bucket)
+the training loop's own: experiments.engines.ranks), what it carried (the first and last parameters of a gradient bucket)
 and the timeout to raise, instead of a bare "Timed out waiting ...ms for recv operation".
 """
 from __future__ import annotations

@@ -10,8 +10,10 @@ tensors and their byte ranges, and are read with weights_only semantics (no code
 """
 from __future__ import annotations
 
+import contextlib
+import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -46,7 +48,8 @@ def tensor_shapes(folder: Path) -> dict[str, tuple[torch.Size, torch.dtype]]:
 def write(folder: Path, tensors: dict[str, Tensor], single_writer: bool = False) -> None:
     """Every rank writes its pieces of `tensors` (DTensors: their local shards; plain tensors: once) to folder.
     A collective unless single_writer (one process writing whole tensors, e.g. the converter)."""
-    dcp.save(tensors, checkpoint_id=str(folder), no_dist=single_writer)
+    with _one_process(single_writer):
+        dcp.save(tensors, checkpoint_id=str(folder), no_dist=single_writer)
 
 
 def read_into(folder: Path, tensors: dict[str, Tensor]) -> None:
@@ -61,7 +64,9 @@ def read_into(folder: Path, tensors: dict[str, Tensor]) -> None:
         if tuple(t.shape) != tuple(available[k][0]):
             raise ValueError(f"sharded checkpoint {folder}: {k} has shape {tuple(available[k][0])}, this model "
                              f"needs {tuple(t.shape)}; load it with the config stored in its config.json")
-    dcp.load(tensors, checkpoint_id=str(folder), no_dist=not _any_dtensor(tensors))
+    alone = not _any_dtensor(tensors)
+    with _one_process(alone):
+        dcp.load(tensors, checkpoint_id=str(folder), no_dist=alone)
 
 
 def read_full(folder: Path, expected: Optional[dict[str, torch.Size]] = None
@@ -79,7 +84,8 @@ def read_full(folder: Path, expected: Optional[dict[str, torch.Size]] = None
             raise ValueError(f"sharded checkpoint {folder} does not fit this model config: missing {missing[:8]}, "
                              f"unexpected {unexpected[:8]}, shape mismatches {bad[:8]}; load it with the config "
                              f"stored in its config.json")
-    dcp.load(tensors, checkpoint_id=str(folder), no_dist=True)
+    with _one_process(True):
+        dcp.load(tensors, checkpoint_id=str(folder), no_dist=True)
     weights = {k[len(WEIGHT):]: t for k, t in tensors.items() if k.startswith(WEIGHT)}
     moments: dict[int, dict[str, Tensor]] = {}
     for k, t in tensors.items():
@@ -103,3 +109,12 @@ def _any_dtensor(tensors: dict[str, Tensor]) -> bool:
     from torch.distributed.tensor import DTensor
 
     return any(isinstance(t, DTensor) for t in tensors.values())
+
+
+@contextlib.contextmanager
+def _one_process(alone: bool) -> Iterator[None]:
+    """DCP warns that it 'assumes' a single process even when told so (no_dist=True): that is the intent here."""
+    with warnings.catch_warnings():
+        if alone:
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield

@@ -18,7 +18,8 @@ when the dispatcher calls them. The triton dispatcher reads expert weights outsi
 
 Gradients. FSDP averages a non-expert gradient over the W ranks: the global batch's gradient. An expert shard's
 gradient already sums its expert-parallel block's tokens (the all-to-all's backward); FSDP's reduction over the
-W / EP replicas is told to divide by W instead (set_gradient_divide_factor), the same arithmetic as moe.parallel.
+W / EP replicas averages (divides by W / EP); step() divides by EP more, so that it is the sum over the replicas
+divided by W, the arithmetic of moe.parallel (FSDP's own divide factor needs PREMUL_SUM, which gloo lacks).
 The global norm: every rank's sum of squares of its gradient shards, summed over the world and divided by R (each
 shard is held by R replicas). Mixed precision on CUDA: bf16 parameters for compute, fp32 gradient reduction and
 fp32 master weights (trainer.precision=auto or bf16); fp32 on CPU.
@@ -119,14 +120,12 @@ class FSDPEngine:
         model = parallel.distribute(model.to(self.device), self.ranks.groups)
         mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if self.bf16
               else MixedPrecisionPolicy())
-        W = self.ranks.world_size
         for block in model.blocks:
             for bank in block.modules():
                 if isinstance(bank, Experts):
                     fully_shard(bank, mesh=self.expert_mesh, mp_policy=mp)
                     for method in EXPERT_METHODS:
                         register_fsdp_forward_method(bank, method)
-                    bank.set_gradient_divide_factor(float(W))  # sum over the replicas / W (module doc)
             fully_shard(block, mesh=self.dense_mesh, mp_policy=mp)
         fully_shard(model, mesh=self.dense_mesh, mp_policy=mp)
         self.model = model
@@ -154,6 +153,10 @@ class FSDPEngine:
     @torch.no_grad()
     def step(self, optimizer: torch.optim.Optimizer, max_norm: float) -> float:
         grads = [p.grad.to_local() for p in self.model.parameters() if p.grad is not None]
+        ep = self.ranks.groups.ep_size
+        if ep > 1:  # FSDP averaged the expert shards over their W / EP replicas; the global batch's gradient is / W
+            torch._foreach_mul_([p.grad.to_local() for p in self.model.parameters()
+                                 if p.grad is not None and id(p) in self._experts_of], 1.0 / ep)
         sq = torch.zeros((), dtype=torch.float32, device=self.device)
         for g in grads:
             sq += g.float().square().sum()
