@@ -53,7 +53,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from experiments.engines import FullState, SavedState, checked_model_config
-from experiments.engines.full_size import as_full, load_full_optimizer_state, full_optimizer_state, use_bf16
+from experiments.engines.full_size import (as_full, autocast, full_optimizer_state, load_full_optimizer_state,
+                                           use_bf16)
 from experiments.engines.ranks import Torchrun, check_batch, init_process_group, launch_env, resolve_device
 from experiments.optim import build_optimizer
 from moe import parallel
@@ -112,7 +113,7 @@ def check_deepspeed(cfg) -> tuple[int, int, int, Any]:
     """Every check that needs no process group, for trainer=deepspeed; returns (world, rank, local_rank, the model
     config: init_from's when set)."""
     import_deepspeed()
-    world, rank, local_rank = launch_env("deepspeed", HOW)
+    world, rank, local_rank = launch_env("deepspeed", HOW, "torchrun or the deepspeed launcher")
     if cfg.deepspeed.zero_stage == 0 and use_bf16(cfg.trainer.precision, resolve_device(cfg.trainer.device)):
         raise ValueError(
             f"deepspeed.zero_stage=0 with bf16 (trainer.precision={cfg.trainer.precision!r}) is not supported: "
@@ -212,6 +213,7 @@ class DeepSpeedEngine:
         self.cfg, self.num_experts = cfg, num_experts
         self.engine_dir = run_dir / ENGINE_DIR  # deepspeed.engine_checkpoint: every rank writes here
         self.bf16 = use_bf16(cfg.trainer.precision, self.device)
+        self.autocast = autocast(self.device, self.bf16)
         self.ds_config = engine_config(cfg, ranks.world_size, self.bf16)
         self.zero = self.ds_config["zero_optimization"]["stage"]
         self.engine = None
@@ -293,7 +295,10 @@ class DeepSpeedEngine:
         return clip
 
     def forward(self, x: torch.Tensor, y: torch.Tensor):
-        return self.engine(x.to(self.device), y.to(self.device))[2]
+        # bf16: the engine holds bf16 weights, and autocast keeps the model's fp32 pieces (norms, rotary tables)
+        # from meeting them uncast
+        with self.autocast():
+            return self.engine(x.to(self.device), y.to(self.device))[2]
 
     def train_micro(self, x: torch.Tensor, y: torch.Tensor, scale: float, last: bool):
         out = self.forward(x, y)  # DeepSpeed reduces at step(): managed_gradient_accumulation is off
@@ -372,10 +377,11 @@ class DeepSpeedEngine:
 
     @torch.no_grad()
     def load_state(self, optimizer: torch.optim.Optimizer, state) -> None:
-        """Full-size weights (and under bf16 the fp32 masters) and our AdamW's state, into the built engine."""
+        """Full-size weights (and under ZeRO 1/2 the fp32 partitions the engine steps) and our AdamW's state, into
+        the built engine."""
         full = as_full(state, self.model)
         parallel.load_full_state_dict(self.model, full.weights, strict=False)  # casts into bf16 module copies
-        if self.bf16:
+        if self.zero > 0:  # ZeRO's fp32 partitions (the weights its step updates) were built from the old weights
             local = dict(self.model.named_parameters())
             saved = {id(p): full.weights[name] for name, p in local.items()}
             shards = {id(p): bank for _, bank in parallel.expert_banks(self.model) if bank.ep_size > 1

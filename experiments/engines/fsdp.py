@@ -42,13 +42,13 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tenso
 
 from experiments.engines import FullState, SavedState, ShardedSource, ShardedState, checked_model_config
 from experiments.engines.ranks import Torchrun, check_batch, init_process_group, launch_env, resolve_device
-from experiments.engines.full_size import use_bf16
+from experiments.engines.full_size import autocast, use_bf16
 from experiments.optim import build_optimizer
 from moe import parallel
 from moe.dispatch import resolve_dispatcher
 from moe.experts import Experts
 from moe.parallel import ParallelGroups
-from moe.sharded_checkpoint import read_into, flat
+from moe.sharded_checkpoint import MOMENT, flat, read_into, tensor_shapes
 
 HOW = ("torchrun --nproc_per_node=N -m experiments.train trainer=fsdp [model.moe.expert_parallel=EP] "
        "[trainer.replicate=R] ...")
@@ -75,6 +75,7 @@ class FSDPEngine:
 
     def __init__(self, ranks: Torchrun, mesh: DeviceMesh, bf16: bool):
         self.ranks, self.device, self.mesh, self.bf16 = ranks, ranks.device, mesh, bf16
+        self.autocast = autocast(self.device, bf16)
         R = mesh["replicate"].size()
         self.replicas = R
         # non-expert parameters: HSDP over (replicate, shard), or FSDP over the whole world
@@ -142,7 +143,10 @@ class FSDPEngine:
         return build_optimizer(model, optim)
 
     def forward(self, x: Tensor, y: Tensor):
-        return self.model(x.to(self.device), y.to(self.device))
+        # bf16: FSDP gathers bf16 weights; autocast keeps the model's fp32 pieces (norms, rotary tables) from
+        # meeting them uncast, as under the other engines
+        with self.autocast():
+            return self.model(x.to(self.device), y.to(self.device))
 
     def train_micro(self, x: Tensor, y: Tensor, scale: float, last: bool):
         self.model.set_requires_gradient_sync(last)  # accumulate unreduced until the step's last micro-batch
@@ -213,23 +217,25 @@ class FSDPEngine:
         wrote it) or from full-size tensors (each rank keeps its pieces)."""
         targets = self._named_state()
         params = [p for g in optimizer.param_groups for p in g["params"]]
-        # AdamW's state for every parameter, created as its first step would (zero moments), then overwritten
-        moments = {i: {"step": torch.zeros((), dtype=torch.float32),
-                       "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)} for i, p in enumerate(params)}
         if isinstance(state, ShardedSource):
-            views = {i: {k: self._global(params[i], v) if isinstance(v, DTensor) else v for k, v in m.items()}
-                     for i, m in moments.items()}
+            saved = {int(k.split("/")[1]) for k in tensor_shapes(state.folder) if k.startswith(MOMENT)}
+        else:
+            saved = set(state.optimizer["state"])
+        # AdamW's state for every parameter the checkpoint has state for (a parameter that never had a gradient has
+        # none, as in a fresh AdamW), created as its first step would, then overwritten
+        moments = {i: {"step": torch.zeros((), dtype=torch.float32), "exp_avg": torch.zeros_like(p),
+                       "exp_avg_sq": torch.zeros_like(p)} for i, p in enumerate(params) if i in saved}
+        views = {i: {k: self._global(params[i], v) if isinstance(v, DTensor) else v for k, v in m.items()}
+                 for i, m in moments.items()}  # the same storage, as pieces of full-size tensors
+        if isinstance(state, ShardedSource):
             read_into(state.folder, flat(targets, views))
             groups = state.param_groups
         else:
             for key, target in targets.items():
                 _copy_piece(target, state.weights[key])
-            for i, m in moments.items():
-                saved = state.optimizer["state"].get(i)
-                if saved is None:
-                    raise ValueError(f"the checkpoint's optimizer state has no entry for parameter {i}")
+            for i, m in views.items():
                 for k, v in m.items():
-                    _copy_piece(self._global(params[i], v) if isinstance(v, DTensor) else v, saved[k])
+                    _copy_piece(v, state.optimizer["state"][i][k])
             groups = state.optimizer["param_groups"]
         optimizer.load_state_dict({"state": moments, "param_groups": groups})
 

@@ -162,12 +162,12 @@ class Torchrun:
             dist.destroy_process_group()
 
 
-def launch_env(kind: str, how: str) -> tuple[int, int, int]:
-    """(world, rank, local_rank) from torchrun's environment, or a ValueError saying how to launch trainer=kind.
-    how: the launch command(s) to show."""
+def launch_env(kind: str, how: str, launchers: str = "torchrun") -> tuple[int, int, int]:
+    """(world, rank, local_rank) from the launcher's environment, or a ValueError saying how to launch
+    trainer=kind. how: the launch command(s) to show; launchers: the launchers that set the environment."""
     missing = [k for k in TORCHRUN_ENV if k not in os.environ]
     if missing:
-        raise ValueError(f"trainer={kind} runs one process per rank under torchrun (missing {missing} in the "
+        raise ValueError(f"trainer={kind} runs one process per rank under {launchers} (missing {missing} in the "
                          f"environment): {how}")
     world, rank, local_rank = (int(os.environ[k]) for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"))
     return world, rank, local_rank

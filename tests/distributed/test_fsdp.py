@@ -1,8 +1,10 @@
 """trainer=fsdp under torchrun equals trainer=single on the same global batch: 3 steps on 2 processes (ep 1: experts
-FSDP-sharded over both; ep 2 with activation checkpointing), on 4 processes (ep 2 x 2 FSDP shards of each expert
-bank) and on 4 as HSDP (2 replicas x 2 shards, ep 2) give the single process's losses and gradient norms (relative
-1e-6), routing counts, and weights (rtol 1e-5). The 4-process sharded checkpoint resumes at 2 processes / ep 1
-and under trainer=single with the single run's next loss. Bad meshes fail before any process group exists."""
+FSDP-sharded over both; ep 2 with activation checkpointing and the full checkpoint layout), on 4 processes (ep 2 x
+2 FSDP shards of each expert bank) and on 4 as HSDP (2 replicas x 2 shards, ep 2) give the single process's losses
+and gradient norms (relative 1e-6), routing counts, and weights (rtol 1e-5, atol 1e-6). The 4-process sharded
+checkpoint resumes at 2 processes / ep 1 and under trainer=single, and the single run's full checkpoint under
+trainer=fsdp at ep 2, each with the single run's next loss. Gradient accumulation (fsdp and ddp) equals single.
+Bad meshes fail before any process group exists; a lost shard is named and passed over."""
 from __future__ import annotations
 
 import shutil
@@ -36,7 +38,8 @@ def runs(tmp_path_factory, text_corpus):
     Trainer(make_run(out["single"], text_corpus, *STEPS, "trainer.max_steps=4")).fit()
     for name, nproc, overrides in (
         ("ep1", 2, ["model.moe.expert_parallel=1"]),
-        ("ep2_recompute", 2, ["model.moe.expert_parallel=2", "trainer.activation_checkpointing=1"]),
+        ("ep2_recompute", 2, ["model.moe.expert_parallel=2", "trainer.activation_checkpointing=1",
+                              "trainer.checkpoint_format=full"]),
         ("ep2x2", 4, ["model.moe.expert_parallel=2"]),
         ("hsdp", 4, ["model.moe.expert_parallel=2", "trainer.replicate=2"]),
     ):
@@ -51,6 +54,12 @@ def runs(tmp_path_factory, text_corpus):
     out["resumed_single"] = root / "resumed_single"
     shutil.copytree(out["ep2x2"], out["resumed_single"])
     Trainer(make_run(out["resumed_single"], text_corpus, *STEPS, "trainer.max_steps=4", "resume=auto")).fit()
+    # the single run's full checkpoint of step 3, continued under trainer=fsdp at 2 processes / ep 2
+    out["full_into_fsdp"] = root / "full_into_fsdp"
+    shutil.copytree(out["single"], out["full_into_fsdp"])
+    shutil.rmtree(out["full_into_fsdp"] / "checkpoints" / "step_4")
+    torchrun(2, out["full_into_fsdp"], text_corpus, "trainer.max_steps=4", "model.moe.expert_parallel=2",
+             "resume=auto")
     return out
 
 
@@ -91,12 +100,50 @@ def test_sharded_checkpoint_holds_the_single_run_weights_and_moments(runs, name)
                                        msg=lambda m: f"{key}: {m}")
 
 
-@pytest.mark.parametrize("name", ["resumed_fsdp", "resumed_single"])
+def test_full_checkpoint_format_gathers_the_single_layout(runs):
+    mine = runs["ep2_recompute"] / "checkpoints" / "step_3"
+    assert not (mine / SHARDED_DIR).exists()
+    a, b = load_file(str(mine / "model.safetensors")), load_file(str(runs["single"] / "checkpoints" / "step_3" /
+                                                                     "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=lambda m: f"{k}: {m}")
+
+
+@pytest.mark.parametrize("name", ["resumed_fsdp", "resumed_single", "full_into_fsdp"])
 def test_sharded_checkpoint_resumes_at_another_world_size(runs, name):
     single, resumed = read_metrics(runs["single"]), read_metrics(runs[name])
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
     for key in ("train_loss", "grad_norm"):
         assert _close(by_step(resumed, key)[4], by_step(single, key)[4]), (name, key)
+
+
+@pytest.mark.parametrize("trainer", ["fsdp", "ddp"])
+def test_gradient_accumulation_equals_single(trainer, tmp_path, text_corpus):
+    """2 micro-batches per step: FSDP without gradient sync and DDP under no_sync until the last one."""
+    accum = [*STEPS, "trainer.max_steps=2", "trainer.grad_accum=2", "trainer.ckpt_interval=0"]
+    Trainer(make_run(tmp_path / "single", text_corpus, *accum)).fit()
+    launch_train(2, ["model=tiny_moe", *data_overrides(text_corpus), *TINY, *accum, f"trainer={trainer}",
+                     "model.moe.expert_parallel=2", f"hydra.run.dir={tmp_path / trainer}"])
+    single, mine = read_metrics(tmp_path / "single"), read_metrics(tmp_path / trainer)
+    for key in KEYS:
+        for step in (1, 2):
+            assert _close(by_step(mine, key)[step], by_step(single, key)[step]), (trainer, key, step)
+
+
+def test_bf16_mixed_precision_tracks_single_and_keeps_fp32_weights(tmp_path, text_corpus):
+    """trainer.precision=bf16 (what auto is on CUDA): bf16 compute from FSDP's gathered bf16 weights, fp32 gradient
+    reduction and fp32 sharded masters. Losses track trainer=single's bf16 autocast (bf16 round-off, not 1e-6), and
+    the checkpoint holds fp32 weights."""
+    bf16 = [*STEPS, "trainer.max_steps=2", "trainer.precision=bf16", "trainer.ckpt_interval=0"]
+    Trainer(make_run(tmp_path / "single", text_corpus, *bf16)).fit()
+    torchrun(2, tmp_path / "fsdp", text_corpus, *bf16, "model.moe.expert_parallel=2")
+    single, mine = read_metrics(tmp_path / "single"), read_metrics(tmp_path / "fsdp")
+    for step in (1, 2):
+        want, got = by_step(single, "train_loss")[step], by_step(mine, "train_loss")[step]
+        assert abs(got - want) <= 1e-2 * abs(want), (step, got, want)
+    weights, _ = read_full(tmp_path / "fsdp" / "checkpoints" / "step_2" / SHARDED_DIR)
+    assert {t.dtype for t in weights.values()} == {torch.float32}
 
 
 def test_single_process_activation_checkpointing_changes_nothing(tmp_path, text_corpus):
