@@ -104,6 +104,10 @@ def gguf_model_config(f: GGUFFile) -> tuple[ModelConfig, KeyMap, list[str]]:
         raise ValueError(f"{f.path.name}: general.architecture={arch!r} is not supported; supported: "
                          f"{sorted(ARCHITECTURES)}")
     a = arch
+    experts = f.field(f"{a}.expert_count", None)
+    if experts is not None and int(experts) > 1:  # Mixtral-style files keep arch "llama" and say it here
+        raise ValueError(f"{f.path.name}: {a}.expert_count={int(experts)}: a sparse Mixture-of-Experts model; only "
+                         f"dense {arch} files are read")
     notes: list[str] = []
     d = int(f.field(f"{a}.embedding_length"))
     heads = int(f.field(f"{a}.attention.head_count"))

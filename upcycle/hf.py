@@ -202,8 +202,27 @@ FAMILIES: dict[str, tuple[Any, KeyMap, tuple[str, ...]]] = {
 }
 
 
+# Fields by which a Hugging Face config says its FFNs are experts (Mixtral, Qwen2-MoE/OLMoE, DeepSeek, DBRX's
+# ffn_config holds its own): named in the error, so a sparse model is refused as sparse, not as an unknown type.
+MOE_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+
+
+def check_dense(c: dict, where: str) -> None:
+    """Refuses a Mixture-of-Experts config, naming the field that says so."""
+    kind = c.get("model_type")
+    for key in MOE_FIELDS:
+        n = c.get(key)
+        if isinstance(n, int) and n > 1:
+            raise ValueError(f"{where}: {key}={n} (model_type={kind!r}) is a sparse Mixture-of-Experts model; only "
+                             f"dense models are read (supported model_type: {list(SUPPORTED)})")
+    if isinstance(kind, str) and (kind.endswith("moe") or kind in ("mixtral", "dbrx", "deepseek_v2", "deepseek_v3")):
+        raise ValueError(f"{where}: model_type={kind!r} is a sparse Mixture-of-Experts model; only dense models "
+                         f"are read (supported model_type: {list(SUPPORTED)})")
+
+
 def hf_model_config(c: dict, where: str = "config.json") -> tuple[ModelConfig, KeyMap, tuple[str, ...], list[str]]:
     kind = c.get("model_type")
+    check_dense(c, where)
     if kind not in FAMILIES:
         raise ValueError(f"{where}: model_type={kind!r} is not supported; supported: {list(SUPPORTED)}")
     reader, keymap, prefixes = FAMILIES[kind]
