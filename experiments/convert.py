@@ -76,7 +76,7 @@ def load_source(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[T
     """(model in eval mode on the CPU, its tokenizer or None) from a Switchyard checkpoint directory (dense or
     sparse, full or sharded layout; tokenizer.json beside it), a dense Hugging Face model directory or a GGUF file.
 
-    dtype: the model's parameter dtype (weights are read in fp32 and cast once).
+    dtype: the parameters' dtype (weights are read in fp32 and cast once; buffers such as RoPE's stay fp32).
     """
     path = Path(path).expanduser()
     if is_switchyard_checkpoint(path):
@@ -90,7 +90,16 @@ def load_source(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[T
         src = read_dense(path)
         model = src.build_model()
         tok = source_tokenizer(src)
-    return model.to(dtype=dtype).eval(), tok
+    return cast_parameters(model, dtype).eval(), tok
+
+
+def cast_parameters(model: Transformer, dtype: torch.dtype) -> Transformer:
+    """The parameters in dtype; buffers stay as built (RoPE's inverse frequencies in fp32: the forward rotates in
+    fp32, and bf16 frequencies would shift every position's angle). Tied weights stay one tensor."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.data = p.data.to(dtype)
+    return model
 
 
 def run_convert(opts: dict[str, Any]) -> dict[str, Any]:

@@ -132,8 +132,11 @@ def test_load_source_reads_hf_gguf_and_checkpoints_alike(tmp_path, bpe, llama_co
             models[name] = model(ids).logits
     assert (models["hf"] - ref).abs().max() < TOL
     assert torch.equal(models["hf"], models["ckpt"])  # the checkpoint holds exactly what was read
+    # dtype casts the parameters only: RoPE's frequencies stay fp32, so bf16 logits stay near the fp32 ones.
     model, _ = load_source(ckpt, dtype=torch.bfloat16)
-    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16} and model.rotary.inv_freq.dtype == torch.float32
+    with torch.no_grad():
+        assert (model(ids).logits.float() - ref).abs().max() < 0.05
     # A GGUF file without a tokenizer: the model alone.
     write_gguf(tmp_path / "bare.gguf", hf, quantize=())
     model, tok = load_source(tmp_path / "bare.gguf")
