@@ -1,6 +1,7 @@
-"""trainer=ddp under torchrun equals trainer=single: 3 steps at ep=2 on 2 ranks give the single process's losses,
-gradient norms and validation loss; its checkpoint is full-size (equal to the single run's, loadable in one
-process), and a 4-rank ep=4 run resumes from it to give the single run's 4th step. Bad launches fail first."""
+"""trainer=ddp (torch DDP) under torchrun equals trainer=single: 3 steps at ep=2 on 2 ranks give the single process's
+losses, gradient norms and validation loss; its checkpoint is full-size (equal to the single run's, loadable in one
+process), and a 4-rank ep=4 run with activation checkpointing resumes from it to give the single run's 4th step.
+Bad launches fail first."""
 from __future__ import annotations
 
 import json
@@ -37,8 +38,10 @@ def runs(tmp_path_factory, text_corpus):
     ddp = root / "ddp"
     torchrun(2, ddp, text_corpus, "trainer.max_steps=3", "model.moe.expert_parallel=2")
     ep2_metrics = read_metrics(ddp)
-    # the same directory, 4 ranks, ep=4: resumes the ep=2 checkpoint of step 3 (weights and optimizer split)
-    torchrun(4, ddp, text_corpus, "trainer.max_steps=4", "model.moe.expert_parallel=4", "resume=auto")
+    # the same directory, 4 ranks, ep=4: resumes the ep=2 checkpoint of step 3 (weights and optimizer split), with
+    # every block's activations recomputed in the backward (which changes no number)
+    torchrun(4, ddp, text_corpus, "trainer.max_steps=4", "model.moe.expert_parallel=4", "resume=auto",
+             "trainer.activation_checkpointing=1")
     return {"single": single, "ddp": ddp, "ep2_metrics": ep2_metrics}
 
 
