@@ -107,7 +107,7 @@ def run_convert(opts: dict[str, Any]) -> dict[str, Any]:
     from moe.checkpoint import save_checkpoint
     from moe.flops import count_params
     from upcycle import read_dense
-    from experiments.upcycle import _tokenizer_writers
+    from experiments.upcycle import tokenizer_writers
 
     unknown = sorted(set(opts) - set(APP_KEYS))
     if unknown:
@@ -134,7 +134,7 @@ def run_convert(opts: dict[str, Any]) -> dict[str, Any]:
     source_tokenizer(src)  # refuses a tokenizer without an end-of-text token before anything is written
     t1 = time.perf_counter()
     meta = {"source": {"path": str(source), "origin": src.origin, "notes": src.notes}}
-    save_checkpoint(out, model, extra=_tokenizer_writers(src), metadata=meta)
+    save_checkpoint(out, model, extra=tokenizer_writers(src), metadata=meta)
     cfg, params = model.cfg, count_params(model.cfg)
     lines = [f"source: {src.origin} ({source}), read in {t1 - t0:.1f}s"]
     lines += [f"  note: {n}" for n in src.notes]

@@ -40,7 +40,7 @@ OPTION_KEYS = ("recipe", "num_experts", "layers", "router_init_std", "shards", "
 APP_KEYS = ("source", "out", "verify", "verify_text", "verify_tokens", "export_hf", "model")
 
 
-def _tokenizer_writers(src) -> dict:
+def tokenizer_writers(src) -> dict:
     """File name -> writer for the checkpoint's tokenizer files (what experiments.tokenizer.load_tokenizer reads)."""
     if src.tokenizer_file is not None:  # a Switchyard source: its files as they are
         files = [src.tokenizer_file, src.tokenizer_file.with_name("tokenizer_config.json")]
@@ -103,7 +103,7 @@ def run_upcycle(opts: dict[str, Any]) -> dict[str, Any]:
                    "dense_model": dense.cfg.to_dict()},
         "step0": report.to_dict() if report is not None else None,
     }
-    save_checkpoint(out, moe, extra=_tokenizer_writers(src), metadata=meta)
+    save_checkpoint(out, moe, extra=tokenizer_writers(src), metadata=meta)
     lines.append(f"wrote {out}" + ("" if (out / "tokenizer.json").is_file() else " (no tokenizer: the source has none)"))
     if opts.get("export_hf"):
         from upcycle.export import export_hf
