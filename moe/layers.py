@@ -48,8 +48,8 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)  # derived from config, not saved
 
     def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
-        """positions [S] -> cos, sin [S, head_dim] in fp32."""
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]
+        """positions [S] or [B, S] (per row, generation of left-padded rows) -> cos, sin [..., head_dim] in fp32."""
+        freqs = positions.float()[..., None] * self.inv_freq
         emb = torch.cat([freqs, freqs], dim=-1)
         return emb.cos(), emb.sin()
 

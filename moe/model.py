@@ -1,7 +1,11 @@
 """The decoder-only Transformer shared by dense models and their sparse twins.
 
 Block: x + Attention(norm(x)); x + FFN(norm(x)), where FFN is a DenseFFN or an MoELayer by config.
-Shape legend: B batch, S sequence, d model width, V vocabulary.
+Shape legend: B batch, S sequence (new tokens), P cached slots, d model width, V vocabulary.
+
+Generation (`Transformer.generate`, the loop in moe/generation.py) runs the same forward with a KVCache
+(moe/kv_cache.py): the new tokens' keys and values are appended per layer, their positions continue each row's
+prompt, and left-padded rows get an attention mask that hides their padding.
 
 Activation checkpointing (`Transformer.set_activation_checkpointing`) is a run-time choice, not a ModelConfig field:
 it trades compute for memory and leaves the weights, the outputs and the gradients as they are.
@@ -21,6 +25,8 @@ from moe.attention import Attention
 from moe.config import ModelConfig
 from moe.experts import Experts
 from moe.ffn import DenseFFN
+from moe.generation import generate
+from moe.kv_cache import KVCache, LayerKV, positions_and_mask
 from moe.layer import MoELayer
 from moe.layers import RMSNorm, RotaryEmbedding, make_norm
 from routing.recompute import checkpoint_contexts
@@ -52,7 +58,10 @@ class Block(nn.Module):
         # training and recompute its activations in the backward.
         self.checkpointed = False
 
-    def forward(self, x: Tensor, rope, token_ids: Optional[Tensor]):
+    def forward(self, x: Tensor, rope, token_ids: Optional[Tensor], kv: Optional[LayerKV] = None,
+                mask: Optional[Tensor] = None):
+        if kv is not None or mask is not None:  # generation (no autograd, eval): nothing to checkpoint
+            return self._forward(x, rope, token_ids, kv, mask)
         if self.checkpointed and self.training and torch.is_grad_enabled():
             # Inside forward, so that hooks on the Block itself (FSDP2's fully_shard per block) run once, outside the
             # replayed region, as with torchtitan's checkpoint_wrapper. Non-reentrant: the forward runs with autograd,
@@ -63,8 +72,9 @@ class Block(nn.Module):
                               context_fn=checkpoint_contexts)
         return self._forward(x, rope, token_ids)
 
-    def _forward(self, x: Tensor, rope, token_ids: Optional[Tensor]):
-        x = x + self.dropout(self.attn(self.attn_norm(x), rope))
+    def _forward(self, x: Tensor, rope, token_ids: Optional[Tensor], kv: Optional[LayerKV] = None,
+                 mask: Optional[Tensor] = None):
+        x = x + self.dropout(self.attn(self.attn_norm(x), rope, kv, mask))
         h = self.ffn_norm(x)
         if isinstance(self.ffn, MoELayer):
             y, plan = self.ffn(h, token_ids)
@@ -117,20 +127,38 @@ class Transformer(nn.Module):
             elif isinstance(module, (nn.LayerNorm, RMSNorm)):
                 module.reset_parameters()
 
-    def forward(self, idx: Tensor, targets: Optional[Tensor] = None) -> ModelOutput:
+    def forward(self, idx: Tensor, targets: Optional[Tensor] = None, *, cache: Optional[KVCache] = None,
+                pad: Optional[Tensor] = None) -> ModelOutput:
+        """idx [B, S] -> logits [B, S, V] (and the loss for targets [B, S]).
+
+        cache: idx are the next S tokens after the cache's filled slots; their keys and values are appended.
+        pad [B] long: row b is left-padded by pad[b] slots (positions start at its first real token, the padding
+        is masked); with a cache, the cache holds the padding instead (KVCache(pad=...)).
+        """
         B, S = idx.shape
-        if S > self.cfg.max_seq_len:
+        past = 0
+        if cache is not None:
+            if pad is not None:
+                raise ValueError("pass the left padding to the KVCache (KVCache(..., pad=pad)), not to forward")
+            cache.reserve(S)  # refuses, naming the cache's capacity, before a layer writes
+            past, pad = cache.length, cache.pad
+        elif S > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {S} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
-        positions = torch.arange(S, device=idx.device)
+        # positions [S] (or [B, S] for padded rows); mask None unless padding or a cache needs one
+        positions, mask = positions_and_mask(pad, past, S, idx.device)
         x = self.embed(idx)
         if self.pos_embed is not None:
             x = x + self.pos_embed(positions + self.cfg.position_offset)
-        rope = self.rotary(positions) if self.rotary is not None else None
+        rope = None
+        if self.rotary is not None:
+            cos, sin = self.rotary(positions)  # [S, hd] or [B, S, hd]
+            rope = (cos, sin) if positions.dim() == 1 else (cos[:, None], sin[:, None])  # [B, 1(H), S, hd]
         x = self.dropout(x)
         aux: dict[str, Tensor] = {}
         stats: dict[int, dict[str, Tensor]] = {}
         for i, block in enumerate(self.blocks):
-            x, plan = block(x, rope, idx)
+            kv = cache.layers[i] if cache is not None else None
+            x, plan = block(x, rope, idx, kv, mask)
             if plan is not None:
                 for name, value in plan.aux_losses.items():
                     aux[name] = aux[name] + value if name in aux else value
@@ -141,22 +169,11 @@ class Transformer(nn.Module):
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
         return ModelOutput(logits=logits, loss=loss, aux_losses=aux, stats=stats)
 
-    @torch.no_grad()
     def generate(self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,
-                 generator: Optional[torch.Generator] = None, eos_id: Optional[int] = None) -> Tensor:
-        """Samples continuations of idx [B, S]; temperature 0 is greedy. Re-runs the window each step (no KV cache)."""
-        for _ in range(max_new_tokens):
-            window = idx[:, -self.cfg.max_seq_len:]
-            logits = self(window).logits[:, -1, :].float()
-            if temperature <= 0:
-                nxt = logits.argmax(-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)
-            idx = torch.cat([idx, nxt], dim=1)
-            if eos_id is not None and bool((nxt == eos_id).all()):
-                break
-        return idx
+                 generator: Optional[torch.Generator] = None, eos_id: Optional[int] = None, *,
+                 attention_mask: Optional[Tensor] = None, use_cache: bool = True, on_token=None) -> Tensor:
+        """Continues idx [B, S] (left-padded when attention_mask [B, S] marks padding with 0) by max_new_tokens;
+        temperature 0 is greedy. With the KV cache by default; use_cache=False re-runs the window for every token.
+        See moe.generation.generate for the rules (routing, padding, max_seq_len, eos)."""
+        return generate(self, idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator,
+                        eos_id=eos_id, attention_mask=attention_mask, use_cache=use_cache, on_token=on_token)

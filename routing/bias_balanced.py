@@ -37,6 +37,7 @@ from torch import Tensor
 
 from routing.capacity import choice_plan, expert_capacity
 from routing.config import RouterConfig
+from routing.generation import routing_capacity_factor
 from routing.plan import RoutingPlan
 from routing.recompute import recomputing
 from routing.router import Router
@@ -71,9 +72,7 @@ class BiasBalancedRouter(Router):
         if self.training and torch.is_grad_enabled() and not recomputing():  # the replay saw these tokens already
             with torch.no_grad():
                 self.load += torch.bincount(expert_idx.reshape(-1), minlength=E).float()
-        cf = cfg.capacity_factor
-        if not self.training and cfg.eval_capacity_factor is not None:
-            cf = cfg.eval_capacity_factor
+        cf = routing_capacity_factor(cfg, self.training)  # 0 while generating: each new token routes dropless
         capacity = expert_capacity(T, E, cfg.top_k, cf, cfg.min_capacity)
         probs = scores / scores.sum(dim=-1, keepdim=True)  # a distribution over experts (softmax: unchanged)
         aux = standard_losses(cfg, logits, probs, expert_idx, group=self.batch_group)

@@ -35,6 +35,12 @@ weights (its scores), dropless. That keeps the compute per token and the weight 
 token's output independent of the rest of its batch. In training the expert-choice rule is always applied (it
 is what keeps the experts balanced); with groups that small every expert takes every token, so per_position
 training needs batches of at least E / (capacity_factor * k) sequences (a warning says so).
+
+Generation (routing.generation.generating(), set by moe.generation for every forward of `generate`) always takes
+that token-choice fallback, whatever the group size: a new token is routed on its own, so a prompt continues the
+same alone or in a batch, with or without the KV cache, and ec_mode=batch cannot see the future. This is the
+evaluation rule of batch-1 per_position (the old generate at batch 1 routed the same way); it is not the
+training-time competition, which a decoder cannot run causally token by token.
 """
 from __future__ import annotations
 
@@ -45,6 +51,7 @@ import torch
 from torch import Tensor
 
 from routing.capacity import choice_plan, expert_capacity
+from routing.generation import generating
 from routing.losses import router_z_loss
 from routing.plan import RoutingPlan
 from routing.recompute import recomputing
@@ -84,7 +91,9 @@ class ExpertChoiceRouter(Router):
         P, G = members.shape
         aux = {"router_z_loss": cfg.z_loss_coef * router_z_loss(logits)} if cfg.z_loss_coef > 0 else {}
         too_small = cf * G * cfg.top_k < E  # fewer tokens per group than one whole slot per expert
-        if too_small and not self.training:
+        # Generation (routing.generation) always takes the fallback: a new token must not compete with the other
+        # rows of its batch, nor, in ec_mode=batch, with tokens after it.
+        if generating() or (too_small and not self.training):
             return self._token_choice(scores, eval_top_k(cf, cfg.top_k, E), aux)
         if too_small and not recomputing():  # warned in the forward already, not again in a checkpoint's replay
             warnings.warn(

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from routing.capacity import choice_plan, expert_capacity
+from routing.generation import routing_capacity_factor
 from routing.plan import RoutingPlan
 from routing.router import Router
 from routing.topk import standard_losses
@@ -84,9 +85,7 @@ class SinkhornRouter(Router):
         else:
             expert_idx = act.detach().topk(cfg.top_k, dim=-1).indices
         weight = act.gather(1, expert_idx) * cfg.scale  # [T, k], the gate learns through these
-        cf = cfg.capacity_factor
-        if not self.training and cfg.eval_capacity_factor is not None:
-            cf = cfg.eval_capacity_factor
+        cf = routing_capacity_factor(cfg, self.training)  # 0 while generating: each new token routes dropless
         capacity = expert_capacity(T, E, cfg.top_k, cf, cfg.min_capacity)
         probs = torch.softmax(logits, dim=-1)  # a distribution over experts, for the balance loss and the statistics
         aux = standard_losses(cfg, logits, probs, expert_idx, group=self.batch_group)

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from routing.capacity import assign, expert_capacity
 from routing.config import RouterConfig
+from routing.generation import routing_capacity_factor
 from routing.losses import load_balancing_loss, router_z_loss
 from routing.plan import RoutingPlan
 from routing.router import Router
@@ -53,9 +54,7 @@ class TopKRouter(Router):
         probs, weight, expert_idx = (self.topk_impl or topk_gating)(logits, cfg.top_k, cfg.order, cfg.renormalize)
         keep_second = gshard_keep_second(weight) if cfg.random_second and self.training else None
         weight = weight * cfg.scale
-        cf = cfg.capacity_factor
-        if not self.training and cfg.eval_capacity_factor is not None:
-            cf = cfg.eval_capacity_factor
+        cf = routing_capacity_factor(cfg, self.training)  # 0 while generating: each new token routes dropless
         capacity = expert_capacity(T, E, cfg.top_k, cf, cfg.min_capacity)
         if keep_second is None and capacity is None and self.sort_impl is not None:
             # Dropless: an injected device sort gives assign's rows without its host synchronisation.
