@@ -14,7 +14,11 @@ FLOPs F* and training seconds T* set the budget the other runs are measured agai
   FLOP (time) multiplier     F* / F_run(L*): how many times fewer FLOPs (seconds) the run needed to reach L*
                              (Artetxe et al. 2022's speedup; the Switch Transformer's time to quality)
 Curves are known only at the evaluations; between the two evaluations that bracket a value they are
-interpolated linearly in log FLOPs (log seconds). Library-free of Hydra: plain argparse.
+interpolated linearly in log FLOPs (log seconds).
+
+eval.json files (experiments.evaluate) anywhere below SWEEP_DIR add each run's loss over a whole text, in nats per
+token and bits per byte: the record of the run's newest evaluated checkpoint on the text that most runs were
+evaluated on. Library-free of Hydra: plain argparse.
 """
 from __future__ import annotations
 
@@ -29,6 +33,8 @@ from typing import Any, Optional, Sequence
 
 METRICS_FILE = "metrics.jsonl"  # the names experiments.trainer and experiments.metrics write
 RUN_FILE = "run.json"
+EVAL_FILE = "eval.json"  # what experiments.evaluate writes (its EVAL_FILE; not imported: that pulls in torch)
+EVAL_FORMAT = 1  # the eval.json format this report understands (experiments.evaluate.EVAL_FORMAT)
 SKIP_DIRS = {"checkpoints", "wandb", ".hydra"}
 OUTPUTS = ("comparison.md", "comparison.csv", "loss_vs_flops.png", "loss_vs_time.png", "expert_load.png")
 
@@ -91,6 +97,8 @@ class Run:
     records: list[dict[str, Any]]  # metrics.jsonl
     problem: Optional[str] = None  # why the run is left out of the table (None: it is in)
     curve: list[dict[str, float]] = field(default_factory=list)  # the evaluations: step, tokens, flops, elapsed_s, val_loss
+    evaluations: list[dict[str, Any]] = field(default_factory=list)  # eval.json records of this run's checkpoints
+    evaluation: Optional[dict[str, Any]] = None  # the one in the table (see pick_evaluations)
 
     @property
     def status(self) -> str:
@@ -170,6 +178,55 @@ def find_runs(sweep_dir: str | Path) -> list[Run]:
     return runs
 
 
+def read_evaluations(root: Path, runs: list[Run]) -> list[str]:
+    """Attaches every eval.json record below root to the run whose checkpoint it evaluated (by the record's run_dir,
+    else by the checkpoint lying inside the run's directory). Returns a note for each file that cannot be read."""
+    notes = []
+    by_dir = {r.path.resolve(): r for r in runs}
+    for f in sorted(root.rglob(EVAL_FILE)):
+        if SKIP_DIRS & set(f.relative_to(root).parts[:-1]):
+            continue
+        try:
+            doc = json.loads(f.read_text(encoding="utf-8"))
+            if not isinstance(doc, dict) or doc.get("format") != EVAL_FORMAT or not isinstance(doc.get("evaluations"), list):
+                raise ValueError(f"not an {EVAL_FILE} of format {EVAL_FORMAT}")
+        except (OSError, ValueError) as e:
+            notes.append(f"{f}: not read ({e})")
+            continue
+        for rec in doc["evaluations"]:
+            if not isinstance(rec, dict) or "checkpoint" not in rec:
+                continue
+            run = by_dir.get(Path(rec["run_dir"]).resolve()) if rec.get("run_dir") else None
+            if run is None:
+                ckpt = Path(rec["checkpoint"]).resolve()
+                run = next((r for d, r in by_dir.items() if d in ckpt.parents), None)
+            if run is not None:
+                run.evaluations.append({**rec, "file": str(f)})
+    return notes
+
+
+def _text_of(rec: dict[str, Any]) -> Optional[str]:
+    return (rec.get("data") or {}).get("text_fingerprint")
+
+
+def pick_evaluations(runs: list[Run], base: Run) -> Optional[str]:
+    """Sets run.evaluation for each run: its newest checkpoint's record (highest step, then the latest written) on
+    the text that most runs were evaluated on (the baseline's on a tie), so every number in the column is over one
+    text. Returns that text's fingerprint, None when no run has an evaluation."""
+    texts: dict[str, int] = {}
+    for r in runs:
+        for t in {_text_of(e) for e in r.evaluations if _text_of(e)}:
+            texts[t] = texts.get(t, 0) + 1
+    if not texts:
+        return None
+    base_texts = {_text_of(e) for e in base.evaluations}
+    text = max(texts, key=lambda t: (texts[t], t in base_texts))
+    for r in runs:
+        mine = [e for e in r.evaluations if _text_of(e) == text]
+        r.evaluation = max(mine, key=lambda e: (e.get("step") or -1, str(e.get("evaluated_at", "")))) if mine else None
+    return text
+
+
 def check_comparable(runs: list[Run]) -> None:
     """Refuses finished runs trained on different data or vocabularies, naming them."""
     for key, what in (("data_fingerprint", "different data or tokenizers (data fingerprints)"),
@@ -212,6 +269,8 @@ class Report:
     target_loss: float  # L*: the baseline's final validation loss
     budget_flops: float  # F*: the baseline's training FLOPs at its final evaluation
     budget_s: float  # T*: the baseline's training seconds at its final evaluation
+    eval_text: Optional[dict[str, Any]] = None  # the text of the eval.json column (source, path, split); None: no column
+    notes: list[str] = field(default_factory=list)  # eval.json files that could not be read
 
 
 def row_for(run: Run, base: Run) -> dict[str, Any]:
@@ -240,6 +299,10 @@ def row_for(run: Run, base: Run) -> dict[str, Any]:
         row.update(flops_to_base_loss=x, flop_multiplier=m, flop_reach=how)
         x, m, how = multiplier(T, L, tx, fy)
         row.update(time_to_base_loss=x, time_multiplier=m, time_reach=how)
+    ev = run.evaluation or {}
+    row.update(eval_nats_per_token=ev.get("nats_per_token"), eval_bits_per_byte=ev.get("bits_per_byte"),
+               eval_tokens=ev.get("tokens"), eval_bytes=ev.get("bytes"), eval_step=ev.get("step"),
+               eval_checkpoint=ev.get("checkpoint"))
     row["run_dir"] = str(run.path)
     return row
 
@@ -258,7 +321,10 @@ def build_report(sweep_dir: str | Path, baseline: Optional[str] = None) -> Repor
         raise ValueError(f"no finished runs in {str(sweep_dir)!r} ({listing}); wait for the sweep to finish, "
                          f"or resume the unfinished runs with resume=auto")
     check_comparable(finished)
+    notes = read_evaluations(root, finished)
     base = pick_baseline(finished, baseline)
+    text = pick_evaluations(finished, base)
+    eval_text = next((r.evaluation["data"] for r in finished if r.evaluation and text), None)
     def order(r: Run) -> tuple:  # dense runs by size, then MoE runs by top-k and expert count
         router = (r.model.get("moe") or {}).get("router") or {}
         return (r.is_moe, router.get("top_k", 0) if r.is_moe else 0,
@@ -267,7 +333,7 @@ def build_report(sweep_dir: str | Path, baseline: Optional[str] = None) -> Repor
     ordered = [base] + sorted((r for r in finished if r is not base), key=order)
     rows = [row_for(r, base) for r in ordered]
     b = base.curve[-1]
-    return Report(root, base, ordered, left_out, rows, b["val_loss"], b["flops"], b["elapsed_s"])
+    return Report(root, base, ordered, left_out, rows, b["val_loss"], b["flops"], b["elapsed_s"], eval_text, notes)
 
 
 def _num(x: Optional[float], fmt: str, missing: str = "—") -> str:
@@ -297,8 +363,12 @@ COLUMNS = ["run", "experts", "top-k", "params (total)", "params (active)", "trai
            "FLOP multiplier ³", "seconds to base loss ³", "time multiplier ³"]
 
 
+EVAL_COLUMNS = ["eval nats/token ⁴", "eval bits/byte ⁴"]
+
+
 def markdown_table(report: Report) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join(["---"] + ["---:"] * (len(COLUMNS) - 1)) + "|"]
+    cols = COLUMNS + (EVAL_COLUMNS if report.eval_text else [])
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join(["---"] + ["---:"] * (len(cols) - 1)) + "|"]
     for row in report.rows:
         cells = [f"**{row['run']}**" if row["run"] == report.baseline.name else row["run"],
                  str(row["experts"] or "—"), str(row["top_k"] or "—"),
@@ -306,6 +376,8 @@ def markdown_table(report: Report) -> str:
                  _num(row["tokens_per_s"], ",.0f"), _num(row["final_val_loss"], ".4f"),
                  _num(row["loss_at_base_flops"], ".4f"), _num(row["loss_at_base_time"], ".4f"),
                  _reach(row, "flop", ".3g"), _mult(row, "flop"), _reach(row, "time", ".1f"), _mult(row, "time")]
+        if report.eval_text:
+            cells += [_num(row["eval_nats_per_token"], ".4f"), _num(row["eval_bits_per_byte"], ".4f")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -329,6 +401,14 @@ def markdown(report: Report, plots: Sequence[Path] = ()) -> str:
             "(seconds) the run needs to match the baseline's final loss (Artetxe et al. 2022; Fedus et al. 2021). "
             "≤/≥: already reached at the run's first evaluation, so the value is a bound. \"not reached\": the curve never "
             "gets to L*. The baseline is 1.00× by definition."]
+    if report.eval_text:
+        t = report.eval_text
+        where = " ".join(str(x) for x in (t.get("source"), t.get("path"), f"split={t.get('split')}") if x)
+        out += [f"⁴ From {EVAL_FILE} (experiments.evaluate): the loss over every token of {where}, at the run's "
+                f"newest evaluated checkpoint, in nats per token and bits per byte (bits per byte do not depend on the "
+                f"tokenizer); — when the run has no evaluation of that text."]
+    if report.notes:
+        out += ["", "Not read:", ""] + [f"- {n}" for n in report.notes]
     if report.left_out:
         out += ["", "Not in the table:", ""]
         out += [f"- {r.name} (`{r.path}`): {r.problem}" for r in report.left_out]
