@@ -8,10 +8,16 @@ tensor into ours, in order:
   unperm_q   undo llama.cpp's interleaving of Q rows (convert_hf_to_gguf permutes Q for its RoPE layout)
   unperm_k   the same for K, with the key/value head count
 
+`{e}` in a source name stands for the expert index: the rule reads one source tensor per expert (each through the
+ops) and stacks them into our [E, ...] expert bank (the MoE layouts of Mixtral and Qwen2-MoE).
+
 `apply_keymap` expands the rules over the layers, keeps only the rules whose target the model config has
 (biases, positions, an untied head), and then insists that every source tensor was used (or is on the
 family's ignore list), that every parameter was filled, and that every shape fits. Each failure names the
 tensor and says what was expected.
+
+`invert_keymap` runs the same rules backwards: it is what export writes (upcycle/export.py), so a family's names
+and layouts live here once, for reading and writing alike.
 """
 from __future__ import annotations
 
@@ -97,6 +103,36 @@ LLAMA = KeyMap(  # Llama, Mistral, Qwen2, SmolLM (the Hugging Face Llama layout)
     ignore=(r"layers\.\d+\.self_attn\.rotary_emb\.inv_freq",),  # a buffer some older checkpoints saved
 )
 
+# The Llama layout split into its FFN rules (a dense slot's MLP) and the rest (embedding, attention, norms, head).
+_LLAMA_MLP = tuple(r for r in LLAMA.rules if r.ours.startswith("blocks.{i}.ffn."))
+_LLAMA_BODY = tuple(r for r in LLAMA.rules if not r.ours.startswith("blocks.{i}.ffn."))
+
+
+def _expert_rules(theirs: str, names: tuple[tuple[str, str], ...]) -> list[Rule]:
+    """One rule per expert matrix: ours is the stacked bank [E, in, out], theirs one nn.Linear weight [out, in] per
+    expert ({e}), hence the transpose."""
+    return [_r(f"blocks.{{i}}.ffn.experts.w_{ours}", f"{theirs}.experts.{{e}}.{name}.weight", "t") for ours, name in names]
+
+
+MIXTRAL = KeyMap(  # every FFN slot sparse: w1 = gate_proj, w3 = up_proj, w2 = down_proj of each expert
+    "mixtral",
+    _LLAMA_BODY[:1]
+    + tuple([_r("blocks.{i}.ffn.router.gate.weight", "layers.{i}.block_sparse_moe.gate.weight")]
+            + _expert_rules("layers.{i}.block_sparse_moe", (("gate", "w1"), ("up", "w3"), ("down", "w2"))))
+    + _LLAMA_BODY[1:],
+)
+
+QWEN2_MOE = KeyMap(  # dense slots as Llama's mlp, sparse ones as router + experts + one shared expert with its gate
+    "qwen2_moe",
+    LLAMA.rules[:1]
+    + tuple([_r("blocks.{i}.ffn.router.gate.weight", "layers.{i}.mlp.gate.weight")]
+            + _expert_rules("layers.{i}.mlp", (("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_proj")))
+            + [_r(f"blocks.{{i}}.ffn.shared.{ours}.weight", f"layers.{{i}}.mlp.shared_expert.{theirs}.weight")
+               for ours, theirs in (("up", "up_proj"), ("gate", "gate_proj"), ("down", "down_proj"))]
+            + [_r("blocks.{i}.ffn.shared_gate.weight", "layers.{i}.mlp.shared_expert_gate.weight")])
+    + LLAMA.rules[1:],
+)
+
 GGUF_LLAMA = KeyMap(  # llama.cpp's names for the llama architecture (Q and K rows permuted by the converter)
     "gguf llama",
     tuple(
@@ -169,6 +205,21 @@ def apply_ops(t: Tensor, ops: Iterable[str], cfg: ModelConfig, name: str) -> Ten
     return t
 
 
+def undo_ops(t: Tensor, ops: Iterable[str], cfg: ModelConfig) -> Tensor:
+    """The inverse of apply_ops for the ops that act on one tensor (undone last to first); a `third` has no
+    one-tensor inverse (invert_keymap concatenates the three pieces), so it must not be among `ops`."""
+    for op in reversed(tuple(ops)):
+        if op == "t":
+            t = t.t()
+        elif op == "unperm_q":
+            t = llama_cpp_permute(t, cfg.n_head)
+        elif op == "unperm_k":
+            t = llama_cpp_permute(t, cfg.kv_heads)
+        else:  # "third:N" is handled by the caller; anything else is a typo in a key map
+            raise AssertionError(f"key-map op {op!r} has no one-tensor inverse")
+    return t
+
+
 # ----------------------------------------------------------------------------------------------- mapping
 
 
@@ -191,8 +242,8 @@ class DictSource:
         return self._t[name]
 
 
-def _source_name(rule: Rule, i: int | None, prefix: str) -> str:
-    name = rule.theirs.format(i=i) if i is not None else rule.theirs
+def _source_name(rule: Rule, i: int | None, prefix: str, e: int | None = None) -> str:
+    name = rule.theirs.format(i=i, e=e) if i is not None else rule.theirs
     # A Hugging Face head sits beside the body ("lm_head.weight"), not under its prefix ("model.").
     return name if name.startswith("lm_head.") else prefix + name
 
@@ -227,15 +278,24 @@ def apply_keymap(
         layers = range(cfg.n_layer) if "{i}" in rule.ours else (None,)
         for i in layers:
             ours = rule.ours.format(i=i) if i is not None else rule.ours
-            theirs = _source_name(rule, i, prefix)
+            theirs = _source_name(rule, i, prefix, 0)
             if ours not in want:
                 continue  # a tensor this config does not have (a bias, a tied head): if the source has it, it is unexpected
-            if theirs not in available:
+            if theirs not in available and "{e}" not in rule.theirs:
                 raise ValueError(
                     f"{where} has no tensor {theirs!r} (needed for {ours} of a {keymap.family} model with "
                     f"{cfg.n_layer} layers); the file is incomplete or its config does not match it"
                 )
-            t = apply_ops(source.get(theirs), rule.ops, cfg, theirs)
+            if "{e}" in rule.theirs:  # one source tensor per expert, stacked into our bank
+                names = [_source_name(rule, i, prefix, e) for e in range(cfg.moe.num_experts)]
+                absent = [n for n in names if n not in available]
+                if absent:
+                    raise ValueError(f"{where} has no tensor {absent[0]!r} (needed for {ours} of a {keymap.family} "
+                                     f"model with {cfg.moe.num_experts} experts); the config does not match the weights")
+                t = torch.stack([apply_ops(source.get(n), rule.ops, cfg, n) for n in names])
+                used.update(names[1:])
+            else:
+                t = apply_ops(source.get(theirs), rule.ops, cfg, theirs)
             if tuple(t.shape) != want[ours]:
                 raise ValueError(
                     f"{where}: tensor {theirs!r} has shape {tuple(t.shape)} after mapping, but {ours} needs "
@@ -265,3 +325,44 @@ def apply_keymap(
     missing = sorted(set(want) - set(state))
     assert not missing, f"key map {keymap.family} leaves {missing} unfilled"
     return state
+
+
+def invert_keymap(keymap: KeyMap, state: Mapping[str, Tensor], cfg: ModelConfig, prefix: str = "") -> dict[str, Tensor]:
+    """The source tensors that `apply_keymap(keymap, ., cfg, prefix)` reads back as `state` (our names -> theirs):
+    every rule run backwards, its ops undone last to first. A transpose is its own inverse, the llama.cpp
+    permutation is re-applied, the three `third:N` pieces of a fused tensor are concatenated in N order, and a
+    stacked expert bank ({e}) is split into one tensor per expert.
+
+    Rules whose target the state lacks are skipped (a bias this config does not have, a tied head, a dense slot's
+    MLP in a sparse layer), exactly as apply_keymap skips them. A tensor of `state` that no rule maps is a part the
+    family's layout has no place for: it is named in a ValueError rather than left out of the file."""
+    out: dict[str, Tensor] = {}
+    fused: dict[str, tuple[tuple[str, ...], dict[int, Tensor]]] = {}  # theirs -> (ops before the third, pieces)
+    used: set[str] = set()
+    for rule in keymap.rules:
+        for i in range(cfg.n_layer) if "{i}" in rule.ours else (None,):
+            ours = rule.ours.format(i=i) if i is not None else rule.ours
+            if ours not in state:
+                continue
+            used.add(ours)
+            t = state[ours]
+            if "{e}" in rule.theirs:  # ours [E, ...]: expert e's tensor is row e, through the inverse ops
+                for e in range(t.shape[0]):
+                    out[_source_name(rule, i, prefix, e)] = undo_ops(t[e], rule.ops, cfg)
+                continue
+            theirs = _source_name(rule, i, prefix)
+            thirds = [n for n, op in enumerate(rule.ops) if op.startswith("third:")]
+            if not thirds:
+                out[theirs] = undo_ops(t, rule.ops, cfg)
+                continue
+            at = thirds[0]  # forward: ops[:at], then take a third, then ops[at + 1:]
+            before, piece = rule.ops[:at], undo_ops(t, rule.ops[at + 1:], cfg)
+            fused.setdefault(theirs, (before, {}))[1][int(rule.ops[at].split(":")[1])] = piece
+    for theirs, (before, pieces) in fused.items():
+        assert sorted(pieces) == [0, 1, 2], f"key map {keymap.family}: {theirs} has pieces {sorted(pieces)} of 3"
+        out[theirs] = undo_ops(torch.cat([pieces[n] for n in range(3)], dim=0), before, cfg)
+    left = sorted(set(state) - used)
+    if left:
+        raise ValueError(f"the {keymap.family} layout has no place for {left[:8]}{' ...' if len(left) > 8 else ''}; "
+                         f"this model has parts the format cannot hold")
+    return out
