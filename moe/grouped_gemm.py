@@ -96,5 +96,7 @@ def grouped_matmul(x: Tensor, w: Tensor, counts: Tensor, impl: str = "auto") -> 
         raise ValueError(f"grouped matmul impl={impl!r} must be one of {IMPLS}")
     if impl != "loop" and _grouped_mm_ok(x, w):
         offs = torch.cumsum(counts, 0).to(torch.int32)
-        return _ContiguousGrad.apply(F.grouped_mm(x, w, offs=offs))
+        y = F.grouped_mm(x, w, offs=offs)
+        # The identity only serves the backward; without autograd (generation) it is a Python call for nothing.
+        return _ContiguousGrad.apply(y) if y.requires_grad else y
     return _SegmentMatmul.apply(x, w, counts.tolist())

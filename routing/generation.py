@@ -19,6 +19,10 @@ cache), routers route each token on its own:
   batch in per_position mode), and says so in its docstring;
 - hash, BASE (greedy top-1 at evaluation) and sinkhorn's evaluation top-k are per token already.
 
+Routers also return no balancing loss and no routing statistics while generating (routing.topk.standard_losses,
+routing.stats.routing_stats): nothing trains on or logs them, the loss's all-reduce over a data-parallel group
+would make a rank that generates alone wait for the others, and they were a third of a decode step's routing time.
+
 Thread-local like routing.recompute, with a depth counter so that nested contexts leave it set.
 """
 from __future__ import annotations

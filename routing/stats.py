@@ -9,6 +9,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from routing.generation import generating
+
 STAT_KEYS = ("tokens_per_expert", "max_load", "dropped_fraction", "router_entropy", "top1_prob", "dead_experts")
 
 
@@ -17,7 +19,11 @@ def routing_stats(probs: Tensor, counts: Tensor, kept: Tensor) -> dict[str, Tens
     """probs [T, E] router probabilities, counts [E] rows per expert after capacity, kept [T, k] bool.
 
     max_load is the busiest expert's share relative to a perfectly even split (1.0 = balanced, E = collapsed).
+    While generating (routing.generation) there are none: nothing logs them, and a decode step would spend a
+    third of its routing time on them.
     """
+    if generating():
+        return {}
     counts = counts.float()
     total = counts.sum().clamp(min=1.0)
     entropy = -(probs * torch.log(probs.clamp(min=1e-20))).sum(-1).mean()

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from routing.capacity import assign, expert_capacity
 from routing.config import RouterConfig
-from routing.generation import routing_capacity_factor
+from routing.generation import generating, routing_capacity_factor
 from routing.losses import load_balancing_loss, router_z_loss
 from routing.plan import RoutingPlan
 from routing.router import Router
@@ -92,7 +92,11 @@ class TopKRouter(Router):
 def standard_losses(cfg: RouterConfig, logits: Tensor, probs: Tensor, expert_idx: Tensor,
                     group=None) -> dict[str, Tensor]:
     """The Switch load-balancing loss and the ST-MoE z-loss, scaled; a zero coefficient leaves a loss out.
-    group: the data-parallel group of Router.batch_group (see load_balancing_loss)."""
+    group: the data-parallel group of Router.batch_group (see load_balancing_loss).
+    None while generating (routing.generation): nothing trains on them, and the balancing loss's all-reduce over
+    the data-parallel group would leave a rank that generates alone waiting for the others."""
+    if generating():
+        return {}
     aux = {}
     if cfg.aux_loss_coef > 0:
         aux["load_balancing_loss"] = cfg.aux_loss_coef * load_balancing_loss(probs, expert_idx, probs.shape[-1], group)

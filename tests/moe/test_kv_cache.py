@@ -207,6 +207,18 @@ def test_capacity_routers_drop_at_evaluation_but_not_while_generating(name):
     assert int(kept.counts[0]) == 12 and kept.token_index.numel() == 12 * CAPACITY_ROUTERS[name].top_k
 
 
+def test_no_aux_losses_or_statistics_while_generating():
+    model = _model(_cfg(layers="all"))
+    idx = _prompt(2, 6)
+    with torch.no_grad():
+        out = model(idx)
+        with generation():
+            gen = model(idx)
+    assert set(out.aux_losses) == {"load_balancing_loss", "router_z_loss"} and len(out.stats) == 3
+    assert gen.aux_losses == {} and all(s == {} for s in gen.stats.values())
+    assert torch.equal(out.logits, gen.logits)  # a dropless router: the same routing either way
+
+
 @pytest.mark.parametrize("name", list(CAPACITY_ROUTERS))
 def test_capacity_router_models_generate_rows_as_alone(name):
     model = _model(_cfg(router=CAPACITY_ROUTERS[name], layers="all"))
