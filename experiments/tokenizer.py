@@ -288,3 +288,66 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
             return PretrainedTokenizer.load(path)
         return BPETokenizer.load(path)
     raise ValueError(f"{path} is neither a byte tokenizer ({{\"kind\": \"byte\"}}) nor a tokenizers json file")
+
+
+# ----------------------------------------------------------------------------------------------- Hugging Face export
+
+HF_TOKENIZER_CLASS = "PreTrainedTokenizerFast"  # reads tokenizer.json as it is; AutoTokenizer picks it by this name
+
+
+def _byte_level_chars() -> list[str]:
+    """The character each byte becomes under the `tokenizers` ByteLevel pre-tokenizer (GPT-2's scheme), by byte.
+
+    Bytes that are printable Latin-1 characters stand for themselves; the other 68 (controls, space, the
+    non-breaking space, the soft hyphen) take the characters from U+0100 on, in byte order. Checked against the
+    library's own alphabet, so a change there fails here rather than shifting every id."""
+    from tokenizers import pre_tokenizers
+
+    alphabet = set(pre_tokenizers.ByteLevel.alphabet())
+    chars, spare = [], 256
+    for b in range(256):
+        if chr(b) in alphabet:  # the spare characters are all above U+00FF, so this is a byte standing for itself
+            chars.append(chr(b))
+        else:
+            chars.append(chr(spare))
+            spare += 1
+    assert set(chars) == alphabet, "the tokenizers ByteLevel alphabet is not GPT-2's byte-to-character map"
+    return chars
+
+
+def byte_tokenizer_as_hf() -> "tokenizers.Tokenizer":
+    """ByteTokenizer as a `tokenizers` tokenizer with the same ids: a BPE model with no merges over the 256 byte
+    characters (id = byte value) and `<|endoftext|>` as the special token 256, behind ByteLevel pre-tokenization and
+    decoding (no prefix space, no regex split: every byte is its own token). One difference: a text that spells out
+    `<|endoftext|>` encodes to the special id here (as every Hugging Face tokenizer does) and to its 13 bytes in
+    ByteTokenizer."""
+    from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+
+    vocab = {c: b for b, c in enumerate(_byte_level_chars())}
+    tok = HFTokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(EOS_TOKEN, special=True)])
+    assert tok.token_to_id(EOS_TOKEN) == ByteTokenizer.eos_id
+    return tok
+
+
+def hf_tokenizer_files(tok: Tokenizer, model_max_length: int | None = None,
+                       chat_template: str | None = None) -> tuple["tokenizers.Tokenizer", dict]:
+    """(tokenizer.json's tokenizer, tokenizer_config.json) for a Hugging Face directory, so that AutoTokenizer
+    encodes as `tok` does: any kind (byte, bpe, a released model's), its end-of-text token as eos_token, the chat
+    template it carries (a pretrained tokenizer's tokenizer_config.json) or `chat_template` in its place."""
+    if isinstance(tok, ByteTokenizer):
+        inner, config = byte_tokenizer_as_hf(), {"eos_token": EOS_TOKEN}
+    elif isinstance(tok, PretrainedTokenizer):
+        inner, config = tok._tok, dict(tok.config)
+    elif isinstance(tok, BPETokenizer):
+        inner, config = tok._tok, {"eos_token": tok._eos_token}
+    else:
+        raise ValueError(f"cannot export a {type(tok).__name__} as a Hugging Face tokenizer")
+    config["tokenizer_class"] = HF_TOKENIZER_CLASS  # tokenizer.json is the whole tokenizer (a slow class is not)
+    if model_max_length is not None:
+        config["model_max_length"] = model_max_length
+    if chat_template is not None:
+        config["chat_template"] = chat_template
+    return inner, config
