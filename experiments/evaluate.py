@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from experiments.data import DataConfig, Document, corpus_hash, load_documents, prepare, split_documents
-from experiments.tokenizer import Tokenizer, load_tokenizer, tokenizer_fingerprint
+from experiments.tokenizer import Tokenizer, tokenizer_fingerprint
 from moe.checkpoint import CONFIG_FILE, read_metadata
 from moe.flops import count_params
 from moe.model import Transformer

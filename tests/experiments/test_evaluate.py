@@ -3,9 +3,10 @@ token of a split is counted, routing statistics add up, several checkpoints make
 experiments.compare picks eval.json up. Checkpoints come from short Trainer runs (tests/experiments/test_train.py)."""
 from __future__ import annotations
 
-import json
+import dataclasses
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,12 +20,12 @@ from omegaconf import OmegaConf
 from experiments.compare import build_report, write_report
 from experiments.config import run_config_from_dict
 from experiments.data import DataConfig
-from experiments.evaluate import (EVAL_FILE, EvalConfig, RoutingTotals, eval_config_from_dict, evaluate,
+from experiments.evaluate import (EVAL_FILE, EvalConfig, RoutingTotals, default_out, eval_config_from_dict, evaluate,
                                   read_eval_file, windows, write_eval_file)
 from experiments.hydra_conf import CONFIG_MODULE, register_configs
 from experiments.tokenizer import load_tokenizer
 from experiments.trainer import Trainer
-from moe.checkpoint import load_model
+from moe.checkpoint import load_model, save_checkpoint
 from tests.experiments.test_train import TINY
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -222,15 +223,11 @@ def test_cli_several_checkpoints_one_table(sweep, small_text, tmp_path):
 
 def test_compare_reads_eval_json(sweep, tmp_path):
     """evaluate writes RUN_DIR/eval.json for a run's checkpoint; compare's table and CSV carry its numbers."""
-    import shutil
-
     root = tmp_path / "sweep"
     shutil.copytree(sweep["root"], root)
     recs = {}
     for name in ("dense", "moe"):
         records = run_eval(root / name)  # the run directory: its newest checkpoint, its validation split
-        from experiments.evaluate import default_out
-
         assert default_out(records) == root / name / EVAL_FILE
         write_eval_file(default_out(records), records)
         recs[name] = records[0]
@@ -271,11 +268,21 @@ def test_config_errors_name_the_field(tmp_path):
         run_eval(tmp_path / "empty")
 
 
+def test_conf_keys_are_the_config_fields():
+    """Every key of conf/evaluate.yaml is an EvalConfig field (checkpoint -> checkpoints) with the same default, and
+    data=text composes the data group (conf/data/text.yaml) into a DataConfig."""
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+        plain = OmegaConf.to_container(compose("evaluate", overrides=["checkpoint=x"]), resolve=True)
+        text = OmegaConf.to_container(compose("evaluate", overrides=["checkpoint=[x,y]", "data=text", "data.path=f.txt"]),
+                                      resolve=True)
+    fields = {f.name for f in dataclasses.fields(EvalConfig)}
+    assert set(plain) | {"checkpoints", "data"} == fields | {"checkpoint"} and "data" not in plain
+    assert eval_config_from_dict(plain) == EvalConfig(["x"])
+    cfg = eval_config_from_dict(text)
+    assert cfg.checkpoints == ["x", "y"] and cfg.data == DataConfig(source="text", path="f.txt", vocab_size=4096)
+
+
 def test_checkpoint_without_recorded_data_needs_data(sweep, tmp_path):
-    import shutil
-
-    from moe.checkpoint import save_checkpoint
-
     path = save_checkpoint(tmp_path / "bare", load_model(ckpt(sweep["moe"])))  # no run settings, no tokenizer
     with pytest.raises(ValueError, match="pass the text with data=shakespeare"):
         run_eval(path)
