@@ -5,9 +5,10 @@ per-layer routing statistics of the MoE layers on that text. One table for all t
 
 What is read. `checkpoint` is a Switchyard checkpoint directory (full or sharded layout), a training run directory
 (its newest complete checkpoint), a dense Hugging Face model directory or a .gguf file (all read by
-experiments.convert.load_source); a list `checkpoint=[A,B]` evaluates each on the same text. The text is `data` (the groups of conf/data: shakespeare, text with data.path a file, a
-directory or a glob, tokens with data.path a token file) or, without `data`, the corpus the checkpoint was trained on
-(its config.json records the run's data settings). `split` picks the training or the validation part, cut as
+experiments.convert.load_source); a list `checkpoint=[A,B]` evaluates each on the same text. The text is `data`
+(the groups of conf/data: shakespeare, text with data.path a file, a directory or a glob, tokens with data.path a
+token file) or, without `data`, the corpus the checkpoint was trained on (its config.json records the run's data
+settings). `split` picks the training or the validation part, cut as
 training cuts it (experiments.data), or `all` of it; by default the validation split of a corpus a run trained on or
 of data=shakespeare, and all of a text or token file named with data=text / data=tokens.
 
@@ -17,7 +18,8 @@ predicted from the same context as every later document's first token (a token f
 the end-of-text in front when the tokenizer is known). The stream is cut into non-overlapping windows of L = seq_len
 predicted tokens (the model's max_seq_len unless set): window i reads tokens [iL, iL+L) and predicts [iL+1, iL+L+1),
 the last window being shorter. So every token after the leading end-of-text is predicted exactly once, with the
-tokens before it in its window as context (none is carried over from the previous window), and
+tokens before it in its window as context (none is carried over from the previous window; lm-eval's rolling
+perplexity windows, experiments/lm_eval_model.py, are the same but fill the last one up with earlier context), and
 
   nats_per_token = sum over predicted tokens of -ln p(token | context) / tokens
   bits_per_byte  = that sum / (bytes * ln 2) = nats_per_token * tokens / (bytes * ln 2)
@@ -28,8 +30,9 @@ token compare only between models with one tokenizer. A token file's bytes are t
 
 Batching. Windows of equal length go through the model batch_size at a time. Token-choice routing without a capacity
 (capacity_factor 0, the default) routes every token on its own, so the numbers do not depend on batch_size; with a
-capacity at evaluation (model.moe.router.eval_capacity_factor, else capacity_factor), or expert-choice, BASE or
-Sinkhorn routing, the tokens of a batch compete for expert slots, as in training, and the loss depends on batch_size.
+capacity at evaluation (model.moe.router.eval_capacity_factor, else capacity_factor), or with expert choice, the
+tokens of a batch compete for expert slots, as in training, and the loss depends on batch_size (hash, and BASE and
+Sinkhorn at evaluation, route per token).
 
 Routing statistics per sparse layer, over every token of the text: tokens per expert (assignments after capacity),
 each expert's share of them (`load`), max_load (the busiest expert's share over an even split's), the dead experts
@@ -68,8 +71,9 @@ EVAL_FILE = "eval.json"
 EVAL_FORMAT = 1  # bump when a record's meaning changes, so readers can refuse what they do not understand
 SPLITS = ("train", "val", "all")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# Routers whose choices for one token depend on the other tokens of the batch whatever the capacity factor.
-BATCH_COUPLED_ROUTERS = ("expert_choice", "base", "sinkhorn")
+# Routers whose choices for one token depend on the other tokens of the batch at evaluation, whatever the capacity
+# factor (BASE and Sinkhorn route each token by itself at evaluation: routing.generation's docstring).
+BATCH_COUPLED_ROUTERS = ("expert_choice",)
 
 
 @dataclass
