@@ -335,3 +335,19 @@ def test_on_token_streams_each_step():
     seen = []
     out = model.generate(_prompt(2, 3), 5, temperature=0, on_token=lambda t: seen.append(t.clone()))
     assert len(seen) == 5 and torch.equal(torch.cat(seen, dim=1), out[:, 3:])
+
+
+def test_the_cache_takes_the_dtype_the_layers_compute_in():
+    model = _model(_cfg()).to(torch.bfloat16)
+    cache = KVCache(model.cfg, 8)
+    with torch.no_grad(), generation():
+        model(_prompt(2, 5), cache=cache)
+    assert cache.layers[0].keys.dtype == torch.bfloat16 and cache.layers[0].keys.shape == (2, 2, 8, 8)
+    fp32 = _model(_cfg())
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # fp32 weights, bf16 activations: a bf16 cache
+        cache = KVCache(fp32.cfg, 8)
+        with torch.no_grad(), generation():
+            fp32(_prompt(2, 5), cache=cache)
+        assert cache.layers[0].keys.dtype == torch.bfloat16
+        out = fp32.generate(_prompt(2, 5), 6, temperature=0)
+        assert torch.equal(out, fp32.generate(_prompt(2, 5), 6, temperature=0, use_cache=False))
