@@ -151,8 +151,10 @@ def load_run(path: Path, sweep_dir: Path) -> Run:
         problem = f"unfinished: status {run.status!r} in {RUN_FILE}, {what} at step {last} of {run.max_steps}"
     elif problem is None and bad:
         problem = bad
+    # the curves are read on log axes (interpolation and plots): the step-0 point of an untrained model is left out
     run.curve = [{k: float(r[k]) for k in ("step", "tokens", "flops", "elapsed_s", "val_loss")}
-                 for r in records if r.get("val_loss") is not None and all(k in r for k in ("flops", "elapsed_s"))]
+                 for r in records if r.get("val_loss") is not None and all(k in r for k in ("flops", "elapsed_s"))
+                 and r["step"] > 0]
     if problem is None and not run.curve:
         problem = f"no validation loss in {METRICS_FILE}"
     run.problem = problem
@@ -500,9 +502,10 @@ def plot_expert_load(report: Report, out_dir: Path) -> Optional[Path]:
         ax_l.set_ylabel("max_load")
         ax_l.legend(fontsize=7, ncol=2)
         ax_l.grid(True, alpha=0.3)
-        rows, labels, steps = [], [], [rec["step"] for rec in r.records]
-        for layer in _layers(r.records, "tokens_per_expert"):
-            counts = np.array([rec.get(f"moe/layer{layer}/tokens_per_expert") or [] for rec in r.records], dtype=object)
+        routed = [rec for rec in r.records if rec["step"] > 0]  # the step-0 evaluation routed no training batch
+        rows, labels, steps = [], [], [rec["step"] for rec in routed]
+        for layer in _layers(routed, "tokens_per_expert"):
+            counts = np.array([rec.get(f"moe/layer{layer}/tokens_per_expert") or [] for rec in routed], dtype=object)
             mat = np.array([np.asarray(c, dtype=float) / max(float(np.sum(c)), 1.0) for c in counts])
             if mat.ndim != 2:
                 continue

@@ -61,6 +61,7 @@ class TrainerConfig:
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
     eval_interval: int = 100  # optimizer steps between validation passes (and always at the end); 0: only at the end
     eval_batches: int = 8  # validation batches per pass (a fixed set: curves are comparable across runs)
+    eval_at_start: bool = True  # a fresh run also evaluates before its first step: curves start at step 0
     log_interval: int = 10  # optimizer steps between metrics records
     ckpt_interval: int = 0  # optimizer steps between checkpoints; 0: only the final one
     keep_checkpoints: int = 2  # most recent checkpoints kept on disk

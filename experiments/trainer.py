@@ -207,6 +207,8 @@ class Trainer:
         val_loss: Optional[float] = None
         last_stats: dict[int, dict[str, torch.Tensor]] = {}
         bar = _progress(tc.progress and self.ranks.is_main, tc.max_steps, st.step)
+        if st.step == 0 and tc.eval_at_start:  # the curve's first point: the initial model (not on a resume)
+            self.logger.log({"step": 0, "tokens": 0, "flops": 0.0, "elapsed_s": 0.0, "val_loss": self.evaluate()})
         self.model.train()
         try:
             with self.preemption:

@@ -270,8 +270,9 @@ def test_sweep_wandb_runs_have_axes_histograms_and_group(sweep):
         if r.WhichOneof("record_type") == "history":
             rows.append({it.key or "/".join(it.nested_key): json.loads(it.value_json) for it in r.history.item})
     jsonl = [json.loads(line) for line in (sweep_dir / "moe_e4_k1" / "metrics.jsonl").read_text().splitlines()]
-    assert [row["step"] for row in rows] == [r["step"] for r in jsonl] == [1, 2, 3, 4]
-    for row, rec in zip(rows, jsonl):
+    assert [row["step"] for row in rows] == [r["step"] for r in jsonl] == [0, 1, 2, 3, 4]  # 0: the initial model
+    assert rows[0]["val_loss"] == jsonl[0]["val_loss"] and rows[0]["flops"] == 0
+    for row, rec in zip(rows[1:], jsonl[1:]):
         assert row["tokens"] == rec["tokens"] and row["flops"] == rec["flops"] and row["train_loss"] == rec["train_loss"]
         for layer in (0, 1):
             key = f"moe/layer{layer}/tokens_per_expert"

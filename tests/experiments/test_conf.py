@@ -261,7 +261,7 @@ def test_forced_unknown_field_is_refused(tmp_path):
         ("model.moe.layers=7", r"model.moe.layers lists \[7\]"),
         ("optim.schedule=step", r"optim.schedule='step'"),
         ("optim.min_lr=1.0", r"optim.min_lr=1.0"),
-        ("trainer.kind=mpi", r"trainer.kind='mpi' must be single, ddp or deepspeed"),
+        ("trainer.kind=mpi", r"trainer.kind='mpi' must be single, ddp, fsdp or deepspeed"),
         ("trainer.kind=deepspeed", r"trainer.kind='deepspeed' needs the deepspeed settings"),
         ("deepspeed=zero1", r"deepspeed settings were given but trainer.kind='single'"),
         ("model.moe.expert_parallel=2", r"model.moe.expert_parallel=2 needs one process per rank"),

@@ -42,7 +42,7 @@ TINY = [
     "model.n_layer=2", "model.d_model=32", "model.n_head=2", "model.d_ff=64", "model.max_seq_len=32",
     "model.moe.expert_hidden=32",
     f"trainer.batch_size={B}", f"trainer.seq_len={S}", "trainer.eval_batches=2", "trainer.progress=false",
-    "trainer.device=cpu", "trainer.log_interval=1", "trainer.eval_interval=0",
+    "trainer.device=cpu", "trainer.log_interval=1", "trainer.eval_interval=0", "trainer.eval_at_start=false",
 ]
 # Randomness inside the step (dropout, router jitter), so exact resumption needs the RNG state restored.
 NOISY = ["model.dropout=0.1", "model.moe.router.jitter=0.1", "optim.warmup_steps=2"]
@@ -94,6 +94,22 @@ def run_json(run_dir: Path) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ one step
+
+
+def test_fresh_run_records_the_initial_model_at_step_0(tmp_path, text_corpus):
+    """trainer.eval_at_start (the default): the first record is the untrained model's validation loss, equal to
+    evaluating it before any step; a resumed run does not add a second one."""
+    t = Trainer(make_run(tmp_path, text_corpus, "trainer.max_steps=2", "trainer.eval_at_start=true",
+                         "trainer.ckpt_interval=1", model="tiny_moe"))
+    initial = t.evaluate()
+    t.fit()
+    records = read_metrics(tmp_path)
+    assert [r["step"] for r in records] == [0, 1, 2]
+    assert records[0] == {"step": 0, "tokens": 0, "flops": 0.0, "elapsed_s": 0.0, "val_loss": initial}
+    assert abs(initial - math.log(257)) < 0.5  # about uniform over the byte vocabulary at init
+    Trainer(make_run(tmp_path, text_corpus, "trainer.max_steps=3", "trainer.eval_at_start=true", "resume=auto",
+                     model="tiny_moe")).fit()
+    assert [r["step"] for r in read_metrics(tmp_path)] == [0, 1, 2, 3]
 
 
 @pytest.mark.parametrize("model", ["tiny_dense", "tiny_moe"])
