@@ -21,6 +21,7 @@ import datetime
 import os
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -190,7 +191,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     table = to_markdown(cases)
     print(table)
     if a.append:
-        argv_text = " ".join(argv) if argv is not None else " ".join(os.sys.argv[1:])
+        argv_text = " ".join(argv) if argv is not None else " ".join(sys.argv[1:])
         block = [f"\n### {a.preset}, prompt {a.prompt}, {a.new} new tokens, {a.reps} repetitions "
                  f"({started:%Y-%m-%d %H:%M} UTC)\n", "```", f"python -m experiments.bench_generate {argv_text}".rstrip(),
                  "```", "", *(f"{h}  " for h in header), "", table]
