@@ -240,7 +240,8 @@ def _token_text(tok: Any) -> Optional[str]:
 
 
 def hf_tokenizer(path: Path, c: dict) -> tuple[Any, dict[str, Optional[str]], Optional[str]]:
-    """(tokenizers.Tokenizer or None, special tokens, chat template) from tokenizer.json & tokenizer_config.json."""
+    """(tokenizers.Tokenizer or None, special tokens, chat template) from tokenizer.json, tokenizer_config.json and
+    chat_template.jinja."""
     tok = None
     if (path / "tokenizer.json").is_file():
         import tokenizers
@@ -256,7 +257,10 @@ def hf_tokenizer(path: Path, c: dict) -> tuple[Any, dict[str, Optional[str]], Op
             eos_id = eos_id[0] if eos_id else None
         if eos_id is not None:
             special["eos_token"] = tok.id_to_token(int(eos_id))
-    return tok, {k: v for k, v in special.items() if v is not None}, tc.get("chat_template")
+    # transformers 5 writes the template to chat_template.jinja rather than into tokenizer_config.json
+    jinja = path / "chat_template.jinja"
+    template = jinja.read_text(encoding="utf-8") if jinja.is_file() else tc.get("chat_template")
+    return tok, {k: v for k, v in special.items() if v is not None}, template
 
 
 # ---------------------------------------------------------------------------------------------- reader

@@ -89,3 +89,16 @@ def test_train_continues_from_upcycled_checkpoint(tmp_path, hf_with_tokenizer, t
     assert summary["final_val_loss"] < before
     # The run's checkpoint keeps the tokenizer (and its end-of-text token) for generation and later runs.
     assert load_tokenizer(summary["checkpoint"]).eos_id == load_tokenizer(out).eos_id
+
+
+def test_chat_template_jinja_file_wins(tmp_path, hf_with_tokenizer):
+    """transformers 5 writes the template to chat_template.jinja: it is read, before tokenizer_config.json's."""
+    import shutil
+
+    from upcycle.hf import read_hf
+
+    src = tmp_path / "hf"
+    shutil.copytree(hf_with_tokenizer, src)
+    assert read_hf(src).chat_template == "{{ x }}"
+    (src / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content }}{% endfor %}", encoding="utf-8")
+    assert read_hf(src).chat_template == "{% for m in messages %}{{ m.content }}{% endfor %}"
