@@ -100,7 +100,8 @@ def _gated_mlp(cfg: ModelConfig, name: str, bias_ok: bool) -> list[str]:
     return out
 
 
-def _router(cfg: ModelConfig, name: str, renormalizes_always: bool) -> list[str]:
+def _sparse_slots(cfg: ModelConfig, name: str, renormalizes_always: bool) -> list[str]:
+    """The sparse slots as the format's router (softmax, top-k, maybe renormalised; dropless) and gated experts."""
     r = cfg.moe.router
     out = []
     if r.name != "topk":
@@ -188,7 +189,7 @@ def mixtral_problems(cfg: ModelConfig) -> list[str]:
     if cfg.moe.num_shared_experts:
         out.append(f"model.moe.num_shared_experts={cfg.moe.num_shared_experts} (Mixtral has no shared experts; "
                    f"qwen2_moe has one)")
-    return out + _router(cfg, "Mixtral", renormalizes_always=True)
+    return out + _sparse_slots(cfg, "Mixtral", renormalizes_always=True)
 
 
 def qwen2_moe_problems(cfg: ModelConfig) -> list[str]:
@@ -197,7 +198,7 @@ def qwen2_moe_problems(cfg: ModelConfig) -> list[str]:
     out = _llama_backbone(cfg, "Qwen2-MoE") + _gated_mlp(cfg, "Qwen2-MoE", bias_ok=False)
     if cfg.attn_bias == "all":
         out.append("model.attn_bias='all' (Qwen2-MoE's o_proj has no bias)")
-    return out + _router(cfg, "Qwen2-MoE", renormalizes_always=False)
+    return out + _sparse_slots(cfg, "Qwen2-MoE", renormalizes_always=False)
 
 
 # ----------------------------------------------------------------------------------------------- config.json

@@ -103,8 +103,7 @@ LLAMA = KeyMap(  # Llama, Mistral, Qwen2, SmolLM (the Hugging Face Llama layout)
     ignore=(r"layers\.\d+\.self_attn\.rotary_emb\.inv_freq",),  # a buffer some older checkpoints saved
 )
 
-# The Llama layout split into its FFN rules (a dense slot's MLP) and the rest (embedding, attention, norms, head).
-_LLAMA_MLP = tuple(r for r in LLAMA.rules if r.ours.startswith("blocks.{i}.ffn."))
+# The Llama layout without its dense MLP rules: embedding, attention, norms, head (Mixtral has no dense slot).
 _LLAMA_BODY = tuple(r for r in LLAMA.rules if not r.ours.startswith("blocks.{i}.ffn."))
 
 

@@ -19,7 +19,7 @@ from routing.topk import topk_gating
 from tests.upcycle.conftest import TINY, ids_for, make_hf, perturb
 from upcycle import UpcycleConfig, read_dense, upcycle
 from upcycle.export import choose_format, export_hf
-from upcycle.keymaps import GPT2, LLAMA, MIXTRAL, OPT, QWEN2_MOE, DictSource, apply_keymap, invert_keymap
+from upcycle.keymaps import GGUF_LLAMA, GPT2, LLAMA, MIXTRAL, OPT, QWEN2_MOE, DictSource, apply_keymap, invert_keymap
 
 transformers = pytest.importorskip("transformers")
 TOL = 1e-4  # max |Δ logit| in fp32 (the must-show bound)
@@ -225,6 +225,7 @@ def test_unknown_format_is_named():
     (GPT2, "transformer.", get_preset("gpt3_125m").replace(vocab_size=V, n_layer=2, d_model=32, n_head=4, head_dim=None,
                                                            d_ff=48, max_seq_len=32)),
     (OPT, "model.", get_preset("opt_125m").replace(vocab_size=V, n_layer=2, d_model=32, n_head=4, d_ff=48, max_seq_len=32)),
+    (GGUF_LLAMA, "", BASE),  # llama.cpp's Q/K row permutation, re-applied
     (MIXTRAL, "model.", moe_cfg("all")),
     (QWEN2_MOE, "model.", moe_cfg("every:2", num_shared_experts=1, shared_gate=True)),
 ])
