@@ -32,6 +32,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from experiments.app_options import check_options
 from experiments.tokenizer import BPETokenizer, EOS_TOKEN, PretrainedTokenizer, Tokenizer, load_tokenizer
 from moe.model import Transformer
 
@@ -109,12 +110,7 @@ def run_convert(opts: dict[str, Any]) -> dict[str, Any]:
     from upcycle import read_dense
     from experiments.upcycle import tokenizer_writers
 
-    unknown = sorted(set(opts) - set(APP_KEYS))
-    if unknown:
-        raise ValueError(f"unknown convert option(s) {unknown}; known: {sorted(APP_KEYS)}")
-    for key in ("source", "out"):
-        if not opts.get(key):
-            raise ValueError(f"{key}=... is required: python -m experiments.convert source=PATH out=DIR")
+    check_options("convert", opts, APP_KEYS, ("source", "out"), "python -m experiments.convert source=PATH out=DIR")
     source = Path(opts["source"]).expanduser()
     out = Path(opts["out"]).expanduser()
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "model.safetensors").is_file())):

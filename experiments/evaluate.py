@@ -61,6 +61,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
+from experiments.engines import ranks
 from experiments.data import DataConfig, Document, corpus_hash, load_documents, prepare, split_documents
 from experiments.tokenizer import Tokenizer, tokenizer_fingerprint
 from moe.checkpoint import CONFIG_FILE, read_metadata
@@ -418,12 +419,8 @@ def _same_corpus(a: DataConfig, b: DataConfig) -> bool:
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={name!r} but CUDA is not available; use device=cpu (or auto)")
-    return device
+    """The `device` setting (auto: cuda when available)."""
+    return ranks.resolve_device(name, "device")
 
 
 def evaluate(cfg: EvalConfig, log=print) -> list[dict[str, Any]]:

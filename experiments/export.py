@@ -32,6 +32,8 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from experiments.app_options import check_options
+
 KEYS = ("checkpoint", "out", "format", "bf16", "tokenizer", "chat_template", "verify", "verify_text", "verify_tokens",
         "verify_tol")
 SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
@@ -133,7 +135,7 @@ def verify_export(model, path: Path, dtype: torch.dtype, tok, text: str, n_token
     lines = [f"verify: {type(hf).__name__} loads it; max |Δ logit| {diff:.2e} over {len(ids)} tokens "
              f"(tolerance {tol:g}{'' if dtype == torch.float32 else ', against our weights rounded to ' + str(dtype)})"]
     if not diff <= tol:
-        raise ValueError(lines[0] + f": the export does not reproduce the model; nothing was written")
+        raise ValueError(lines[0] + ": the export does not reproduce the model; nothing was written")
     if tok is not None:
         hf_tok = transformers.AutoTokenizer.from_pretrained(str(path))
         theirs = hf_tok(text, verbose=False)["input_ids"]
@@ -151,12 +153,7 @@ def run_export(opts: dict[str, Any]) -> dict[str, Any]:
     from upcycle.export import DTYPE_NAMES, choose_format, export_hf
     from upcycle.verify import SAMPLE_TEXT
 
-    unknown = sorted(set(opts) - set(KEYS))
-    if unknown:
-        raise ValueError(f"unknown export option(s) {unknown}; known: {list(KEYS)}")
-    for key in ("checkpoint", "out"):
-        if not opts.get(key):
-            raise ValueError(f"{key}=... is required: python -m experiments.export checkpoint=DIR out=HF_DIR")
+    check_options("export", opts, KEYS, ("checkpoint", "out"), "python -m experiments.export checkpoint=DIR out=HF_DIR")
     ckpt = find_checkpoint(Path(opts["checkpoint"]).expanduser())
     out = Path(opts["out"]).expanduser()
     _check_out(out, ckpt)

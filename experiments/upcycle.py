@@ -31,6 +31,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from experiments.app_options import check_options
 from moe.checkpoint import save_checkpoint
 from moe.flops import count_params
 from routing.config import RouterConfig
@@ -58,12 +59,8 @@ def run_upcycle(opts: dict[str, Any]) -> dict[str, Any]:
     """The app without Hydra: opts holds the keys of conf/upcycle.yaml (model.moe.router: the router)."""
     from upcycle import UpcycleConfig, exactness, read_dense, sample_tokens, step0_check, upcycle
 
-    unknown = sorted(set(opts) - set(OPTION_KEYS) - set(APP_KEYS))
-    if unknown:
-        raise ValueError(f"unknown upcycle option(s) {unknown}; known: {sorted(OPTION_KEYS + APP_KEYS)}")
-    for key in ("source", "out"):
-        if not opts.get(key):
-            raise ValueError(f"{key}=... is required: python -m experiments.upcycle source=PATH out=DIR")
+    check_options("upcycle", opts, OPTION_KEYS + APP_KEYS, ("source", "out"),
+                  "python -m experiments.upcycle source=PATH out=DIR")
     out = Path(opts["out"]).expanduser()
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "model.safetensors").is_file())):
         raise ValueError(f"out={str(out)!r} exists and is not a Switchyard checkpoint; choose a new directory")

@@ -28,35 +28,33 @@ def _shard_banks(model: nn.Module) -> dict[int, parallel.Experts]:
     return {id(p): bank for _, bank in parallel.expert_banks(model) if bank.ep_size > 1 for p in bank.parameters()}
 
 
+def _expert_rows(optimizer: torch.optim.Optimizer, model: nn.Module, state: dict, change) -> dict:
+    """state (an optimizer state_dict's "state") with change(tensor, bank, name) applied to each per-expert tensor
+    of an expert-sharded parameter: one whose first dimension is its bank's experts (moments, not `step`)."""
+    banks = _shard_banks(model)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    out = dict(state)
+    for i, p in enumerate(params):
+        bank = banks.get(id(p))
+        if bank is not None and i in out:
+            out[i] = {k: change(v, bank, f"optimizer state {k!r} of parameter {i}")
+                      if torch.is_tensor(v) and v.dim() and v.shape[1:] == p.shape[1:] else v
+                      for k, v in out[i].items()}
+    return out
+
+
 def full_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module) -> dict:
     """optimizer.state_dict() with per-expert state tensors gathered like the weights (a collective under expert
     parallelism: every rank calls it)."""
-    banks = _shard_banks(model)
     sd = optimizer.state_dict()
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    state = dict(sd["state"])
-    for i, p in enumerate(params):
-        bank = banks.get(id(p))
-        if bank is None or i not in state:
-            continue
-        state[i] = {k: parallel.gather_shards(v, bank, what=f"optimizer state {k!r} of parameter {i}")
-                    if torch.is_tensor(v) and v.shape == p.shape else v for k, v in state[i].items()}
-    return {**sd, "state": state}
+    gather = lambda v, bank, what: parallel.gather_shards(v, bank, what=what)  # noqa: E731
+    return {**sd, "state": _expert_rows(optimizer, model, sd["state"], gather)}
 
 
 def load_full_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, state: dict) -> None:
     """The inverse of full_optimizer_state: each rank keeps its experts' rows of the full-size moments."""
-    banks = _shard_banks(model)
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    local = dict(state["state"])
-    for i, p in enumerate(params):
-        bank = banks.get(id(p))
-        if bank is None or i not in local:
-            continue
-        local[i] = {k: parallel.split_shard(v, bank) if torch.is_tensor(v) and v.dim() and
-                    v.shape[0] == bank.num_global_experts and v.shape[1:] == p.shape[1:] else v
-                    for k, v in local[i].items()}
-    optimizer.load_state_dict({**state, "state": local})
+    split = lambda v, bank, what: parallel.split_shard(v, bank)  # noqa: E731
+    optimizer.load_state_dict({**state, "state": _expert_rows(optimizer, model, state["state"], split)})
 
 
 def full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> FullState:

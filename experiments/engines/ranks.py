@@ -31,13 +31,14 @@ CHECKPOINT_BARRIER = "checkpoint barrier (rank 0 writes the checkpoint while the
 Stats = dict[int, dict[str, torch.Tensor]]  # sparse layer index -> routing statistics
 
 
-def resolve_device(name: str) -> torch.device:
-    """trainer.device: auto is cuda when available, else cpu; cuda without CUDA is refused by name."""
+def resolve_device(name: str, key: str = "trainer.device") -> torch.device:
+    """A device setting (`key`, named in the error): auto is cuda when available, else cpu; cuda without CUDA is
+    refused."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"trainer.device={name!r} but CUDA is not available; use trainer.device=cpu")
+        raise ValueError(f"{key}={name!r} but CUDA is not available; use {key}=cpu (or auto)")
     return device
 
 
