@@ -23,30 +23,25 @@ Routers also return no balancing loss and no routing statistics while generating
 routing.stats.routing_stats): nothing trains on or logs them, the loss's all-reduce over a data-parallel group
 would make a rank that generates alone wait for the others, and they were a third of a decode step's routing time.
 
-Thread-local like routing.recompute, with a depth counter so that nested contexts leave it set.
+A per-thread flag (routing.thread_flag), like routing.recompute.
 """
 from __future__ import annotations
 
 import contextlib
-import threading
-from typing import Iterator
 
-_state = threading.local()
+from routing.thread_flag import ThreadFlag
+
+_GENERATING = ThreadFlag()
 
 
 def generating() -> bool:
     """True while a generation forward runs on this thread: route every token alone, without capacity."""
-    return getattr(_state, "depth", 0) > 0
+    return _GENERATING.is_set()
 
 
-@contextlib.contextmanager
-def generation() -> Iterator[None]:
+def generation() -> contextlib.AbstractContextManager:
     """Marks the forwards run inside it as decoding: routers drop no token and make no token compete."""
-    _state.depth = getattr(_state, "depth", 0) + 1
-    try:
-        yield
-    finally:
-        _state.depth -= 1
+    return _GENERATING.set()
 
 
 def routing_capacity_factor(cfg, training: bool) -> float:

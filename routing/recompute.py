@@ -17,25 +17,20 @@ nested checkpoints leave it set until the outermost replay ends.
 from __future__ import annotations
 
 import contextlib
-import threading
-from typing import Iterator
 
-_state = threading.local()
+from routing.thread_flag import ThreadFlag
+
+_REPLAY = ThreadFlag()
 
 
 def recomputing() -> bool:
     """True while a checkpointed forward is being replayed in the backward (this thread)."""
-    return getattr(_state, "depth", 0) > 0
+    return _REPLAY.is_set()
 
 
-@contextlib.contextmanager
-def recomputation() -> Iterator[None]:
+def recomputation() -> contextlib.AbstractContextManager:
     """Marks the forward run inside it as a replay: side effects guarded by `recomputing()` are skipped."""
-    _state.depth = getattr(_state, "depth", 0) + 1
-    try:
-        yield
-    finally:
-        _state.depth -= 1
+    return _REPLAY.set()
 
 
 def checkpoint_contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
