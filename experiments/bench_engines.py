@@ -1,5 +1,5 @@
 """python -m experiments.bench_engines [--preset gpt3_125m] [--n-layer 5] [--experts 8] [--expert-hidden 1536]
-    [--procs 1,2,4] [--ep 1,2] [--steps 3] [--repeats 2] [--time-procs 2] [--skip-memory] [--skip-time]
+    [--procs 1,2,4] [--ep 1,2] [--steps 5] [--repeats 4] [--time-procs 2] [--skip-memory] [--skip-time]
 
 What the engines (experiments.engines) hold and how long their steps take, measured on real objects:
 
@@ -195,18 +195,19 @@ def _mb(n: float) -> str:
 
 
 def memory_table(rows: list[dict]) -> str:
+    """One row per launch: the maximum over the ranks, fractions of the one-process launch's figure."""
     base = next(r for r in rows if r["procs"] == 1)
-    out = ["| processes | trainer | ep | parameters per rank (max over ranks) | of 1 process | optimizer state per "
-           "rank | of 1 process | parameters + optimizer | of 1 process | 1 / processes | parameter storage incl. "
-           "padding | peak RSS (max rank) | RSS after the step (max rank) |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    out = ["| processes | trainer | ep | parameters per rank | optimizer state per rank | optimizer / parameters | "
+           "parameters + optimizer per rank | of 1 process | 1 / processes | parameter storage incl. padding | "
+           "peak RSS | RSS after the step |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        ratio = max(x["optimizer_state_bytes"] / x["param_bytes"] for x in r["ranks"])
         out.append(
-            f"| {r['procs']} | {r['kind']} | {r['ep']} | {_mb(r['param_bytes'])} | "
-            f"{r['param_bytes'] / base['param_bytes']:.3f} | {_mb(r['optimizer_state_bytes'])} | "
-            f"{r['optimizer_state_bytes'] / base['optimizer_state_bytes']:.3f} | {_mb(r['held_bytes'])} | "
-            f"{r['held_bytes'] / base['held_bytes']:.3f} | {1 / r['procs']:.3f} | {_mb(r['param_storage_bytes'])} | "
-            f"{_mb(r['peak_rss_bytes'])} | {_mb(r['rss_bytes'])} |")
+            f"| {r['procs']} | {r['kind']} | {r['ep']} | {_mb(r['param_bytes'])} | {_mb(r['optimizer_state_bytes'])} "
+            f"| {ratio:.4f} | {_mb(r['held_bytes'])} | {r['held_bytes'] / base['held_bytes']:.4f} | "
+            f"{1 / r['procs']:.4f} | {_mb(r['param_storage_bytes'])} | {_mb(r['peak_rss_bytes'])} | "
+            f"{_mb(r['rss_bytes'])} |")
     return "\n".join(out)
 
 
@@ -217,7 +218,11 @@ def time_table(pairs: list[dict[str, float]], order: list[str]) -> str:
                    f"{p['fsdp'] / p['ddp']:.2f} |")
     ddp_min, fsdp_min = min(p["ddp"] for p in pairs), min(p["fsdp"] for p in pairs)
     ratios = [p["fsdp"] / p["ddp"] for p in pairs]
-    out.append(f"\nfsdp / ddp: {fsdp_min / ddp_min:.2f} min-over-min ({fsdp_min * 1e3:.0f} ms / {ddp_min * 1e3:.0f} ms), "
+    held = {k: max(r["param_bytes"] + r["optimizer_state_bytes"] for r in pairs[0][k + "_ranks"])
+            for k in ("ddp", "fsdp")}
+    out.append(f"\nparameters + optimizer state per rank in these launches: ddp {_mb(held['ddp'])}, fsdp "
+               f"{_mb(held['fsdp'])}.  ")
+    out.append(f"fsdp / ddp: {fsdp_min / ddp_min:.2f} min-over-min ({fsdp_min * 1e3:.0f} ms / {ddp_min * 1e3:.0f} ms), "
                f"{statistics.median(ratios):.2f} median of pairs (pairs {', '.join(f'{x:.2f}' for x in ratios)}).")
     return "\n".join(out)
 
@@ -248,19 +253,22 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--time-ep", type=int, default=1)
     p.add_argument("--time-batch", type=int, default=8, help="the global batch of the step-time launches")
     p.add_argument("--time-seq", type=int, default=64)
-    p.add_argument("--steps", type=int, default=3, help="timed steps per step-time launch (after one warm-up)")
-    p.add_argument("--repeats", type=int, default=2, help="interleaved ddp/fsdp pairs")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per step-time launch (after one warm-up)")
+    p.add_argument("--repeats", type=int, default=4, help="interleaved ddp/fsdp pairs")
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--skip-time", action="store_true")
+    p.add_argument("--json", help="also write every launch's per-rank records here")
     a = p.parse_args(argv)
 
     root = Path(tempfile.mkdtemp(prefix="bench_engines-"))
     data = corpus(root)
     model = model_overrides(a.preset, a.n_layer, a.experts, a.expert_hidden, a.top_k, a.moe_layers)
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    print(f"model: {' '.join(model)}; torch {_torch_version()}; started {started}", flush=True)
+    print(f"model: {' '.join(model)}; torch {_torch_version()}; started {started}, load average "
+          f"{os.getloadavg()[0]:.2f}", flush=True)
+    rows, pairs, order = [], [], []
     if not a.skip_memory:
-        rows, n = [], 0
+        n = 0
         for nproc in (int(x) for x in a.procs.split(",")):
             for ep in ([1] if nproc == 1 else [int(e) for e in a.ep.split(",") if nproc % int(e) == 0]):
                 kind = "single" if nproc == 1 else "fsdp"
@@ -269,7 +277,8 @@ def main(argv: Optional[list[str]] = None) -> None:
                 r = measure_memory(nproc, kind, ep, [*model, *run_overrides(data, a.mem_batch, a.mem_seq, 1)],
                                    root / f"mem{n}")
                 rows.append(r)
-                print(f"  memory: {nproc} processes trainer={kind} ep={ep}: {time.perf_counter() - t0:.0f} s",
+                print(f"  memory: {nproc} processes trainer={kind} ep={ep}: {time.perf_counter() - t0:.0f} s, load "
+                      f"average {os.getloadavg()[0]:.2f}",
                       file=sys.stderr, flush=True)
         total = rows[0]["params_total"]
         print(f"\n### Parameters and optimizer state per rank ({total / 1e6:.1f}M parameters; global batch "
@@ -277,7 +286,6 @@ def main(argv: Optional[list[str]] = None) -> None:
         print(memory_table(rows))
     if not a.skip_time:
         overrides = [*model, *run_overrides(data, a.time_batch, a.time_seq, a.steps + 1)]
-        pairs, order = [], []
         for i in range(a.repeats):
             kinds = ("ddp", "fsdp") if i % 2 == 0 else ("fsdp", "ddp")
             order.append(kinds[0])
@@ -286,13 +294,17 @@ def main(argv: Optional[list[str]] = None) -> None:
                 t0 = time.perf_counter()
                 ranks = launch(a.time_procs, kind, a.time_ep, overrides, a.steps + 1, root / f"time{i}_{kind}")
                 pair[kind] = step_time(ranks)
+                pair[kind + "_ranks"] = ranks
                 print(f"  step time: trainer={kind} pair {i + 1}: {pair[kind] * 1e3:.0f} ms per step, launch "
-                      f"{time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+                      f"{time.perf_counter() - t0:.0f} s, load average {os.getloadavg()[0]:.2f}", file=sys.stderr,
+                      flush=True)
             pairs.append(pair)
         print(f"\n### Step time, trainer=ddp against trainer=fsdp ({a.time_procs} processes, ep {a.time_ep}, global "
               f"batch {a.time_batch} x {a.time_seq}; median of {a.steps} steps after a warm-up)\n")
         print(time_table(pairs, order))
-    print(f"\nfinished {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    print(f"\nfinished {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average {os.getloadavg()[0]:.2f}")
+    if a.json:
+        Path(a.json).write_text(json.dumps({"model": model, "args": vars(a), "memory": rows, "time": pairs}, indent=1))
 
 
 def _torch_version() -> str:
