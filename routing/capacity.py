@@ -5,6 +5,7 @@ Shape legend: T tokens, E experts, k choices per token, A = T*k assignments, N s
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 from typing import Optional
 
 import torch
@@ -20,10 +21,15 @@ def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_fact
     Tutel's sign convention: cf > 0 fixes C = ceil(cf * T * k / E); cf < 0 drops only past the cap
     ceil(|cf| * T * k / E), so one hot expert cannot exhaust memory, while padded layouts (einsum) size their
     slots by the busiest expert instead of the cap (see RoutingPlan.capacity).
+
+    The ceiling is taken in exact rational arithmetic on the capacity factor as written (its shortest decimal
+    repr: 0.55 is 11/20), not on the double product: 0.55 * 100 is 55.00000000000001 in double precision, whose
+    ceiling would give an expert one slot more than the formula (expert_capacity(100, 5, 1, 0.55) is 11, not 12).
     """
     if capacity_factor == 0:
         return None
-    capacity = math.ceil(abs(capacity_factor) * num_tokens * top_k / num_experts)
+    cf = Fraction(repr(abs(float(capacity_factor))))  # the decimal the user wrote, exactly
+    capacity = math.ceil(cf * num_tokens * top_k / num_experts)  # Fraction's ceil is exact
     return max(capacity, min_capacity)
 
 
