@@ -41,7 +41,7 @@ from routing.generation import routing_capacity_factor
 from routing.plan import RoutingPlan
 from routing.recompute import recomputing
 from routing.router import Router
-from routing.topk import standard_losses
+from routing.topk import select_topk, standard_losses
 
 
 class BiasBalancedRouter(Router):
@@ -64,7 +64,7 @@ class BiasBalancedRouter(Router):
         T, E = logits.shape
         scores = self.scores(logits)  # [T, E], differentiable
         # The bias only ranks: selection is not differentiable anyway, and the weights below never see the bias.
-        expert_idx = (scores.detach() + self.bias).topk(cfg.top_k, dim=-1).indices  # [T, k]
+        expert_idx = select_topk(scores.detach() + self.bias, cfg.top_k)  # [T, k]
         weight = scores.gather(1, expert_idx)  # [T, k], unbiased
         if cfg.top_k > 1:
             weight = weight / (weight.sum(dim=-1, keepdim=True) + 1e-20)
@@ -76,7 +76,8 @@ class BiasBalancedRouter(Router):
         capacity = expert_capacity(T, E, cfg.top_k, cf, cfg.min_capacity)
         probs = scores / scores.sum(dim=-1, keepdim=True)  # a distribution over experts (softmax: unchanged)
         aux = standard_losses(cfg, logits, probs, expert_idx, group=self.batch_group)
-        return choice_plan(expert_idx, weight, probs, E, capacity, cf > 0, cfg.drop_policy, aux)
+        return choice_plan(expert_idx, weight, probs, E, capacity, cf > 0, cfg.drop_policy, aux,
+                           renormalize_after_drop=cfg.renormalize_after_drop)
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:

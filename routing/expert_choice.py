@@ -56,6 +56,7 @@ from routing.losses import router_z_loss
 from routing.plan import RoutingPlan
 from routing.recompute import recomputing
 from routing.router import Router
+from routing.topk import select_topk
 from routing.stats import routing_stats
 
 
@@ -94,7 +95,7 @@ class ExpertChoiceRouter(Router):
         # Generation (routing.generation) always takes the fallback: a new token must not compete with the other
         # rows of its batch, nor, in ec_mode=batch, with tokens after it.
         if generating() or (too_small and not self.training):
-            return self._token_choice(scores, eval_top_k(cf, cfg.top_k, E), aux)
+            return self._token_choice(logits, scores, eval_top_k(cf, cfg.top_k, E), aux)
         if too_small and not recomputing():  # warned in the forward already, not again in a checkpoint's replay
             warnings.warn(
                 f"expert_choice: groups of {G} tokens give each of the {E} experts less than one slot "
@@ -106,7 +107,10 @@ class ExpertChoiceRouter(Router):
         C = min(expert_capacity(G, E, cfg.top_k, cf, cfg.min_capacity), G)
         # Each expert ranks the tokens of each group by its score for them: [P, E, G] -> top C along G.
         group_scores = scores[members].transpose(1, 2)  # [P, E, G]
-        top_w, top_g = group_scores.topk(C, dim=-1)  # [P, E, C] scores (differentiable) and member slots
+        # Each expert's scores over tokens are not monotonic in one row's logits, so this ranks the scores; the
+        # lowest member slot wins a tie, as in token choice.
+        top_g = select_topk(group_scores.reshape(P * E, G), C).reshape(P, E, C)  # [P, E, C] member slots
+        top_w = group_scores.gather(2, top_g)  # [P, E, C] their scores, differentiable
         top_token = members[:, None, :].expand(P, E, G).gather(2, top_g)  # [P, E, C] token ids
         # Rows sorted by expert: expert-major, then group, then the expert's ranking within the group.
         token_index = top_token.permute(1, 0, 2).reshape(-1)  # [N]
@@ -127,9 +131,11 @@ class ExpertChoiceRouter(Router):
             stats=routing_stats(scores.detach(), counts, routed),
         )
 
-    def _token_choice(self, scores: Tensor, k: int, aux: dict[str, Tensor]) -> RoutingPlan:
+    def _token_choice(self, logits: Tensor, scores: Tensor, k: int, aux: dict[str, Tensor]) -> RoutingPlan:
         """Evaluation fallback: each token's top-k experts by score, weighted by those scores (not renormalised,
-        as in expert choice), dropless."""
+        as in expert choice), dropless. Selected on the logits: the same ranking as the softmax scores, without
+        the ties of scores that underflow to 0."""
         T, E = scores.shape
-        weight, expert_idx = scores.topk(k, dim=-1)  # [T, k]
+        expert_idx = select_topk(logits, k)  # [T, k]
+        weight = scores.gather(1, expert_idx)
         return choice_plan(expert_idx, weight * self.cfg.scale, scores, E, None, False, "position", aux)

@@ -31,7 +31,7 @@ from routing.capacity import choice_plan, expert_capacity
 from routing.generation import routing_capacity_factor
 from routing.plan import RoutingPlan
 from routing.router import Router
-from routing.topk import standard_losses
+from routing.topk import select_topk, standard_losses
 
 
 @torch.no_grad()
@@ -81,12 +81,15 @@ class SinkhornRouter(Router):
         if self.training:
             # Selection only: row scaling (alpha) does not change a row's top-k, so the column duals suffice.
             _, beta = sinkhorn_log_duals(logits, cfg.sinkhorn_iters)
-            expert_idx = (logits.detach() + beta).topk(cfg.top_k, dim=-1).indices  # [T, k]
+            expert_idx = select_topk(logits.detach() + beta, cfg.top_k)  # [T, k]
         else:
-            expert_idx = act.detach().topk(cfg.top_k, dim=-1).indices
+            # The activation (sigmoid or softmax) is monotonic in the logits: ranking the logits is its ranking,
+            # without the ties of probabilities that underflow or sigmoids that saturate to 1.
+            expert_idx = select_topk(logits, cfg.top_k)
         weight = act.gather(1, expert_idx) * cfg.scale  # [T, k], the gate learns through these
         cf = routing_capacity_factor(cfg, self.training)  # 0 while generating: each new token routes dropless
         capacity = expert_capacity(T, E, cfg.top_k, cf, cfg.min_capacity)
         probs = torch.softmax(logits, dim=-1)  # a distribution over experts, for the balance loss and the statistics
         aux = standard_losses(cfg, logits, probs, expert_idx, group=self.batch_group)
-        return choice_plan(expert_idx, weight, probs, E, capacity, cf > 0, cfg.drop_policy, aux)
+        return choice_plan(expert_idx, weight, probs, E, capacity, cf > 0, cfg.drop_policy, aux,
+                           renormalize_after_drop=cfg.renormalize_after_drop)

@@ -24,14 +24,35 @@ from routing.router import Router
 from routing.stats import routing_stats
 
 
+def select_topk(scores: Tensor, k: int) -> Tensor:
+    """scores [T, E] float -> [T, k] long: each row's k largest, best first, the lowest index first among equal
+    values, on every device (the fused Triton gating's rule, so torch and triton routers make the same plan).
+
+    torch.topk documents no tie rule, and on CPU its partial sort returns tied experts in another order, so a
+    zero-initialised gate (every logit tied) routed differently under sorted and triton. Instead of a stable sort
+    (about 2.6x a topk over [T, E]) we take one topk of an int64 key that is exact and unique: the float's
+    order-preserving integer image in the high bits, the reversed expert index in the low bits (~1.3x a topk)."""
+    E = scores.shape[-1]
+    bits = (scores.detach().float() + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into +0.0, equal to torch too
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # negative floats reversed: integer order is float order
+    shift = max(E - 1, 1).bit_length()  # 31 + shift < 63 for any E < 2**31: no overflow of the int64 key
+    rank = torch.arange(E - 1, -1, -1, device=scores.device)  # a lower index gets a larger key
+    return ((ordered.to(torch.int64) << shift) | rank).topk(k, dim=-1).indices
+
+
 def topk_gating(logits: Tensor, top_k: int, order: str, renormalize: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """logits [T, E] fp32 -> (probs [T, E], weight [T, k], expert_idx [T, k])."""
+    """logits [T, E] fp32 -> (probs [T, E], weight [T, k], expert_idx [T, k]).
+
+    Both orders select on the logits: softmax is monotonic, so that is the top-k of the probs, except where
+    probs underflow to equal values (logits [1e4, 0, -1e4, 5e3]: probs [1, 0, 0, 0], and a top-2 of them took
+    expert 2, weight 0 but a capacity slot and a place in the balancing loss). The weights are gathered from
+    the same tensors as before, so they are bit-identical wherever the selection is unchanged."""
     probs = torch.softmax(logits, dim=-1)
+    expert_idx = select_topk(logits, top_k)
     if order == "topk_softmax":
-        top_logits, expert_idx = logits.topk(top_k, dim=-1)
-        weight = torch.softmax(top_logits, dim=-1)
+        weight = torch.softmax(logits.gather(1, expert_idx), dim=-1)
     else:
-        weight, expert_idx = probs.topk(top_k, dim=-1)
+        weight = probs.gather(1, expert_idx)
         if renormalize:
             weight = weight / weight.sum(dim=-1, keepdim=True)
     return probs, weight, expert_idx
