@@ -23,7 +23,8 @@ logits) is the renormalised form exactly: softmax is monotone, so the same k exp
 equals p_j/Σ_top p. order=softmax_topk is norm_topk_prob=renormalize. Our routed `scale` multiplies every combine
 weight, so it is folded into each expert's down projection (y = Σ w·s·E(x) = Σ w·E'(x)). Training-only options do
 not change the model being exported: jitter, GShard's random second choice (evaluation keeps both), the aux and
-z-loss coefficients, and a training capacity factor when evaluation is dropless (eval_capacity_factor=0).
+z-loss coefficients (router_aux_loss_coef carries ours in transformers' convention: hf_aux_loss_coef), and a
+training capacity factor when evaluation is dropless (eval_capacity_factor=0).
 Other routers choose experts in ways these formats cannot express and are refused by name.
 """
 from __future__ import annotations
@@ -243,9 +244,34 @@ def opt_config(cfg: ModelConfig) -> dict[str, Any]:
             "init_std": cfg.init_std}
 
 
+def hf_aux_loss_coef(aux_loss_coef: float, top_k: int, num_sparse_layers: int) -> float:
+    """Our load-balancing coefficient -> transformers' router_aux_loss_coef for the same training signal.
+
+    Ours (routing.losses.load_balancing_loss, all_choices) is, per sparse layer, E * sum_i f_i * P_i with f_i the
+    fraction of the T*k assignments, summed over the L sparse layers (moe.model). transformers' Mixtral and
+    Qwen2-MoE load_balancing_loss_func pools the rows of all L layers into one E * sum_i F_i * Pbar_i with F_i
+    the assignments per *token* (k times our f) and both averaged over the L layers; the model adds
+    router_aux_loss_coef times that. With L = 1 that is k times our loss, so coef_hf = coef / k exactly
+    (routing=mixtral's 0.02 at k = 2 is 0.01). With L > 1 the pooled loss's gradient on layer l's probabilities
+    is coef_hf * k * E * mean_l(f) / L against our coef * E * f_l, so coef_hf = coef * L / k matches it exactly
+    whenever each expert's load fraction is the same in every layer (balanced routing), and approximately else.
+    GShard's first_choice convention (RouterConfig.balance_loss) counts T, not T*k, assignments: the same
+    conversion keeps the gradient at balance, but the two losses are different functions away from it."""
+    if top_k < 1 or num_sparse_layers < 1:
+        raise ValueError(f"top_k={top_k} and num_sparse_layers={num_sparse_layers} must be at least 1 to convert "
+                         "model.moe.router.aux_loss_coef")
+    return aux_loss_coef * num_sparse_layers / top_k
+
+
+def aux_loss_coef_from_hf(router_aux_loss_coef: float, top_k: int, num_sparse_layers: int) -> float:
+    """transformers' router_aux_loss_coef -> our model.moe.router.aux_loss_coef (hf_aux_loss_coef inverted)."""
+    return router_aux_loss_coef / hf_aux_loss_coef(1.0, top_k, num_sparse_layers)
+
+
 def _moe_common(cfg: ModelConfig) -> dict[str, Any]:
     r = cfg.moe.router
-    return {"num_experts_per_tok": r.top_k, "router_aux_loss_coef": r.aux_loss_coef, "output_router_logits": False}
+    coef = hf_aux_loss_coef(r.aux_loss_coef, r.top_k, len(cfg.sparse_layers))
+    return {"num_experts_per_tok": r.top_k, "router_aux_loss_coef": coef, "output_router_logits": False}
 
 
 def mixtral_config(cfg: ModelConfig) -> dict[str, Any]:
