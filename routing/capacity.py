@@ -79,6 +79,21 @@ def assign(
     return flat_token[order], flat_expert[order], flat_weight[order], counts, kept
 
 
+def renormalize_kept(token_index: Tensor, row_weight: Tensor, weight: Tensor) -> Tensor:
+    """model.moe.router.renormalize_after_drop (DeepSpeed's top2gating): the surviving rows' weights rescaled so
+    that each token's kept weights sum to what its k choices summed to before capacity dropped some.
+
+    token_index [N], row_weight [N] the plan's surviving rows; weight [T, k] every choice's weight before dropping.
+    With weights that sum to 1 over the k (renormalize, or topk_softmax) a top-2 token that lost its second
+    choice keeps weight 1 on the first, as DeepSpeed's gates1_s / (gates1_s + gates2_s) with gates2_s masked to 0.
+    A token with no surviving row has nothing to rescale. Differentiable through both sums, as DeepSpeed's is.
+    """
+    total = weight.sum(dim=-1)  # [T]
+    kept = torch.zeros_like(total).index_add(0, token_index, row_weight)  # [T]
+    kept = torch.where(kept > 0, kept, torch.ones_like(kept))  # tokens with no row: never gathered below
+    return row_weight * (total / kept)[token_index]
+
+
 def choice_plan(
     expert_idx: Tensor,  # [T, k] chosen experts
     weight: Tensor,  # [T, k] combine weights
@@ -88,13 +103,17 @@ def choice_plan(
     fixed: bool,
     drop_policy: str,
     aux_losses: dict[str, Tensor],
+    renormalize_after_drop: bool = False,
 ) -> RoutingPlan:
     """The plan of k choices per token: `assign` through capacity, plus the standard statistics.
 
     fixed: the capacity is a fixed layout (capacity_factor > 0, or BASE's balanced slots) that padded
     dispatchers should use as C; otherwise it only caps the counts.
+    renormalize_after_drop: model.moe.router.renormalize_after_drop (renormalize_kept); nothing drops when dropless.
     """
     token_index, expert_index, row_weight, counts, kept = assign(expert_idx, weight, num_experts, capacity, drop_policy)
+    if renormalize_after_drop and capacity is not None:
+        row_weight = renormalize_kept(token_index, row_weight, weight)
     return RoutingPlan(
         token_index=token_index,
         expert_index=expert_index,

@@ -8,6 +8,7 @@ from typing import Any, Optional
 
 ORDERS = ("topk_softmax", "softmax_topk")
 DROP_POLICIES = ("probs", "position")
+BALANCE_LOSSES = ("all_choices", "first_choice")  # see RouterConfig.balance_loss and routing.losses
 EC_MODES = ("per_position", "batch")
 BASE_SOLVERS = ("auction", "sinkhorn")
 SCORE_FNS = ("sigmoid", "softmax")
@@ -44,7 +45,16 @@ class RouterConfig:
     eval_capacity_factor: Optional[float] = None  # capacity factor at evaluation; None: same as training
     min_capacity: int = 4  # lower bound on a fixed or capped capacity (small batches would otherwise drop most tokens)
     drop_policy: str = "probs"  # which assignments overflow first: lowest router weight ("probs") or latest ("position")
-    aux_loss_coef: float = 0.01  # Switch load-balancing loss coefficient (alpha)
+    # a token that loses some of its k choices to capacity: False keeps the surviving weights as they were before
+    # the drop (a kept first choice of a top-2 token keeps e.g. 0.88); True rescales them to carry the token's
+    # whole pre-drop weight (1.0 there), DeepSpeed's top2gating, which renormalises the gates after dropping
+    renormalize_after_drop: bool = False
+    aux_loss_coef: float = 0.01  # load-balancing loss coefficient (alpha), on the convention of balance_loss
+    # which assignments the load-balancing loss E * sum_i f_i * P_i counts in f_i (routing.losses):
+    # "all_choices": all T*k choices (Switch for k = 1; for k > 1 transformers' load_balancing_loss_func is exactly
+    # k times this, so its coefficient is ours / k); "first_choice": only the T first choices (GShard, DeepSpeed's
+    # top2gating l_aux). The two agree for k = 1.
+    balance_loss: str = "all_choices"
     z_loss_coef: float = 0.001  # ST-MoE router z-loss coefficient
     jitter: float = 0.0  # Switch multiplicative noise: router input scaled by U(1-eps, 1+eps) in training
     # --- family-specific settings (each ignored by the other families)
@@ -68,6 +78,8 @@ class RouterConfig:
             raise ValueError(f"model.moe.router.order={self.order!r} must be one of {ORDERS}")
         if self.drop_policy not in DROP_POLICIES:
             raise ValueError(f"model.moe.router.drop_policy={self.drop_policy!r} must be one of {DROP_POLICIES}")
+        if self.balance_loss not in BALANCE_LOSSES:
+            raise ValueError(f"model.moe.router.balance_loss={self.balance_loss!r} must be one of {BALANCE_LOSSES}")
         if self.min_capacity < 0:
             raise ValueError(f"model.moe.router.min_capacity={self.min_capacity} must be non-negative")
         if self.ec_mode not in EC_MODES:

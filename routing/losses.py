@@ -17,11 +17,16 @@ class CollectiveError(RuntimeError):
 
 
 def load_balancing_loss(probs: Tensor, expert_idx: Tensor, num_experts: int, group=None) -> Tensor:
-    """Switch Transformer's E * sum_i f_i * P_i.
+    """Switch Transformer's E * sum_i f_i * P_i over the choices given.
 
     probs [T, E] fp32 router probabilities; expert_idx [T, k] chosen experts (before capacity, as in Switch).
     f_i is the fraction of the T*k assignments sent to expert i, P_i the mean probability of expert i.
-    Equals 1 under perfect balance, E when one expert takes everything with certainty.
+    Callers pick the convention by the columns they pass (balance_choices): all k choices (Switchyard's
+    "all_choices"; transformers' load_balancing_loss_func is k times this value, since it divides the counts by T,
+    not T*k) or the first column only (GShard's and DeepSpeed's top2gating "first_choice").
+    Equals 1 under perfect balance. With one column (k = 1, or first choices) it is at most E, when one expert
+    takes every token with certainty; with k > 1 distinct choices an expert receives at most T of the T*k
+    assignments (f_i <= 1/k), so the all-choices loss is at most E/k.
 
     group: a data-parallel process group over which the global batch is spread in equal shards. f (counts, not
     differentiable) is then summed over the group with one all-reduce, so each rank returns E * sum_i f_i * P_i^rank
@@ -43,6 +48,15 @@ def load_balancing_loss(probs: Tensor, expert_idx: Tensor, num_experts: int, gro
     f = counts / expert_idx.numel()
     p = probs.mean(dim=0)
     return num_experts * torch.sum(f * p)
+
+
+def balance_choices(expert_idx: Tensor, convention: str) -> Tensor:
+    """expert_idx [T, k], best choice first -> the columns the load-balancing loss counts under `convention`
+    (model.moe.router.balance_loss): all of them ("all_choices") or the first choice only ("first_choice")."""
+    if convention == "first_choice":
+        return expert_idx[:, :1]
+    assert convention == "all_choices", convention  # RouterConfig refuses other values by name
+    return expert_idx
 
 
 def router_z_loss(logits: Tensor) -> Tensor:

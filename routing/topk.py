@@ -15,10 +15,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from routing.capacity import assign, expert_capacity
+from routing.capacity import assign, expert_capacity, renormalize_kept
 from routing.config import RouterConfig
 from routing.generation import generating, routing_capacity_factor
-from routing.losses import load_balancing_loss, router_z_loss
+from routing.losses import balance_choices, load_balancing_loss, router_z_loss
 from routing.plan import RoutingPlan
 from routing.router import Router
 from routing.stats import routing_stats
@@ -97,6 +97,9 @@ class TopKRouter(Router):
             n = int(counts.sum())  # a host sync, as capacity already needs one
             token_index, expert_index, row_weight = token_index[:n], expert_index[:n], row_weight[:n]
             kept[:, 1] &= keep_second
+        if cfg.renormalize_after_drop and (capacity is not None or keep_second is not None):
+            # DeepSpeed's top2gating: a choice lost to capacity or to random routing leaves its weight to the rest
+            row_weight = renormalize_kept(token_index, row_weight, weight)
         return RoutingPlan(
             token_index=token_index,
             expert_index=expert_index,
@@ -112,7 +115,9 @@ class TopKRouter(Router):
 
 def standard_losses(cfg: RouterConfig, logits: Tensor, probs: Tensor, expert_idx: Tensor,
                     group=None) -> dict[str, Tensor]:
-    """The Switch load-balancing loss and the ST-MoE z-loss, scaled; a zero coefficient leaves a loss out.
+    """The load-balancing loss on the convention of cfg.balance_loss (routing.losses.balance_choices: all k
+    choices, or GShard's first choices) and the ST-MoE z-loss, scaled; a zero coefficient leaves a loss out.
+    expert_idx [T, k] has each token's best choice first (the first column is the first choice).
     group: the data-parallel group of Router.batch_group (see load_balancing_loss).
     None while generating (routing.generation): nothing trains on them, and the balancing loss's all-reduce over
     the data-parallel group would leave a rank that generates alone waiting for the others."""
@@ -120,7 +125,8 @@ def standard_losses(cfg: RouterConfig, logits: Tensor, probs: Tensor, expert_idx
         return {}
     aux = {}
     if cfg.aux_loss_coef > 0:
-        aux["load_balancing_loss"] = cfg.aux_loss_coef * load_balancing_loss(probs, expert_idx, probs.shape[-1], group)
+        counted = balance_choices(expert_idx, cfg.balance_loss)
+        aux["load_balancing_loss"] = cfg.aux_loss_coef * load_balancing_loss(probs, counted, probs.shape[-1], group)
     if cfg.z_loss_coef > 0:
         aux["router_z_loss"] = cfg.z_loss_coef * router_z_loss(logits)
     return aux
