@@ -19,10 +19,11 @@ from routing.losses import CollectiveError
 
 
 class MoELayer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
         moe = cfg.moe
-        self.router = build_router(cfg.d_model, moe.num_experts, moe.router, vocab_size=cfg.vocab_size)
+        # layer: the block index of this layer in the model; hash routing seeds its table with it
+        self.router = build_router(cfg.d_model, moe.num_experts, moe.router, vocab_size=cfg.vocab_size, layer=layer)
         self.experts = Experts(moe.num_experts, cfg.d_model, cfg.expert_hidden, cfg.activation, cfg.expert_glu, cfg.ffn_bias)
         self.dispatcher = moe.dispatcher  # as configured (auto, einsum, sorted, triton); resolved per device below
         self._resolved: Optional[tuple[str, torch.device, str, str]] = None  # (configured, device, resolved, why)

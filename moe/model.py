@@ -47,12 +47,13 @@ class ModelOutput:
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, sparse: bool):
+    def __init__(self, cfg: ModelConfig, sparse: bool, layer: int = 0):
         super().__init__()
         self.attn_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
         self.attn = Attention(cfg)
         self.ffn_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
-        self.ffn = MoELayer(cfg) if sparse else DenseFFN(cfg.d_model, cfg.d_ff, cfg.activation, cfg.glu, cfg.ffn_bias)
+        # layer: this block's index, so that hash routers draw one table per layer (routing.hash)
+        self.ffn = MoELayer(cfg, layer) if sparse else DenseFFN(cfg.d_model, cfg.d_ff, cfg.activation, cfg.glu, cfg.ffn_bias)
         self.dropout = nn.Dropout(cfg.dropout)
         # Activation checkpointing (set by Transformer.set_activation_checkpointing): keep only this block's inputs in
         # training and recompute its activations in the backward.
@@ -91,7 +92,7 @@ class Transformer(nn.Module):
         self.pos_embed = nn.Embedding(cfg.max_seq_len + cfg.position_offset, cfg.d_model) if cfg.position == "learned" else None
         self.rotary = RotaryEmbedding(cfg.dim_per_head, cfg.rope_theta) if cfg.position == "rope" else None
         sparse = set(cfg.sparse_layers)
-        self.blocks = nn.ModuleList(Block(cfg, i in sparse) for i in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(cfg, i in sparse, i) for i in range(cfg.n_layer))
         self.norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.dropout = nn.Dropout(cfg.dropout)

@@ -5,11 +5,13 @@ Shape legend: T tokens, d model width, E experts, V vocabulary, k = 1 choice per
 Roller et al. 2021, "Hash Layers For Large Sparse Models" (NeurIPS 2021). Each token goes to the one expert its
 id hashes to, whatever its hidden state, with combine weight 1 (times model.moe.router.scale): there is nothing to learn
 and nothing to balance, so no auxiliary loss, no capacity (dropless) and no router parameters. The hash is the
-paper's random hash made balanced over the vocabulary: a permutation of the V ids drawn from model.moe.router.hash_seed is
+paper's random hash made balanced over the vocabulary: a permutation of the V ids drawn from model.moe.router.hash_seed and
+the layer's block index (layer_seed: each layer its own hash, as in the paper, not one table shared by all) is
 dealt round-robin to the experts, so expert loads over the vocabulary differ by at most one id (balance over
 real text then depends on token frequencies; the paper also studies frequency-balanced, bigram and clustered
 hashes, not built here). The table is a persistent buffer: it travels in checkpoints, so a resumed or reloaded
-model keeps its routing even if the seed or the code that draws the permutation changes.
+model keeps its routing even if the seed or the code that draws the permutation changes: checkpoints written
+before tables were per layer load their one shared table into every layer and route as they were trained.
 
 Only k = 1 is built: the paper's multi-hash variant splits each expert's input into several heads, each with
 its own hash, which is a different layer, not k choices of the same layer.
@@ -28,9 +30,18 @@ from routing.plan import RoutingPlan
 from routing.router import Router
 
 
-def hash_table(vocab_size: int, num_experts: int, seed: int) -> Tensor:
+# Seeds of consecutive layers are this far apart, so (seed, layer) pairs with seed < LAYER_SEED_STRIDE never collide.
+LAYER_SEED_STRIDE = 1_000_003
+
+
+def layer_seed(seed: int, layer: int) -> int:
+    """The generator seed of block `layer`'s table; layer 0 keeps `seed`, so its table is the one of before."""
+    return seed + LAYER_SEED_STRIDE * layer
+
+
+def hash_table(vocab_size: int, num_experts: int, seed: int, layer: int = 0) -> Tensor:
     """[V] long: a seeded permutation of the vocabulary dealt round-robin to the E experts (balanced to +-1)."""
-    perm = torch.randperm(vocab_size, generator=torch.Generator().manual_seed(seed))
+    perm = torch.randperm(vocab_size, generator=torch.Generator().manual_seed(layer_seed(seed, layer)))
     table = torch.empty(vocab_size, dtype=torch.long)
     table[perm] = torch.arange(vocab_size) % num_experts
     return table
@@ -40,8 +51,10 @@ class HashRouter(Router):
     """Routes token id v to expert table[v] with weight 1."""
 
     needs_gate = False  # the base class builds no gate and passes logits=None
+    per_layer = True  # build_router passes the block index: one table per layer
 
-    def __init__(self, d_model: int, num_experts: int, cfg: RouterConfig, vocab_size: Optional[int] = None):
+    def __init__(self, d_model: int, num_experts: int, cfg: RouterConfig, vocab_size: Optional[int] = None,
+                 layer: int = 0):
         if cfg.top_k != 1:
             raise ValueError(
                 f"model.moe.router.top_k={cfg.top_k} but hash routing sends every token to exactly one expert; "
@@ -54,7 +67,8 @@ class HashRouter(Router):
             )
         super().__init__(d_model, num_experts, cfg, vocab_size)
         self.vocab_size = vocab_size
-        self.register_buffer("table", hash_table(vocab_size, num_experts, cfg.hash_seed), persistent=True)
+        self.layer = layer  # the block index the table was drawn for
+        self.register_buffer("table", hash_table(vocab_size, num_experts, cfg.hash_seed, layer), persistent=True)
 
     def route(self, x: Tensor, logits: Optional[Tensor], token_ids: Optional[Tensor], seq_len: int) -> RoutingPlan:
         T, E = x.shape[0], self.num_experts

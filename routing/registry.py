@@ -28,5 +28,9 @@ def router_class(name: str) -> type[Router]:
     return getattr(importlib.import_module(module), cls)
 
 
-def build_router(d_model: int, num_experts: int, cfg: RouterConfig, vocab_size: Optional[int] = None) -> Router:
-    return router_class(cfg.name)(d_model, num_experts, cfg, vocab_size=vocab_size)
+def build_router(d_model: int, num_experts: int, cfg: RouterConfig, vocab_size: Optional[int] = None,
+                 layer: int = 0) -> Router:
+    """layer: the model block the router serves; passed only to routers whose state depends on it (Router.per_layer)."""
+    cls = router_class(cfg.name)
+    extra = {"layer": layer} if cls.per_layer else {}
+    return cls(d_model, num_experts, cfg, vocab_size=vocab_size, **extra)

@@ -20,6 +20,7 @@ from routing.plan import RoutingPlan
 
 class Router(nn.Module):
     needs_gate = True  # False for routers that never look at the hidden state (hash routing)
+    per_layer = False  # True for routers built with their block's index (`layer=`), hash routing's per-layer table
     # Data parallelism: the process group the global batch is spread over (set by moe.parallel.distribute). The
     # load-balancing loss then counts its expert fractions over the whole group, so that the loss and its
     # gradients equal those of one process holding the global batch. None: this process's tokens only.

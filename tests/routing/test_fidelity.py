@@ -142,3 +142,59 @@ def test_renormalize_after_drop_gradient_and_no_drop_unchanged():
                      aux_loss_coef=0.0)
     plan = build_router(4, 2, s).eval().route(torch.zeros(2, 4), LOGITS_2x2.clone(), None, 2)
     assert plan.weight.tolist() == pytest.approx([1.0, 1.0], abs=1e-6)
+
+
+# ---------------------------------------------------------------- hash routing: one table per layer
+
+def _hash_model():
+    from moe.config import ModelConfig, MoEConfig
+    from moe.model import Transformer
+
+    torch.manual_seed(0)
+    router = RouterConfig(name="hash", top_k=1, aux_loss_coef=0.0, z_loss_coef=0.0)
+    return Transformer(ModelConfig(vocab_size=64, n_layer=3, d_model=8, n_head=2, d_ff=16, max_seq_len=16,
+                                   moe=MoEConfig(layers="all", num_experts=4, router=router)))
+
+
+def _routes(model, ids: torch.Tensor) -> list:
+    return [block.ffn.router.table[ids].tolist() for block in model.blocks]
+
+
+def test_hash_layers_route_differently_and_reload_identically(tmp_path):
+    from moe.checkpoint import load_model, save_checkpoint
+    from routing.hash import hash_table
+
+    model = _hash_model()
+    ids = torch.arange(64)  # the whole vocabulary as one batch
+    routes = _routes(model, ids)
+    # layer 0 keeps the table of before (seed 0); layers 1 and 2 draw their own, each balanced to 16 ids per expert
+    assert routes[0] == hash_table(64, 4, 0).tolist()
+    # independent tables agree on about a quarter (16) of the 64 ids; one shared table agreed on all 64
+    agree = [sum(x == y for x, y in zip(routes[a], routes[b])) for a, b in ((0, 1), (0, 2), (1, 2))]
+    assert agree == [14, 21, 15]
+    for layer in routes:
+        assert torch.bincount(torch.tensor(layer), minlength=4).tolist() == [16, 16, 16, 16]
+    # Through the model: the plans of two layers for one batch differ.
+    batch = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(1))
+    out = model(batch)
+    plans = [block.ffn.router(torch.zeros(16, 8), batch.reshape(-1)) for block in model.blocks[:2]]
+    assert plans[0].expert_index.tolist() != plans[1].expert_index.tolist()
+    save_checkpoint(tmp_path / "ckpt", model)
+    loaded = load_model(tmp_path / "ckpt")
+    assert _routes(loaded, ids) == routes
+    assert torch.equal(loaded(batch).logits, out.logits)
+
+
+def test_hash_old_checkpoint_keeps_its_shared_table():
+    """A checkpoint from before per-layer tables holds hash_table(V, E, seed) in every layer: loading keeps it."""
+    from routing.hash import hash_table
+
+    model = _hash_model()
+    state = model.state_dict()
+    old = hash_table(64, 4, 0)
+    for i in range(3):
+        state[f"blocks.{i}.ffn.router.table"] = old.clone()
+    fresh = _hash_model()
+    assert _routes(fresh, torch.arange(64))[1] != old.tolist()
+    fresh.load_state_dict(state)
+    assert _routes(fresh, torch.arange(64)) == [old.tolist()] * 3

@@ -95,8 +95,8 @@ def test_table_survives_checkpoint_and_dtype_cast(tmp_path):
     save_checkpoint(tmp_path / "ckpt", model)
     loaded = load_model(tmp_path / "ckpt")
     assert torch.equal(loaded.blocks[0].ffn.router.table, router.table)
-    # every layer draws its table from the same model.moe.router.hash_seed; only layer 0's was changed
-    assert torch.equal(loaded.blocks[1].ffn.router.table, hash_table(VOCAB, E, 0))
+    # every layer draws its table from model.moe.router.hash_seed and its block index; only layer 0's was changed
+    assert torch.equal(loaded.blocks[1].ffn.router.table, hash_table(VOCAB, E, 0, layer=1))
     assert not torch.equal(loaded.blocks[1].ffn.router.table, router.table)
     loaded.to(torch.bfloat16)
     assert loaded.blocks[0].ffn.router.table.dtype == torch.long
