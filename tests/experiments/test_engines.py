@@ -17,9 +17,16 @@ PROTOCOL = [name for name, _ in inspect.getmembers(Engine, inspect.isfunction) i
 
 
 def _imports(path: Path) -> set[str]:
-    """The project modules a file imports (at any depth in the file: lazy imports count too)."""
+    """The project modules a file imports at run time (at any depth in the file: lazy imports count too; imports
+    for type checkers only, under `if TYPE_CHECKING:`, do not)."""
+    tree = ast.parse(path.read_text())
+    typing_only = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
+                   and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"
+                   for n in ast.walk(node)}
     out = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         if isinstance(node, ast.ImportFrom) and node.module:
             out.add(node.module)
         elif isinstance(node, ast.Import):
@@ -57,6 +64,49 @@ def test_every_engine_implements_the_whole_protocol_with_its_signatures(kind):
     assert cls.__mro__[1] is object, f"{cls.__name__} is a sibling, not an override of another engine"
 
 
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """A chain of imports that comes back to where it started, or None (depth-first search for a back edge).
+    `from pkg.mod import name` where name is not a module counts as importing pkg.mod; a package importing its
+    own submodules is not a cycle of concepts."""
+    state: dict[str, int] = {}
+
+    def visit(node: str, path: list[str]) -> list[str] | None:
+        state[node] = 1
+        for nxt in sorted(graph.get(node, ())):
+            if nxt not in graph:
+                nxt = nxt.rsplit(".", 1)[0]
+                if nxt not in graph:
+                    continue
+            if state.get(nxt) == 1:
+                if nxt != node and not nxt.startswith(node + ".") and not node.startswith(nxt + "."):
+                    return path + [nxt]
+            elif nxt not in state:
+                found = visit(nxt, path + [nxt])
+                if found:
+                    return found
+        state[node] = 2
+        return None
+
+    for name in sorted(graph):
+        if name not in state:
+            found = visit(name, [name])
+            if found:
+                return found
+    return None
+
+
+def test_the_cycle_check_sees_a_lazy_cycle_and_not_a_typing_one(tmp_path):
+    """What distributed.py, deepspeed_engine.py and trainer.py had: a lazy import back is a cycle; an import for
+    type checkers only is not."""
+    (tmp_path / "a.py").write_text("from experiments.b import f\n")
+    (tmp_path / "b.py").write_text("def f():\n    from experiments.a import x\n")
+    (tmp_path / "c.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from experiments.a import x\n")
+    graph = {f"experiments.{n}": _imports(tmp_path / f"{n}.py") for n in "abc"}
+    assert graph["experiments.c"] == set()
+    assert find_cycle(graph) == ["experiments.a", "experiments.b", "experiments.a"]
+    assert find_cycle({k: v for k, v in graph.items() if k != "experiments.b"}) is None
+
+
 def test_no_import_cycles_in_the_application():
     graph = _module_graph()
     low = {"experiments.checkpoints", *(f"experiments.engines.{k}" for k in ENGINES), "experiments.engines",
@@ -65,25 +115,6 @@ def test_no_import_cycles_in_the_application():
         assert "experiments.trainer" not in graph[name], f"{name} imports the training loop"
     for kind in ENGINES:
         assert "experiments.checkpoints" not in graph[f"experiments.engines.{kind}"], kind
-    # no cycle among the application's modules (depth-first search for a back edge; moe/ and routing/ are below)
-    graph = {k: {m for m in v if m.startswith("experiments")} for k, v in graph.items() if k.startswith("experiments")}
-    state: dict[str, int] = {}
-
-    def visit(node: str, path: list[str]) -> None:
-        state[node] = 1
-        for nxt in sorted(graph.get(node, ())):
-            if nxt not in graph:
-                nxt = nxt.rsplit(".", 1)[0]  # `from pkg.mod import name` where name is a function
-                if nxt not in graph:
-                    continue
-            if state.get(nxt) == 1 and nxt != node and not nxt.startswith(node + "."):
-                # a package's __init__ importing its own submodules is not a cycle of concepts
-                if not node.startswith(nxt + "."):
-                    raise AssertionError(f"import cycle: {' -> '.join(path + [nxt])}")
-            elif nxt not in state:
-                visit(nxt, path + [nxt])
-        state[node] = 2
-
-    for name in sorted(graph):
-        if name not in state:
-            visit(name, [name])
+    # no cycle among the application's modules (moe/ and routing/ are below it)
+    app = {k: {m for m in v if m.startswith("experiments")} for k, v in graph.items() if k.startswith("experiments")}
+    assert find_cycle(app) is None, f"import cycle: {' -> '.join(find_cycle(app))}"
