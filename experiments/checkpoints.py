@@ -190,7 +190,7 @@ class CheckpointManager:
         if sharded_checkpoint.is_sharded(path):
             source = ShardedSource(path / sharded_checkpoint.SHARDED_DIR, optim["param_groups"])
         else:
-            source = FullState(read_weights(model, path), optim)
+            source = FullState(read_weights(model, path, verified=True), optim)  # rank 0 verified it above
         engine.load_state(optimizer, source)
         print(f"resumed from {path} at step {step}")
         return train, rng

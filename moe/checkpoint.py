@@ -134,20 +134,23 @@ def load_config(path: str | Path) -> ModelConfig:
     return ModelConfig.from_dict(read_metadata(path)["model"])
 
 
-def read_weights(model: Transformer, path: str | Path) -> dict[str, torch.Tensor]:
+def read_weights(model: Transformer, path: str | Path, verified: bool = False) -> dict[str, torch.Tensor]:
     """The full-size weights of a checkpoint (model.safetensors, or a sharded checkpoint read whole), checked
-    against the model: every missing, unexpected or mis-shaped tensor is named."""
+    against the model: every missing, unexpected or mis-shaped tensor is named. verified: the caller has just
+    checked the whole folder against its manifest (a resume), so the files are not hashed a second time."""
     path = Path(path)
     expected = full_shapes(model)
     if is_sharded(path) and not (path / WEIGHTS_FILE).is_file():
-        verify(path)
+        if not verified:
+            verify(path)
         from moe.sharded_checkpoint import SHARDED_DIR, read_full
 
         return read_full(path / SHARDED_DIR, expected)[0]
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} is missing; the checkpoint at {path} is incomplete")
-    verify(path, [WEIGHTS_FILE])
+    if not verified:
+        verify(path, [WEIGHTS_FILE])
     try:
         state = load_file(str(weights))
     except Exception as e:  # safetensors raises its own error types for truncated or foreign files

@@ -74,7 +74,7 @@ class FSDPEngine:
     skips_non_finite = True
 
     def __init__(self, ranks: Torchrun, mesh: DeviceMesh, bf16: bool):
-        self.ranks, self.device, self.mesh, self.bf16 = ranks, ranks.device, mesh, bf16
+        self.ranks, self.device, self.bf16 = ranks, ranks.device, bf16
         self.autocast = autocast(self.device, bf16)
         R = mesh["replicate"].size()
         self.replicas = R
