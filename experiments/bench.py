@@ -331,7 +331,7 @@ def bench_shape(s: Shape, reps: int, peers: bool, seed: int = 0, device: str = "
 
 
 def gemm_throughput(rows: Tensor, w: Tensor, counts: Tensor, reps: int) -> dict:
-    from moe.grouped_gemm import grouped_matmul
+    from moe.segment_matmul import grouped_matmul
 
     N, d = rows.shape
     f = w.shape[2]

@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 from experiments.data import DataConfig
 from experiments.twins import build_twin
-from moe.config import ModelConfig, _from_dict
+from moe.config import ModelConfig, config_from_dict
 from routing.config import check_finite
 
 
@@ -83,6 +83,9 @@ class TrainerConfig:
     # with torch.distributed.checkpoint; trainer=fsdp only) or auto (sharded under fsdp, else full). Either loads
     # under every trainer at any world size; python -m experiments.convert_checkpoint turns one into the other.
     checkpoint_format: str = "auto"
+    # torch.compile each block (inductor; dense and MoE alike) with the routing plan's data-dependent sizes marked
+    # dynamic, so that a step does not recompile; results equal eager within fp32 round-off.
+    compile: bool = False
 
     def __post_init__(self) -> None:
         check_finite(self, "trainer")
@@ -250,13 +253,13 @@ def _checked(cls, d: Any, where: str) -> Any:
     """d with each value checked against the field types of cls: the YAML groups are untyped in Hydra, so
     without this `trainer.max_steps=abc` fails later with a bare TypeError, or not at all."""
     if not isinstance(d, dict):
-        return d  # _from_dict names the problem
+        return d  # config_from_dict names the problem
     hints, out = typing.get_type_hints(cls), dict(d)
     for name, value in d.items():
         args = typing.get_args(hints.get(name))
         base = next((a for a in args if a is not type(None)), None) if args else hints.get(name)
         if base not in (bool, int, float, str) or (value is None and type(None) in args):
-            continue  # unknown fields are named by _from_dict
+            continue  # unknown fields are named by config_from_dict
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
         if base is str and number:
             out[name] = str(value)  # what a typed Hydra node does with `logger.name=123`
@@ -277,17 +280,17 @@ def run_config_from_dict(d: dict[str, Any], run_dir: str) -> RunConfig:
         raise ValueError("the config has no model; choose one with model=PRESET")
     top = _checked(RunConfig, {k: d[k] for k in ("seed", "resume", "init_from", "twin") if k in d}, "")
     model = ModelConfig.from_dict(d["model"])
-    trainer = _from_dict(TrainerConfig, _checked(TrainerConfig, d.get("trainer", {}), "trainer"), "trainer")
+    trainer = config_from_dict(TrainerConfig, _checked(TrainerConfig, d.get("trainer", {}), "trainer"), "trainer")
     if top.get("twin") is not None:  # the twin is resolved here, at the boundary: the trainer sees a plain model
         model = build_twin(model, top["twin"], seq_len=min(trainer.seq_len, model.max_seq_len))
     return RunConfig(
         model=model,
-        data=_from_dict(DataConfig, _checked(DataConfig, d.get("data", {}), "data"), "data"),
-        optim=_from_dict(OptimConfig, _checked(OptimConfig, d.get("optim", {}), "optim"), "optim"),
+        data=config_from_dict(DataConfig, _checked(DataConfig, d.get("data", {}), "data"), "data"),
+        optim=config_from_dict(OptimConfig, _checked(OptimConfig, d.get("optim", {}), "optim"), "optim"),
         trainer=trainer,
-        logger=_from_dict(LoggerConfig, _checked(LoggerConfig, d.get("logger", {}), "logger"), "logger"),
+        logger=config_from_dict(LoggerConfig, _checked(LoggerConfig, d.get("logger", {}), "logger"), "logger"),
         deepspeed=(None if d.get("deepspeed") is None else
-                   _from_dict(DeepSpeedConfig, _checked(DeepSpeedConfig, d["deepspeed"], "deepspeed"), "deepspeed")),
+                   config_from_dict(DeepSpeedConfig, _checked(DeepSpeedConfig, d["deepspeed"], "deepspeed"), "deepspeed")),
         run_dir=run_dir,
         seed=top.get("seed", 0),
         resume=top.get("resume", "never"),

@@ -103,7 +103,7 @@ class EvalConfig:
 def eval_config_from_dict(d: dict[str, Any]) -> EvalConfig:
     """The boundary: a resolved Hydra mapping (conf/evaluate.yaml) becomes an EvalConfig, every key checked."""
     from experiments.config import _checked
-    from moe.config import _from_dict
+    from moe.config import config_from_dict
 
     d = dict(d)
     d.pop("hydra", None)
@@ -113,9 +113,9 @@ def eval_config_from_dict(d: dict[str, Any]) -> EvalConfig:
     checkpoints = [str(c) for c in ckpt] if isinstance(ckpt, (list, tuple)) else [str(ckpt)]
     data = d.pop("data", None)
     if data is not None:
-        data = _from_dict(DataConfig, _checked(DataConfig, data, "data"), "data")
+        data = config_from_dict(DataConfig, _checked(DataConfig, data, "data"), "data")
     rest = _checked(EvalConfig, d, "")
-    return _from_dict(EvalConfig, {"checkpoints": checkpoints, "data": data, **rest}, "the evaluate config")
+    return config_from_dict(EvalConfig, {"checkpoints": checkpoints, "data": data, **rest}, "the evaluate config")
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
@@ -401,14 +401,14 @@ def _run_dir_of(checkpoint: Path) -> Optional[str]:
 
 def run_data_config(loaded: LoadedModel) -> DataConfig:
     """The data settings of the run that wrote a Switchyard checkpoint (its config.json records them)."""
-    from moe.config import _from_dict
+    from moe.config import config_from_dict
 
     data = ((loaded.metadata.get("run") or {}).get("data"))
     if not isinstance(data, dict):
         raise ValueError(f"{loaded.path} does not record the data it was trained on (a {loaded.kind} checkpoint, or "
                          f"not written by experiments.train); pass the text with data=shakespeare, "
                          f"data=text data.path=FILE or data=tokens data.path=FILE.bin data.vocab_size=V")
-    return _from_dict(DataConfig, data, f"the data settings in {loaded.path / CONFIG_FILE}")
+    return config_from_dict(DataConfig, data, f"the data settings in {loaded.path / CONFIG_FILE}")
 
 
 def _same_corpus(a: DataConfig, b: DataConfig) -> bool:

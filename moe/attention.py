@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from moe.config import ModelConfig
 from moe.kv_cache import LayerKV
-from moe.layers import apply_rotary
+from moe.rope import apply_rotary
 
 
 class Attention(nn.Module):

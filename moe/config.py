@@ -41,7 +41,7 @@ class MoEConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.router, RouterConfig):  # a dict from JSON/Hydra; anything else is refused by name
-            self.router = _from_dict(RouterConfig, self.router, "model.moe.router")
+            self.router = config_from_dict(RouterConfig, self.router, "model.moe.router")
         if self.num_experts < 1:
             raise ValueError(f"model.moe.num_experts={self.num_experts} must be at least 1")
         if self.expert_hidden is not None and self.expert_hidden < 1:
@@ -122,7 +122,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.moe, MoEConfig):  # a dict from JSON/Hydra; anything else is refused by name
-            self.moe = _from_dict(MoEConfig, self.moe, "model.moe")
+            self.moe = config_from_dict(MoEConfig, self.moe, "model.moe")
         check_finite(self, "model")
         for name in ("vocab_size", "n_layer", "d_model", "n_head", "d_ff", "max_seq_len"):
             if getattr(self, name) < 1:
@@ -180,13 +180,13 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
-        return _from_dict(cls, d, "model")
+        return config_from_dict(cls, d, "model")
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
 
 
-def _from_dict(cls, d: dict[str, Any], where: str):
+def config_from_dict(cls, d: dict[str, Any], where: str):
     """Builds a config dataclass from a plain dict, naming unknown keys instead of a bare TypeError."""
     if not isinstance(d, dict):
         raise ValueError(f"{where} must be a mapping, got {type(d).__name__}")

@@ -11,8 +11,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from moe.grouped_gemm import grouped_matmul
-from moe.layers import activation_fn
+from moe.segment_matmul import grouped_matmul
+from moe.activations import activation_fn
 
 
 class Experts(nn.Module):
@@ -32,7 +32,7 @@ class Experts(nn.Module):
             # must skip them and reduce them over their own group (the tags DeepSpeed's MoE code reads).
             p.allreduce = False
             p.group_name = "ep_size_1"
-        # moe.grouped_gemm.IMPLS: "auto" (torch's grouped_mm where its layout rules hold, else the per-expert loop),
+        # moe.segment_matmul.IMPLS: "auto" (torch's grouped_mm where its layout rules hold, else the per-expert loop),
         # or force "grouped_mm" / "loop" (benchmarks compare them; FLOP tests need the loop, whose matmuls
         # FlopCounterMode sees)
         self.gemm_impl = "auto"

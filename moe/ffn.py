@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from moe.layers import activation_fn
+from moe.activations import activation_fn
 
 
 class DenseFFN(nn.Module):

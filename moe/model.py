@@ -28,7 +28,8 @@ from moe.ffn import DenseFFN
 from moe.generation import generate
 from moe.kv_cache import KVCache, LayerKV, positions_and_mask
 from moe.layer import MoELayer
-from moe.layers import RMSNorm, RotaryEmbedding, make_norm
+from moe.norms import RMSNorm, make_norm
+from moe.rope import RotaryEmbedding
 from routing.recompute import checkpoint_contexts
 
 

@@ -15,7 +15,7 @@ ROUTERS: dict[str, str] = {
     "topk": "routing.topk:TopKRouter",  # token choice: Switch (k=1), GShard/GLaM/Mixtral (k=2), DeepSeek
     "expert_choice": "routing.expert_choice:ExpertChoiceRouter",  # Zhou et al. 2022
     "hash": "routing.hash:HashRouter",  # Roller et al. 2021
-    "base": "routing.base_layer:BaseRouter",  # BASE layers, Lewis et al. 2021
+    "base": "routing.base_layers:BaseRouter",  # BASE layers, Lewis et al. 2021
     "sinkhorn": "routing.sinkhorn:SinkhornRouter",  # Megatron-LM's Sinkhorn top-k
     "bias_balanced": "routing.bias_balanced:BiasBalancedRouter",  # DeepSeek-V3 aux-loss-free balancing
 }

@@ -75,9 +75,9 @@ class UpcycleConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.router, RouterConfig):
-            from moe.config import _from_dict
+            from moe.config import config_from_dict
 
-            self.router = _from_dict(RouterConfig, self.router, "upcycle.router")
+            self.router = config_from_dict(RouterConfig, self.router, "upcycle.router")
         if self.recipe not in RECIPES:
             raise ValueError(f"recipe={self.recipe!r} is not a known recipe; choose one of {list(RECIPES)}")
         if self.num_experts < 1:

@@ -53,7 +53,7 @@ class DenseSource:
 
 def model_from_state(cfg: ModelConfig, state: dict[str, Tensor]) -> Transformer:
     """A dense Transformer holding `state`, built without the random initialisation it would overwrite."""
-    from moe.layers import RotaryEmbedding
+    from moe.rope import RotaryEmbedding
 
     with torch.device("meta"):
         model = Transformer(cfg)

@@ -17,7 +17,7 @@ import conf
 from experiments.config import DeepSpeedConfig, LoggerConfig, OptimConfig, TrainerConfig, run_config_from_dict
 from experiments.generate import generate_text
 from experiments.hydra_conf import CONFIG_MODULE, register_configs
-from moe.config import ModelConfig, _from_dict
+from moe.config import ModelConfig, config_from_dict
 from moe.flops import count_params
 from moe.model import Transformer
 from moe.presets import PRESETS
@@ -109,7 +109,7 @@ def _lookup(d: dict, dotted: str):
 def test_group_defaults_match_dataclass_defaults():
     """The YAML defaults and the dataclass defaults are one set of numbers (no silent drift)."""
     def load(group, name, cls, where):
-        return _from_dict(cls, OmegaConf.to_container(OmegaConf.load(CONF_DIR / group / f"{name}.yaml")), where)
+        return config_from_dict(cls, OmegaConf.to_container(OmegaConf.load(CONF_DIR / group / f"{name}.yaml")), where)
 
     assert load("trainer", "single", TrainerConfig, "trainer") == TrainerConfig()
     assert load("deepspeed", "zero1", DeepSpeedConfig, "deepspeed") == DeepSpeedConfig()

@@ -4,7 +4,7 @@ import torch
 
 from moe.dispatch import DISPATCHERS
 from moe.experts import Experts
-from moe.grouped_gemm import _grouped_mm_ok, grouped_matmul
+from moe.segment_matmul import _grouped_mm_ok, grouped_matmul
 from routing import RouterConfig, build_router
 
 T, E = 20, 4

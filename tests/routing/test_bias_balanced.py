@@ -10,7 +10,7 @@ from moe.model import Transformer
 from routing import RouterConfig, build_router
 from routing.bias_balanced import BiasBalancedRouter
 from routing.stats import STAT_KEYS
-from tests.routing.test_base_layer import check_dispatchers_agree, check_one_training_step, tiny_model_config
+from tests.routing.test_base_layers import check_dispatchers_agree, check_one_training_step, tiny_model_config
 from tests.routing.test_topk import check_plan_invariants
 
 T, D, E = 32, 8, 4

@@ -8,7 +8,7 @@ import torch
 from routing import RouterConfig, build_router
 from routing.sinkhorn import SinkhornRouter, sinkhorn, sinkhorn_log_duals
 from routing.stats import STAT_KEYS
-from tests.routing.test_base_layer import check_dispatchers_agree, check_one_training_step
+from tests.routing.test_base_layers import check_dispatchers_agree, check_one_training_step
 from tests.routing.test_topk import check_plan_invariants
 
 T, D, E = 32, 8, 4

@@ -13,13 +13,8 @@ from moe.dispatch import DISPATCHERS
 from moe.layer import MoELayer
 from moe.model import Transformer
 from routing import RouterConfig, build_router
-from routing.base_layer import (
-    BaseRouter,
-    auction_assignment,
-    balanced_capacity,
-    balanced_rounding,
-    sinkhorn_assignment,
-)
+from routing.assignment import auction_assignment, balanced_capacity, balanced_rounding, sinkhorn_assignment
+from routing.base_layers import BaseRouter
 from routing.router import Router
 from routing.stats import STAT_KEYS
 from tests.routing.test_topk import check_plan_invariants
