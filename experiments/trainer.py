@@ -34,6 +34,7 @@ from experiments.engines import build_engine
 from experiments.metrics import METRICS_FILE, MetricsLogger, NullLogger, flatten_stats, routing_summary
 from experiments.optim import lr_at
 from experiments.preemption import Preempted, PreemptionFlag
+from experiments.provenance import run_provenance
 from experiments.tokenizer import load_tokenizer
 from experiments.trainer_state import TrainState, rng_state, set_rng_state
 from moe.checkpoint import load_config, load_weights
@@ -316,7 +317,8 @@ class Trainer:
                 "flops_per_token": self.flops_per_token, "data_fingerprint": self.data.fingerprint,
                 "vocab_size": self.model_cfg.vocab_size, "sparse_layers": list(self.model_cfg.sparse_layers),
                 "twin": self.cfg.twin, "group": self.cfg.logger.group,
-                "config": {**self.cfg.to_dict(), "model": self.model_cfg.to_dict()}, "summary": summary}
+                "config": {**self.cfg.to_dict(), "model": self.model_cfg.to_dict()}, "summary": summary,
+                "provenance": run_provenance(self.run_dir, status)}  # launcher, host, load, commit, versions
         tmp = self.run_dir / f"{RUN_FILE}.tmp-{self.ranks.rank}"
         tmp.write_text(json.dumps(info, indent=2))
         tmp.replace(self.run_dir / RUN_FILE)
