@@ -13,8 +13,8 @@ from routing.config import RouterConfig, check_finite
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
 NORMS = ("layernorm", "rmsnorm")
-POSITIONS = ("learned", "rope", "none")
-ATTN_BIAS = ("none", "all", "qkv")
+POSITIONS = ("learned", "rope", "alibi", "none")
+ATTN_BIAS = ("none", "all", "qkv", "o")
 DISPATCHERS = ("auto", "einsum", "sorted", "triton", "tutel")
 
 
@@ -113,11 +113,26 @@ class ModelConfig:
     position: str = "learned"  # learned absolute positions (GPT-2, OPT), rope (Llama family) or none
     position_offset: int = 0  # learned positions: index shift of the table (OPT uses 2)
     rope_theta: float = 10000.0  # RoPE base frequency (Llama 2: 1e4, Llama 3: 5e5, SmolLM2: 1e5)
-    attn_bias: str = "none"  # biases on attention projections: none, all (GPT-2, OPT) or qkv (Qwen2)
+    attn_bias: str = "none"  # biases on attention projections: none, all (GPT-2, OPT), qkv (Qwen2) or o (GPT-Neo)
     ffn_bias: bool = False  # biases on FFN projections (GPT-2, OPT)
     tie_embeddings: bool = True  # share the input embedding and the output head
     dropout: float = 0.0  # dropout on residual branches and attention probabilities during training
     init_std: float = 0.02  # std of the normal initialisation of weights
+    # --- options of further families (Gemma, BLOOM, GPT-Neo); the defaults leave a model as it was
+    embed_scale: bool = False  # multiply the token embeddings by sqrt(d_model) (Gemma; the tied head is not scaled)
+    embed_norm: bool = False  # a norm (model.norm) on the embeddings before the first block (BLOOM)
+    norm_unit_offset: bool = False  # RMSNorms scale by (1 + weight), weight initialised to 0 (Gemma)
+    qk_norm: bool = False  # RMSNorm over each head's queries and keys before RoPE (Gemma 3)
+    post_norms: bool = False  # also norm each branch's output before the residual add (Gemma 2/3 "sandwich")
+    # Which blocks attend locally (a sliding window) and which globally, as a cycle of letters over the blocks:
+    # G global (full causal), L local. "G" every block global (default), "LG" Gemma 2, "LLLLLG" Gemma 3,
+    # "GL" GPT-Neo; a string of n_layer letters lists every block.
+    attention_pattern: str = "G"
+    sliding_window: Optional[int] = None  # local blocks: a query sees itself and the window - 1 tokens before it
+    rope_local_theta: Optional[float] = None  # RoPE base of local blocks (Gemma 3: 1e4); None: rope_theta
+    attn_scale: Optional[float] = None  # factor on q.k scores; None: 1/sqrt(head width). Gemma: 1/sqrt(query_pre_attn_scalar), GPT-Neo 1
+    attn_softcap: Optional[float] = None  # scores -> c * tanh(scores / c) before the mask (Gemma 2: 50)
+    logit_softcap: Optional[float] = None  # output logits -> c * tanh(logits / c) (Gemma 2: 30)
     moe: MoEConfig = field(default_factory=MoEConfig)  # which FFN slots are sparse and how they route
 
     def __post_init__(self) -> None:
@@ -147,8 +162,36 @@ class ModelConfig:
         for name in ("norm_eps", "rope_theta"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"model.{name}={getattr(self, name)} must be positive")
+        self._check_family_options()
         if self.sparse_layers:  # only a model that routes needs a router that fits it
             self.moe.router.check_experts(self.moe.num_experts)
+
+    def _check_family_options(self) -> None:
+        pattern = self.attention_pattern
+        if not pattern or set(pattern) - {"G", "L"} or len(pattern) > self.n_layer:
+            raise ValueError(f"model.attention_pattern={pattern!r} must be a cycle of G (global) and L (local) letters "
+                             f"of at most model.n_layer={self.n_layer} letters, e.g. 'G', 'LG', 'LLLLLG'")
+        if "L" in self.layer_kinds and (self.sliding_window is None or self.sliding_window < 1):
+            raise ValueError(f"model.attention_pattern={pattern!r} has local blocks, which need model.sliding_window "
+                             f"(a positive window), got {self.sliding_window}")
+        for name in ("sliding_window", "rope_local_theta", "attn_scale", "attn_softcap", "logit_softcap"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"model.{name}={value} must be positive or null")
+        if self.position == "alibi" and self.position_offset:
+            raise ValueError("model.position_offset applies to learned positions only; set it to 0 with alibi")
+        if (self.norm_unit_offset or self.qk_norm) and self.norm != "rmsnorm":
+            raise ValueError(f"model.norm_unit_offset and model.qk_norm need model.norm=rmsnorm, got {self.norm!r}")
+
+    @property
+    def layer_kinds(self) -> str:
+        """attention_pattern spelled out over the n_layer blocks (one letter per block)."""
+        p = self.attention_pattern
+        return (p * (self.n_layer // len(p) + 1))[: self.n_layer]
+
+    def is_local(self, layer: int) -> bool:
+        """Whether block `layer` attends through the sliding window."""
+        return self.layer_kinds[layer] == "L"
 
     # Derived values are properties, not fields, so that a config round-trips through JSON and Hydra unchanged.
     @property

@@ -7,6 +7,11 @@ Generation (`Transformer.generate`, the loop in moe/generation.py) runs the same
 (moe/kv_cache.py): the new tokens' keys and values are appended per layer, their positions continue each row's
 prompt, and left-padded rows get an attention mask that hides their padding.
 
+Family options (moe.config): Gemma scales the embeddings by sqrt(d), norms with (1 + w), adds post-branch norms
+("sandwich": x + norm(attn(norm(x)))), mixes local (sliding-window) and global blocks with a RoPE base per kind
+and soft-caps its logits; BLOOM norms the embeddings and uses ALiBi instead of positions. Each block takes the
+rotary table and the mask of its kind (moe.attention_masks).
+
 Activation checkpointing (`Transformer.set_activation_checkpointing`) is a run-time choice, not a ModelConfig field:
 it trades compute for memory and leaves the weights, the outputs and the gradients as they are.
 """
@@ -21,7 +26,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from moe.alibi import alibi_slopes
 from moe.attention import Attention
+from moe.attention_masks import block_masks
 from moe.config import ModelConfig
 from moe.experts import Experts
 from moe.ffn import DenseFFN
@@ -50,9 +57,14 @@ class ModelOutput:
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, sparse: bool, layer: int = 0):
         super().__init__()
-        self.attn_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
+        norm = lambda: make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.norm_unit_offset)  # noqa: E731
+        self.attn_norm = norm()
         self.attn = Attention(cfg)
-        self.ffn_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
+        self.ffn_norm = norm()
+        # Gemma's post-branch norms (post_attention_layernorm, post_feedforward_layernorm); None elsewhere
+        self.attn_post_norm = norm() if cfg.post_norms else None
+        self.ffn_post_norm = norm() if cfg.post_norms else None
+        self.kind = "L" if cfg.is_local(layer) else "G"  # local (sliding window) or global attention
         # layer: this block's index, so that hash routers draw one table per layer (routing.hash)
         self.ffn = MoELayer(cfg, layer) if sparse else DenseFFN(cfg.d_model, cfg.d_ff, cfg.activation, cfg.glu, cfg.ffn_bias)
         self.dropout = nn.Dropout(cfg.dropout)
@@ -62,26 +74,30 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, rope, token_ids: Optional[Tensor], kv: Optional[LayerKV] = None,
                 mask: Optional[Tensor] = None):
-        if kv is not None or mask is not None:  # generation (no autograd, eval): nothing to checkpoint
-            return self._forward(x, rope, token_ids, kv, mask)
-        if self.checkpointed and self.training and torch.is_grad_enabled():
+        if self.checkpointed and kv is None and self.training and torch.is_grad_enabled():
             # Inside forward, so that hooks on the Block itself (FSDP2's fully_shard per block) run once, outside the
             # replayed region, as with torchtitan's checkpoint_wrapper. Non-reentrant: the forward runs with autograd,
             # so the outputs may be a (Tensor, RoutingPlan) pair whose aux losses carry gradients; preserve_rng_state
             # makes the replay draw the same jitter, random second choices and dropout masks; context_fn marks the
             # replay (routing.recompute) so routers do not repeat side effects such as counting their tokens.
-            return checkpoint(self._forward, x, rope, token_ids, use_reentrant=False, preserve_rng_state=True,
-                              context_fn=checkpoint_contexts)
-        return self._forward(x, rope, token_ids)
+            # A mask (sliding window, ALiBi) is an input like x; generation (kv) has no autograd to save.
+            return checkpoint(self._forward, x, rope, token_ids, None, mask, use_reentrant=False,
+                              preserve_rng_state=True, context_fn=checkpoint_contexts)
+        return self._forward(x, rope, token_ids, kv, mask)
 
     def _forward(self, x: Tensor, rope, token_ids: Optional[Tensor], kv: Optional[LayerKV] = None,
                  mask: Optional[Tensor] = None):
-        x = x + self.dropout(self.attn(self.attn_norm(x), rope, kv, mask))
+        a = self.attn(self.attn_norm(x), rope, kv, mask)
+        if self.attn_post_norm is not None:
+            a = self.attn_post_norm(a)
+        x = x + self.dropout(a)
         h = self.ffn_norm(x)
         if isinstance(self.ffn, MoELayer):
             y, plan = self.ffn(h, token_ids)
         else:
             y, plan = self.ffn(h), None
+        if self.ffn_post_norm is not None:
+            y = self.ffn_post_norm(y)
         return x + self.dropout(y), plan
 
 
@@ -91,10 +107,11 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_embed = nn.Embedding(cfg.max_seq_len + cfg.position_offset, cfg.d_model) if cfg.position == "learned" else None
-        self.rotary = RotaryEmbedding(cfg.dim_per_head, cfg.rope_theta) if cfg.position == "rope" else None
+        self.embed_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.norm_unit_offset) if cfg.embed_norm else None
+        self.rotary, self.rotary_local = rotary_tables(cfg)
         sparse = set(cfg.sparse_layers)
         self.blocks = nn.ModuleList(Block(cfg, i in sparse, i) for i in range(cfg.n_layer))
-        self.norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
+        self.norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.norm_unit_offset)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.dropout = nn.Dropout(cfg.dropout)
         self.activation_checkpointing = 0  # every n-th block checkpointed; 0 off (set_activation_checkpointing)
@@ -149,23 +166,28 @@ class Transformer(nn.Module):
         # positions [S] (or [B, S] for padded rows); mask None unless padding or a cache needs one
         positions, mask = positions_and_mask(pad, past, S, idx.device)
         x = self.embed(idx)
+        if self.cfg.embed_scale:  # Gemma: sqrt(d) as a tensor of the embedding's dtype, as transformers rounds it
+            x = x * torch.tensor(self.cfg.d_model ** 0.5, dtype=x.dtype)
         if self.pos_embed is not None:
             x = x + self.pos_embed(positions + self.cfg.position_offset)
-        rope = None
-        if self.rotary is not None:
-            cos, sin = self.rotary(positions)  # [S, hd] or [B, S, hd]
-            rope = (cos, sin) if positions.dim() == 1 else (cos[:, None], sin[:, None])  # [B, 1(H), S, hd]
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
+        ropes = {kind: _rope(table, positions) for kind, table in (("G", self.rotary), ("L", self.rotary_local))}
+        slopes = alibi_slopes(self.cfg.n_head, idx.device) if self.cfg.position == "alibi" else None
+        masks = block_masks(mask, window=self.cfg.sliding_window, slopes=slopes, past=past, new=S, device=idx.device)
         x = self.dropout(x)
         aux: dict[str, Tensor] = {}
         stats: dict[int, dict[str, Tensor]] = {}
         for i, block in enumerate(self.blocks):
             kv = cache.layers[i] if cache is not None else None
-            x, plan = block(x, rope, idx, kv, mask)
+            x, plan = block(x, ropes[block.kind], idx, kv, masks[block.kind])
             if plan is not None:
                 for name, value in plan.aux_losses.items():
                     aux[name] = aux[name] + value if name in aux else value
                 stats[i] = plan.stats
         logits = self.lm_head(self.norm(x))
+        if self.cfg.logit_softcap is not None:  # Gemma 2: c * tanh(logits / c)
+            logits = torch.tanh(logits / self.cfg.logit_softcap) * self.cfg.logit_softcap
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
@@ -179,3 +201,22 @@ class Transformer(nn.Module):
         See moe.generation.generate for the rules (routing, padding, max_seq_len, eos)."""
         return generate(self, idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator,
                         eos_id=eos_id, attention_mask=attention_mask, use_cache=use_cache, on_token=on_token)
+
+
+def rotary_tables(cfg: ModelConfig) -> tuple[Optional[RotaryEmbedding], Optional[RotaryEmbedding]]:
+    """(global blocks' RoPE table, local blocks' table): None without RoPE; the local one is the global one
+    unless model.rope_local_theta gives local blocks their own base (Gemma 3). Buffers derived from the config,
+    so a model built on the meta device rebuilds them with this."""
+    if cfg.position != "rope":
+        return None, None
+    table = RotaryEmbedding(cfg.dim_per_head, cfg.rope_theta)
+    local = cfg.rope_local_theta
+    return table, (RotaryEmbedding(cfg.dim_per_head, local) if local is not None and local != cfg.rope_theta else table)
+
+
+def _rope(table: Optional[RotaryEmbedding], positions: Tensor) -> Optional[tuple[Tensor, Tensor]]:
+    """cos, sin [S, hd], or [B, 1(H), S, hd] for per-row positions [B, S]; None without RoPE."""
+    if table is None:
+        return None
+    cos, sin = table(positions)
+    return (cos, sin) if positions.dim() == 1 else (cos[:, None], sin[:, None])

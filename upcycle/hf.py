@@ -7,6 +7,8 @@ Supported `model_type`s:
                              project_in/out (word_embed_proj_dim != hidden_size) is not supported
   llama, mistral, qwen2      RMSNorm, RoPE (default type only), SwiGLU (our `up`=up_proj, `gate`=gate_proj,
   (SmolLM, SmolLM2: llama)   `down`=down_proj), grouped-query attention, Qwen2's q/k/v biases -> attn_bias="qkv"
+  gemma, gemma2, gemma3_text, bloom, gpt_neo    see upcycle/hf_families.py
+Encoders and encoder-decoders (BERT, T5, ...) are refused as out of scope (upcycle.hf_families.check_decoder_only).
 
 Mistral / Qwen2 sliding-window attention: our attention is full causal attention. The two agree exactly for
 sequences no longer than the window, so the window becomes the model's max_seq_len (the forward pass raises
@@ -24,10 +26,12 @@ import torch
 from torch import Tensor
 
 from moe.config import ModelConfig, MoEConfig
+from upcycle.hf_families import bloom_config, check_decoder_only, gemma_config, gpt_neo_config
 from upcycle.keymaps import GPT2, LLAMA, OPT, KeyMap, TensorSource, apply_keymap
+from upcycle.keymaps_families import BLOOM, GEMMA2, GPT_NEO
 from upcycle.source import DenseSource
 
-SUPPORTED = ("gpt2", "opt", "llama", "mistral", "qwen2")
+SUPPORTED = ("gpt2", "opt", "llama", "mistral", "qwen2", "gemma", "gemma2", "gemma3_text", "bloom", "gpt_neo")
 ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
                "gelu": "gelu", "relu": "relu", "silu": "silu", "swish": "silu"}
 
@@ -199,6 +203,11 @@ FAMILIES: dict[str, tuple[Any, KeyMap, tuple[str, ...]]] = {
     "llama": (llama_config, LLAMA, ("model.", "")),
     "mistral": (llama_config, LLAMA, ("model.", "")),
     "qwen2": (llama_config, LLAMA, ("model.", "")),
+    "gemma": (lambda c, w: gemma_config(c, w, _activation), LLAMA, ("model.", "")),
+    "gemma2": (lambda c, w: gemma_config(c, w, _activation), GEMMA2, ("model.", "")),
+    "gemma3_text": (lambda c, w: gemma_config(c, w, _activation), GEMMA2, ("model.", "")),
+    "bloom": (bloom_config, BLOOM, ("transformer.", "")),
+    "gpt_neo": (lambda c, w: gpt_neo_config(c, w, _activation), GPT_NEO, ("transformer.", "")),
 }
 
 
@@ -223,6 +232,10 @@ def check_dense(c: dict, where: str) -> None:
 def hf_model_config(c: dict, where: str = "config.json") -> tuple[ModelConfig, KeyMap, tuple[str, ...], list[str]]:
     kind = c.get("model_type")
     check_dense(c, where)
+    check_decoder_only(c, where, list(SUPPORTED))
+    if kind == "gemma3":
+        raise ValueError(f"{where}: model_type='gemma3' is the multimodal Gemma 3 (vision tower + text model); only "
+                         f"the text model (model_type='gemma3_text', Gemma3ForCausalLM) is read")
     if kind not in FAMILIES:
         raise ValueError(f"{where}: model_type={kind!r} is not supported; supported: {list(SUPPORTED)}")
     reader, keymap, prefixes = FAMILIES[kind]

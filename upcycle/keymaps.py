@@ -4,7 +4,9 @@ A key map is a list of rules `ours <- theirs (ops)`. `{i}` stands for the layer 
 tensor into ours, in order:
 
   t          transpose (GPT-2's Conv1D stores weights [in, out]; ours are nn.Linear [out, in])
-  third:N    the N-th third along dim 0 (GPT-2's fused c_attn: q, k, v stacked)
+  third:N    the N-th third along dim 0 (GPT-2's fused c_attn, llama.cpp's attn_qkv: q, k, v stacked)
+  headthird:N  the N-th of q, k, v interleaved per head along dim 0 (BLOOM's query_key_value: [H, 3, hd])
+  minus1     subtract 1 (llama.cpp stores Gemma's (1 + w) norm weights with the 1 added)
   unperm_q   undo llama.cpp's interleaving of Q rows (convert_hf_to_gguf permutes Q for its RoPE layout)
   unperm_k   the same for K, with the key/value head count
 
@@ -182,6 +184,20 @@ def _third(t: Tensor, n: int, name: str) -> Tensor:
     return t.chunk(3, dim=0)[n]
 
 
+def _head_third(t: Tensor, n: int, heads: int, name: str) -> Tensor:
+    """Rows [H * 3 * hd, ...] as [H, 3, hd, ...] (BLOOM's per-head q, k, v) -> piece n, [H * hd, ...]."""
+    if t.shape[0] % (3 * heads):
+        raise ValueError(f"{name}: {t.shape[0]} rows do not split into {heads} heads of q, k and v; check n_head")
+    return t.reshape(heads, 3, t.shape[0] // (3 * heads), *t.shape[1:])[:, n].reshape(-1, *t.shape[1:])
+
+
+def fuse_pieces(pieces: list[Tensor], kind: str, heads: int) -> Tensor:
+    """The inverse of taking `third` (kind "third") or `headthird` pieces: q, k, v back into one tensor."""
+    if kind == "third":
+        return torch.cat(pieces, dim=0)
+    return torch.stack([p.reshape(heads, -1, *p.shape[1:]) for p in pieces], dim=1).reshape(-1, *pieces[0].shape[1:])
+
+
 def _unperm(t: Tensor, heads: int, name: str) -> Tensor:
     if t.shape[0] % (2 * heads):
         raise ValueError(f"{name}: {t.shape[0]} rows do not split into {heads} heads of an even width; "
@@ -195,6 +211,10 @@ def apply_ops(t: Tensor, ops: Iterable[str], cfg: ModelConfig, name: str) -> Ten
             t = t.t()
         elif op.startswith("third:"):
             t = _third(t, int(op.split(":")[1]), name)
+        elif op.startswith("headthird:"):
+            t = _head_third(t, int(op.split(":")[1]), cfg.n_head, name)
+        elif op == "minus1":
+            t = t - 1
         elif op == "unperm_q":
             t = _unperm(t, cfg.n_head, name)
         elif op == "unperm_k":
@@ -214,6 +234,8 @@ def undo_ops(t: Tensor, ops: Iterable[str], cfg: ModelConfig) -> Tensor:
             t = llama_cpp_permute(t, cfg.n_head)
         elif op == "unperm_k":
             t = llama_cpp_permute(t, cfg.kv_heads)
+        elif op == "minus1":
+            t = t + 1
         else:  # "third:N" is handled by the caller; anything else is a typo in a key map
             raise AssertionError(f"key-map op {op!r} has no one-tensor inverse")
     return t
@@ -329,14 +351,16 @@ def apply_keymap(
 def invert_keymap(keymap: KeyMap, state: Mapping[str, Tensor], cfg: ModelConfig, prefix: str = "") -> dict[str, Tensor]:
     """The source tensors that `apply_keymap(keymap, ., cfg, prefix)` reads back as `state` (our names -> theirs):
     every rule run backwards, its ops undone last to first. A transpose is its own inverse, the llama.cpp
-    permutation is re-applied, the three `third:N` pieces of a fused tensor are concatenated in N order, and a
+    permutation is re-applied, the three `third:N` (`headthird:N`) pieces of a fused tensor are concatenated in N
+    order (interleaved per head), and a
     stacked expert bank ({e}) is split into one tensor per expert.
 
     Rules whose target the state lacks are skipped (a bias this config does not have, a tied head, a dense slot's
     MLP in a sparse layer), exactly as apply_keymap skips them. A tensor of `state` that no rule maps is a part the
     family's layout has no place for: it is named in a ValueError rather than left out of the file."""
     out: dict[str, Tensor] = {}
-    fused: dict[str, tuple[tuple[str, ...], dict[int, Tensor]]] = {}  # theirs -> (ops before the third, pieces)
+    # theirs -> (ops before the third + the third's kind, pieces)
+    fused: dict[str, tuple[tuple[str, ...], dict[int, Tensor]]] = {}
     used: set[str] = set()
     for rule in keymap.rules:
         for i in range(cfg.n_layer) if "{i}" in rule.ours else (None,):
@@ -350,16 +374,18 @@ def invert_keymap(keymap: KeyMap, state: Mapping[str, Tensor], cfg: ModelConfig,
                     out[_source_name(rule, i, prefix, e)] = undo_ops(t[e], rule.ops, cfg)
                 continue
             theirs = _source_name(rule, i, prefix)
-            thirds = [n for n, op in enumerate(rule.ops) if op.startswith("third:")]
+            thirds = [n for n, op in enumerate(rule.ops) if op.startswith(("third:", "headthird:"))]
             if not thirds:
                 out[theirs] = undo_ops(t, rule.ops, cfg)
                 continue
             at = thirds[0]  # forward: ops[:at], then take a third, then ops[at + 1:]
             before, piece = rule.ops[:at], undo_ops(t, rule.ops[at + 1:], cfg)
-            fused.setdefault(theirs, (before, {}))[1][int(rule.ops[at].split(":")[1])] = piece
+            kind, n = rule.ops[at].split(":")
+            fused.setdefault(theirs, (before + (kind,), {}))[1][int(n)] = piece
     for theirs, (before, pieces) in fused.items():
         assert sorted(pieces) == [0, 1, 2], f"key map {keymap.family}: {theirs} has pieces {sorted(pieces)} of 3"
-        out[theirs] = undo_ops(torch.cat([pieces[n] for n in range(3)], dim=0), before, cfg)
+        whole = fuse_pieces([pieces[n] for n in range(3)], before[-1], cfg.n_head)
+        out[theirs] = undo_ops(whole, before[:-1], cfg)
     left = sorted(set(state) - used)
     if left:
         raise ValueError(f"the {keymap.family} layout has no place for {left[:8]}{' ...' if len(left) > 8 else ''}; "

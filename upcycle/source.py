@@ -3,7 +3,7 @@
 Sources:
   a Switchyard checkpoint directory   config.json with a "model" section + model.safetensors (moe.checkpoint)
   a Hugging Face model directory      config.json + model.safetensors / pytorch_model.bin (sharded or not)
-  a GGUF file                         llama.cpp's single-file format (llama and qwen2 architectures)
+  a GGUF file                         llama.cpp's single-file format (llama, qwen2, gemma, gemma2, gemma3, bloom)
 """
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ class DenseSource:
 
 def model_from_state(cfg: ModelConfig, state: dict[str, Tensor]) -> Transformer:
     """A dense Transformer holding `state`, built without the random initialisation it would overwrite."""
-    from moe.rope import RotaryEmbedding
+    from moe.model import rotary_tables
 
     with torch.device("meta"):
         model = Transformer(cfg)
@@ -64,8 +64,8 @@ def model_from_state(cfg: ModelConfig, state: dict[str, Tensor]) -> Transformer:
         raise ValueError(f"the state does not fit the config: missing {missing[:8]}, unexpected {unexpected[:8]}")
     if cfg.tie_embeddings:
         model.lm_head.weight = model.embed.weight
-    if model.rotary is not None:  # a buffer derived from the config, not part of the state
-        model.rotary = RotaryEmbedding(cfg.dim_per_head, cfg.rope_theta)
+    if model.rotary is not None:  # buffers derived from the config, not part of the state
+        model.rotary, model.rotary_local = rotary_tables(cfg)
     return model
 
 
