@@ -31,10 +31,14 @@ from experiments.checkpoints import CheckpointManager
 from experiments.config import RunConfig
 from experiments.data import PreparedData, describe, prepare
 from experiments.engines import build_engine
+from experiments.engines.full_size import use_bf16
+from experiments.engines.ranks import quiet_dependencies
 from experiments.metrics import METRICS_FILE, MetricsLogger, NullLogger, flatten_stats, routing_summary
 from experiments.optim import lr_at
+from experiments.peak_flops import peak_flops
 from experiments.preemption import Preempted, PreemptionFlag
 from experiments.provenance import run_provenance
+from experiments.run_log import RunLog, record_line
 from experiments.tokenizer import load_tokenizer
 from experiments.trainer_state import TrainState, rng_state, set_rng_state
 from moe.checkpoint import load_config, load_weights
@@ -59,14 +63,16 @@ class Trainer:
     def __init__(self, cfg: RunConfig, data: Optional[PreparedData] = None):
         self.cfg = cfg
         tc = cfg.trainer
+        quiet_dependencies()  # before the engine imports DeepSpeed: ranks other than 0 keep their warnings to themselves
         self.engine = build_engine(cfg)  # checks the settings, then (torchrun) joins the process group
         self.ranks = ranks = self.engine.ranks
         self.run_dir = Path(ranks.broadcast(str(cfg.path), "broadcast of rank 0's run directory"))
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.log = RunLog(self.run_dir, ranks.is_main)  # rank 0's lines: console and RUN_DIR/train.log
         self.ckpts = CheckpointManager(self.run_dir, tc.keep_checkpoints)
         if ranks.is_main:
             for name in self.ckpts.remove_leftovers():
-                print(f"removed {name}: left in {self.ckpts.root} by an interrupted write")
+                self.log.info(f"removed {name}: left in {self.ckpts.root} by an interrupted write")
         if tc.threads:
             torch.set_num_threads(tc.threads)
         self.device = self.engine.device
@@ -85,6 +91,7 @@ class Trainer:
         self.state = TrainState()
         self.params = count_params(self.model_cfg)
         self.flops_per_token = flops_per_token(self.model_cfg, tc.seq_len).training
+        self.peak_flops = peak_flops(self.device, use_bf16(tc.precision, self.device))  # None: no MFU (CPU, unknown GPU)
         self.val_set = [ranks.local_rows(*b) for b in self.data.val_batches(tc.batch_size, tc.seq_len, tc.eval_batches)]
         self.collapse = CollapseMonitor()
         self.preemption = PreemptionFlag()
@@ -92,6 +99,9 @@ class Trainer:
         if resumed is not None:
             self.state, rng = resumed
             set_rng_state(rng)
+        # The training-loss sum since the last record, on the device: a step adds to it without reading it
+        # (float64, the arithmetic of the Python floats it replaces); records and checkpoints read it.
+        self._loss_sum = torch.tensor(self.state.loss_sum, dtype=torch.float64, device=self.device)
         self._step_rng = rng_state()  # the RNG at the current step boundary: what a checkpoint of it holds
         self.logger = (MetricsLogger(self.run_dir, cfg.logger, cfg.to_dict(), resume_step=self.state.step if resumed else None)
                        if ranks.is_main else NullLogger(self.run_dir / METRICS_FILE))
@@ -118,6 +128,7 @@ class Trainer:
 
     def save(self) -> Path:
         """Checkpoints the current step (every rank calls it)."""
+        self._fold_loss_sum()
         extra = {"tokenizer.json": self.data.tokenizer.save} if self.data.tokenizer is not None else {}
         meta = {"step": self.state.step, "data_fingerprint": self.data.fingerprint, "run": self.cfg.to_dict()}
         return self.ckpts.save(self.state.step, self.engine, self.optimizer, self.model_cfg, self.state,
@@ -133,21 +144,33 @@ class Trainer:
         return self.ranks.mean(float(np.mean(losses)))  # equal row shards: the mean over ranks is the global mean
 
     def train_step(self) -> dict[str, Any]:
+        """One optimizer step with its logged values read back: the losses and routing statistics of the global
+        batch as Python floats and reduced tensors (benchmarks and tests step with this; the loop does not)."""
+        out = self.device_step()
+        lm_loss, aux, stats = self.ranks.reduce_logged(float(out["lm_loss"]), _floats(out["aux"]), out["stats"])
+        return {**out, "lm_loss": lm_loss, "aux": aux, "stats": stats}
+
+    def device_step(self) -> dict[str, Any]:
+        """One optimizer step whose logged values stay this rank's device tensors: lm_loss and aux (float64
+        scalars, the mean over micro-batches), stats (counts summed, the rest averaged). Nothing here reads a
+        tensor on the host except the engine's gradient norm: whether to skip the update must be known before
+        the optimizer runs, and AdamW cannot be made to update nothing by a device-side guard (its moments and
+        weight decay move even for a zero gradient), so every engine reads the norm once per step."""
         tc, step = self.cfg.trainer, self.state.step
         lr = lr_at(step, self.cfg.optim, tc.max_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        lm_loss = 0.0
-        aux: dict[str, float] = {}
+        lm_loss = torch.zeros((), dtype=torch.float64, device=self.device)
+        aux: dict[str, torch.Tensor] = {}
         stats: dict[int, dict[str, torch.Tensor]] = {}
         for micro in range(tc.grad_accum):
             # the global batch, whatever the world size; each rank keeps its rows
             x, y = self.ranks.local_rows(*self.data.get_batch("train", step * tc.grad_accum + micro, tc.batch_size,
                                                               tc.seq_len, self.cfg.seed))
             out = self.engine.train_micro(x, y, 1.0 / tc.grad_accum, last=micro == tc.grad_accum - 1)
-            lm_loss += out.loss.item() / tc.grad_accum
+            lm_loss = lm_loss + out.loss.detach().double() / tc.grad_accum
             for name, value in out.aux_losses.items():
-                aux[name] = aux.get(name, 0.0) + value.item() / tc.grad_accum
+                aux[name] = aux.get(name, 0.0) + value.detach().double() / tc.grad_accum
             for layer, values in out.stats.items():  # sum counts over micro-batches, average the rest
                 acc = stats.setdefault(layer, {k: torch.zeros_like(v) for k, v in values.items()})
                 for k, v in values.items():
@@ -161,20 +184,30 @@ class Trainer:
                 f"the gradient norm is {grad_norm} at step {step + 1} and trainer={tc.kind} has already applied the "
                 f"update (it cannot skip a step); {self.ckpts.last_good()}"
             )
-        lm_loss, aux, stats = self.ranks.reduce_logged(lm_loss, aux, stats)  # logged values: the global batch's
         if not skipped:
             for module in self.model.modules():  # routers with per-step state (bias balancing) update it now
                 if isinstance(module, Router):
                     module.after_optimizer_step()
         return {"lr": lr, "lm_loss": lm_loss, "aux": aux, "stats": stats, "grad_norm": grad_norm, "skipped": skipped}
 
+    def _fold_loss_sum(self) -> None:
+        """The device's loss sum into TrainState (what a checkpoint holds), as the mean over the ranks (every rank
+        calls it): the sum carried over a resume is then the global batch's, and the record's mean stays exact."""
+        self.state.loss_sum = self.ranks.mean(float(self._loss_sum))
+        self._loss_sum.fill_(self.state.loss_sum)
+
     def _count_skip(self, skipped: bool) -> None:
         st = self.state
         st.skipped_in_a_row = st.skipped_in_a_row + 1 if skipped else 0
         st.skipped_steps += skipped
         if skipped:
-            warnings.warn(f"step {st.step}: the gradient norm is not finite; the update was skipped ({st.skipped_in_a_row} "
-                          f"in a row, trainer.max_skipped_steps={self.cfg.trainer.max_skipped_steps})", stacklevel=2)
+            self._warn(f"step {st.step}: the gradient norm is not finite; the update was skipped ({st.skipped_in_a_row} "
+                       f"in a row, trainer.max_skipped_steps={self.cfg.trainer.max_skipped_steps})")
+
+    def _warn(self, message: str) -> None:
+        """A Python warning (the console's stderr, pytest.warns), and the same line in train.log."""
+        warnings.warn(message, stacklevel=3)
+        self.log.file_only(f"warning: {message}")
 
     def _stop_if_diverged(self) -> None:
         """Too many skipped steps in a row stop the run. Since the weights do not change during the run of skips,
@@ -187,7 +220,8 @@ class Trainer:
         if self.ranks.is_main:
             for step, _ in self.ckpts.complete():
                 if step >= since:
-                    print(f"set aside {self.ckpts.set_aside(step, 'diverged')}: its weights give non-finite gradients")
+                    self.log.info(f"set aside {self.ckpts.set_aside(step, 'diverged')}: its weights give non-finite "
+                                  f"gradients")
         self.ranks.barrier()
         raise FloatingPointError(
             f"the gradient norm was not finite for {st.skipped_in_a_row} steps in a row (steps {since + 1}-{st.step}; "
@@ -197,39 +231,46 @@ class Trainer:
     # ---------------------------------------------------------------- the loop
 
     def fit(self) -> dict[str, Any]:
+        try:
+            return self._fit()
+        finally:
+            self.log.close()  # train.log's handle; a later line (another fit) opens it again
+
+    def _fit(self) -> dict[str, Any]:
         tc, st = self.cfg.trainer, self.state
         self._write_run_file("running")
-        if self.ranks.is_main:
-            print(describe(self.data))
-            print(f"model: {self.params.total:,} parameters, {self.params.active:,} active per token, "
-                  f"{self.flops_per_token:.3g} training FLOPs per token; sparse layers {list(self.model_cfg.sparse_layers)}")
-            print(describe_dispatch(self.model))
+        self.log.info(describe(self.data))
+        self.log.info(f"model: {self.params.total:,} parameters, {self.params.active:,} active per token, "
+                      f"{self.flops_per_token:.3g} training FLOPs per token; sparse layers {list(self.model_cfg.sparse_layers)}")
+        self.log.info(describe_dispatch(self.model))
         self._last_log = (st.tokens, st.elapsed_s)  # what the next record's tokens/s are measured from
+        self._started = (time.perf_counter(), st.step)  # what the lines' elapsed and ETA are measured from
         val_loss: Optional[float] = None
-        last_stats: dict[int, dict[str, torch.Tensor]] = {}
-        bar = _progress(tc.progress and self.ranks.is_main, tc.max_steps, st.step)
+        self._logged_stats: dict[int, dict[str, torch.Tensor]] = {}  # the last record's (reduced) routing statistics
+        self.log.start_bar(tc.progress, tc.max_steps, st.step)
         if st.step == 0 and tc.eval_at_start:  # the curve's first point: the initial model (not on a resume)
-            self.logger.log({"step": 0, "tokens": 0, "flops": 0.0, "elapsed_s": 0.0, "val_loss": self.evaluate()})
+            record = {"step": 0, "tokens": 0, "flops": 0.0, "elapsed_s": 0.0, "val_loss": self.evaluate()}
+            self.logger.log(record)
+            self.log.info(record_line(record, tc.max_steps, 0.0, None))
         self.model.train()
         try:
             with self.preemption:
                 while st.step < tc.max_steps:
-                    out = self._timed_step()
-                    last_stats = out["stats"]
+                    out = self._timed_step(self._reads_after(st.step + 1))
                     final = st.step == tc.max_steps
                     evaluate = final or (tc.eval_interval > 0 and st.step % tc.eval_interval == 0)
                     val_loss = self.evaluate() if evaluate else None
                     if final or evaluate or st.step % tc.log_interval == 0:
-                        self._log(out, val_loss, bar)
-                    if bar is not None:
-                        bar.update(1)
+                        self._log(out, val_loss)
+                    self.log.advance()
                     self._stop_if_diverged()  # after the record: the metrics show the last skipped step
                     self._checkpoint_or_stop(final)
         except KeyboardInterrupt:
             # The last complete step is saved so that resume=auto continues exactly from it.
             if st.step > 0 and not self.ckpts.path(st.step).exists():
                 path = self.save()
-                print(f"\ninterrupted: saved {path}; continue with resume=auto")
+                self.log.close_bar()
+                self.log.info(f"interrupted: saved {path}; continue with resume=auto")
             self._write_run_file("interrupted")
             raise
         except Preempted:
@@ -237,28 +278,43 @@ class Trainer:
         except BaseException as e:
             # every rank writes: when rank 0 is the one that died, the survivors still say why the run ended
             self._write_run_file("failed", {"error": f"{type(e).__name__}: {e}", "rank": self.ranks.rank}, every_rank=True)
+            self.log.file_only(f"failed: {type(e).__name__}: {e}")
             raise
         finally:
-            if bar is not None:
-                bar.close()
+            self.log.close_bar()
             self.logger.close()
         if val_loss is None:  # resumed at max_steps: no step ran, so nothing was evaluated
             val_loss = self.evaluate()
-        if last_stats and self.ranks.is_main:
-            print(f"routing at step {st.step} (last training batch):\n{routing_summary(last_stats)}")
+        if self._logged_stats:  # the final step is always recorded: these are its statistics
+            self.log.info(f"routing at step {st.step} (last training batch):\n{routing_summary(self._logged_stats)}")
         summary = {"final_val_loss": val_loss, "unigram_entropy": self.data.unigram_entropy("val"),
                    "steps": st.step, "tokens": st.tokens, "flops": st.flops, "elapsed_s": st.elapsed_s,
                    "skipped_steps": st.skipped_steps,
                    "metrics": str(self.logger.path), "checkpoint": str(self.ckpts.complete()[-1][1])}
         self._write_run_file("finished", summary)
+        # train.log only: experiments.train prints these lines on the console
+        self.log.file_only(f"final validation loss {val_loss:.4f} nats (unigram entropy of the validation split: "
+                           f"{summary['unigram_entropy']:.4f})\nmetrics:    {summary['metrics']}\n"
+                           f"checkpoint: {summary['checkpoint']}")
         return summary
 
-    def _timed_step(self) -> dict[str, Any]:
-        """One optimizer step, and the counters it moves (time, tokens, FLOPs, the loss mean, skips, collapse)."""
+    def _reads_after(self, step: int) -> bool:
+        """Whether the loop reads the device after `step` (a record, an evaluation, a checkpoint, the end): its
+        step is timed to the device's finish. Other steps queue work and are not waited for."""
+        tc = self.cfg.trainer
+        return (step >= tc.max_steps or step % tc.log_interval == 0
+                or (tc.eval_interval > 0 and step % tc.eval_interval == 0)
+                or (tc.ckpt_interval > 0 and step % tc.ckpt_interval == 0))
+
+    def _timed_step(self, reads_after: bool = True) -> dict[str, Any]:
+        """One optimizer step, and the counters it moves (time, tokens, FLOPs, the loss sum, skips, collapse),
+        with no host read (device_step's gradient norm aside). Only a step that is read after (reads_after)
+        waits for the device (CUDA): the time of the steps before it, queued asynchronously, lands in its interval,
+        so the seconds summed over a record's steps are the device's."""
         tc, st = self.cfg.trainer, self.state
         t0 = time.perf_counter()
-        out = self.train_step()
-        if self.device.type == "cuda":
+        out = self.device_step()
+        if reads_after and self.device.type == "cuda":
             torch.cuda.synchronize()
         st.elapsed_s += time.perf_counter() - t0
         st.step += 1
@@ -267,30 +323,40 @@ class Trainer:
         st.tokens += tokens
         st.flops += self.flops_per_token * tokens
         if not out["skipped"]:  # a skipped step's loss is NaN or inf: it would poison the mean
-            st.loss_sum += out["lm_loss"]
+            self._loss_sum += out["lm_loss"]
             st.loss_count += 1
         self._count_skip(out["skipped"])
-        for layer, values in out["stats"].items():  # every step: patience counts steps
-            for message in self.collapse.update(st.step, layer, values["tokens_per_expert"], tokens):
-                warnings.warn(message, stacklevel=1)
+        for layer, values in out["stats"].items():  # every step (patience counts steps), read at the next record
+            self.collapse.observe(st.step, layer, values["tokens_per_expert"], tokens // self.ranks.world_size)
         return out
 
-    def _log(self, out: dict[str, Any], val_loss: Optional[float], bar) -> None:
-        """One metrics record: the mean training loss since the last one, throughput, the step's routing."""
-        st = self.state
+    def _log(self, out: dict[str, Any], val_loss: Optional[float]) -> None:
+        """One metrics record: the mean training loss since the last one, throughput, the step's routing; the
+        device's values are read here, once per record, and reduced over the ranks (every rank calls it)."""
+        tc, st = self.cfg.trainer, self.state
+        loss_sum, aux, stats = self.ranks.reduce_logged(float(self._loss_sum), _floats(out["aux"]), out["stats"])
         tps = (st.tokens - self._last_log[0]) / max(st.elapsed_s - self._last_log[1], 1e-9)
         record = {"step": st.step, "tokens": st.tokens, "flops": st.flops,
-                  "train_loss": st.loss_sum / st.loss_count if st.loss_count else math.nan,
+                  "train_loss": loss_sum / st.loss_count if st.loss_count else math.nan,
                   "lr": out["lr"], "grad_norm": out["grad_norm"], "skipped_steps": st.skipped_steps,
-                  "tokens_per_s": tps, "elapsed_s": st.elapsed_s, **out["aux"]}
+                  "tokens_per_s": tps, "flops_per_s": self.flops_per_token * tps,  # achieved model FLOP/s
+                  "elapsed_s": st.elapsed_s, **aux}
+        if self.peak_flops:
+            record["mfu"] = record["flops_per_s"] / self.peak_flops
         if val_loss is not None:
             record["val_loss"] = val_loss
-        record.update(flatten_stats(out["stats"]))
+        record.update(flatten_stats(stats))
+        self._logged_stats = stats
         self.logger.log(record)
+        self._loss_sum.zero_()
         st.loss_sum, st.loss_count = 0.0, 0
         self._last_log = (st.tokens, st.elapsed_s)
-        if bar is not None:
-            bar.set_postfix(loss=f"{record['train_loss']:.3f}", tok_s=f"{tps:,.0f}")
+        wall = time.perf_counter() - self._started[0]
+        done = st.step - self._started[1]
+        self.log.info(record_line(record, tc.max_steps, wall, wall / done * (tc.max_steps - st.step) if done else None))
+        for message in self.collapse.report():  # this rank's counts (world size 1: the global batch's)
+            if self.ranks.is_main:
+                self._warn(message)
 
     def _checkpoint_or_stop(self, final: bool) -> None:
         """The periodic or final checkpoint, then the ranks' agreement on a preemption signal (one scalar
@@ -332,9 +398,6 @@ def _checkpoint_tokenizer(init_from: Optional[str]):
     return None
 
 
-def _progress(enabled: bool, total: int, initial: int):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, leave=False)
+def _floats(values: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Scalar tensors read on the host (a record's aux losses)."""
+    return {name: float(value) for name, value in values.items()}

@@ -42,7 +42,12 @@ class CollapseMonitor:
 
     A layer has collapsed when one expert receives more than `share` of the tokens, or when some expert
     receives nothing, for `patience` consecutive steps. Plain Python state: the trainer owns it and prints
-    what `update` returns; nothing is stored globally.
+    what `report` returns; nothing is stored globally.
+
+    A training step only `observe`s: the step's counts stay on their device, held until `report` reads the
+    steps since the last report in one transfer per layer and replays them in order, so the messages (their
+    steps, experts and shares) are those a per-step check would have given, only read at the next record.
+    `update` is observe and report in one call.
     """
 
     def __init__(self, patience: int = 50, share: float = 0.5):
@@ -50,11 +55,33 @@ class CollapseMonitor:
         self._hot: dict[int, int] = {}  # layer -> consecutive steps with one expert above `share`
         self._dead: dict[int, int] = {}  # layer -> consecutive steps with at least one empty expert
         self._reported: set[tuple[int, str]] = set()
+        # layer -> the observed steps not yet reported: (step, tokens_per_expert [E] as given, num_tokens)
+        self._pending: dict[int, list[tuple[int, Tensor, Optional[int]]]] = {}
+
+    def observe(self, step: int, layer: int, tokens_per_expert: Tensor, num_tokens: Optional[int] = None) -> None:
+        """Holds one step's counts (no host read; the tensor is kept, not copied, so it must not be changed in
+        place before the report: the trainer's are fresh each step). num_tokens: tokens routed this step (with top-k an expert's
+        share is of tokens, not of the k*T assignments, so a top-2 expert can exceed one half); None: the
+        assignments' total."""
+        self._pending.setdefault(layer, []).append((step, tokens_per_expert.detach(), num_tokens))
+
+    def report(self) -> list[str]:
+        """The messages of every step observed since the last report, in step order per layer."""
+        messages = []
+        for layer, pending in sorted(self._pending.items()):
+            counts = torch.stack([c.float() for _, c, _ in pending]).cpu()  # [steps, E]: one read per layer
+            for (step, _, num_tokens), row in zip(pending, counts):
+                messages += self._check(step, layer, row, num_tokens)
+        self._pending.clear()
+        return messages
 
     def update(self, step: int, layer: int, tokens_per_expert: Tensor, num_tokens: Optional[int] = None) -> list[str]:
-        """num_tokens: tokens routed this step (with top-k an expert's share is of tokens, not of the k*T
-        assignments, so a top-2 expert can exceed one half); None: the assignments' total."""
-        counts = tokens_per_expert.detach().float().cpu()
+        """observe and report: the messages up to this step (see observe for num_tokens)."""
+        self.observe(step, layer, tokens_per_expert, num_tokens)
+        return self.report()
+
+    def _check(self, step: int, layer: int, counts: Tensor, num_tokens: Optional[int]) -> list[str]:
+        """One step of one layer on host counts [E]: moves the streaks, returns the messages it completes."""
         total = float(num_tokens) if num_tokens is not None else float(counts.sum())
         messages = []
         for kind, bad, streaks in (

@@ -16,8 +16,10 @@ trainer.collective_timeout_s raises MoECollectiveError naming this rank, the wor
 from __future__ import annotations
 
 import datetime
+import logging
 import os
-from typing import Any, Callable, TypeVar
+import warnings
+from typing import Any, Callable, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -161,6 +163,43 @@ class Torchrun:
     def close(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+class _AtLeast(logging.Filter):
+    """Passes records at `level` or above: a logger's own filter, which survives the library resetting the logger's
+    level when it is imported (DeepSpeed's logger factory does)."""
+
+    def __init__(self, level: int):
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= self.level
+
+
+# The loggers of dependencies that speak on every rank, and the lowest level each keeps on rank 0; other ranks keep
+# errors only. DeepSpeed logs its configuration and op builds at INFO: WARNING keeps its real warnings.
+DEPENDENCY_LOGGERS = {"DeepSpeed": logging.WARNING, "torch.distributed": logging.WARNING,
+                      "torch.nn.parallel": logging.WARNING}
+
+
+def quiet_dependencies(rank: Optional[int] = None) -> None:
+    """Quiets the dependencies' chatter of a rank: on rank 0 their loggers keep WARNING and above (real
+    warnings stay); on every other rank Python warnings are ignored and the loggers keep errors only, so one
+    message is printed once, not once per rank. rank: None reads the launcher's RANK (0 when there is none), so
+    this can run before the process group exists and before DeepSpeed is imported. Idempotent."""
+    if rank is None:
+        rank = int(os.environ.get("RANK", "0") or 0)
+    if rank != 0:
+        warnings.simplefilter("ignore")  # this process's filters: rank 0 shows the same warnings once
+    for name, level in DEPENDENCY_LOGGERS.items():
+        logger = logging.getLogger(name)
+        for old in [f for f in logger.filters if isinstance(f, _AtLeast)]:
+            logger.removeFilter(old)
+        keep = level if rank == 0 else logging.ERROR
+        logger.addFilter(_AtLeast(keep))
+        if rank != 0:
+            logger.setLevel(logging.ERROR)  # their children (torch.distributed.*) inherit the level, not the filter
 
 
 def launch_env(kind: str, how: str, launchers: str = "torchrun") -> tuple[int, int, int]:
