@@ -397,6 +397,9 @@ def prepare(cfg: DataConfig, tokenizer: Optional[Tokenizer] = None) -> PreparedD
         t0 = time.perf_counter()
         tok = tokenizer or build_tokenizer(cfg.tokenizer, [d.text for d in train_docs], vocab, root / "tokenizers")
         t1 = time.perf_counter()
+        print(f"tokenizing {len(train_docs)} + {len(val_docs)} documents "
+              f"({sum(len(d.text) for d in docs):,} characters) with the {tok.name} tokenizer into {out} (first use of "
+              f"this corpus and tokenizer)", flush=True)
         dtype = np.dtype(np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32)
         # Build in a private folder and rename it into place: a crash leaves no half entry, and when two
         # processes (e.g. DDP ranks) race, one rename wins and the other's copy is discarded.
@@ -414,6 +417,8 @@ def prepare(cfg: DataConfig, tokenizer: Optional[Tokenizer] = None) -> PreparedD
                     "train_docs": [d.name for d in train_docs], "val_docs": [d.name for d in val_docs],
                     "tokenizer_seconds": round(t1 - t0, 3), "tokenize_seconds": round(time.perf_counter() - t1, 3)}
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+            print(f"tokenized into {n_train:,} train / {n_val:,} val tokens in {meta['tokenize_seconds']:.1f} s",
+                  flush=True)
             try:
                 os.replace(tmp, out)
             except OSError:
