@@ -1,6 +1,9 @@
 """GGUF files (llama.cpp's format) through the `gguf` package: metadata -> ModelConfig, tensors -> our state.
 
-Architectures: `llama` (Llama, Mistral, SmolLM, SmolLM2 ... as llama.cpp converts them) and `qwen2`.
+Architectures: `llama` (Llama, Mistral, SmolLM, SmolLM2 ... as llama.cpp converts them) and `qwen2`; `gemma`,
+`gemma2`, `gemma3` and `bloom` through upcycle/gguf_families.py (GPT-Neo has no llama.cpp architecture: read it
+from its Hugging Face directory). Encoder and encoder-decoder architectures (bert, t5, ...) are refused as out of
+scope.
 Tensor names follow llama.cpp (token_embd, blk.N.attn_q/k/v/output, blk.N.ffn_gate/up/down, blk.N.attn_norm,
 blk.N.ffn_norm, output_norm, output); `output` absent means the head is tied to the embedding.
 
@@ -22,10 +25,12 @@ import torch
 from torch import Tensor
 
 from moe.config import ModelConfig, MoEConfig
+from upcycle.gguf_families import ENCODER_ARCHS, FAMILY_ARCHS, family_config
 from upcycle.keymaps import GGUF_LLAMA, GGUF_QWEN2, KeyMap, apply_keymap
 from upcycle.source import DenseSource
 
-ARCHITECTURES: dict[str, KeyMap] = {"llama": GGUF_LLAMA, "qwen2": GGUF_QWEN2}
+ARCHITECTURES: dict[str, KeyMap] = {"llama": GGUF_LLAMA, "qwen2": GGUF_QWEN2,
+                                    **{arch: keymap for arch, (keymap, _) in FAMILY_ARCHS.items()}}
 
 
 def _import_gguf():
@@ -100,9 +105,14 @@ def _can_dequantize(qtype) -> bool:
 
 def gguf_model_config(f: GGUFFile) -> tuple[ModelConfig, KeyMap, list[str]]:
     arch = f.architecture
+    if arch in ENCODER_ARCHS:
+        raise ValueError(f"{f.path.name}: general.architecture={arch!r} is an {ENCODER_ARCHS[arch]}; Switchyard "
+                         f"upcycles decoder-only causal language models, so it is out of scope (supported: "
+                         f"{sorted(ARCHITECTURES)})")
     if arch not in ARCHITECTURES:
         raise ValueError(f"{f.path.name}: general.architecture={arch!r} is not supported; supported: "
-                         f"{sorted(ARCHITECTURES)}")
+                         f"{sorted(ARCHITECTURES)} (GPT-Neo has no llama.cpp architecture: read its Hugging Face "
+                         f"directory)")
     a = arch
     experts = f.field(f"{a}.expert_count", None)
     if experts is not None and int(experts) > 1:  # Mixtral-style files keep arch "llama" and say it here
@@ -127,6 +137,13 @@ def gguf_model_config(f: GGUFFile) -> tuple[ModelConfig, KeyMap, list[str]]:
         raise ValueError(f"{f.path.name}: tensor 'token_embd.weight' is missing; every {arch} model needs it")
     vocab = int(f.field(f"{a}.vocab_size", int(embd.shape[-1])))
     tied = "output.weight" not in f.tensors
+    if arch in FAMILY_ARCHS:
+        base = dict(vocab_size=vocab, n_layer=int(f.field(f"{a}.block_count")), d_model=d, n_head=heads,
+                    n_kv_head=kv, head_dim=head_dim if head_dim * heads != d else None,
+                    d_ff=int(f.field(f"{a}.feed_forward_length")), max_seq_len=int(f.field(f"{a}.context_length")),
+                    tie_embeddings=tied, moe=MoEConfig(layers="none"))
+        cfg, notes = family_config(f, arch, base)
+        return cfg, ARCHITECTURES[arch], notes
     cfg = ModelConfig(
         vocab_size=vocab, n_layer=int(f.field(f"{a}.block_count")), d_model=d, n_head=heads, n_kv_head=kv,
         head_dim=head_dim if head_dim * heads != d else None, d_ff=int(f.field(f"{a}.feed_forward_length")),

@@ -3,8 +3,16 @@
 Supported: tokenizer.ggml.model = "gpt2", byte-level BPE (GPT-2, Llama 3, Qwen2, SmolLM, ...): the vocabulary
 (tokenizer.ggml.tokens), the merges (tokenizer.ggml.merges), control tokens (token_type 3) as special added
 tokens and user-defined ones (token_type 4) as plain added tokens, and the pre-tokenizer that
-tokenizer.ggml.pre names (the split regex its merges were learned with). Other tokenizer models
-(sentencepiece "llama", "t5", ...) are not rebuilt: the reader returns no tokenizer and says so.
+tokenizer.ggml.pre names (the split regex its merges were learned with).
+
+Also tokenizer.ggml.model = "llama", SentencePiece-style (Llama 1/2, Gemma): tokens with scores
+(tokenizer.ggml.scores) and types (1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte <0xXX>).
+llama.cpp's SPM tokenizer merges, again and again, the adjacent pair of symbols whose concatenation is a token
+of the highest score (the leftmost of equals), then spells a symbol that is not a token as its UTF-8 bytes. A
+BPE whose merges are every split (left, right) of every token, ranked by the token's score, merges the same
+pairs in the same order: that is the tokenizer built here (byte fallback on, spaces as "▁", a "▁" in front of
+the text when tokenizer.ggml.add_space_prefix, llama.cpp's default, is true; Gemma writes it false). Other
+models ("t5", ...) are not rebuilt: the reader returns no tokenizer and says so.
 """
 from __future__ import annotations
 
@@ -15,7 +23,8 @@ if TYPE_CHECKING:
 
     from upcycle.gguf_reader import GGUFFile
 
-CONTROL, USER_DEFINED = 3, 4
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+SPACE = "\u2581"  # SentencePiece's visible space, "▁"
 
 _LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
@@ -96,6 +105,42 @@ def build_bpe_tokenizer(tokens: list[str], merges: list[str], token_types: Optio
     return tok, note
 
 
+def build_spm_tokenizer(tokens: list[str], scores: list[float], token_types: Optional[list[int]],
+                        add_space_prefix: bool = True) -> "tokenizers.Tokenizer":
+    """A SentencePiece-style tokenizer (llama.cpp's "llama" vocabulary) from its token list, scores and types."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
+
+    if len(scores) != len(tokens):
+        raise ValueError(f"tokenizer.ggml.scores has {len(scores)} entries for {len(tokens)} tokens")
+    types = list(token_types) if token_types is not None else [NORMAL] * len(tokens)
+    vocab: dict[str, int] = {}
+    for i, t in enumerate(tokens):
+        vocab.setdefault(t, i)
+    ranked = []  # (-score of the merged token, its id, left id): the order llama.cpp merges in
+    for t, i in vocab.items():
+        if types[i] not in (NORMAL, USER_DEFINED) or len(t) < 2:
+            continue
+        for cut in range(1, len(t)):
+            left, right = t[:cut], t[cut:]
+            if left in vocab and right in vocab:
+                ranked.append((-float(scores[i]), i, vocab[left], left, right))
+    ranked.sort()
+    unk = next((t for t, ty in zip(tokens, types) if ty == UNKNOWN), None)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[(left, right) for *_, left, right in ranked], unk_token=unk,
+                               byte_fallback=True, fuse_unk=True))
+    replace = normalizers.Replace(" ", SPACE)
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend(SPACE), replace]) if add_space_prefix else replace
+    steps = [decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+    tok.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if add_space_prefix else []))
+    control = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == CONTROL]
+    user = [AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == USER_DEFINED]
+    if control:
+        tok.add_special_tokens(control)
+    if user:
+        tok.add_tokens(user)
+    return tok
+
+
 def gguf_tokenizer(f: "GGUFFile") -> tuple[Optional["tokenizers.Tokenizer"], dict[str, str], Optional[str], Optional[str]]:
     """(tokenizer or None, special tokens by name, chat template, note) from a GGUF file's metadata."""
     model = f.field("tokenizer.ggml.model", None)
@@ -113,9 +158,18 @@ def gguf_tokenizer(f: "GGUFFile") -> tuple[Optional["tokenizers.Tokenizer"], dic
             if not 0 <= int(i) < len(tokens):
                 raise ValueError(f"{f.path.name}: tokenizer.ggml.{key}={i} is outside the vocabulary of {len(tokens)}")
             special[name] = tokens[int(i)]
+    if model == "llama":
+        scores = f.field("tokenizer.ggml.scores", None)
+        if scores is None:
+            raise ValueError(f"{f.path.name}: tokenizer.ggml.scores is missing; a 'llama' (SentencePiece-style) "
+                             f"tokenizer needs the score of every token")
+        tok = build_spm_tokenizer(list(tokens), list(scores), f.field("tokenizer.ggml.token_type", None),
+                                  bool(f.field("tokenizer.ggml.add_space_prefix", True)))
+        return tok, special, template, None
     if model != "gpt2":
         return None, special, template, (f"tokenizer.ggml.model={model!r} is not rebuilt (supported: 'gpt2', "
-                                         f"byte-level BPE); the checkpoint is written without a tokenizer")
+                                         f"byte-level BPE, and 'llama', SentencePiece-style); the checkpoint is "
+                                         f"written without a tokenizer")
     merges = f.field("tokenizer.ggml.merges", None)
     if merges is None:
         raise ValueError(f"{f.path.name}: tokenizer.ggml.merges is missing; a 'gpt2' (BPE) tokenizer needs its merges")
