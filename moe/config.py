@@ -183,6 +183,15 @@ class ModelConfig:
         if (self.norm_unit_offset or self.qk_norm) and self.norm != "rmsnorm":
             raise ValueError(f"model.norm_unit_offset and model.qk_norm need model.norm=rmsnorm, got {self.norm!r}")
 
+    def family_options(self) -> list[str]:
+        """The options of the Gemma / BLOOM / GPT-Neo families this model uses ("model.field=value"), for formats
+        that cannot hold them (upcycle.export_formats refuses a model that has any)."""
+        out = [f"model.{name}={getattr(self, name)!r}" for name in _FAMILY_DEFAULTS
+               if getattr(self, name) != _FAMILY_DEFAULTS[name]]
+        out += [f"model.{name}={getattr(self, name)!r}" for name, value in (("position", "alibi"), ("attn_bias", "o"))
+                if getattr(self, name) == value]
+        return out
+
     @property
     def layer_kinds(self) -> str:
         """attention_pattern spelled out over the n_layer blocks (one letter per block)."""
@@ -227,6 +236,12 @@ class ModelConfig:
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
+
+
+# The family options' defaults, with which a model is as it was before they existed (family_options).
+_FAMILY_DEFAULTS: dict[str, Any] = dict(embed_scale=False, embed_norm=False, norm_unit_offset=False, qk_norm=False,
+                                        post_norms=False, attention_pattern="G", rope_local_theta=None,
+                                        attn_scale=None, attn_softcap=None, logit_softcap=None)
 
 
 def config_from_dict(cls, d: dict[str, Any], where: str):

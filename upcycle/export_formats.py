@@ -72,7 +72,8 @@ def _kind(cfg: ModelConfig, f: HFFormat) -> list[str]:
         return [f"the model is dense (model.moe.layers={cfg.moe.layers!r}) and {f.name} is an MoE format"]
     if not f.sparse and cfg.is_moe:
         return [f"sparse layers {list(cfg.sparse_layers)} (model.moe.layers={cfg.moe.layers!r}): {f.name} is dense"]
-    return []
+    # Gemma / BLOOM / GPT-Neo options (moe.config.ModelConfig.family_options): no export format holds them
+    return [f"{o} ({f.name} has no such option)" for o in cfg.family_options()]
 
 
 def _llama_backbone(cfg: ModelConfig, name: str) -> list[str]:

@@ -1,0 +1,149 @@
+"""Gemma 2, Gemma 3, BLOOM and GPT-Neo: tiny random transformers models read from their Hugging Face directories
+(and GGUF files as llama.cpp writes them) give transformers' logits (fp32, <= 1e-4), upcycle exactly at step 0,
+and encoders / encoder-decoders are refused as out of scope."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.upcycle.conftest import hf_logits, ids_for
+from tests.upcycle.family_models import SEQ, V, make_family, write_family_gguf
+from upcycle import UpcycleConfig, exactness, read_dense, step0_check, upcycle
+
+transformers = pytest.importorskip("transformers")
+TOL = 1e-4
+FAMILIES = ("gemma2", "gemma3", "bloom", "gpt_neo")
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    """kind -> (transformers model, its saved directory), built once per module."""
+    built = {}
+
+    def get(kind):
+        if kind not in built:
+            path = tmp_path_factory.mktemp(kind)
+            built[kind] = (make_family(kind, path), path)
+        return built[kind]
+    return get
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_hf_family_equals_transformers(family, kind):
+    hf, path = family(kind)
+    src = read_dense(path)
+    ids = ids_for(V, length=24)  # longer than every test model's window (5): local blocks really are local
+    diff = (_logits(src.build_model(), ids) - hf_logits(hf, ids)).abs().max().item()
+    assert diff <= TOL, f"{kind}: max |Δ logit| {diff:.2e}"
+    assert src.origin == f"hf {hf.config.model_type}" and not src.config.is_moe
+
+
+def test_family_options_read(family):
+    c = read_dense(family("gemma2")[1]).config
+    assert (c.attention_pattern, c.sliding_window, c.attn_softcap, c.logit_softcap) == ("LG", 5, 2.0, 3.0)
+    assert (c.embed_scale, c.norm_unit_offset, c.post_norms, c.qk_norm, c.head_dim) == (True, True, True, False, 16)
+    assert c.attn_scale == pytest.approx(24 ** -0.5) and c.activation == "gelu_tanh" and c.glu
+    c = read_dense(family("gemma3")[1]).config
+    assert (c.attention_pattern, c.rope_theta, c.rope_local_theta, c.qk_norm) == ("LLG", 50000.0, 500.0, True)
+    assert c.attn_softcap is None and c.logit_softcap is None
+    c = read_dense(family("bloom")[1]).config
+    assert (c.position, c.embed_norm, c.norm, c.attn_bias, c.tie_embeddings) == ("alibi", True, "layernorm", "all", True)
+    c = read_dense(family("gpt_neo")[1]).config
+    assert (c.attention_pattern, c.sliding_window, c.attn_scale, c.attn_bias) == ("GL", 5, 1.0, "o")
+
+
+@pytest.mark.parametrize("kind, change", [
+    ("gemma2", dict(attention_pattern="G", sliding_window=None)),  # the window matters at 24 tokens
+    ("gemma2", dict(attn_softcap=None)),  # so does the cap
+    ("gemma3", dict(rope_local_theta=None)),  # and the local RoPE base
+    ("gpt_neo", dict(attn_scale=None)),  # GPT-Neo's scores are unscaled
+])
+def test_each_option_is_exercised(family, kind, change):
+    src = read_dense(family(kind)[1])
+    ids = ids_for(V, length=24)
+    src.config = src.config.replace(**change)
+    diff = (_logits(src.build_model(), ids) - hf_logits(family(kind)[0], ids)).abs().max().item()
+    assert diff > 1e-3, f"{kind} without {change}: the test would not notice the option ({diff:.1e})"
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "gemma3", "bloom"])
+def test_gguf_family_equals_transformers(tmp_path, family, kind):
+    hf, _ = family(kind)
+    write_family_gguf(tmp_path / "m.gguf", hf, kind)
+    src = read_dense(tmp_path / "m.gguf")
+    ids = ids_for(V, length=24)
+    diff = (_logits(src.build_model(), ids) - hf_logits(hf, ids)).abs().max().item()
+    assert src.origin.startswith(f"gguf {kind}")
+    if kind == "gemma2":  # query_pre_attn_scalar (24) is not in GGUF: llama.cpp scales by 1/sqrt(head_dim = 16)
+        assert src.config.attn_scale == pytest.approx(16 ** -0.5) and diff > 1e-3
+        hf2 = make_family(kind, tmp_path / "hf16", query_pre_attn_scalar=16)
+        write_family_gguf(tmp_path / "m16.gguf", hf2, kind)
+        src, hf = read_dense(tmp_path / "m16.gguf"), hf2
+        diff = (_logits(src.build_model(), ids) - hf_logits(hf, ids)).abs().max().item()
+    assert diff <= TOL, f"gguf {kind}: max |Δ logit| {diff:.2e}"
+    if kind == "bloom":
+        assert src.config.tie_embeddings and any("copy of token_embd" in n for n in src.notes)
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_upcycle_step0_exact(family, kind):
+    dense = read_dense(family(kind)[1]).build_model()
+    cfg = UpcycleConfig(recipe="copy", layers="all", num_experts=4, router_init_std=0.5)
+    moe = upcycle(dense, cfg)
+    report = step0_check(dense, moe, ids_for(V, length=33), cfg.recipe, *exactness(cfg))
+    assert report.expected_exact and report.max_abs_diff < 1e-5, report.text()
+    assert moe.cfg.family_options() == dense.cfg.family_options() != []
+
+
+# ------------------------------------------------------------------------------------------- refusals
+
+
+def _save(path, config):
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+@pytest.mark.parametrize("config, match", [
+    ({"model_type": "bert", "architectures": ["BertForMaskedLM"]}, r"model_type='bert' is an encoder.*out of scope"),
+    ({"model_type": "roberta"}, r"encoder.*out of scope"),
+    ({"model_type": "t5", "is_encoder_decoder": True}, r"model_type='t5' is an encoder-decoder.*out of scope"),
+    ({"model_type": "bart"}, r"encoder-decoder.*out of scope"),
+    ({"model_type": "gemma3_text", "use_bidirectional_attention": True}, r"encoder.*out of scope"),
+    ({"model_type": "gemma3"}, r"multimodal Gemma 3.*gemma3_text"),
+    ({"model_type": "bloom", "apply_residual_connection_post_layernorm": True}, "apply_residual_connection"),
+])
+def test_hf_refusals(tmp_path, config, match):
+    with pytest.raises(ValueError, match=match):
+        read_dense(_save(tmp_path / "m", config))
+
+
+def test_gguf_encoder_and_gpt_neo_refusals(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    for arch, match in (("bert", r"'bert' is an encoder;.*out of scope"), ("t5", r"'t5' is an encoder-decoder"),
+                        ("gptneox", r"not supported.*GPT-Neo has no llama\.cpp architecture")):
+        w = gguf.GGUFWriter(str(tmp_path / f"{arch}.gguf"), arch)
+        w.add_tensor("token_embd.weight", torch.zeros(4, 8).numpy())
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        with pytest.raises(ValueError, match=match):
+            read_dense(tmp_path / f"{arch}.gguf")
+
+
+def test_export_refuses_family_options(family):
+    from upcycle.export import choose_format
+
+    dense = read_dense(family("gemma2")[1]).build_model()
+    moe = upcycle(dense, UpcycleConfig(recipe="copy", layers="all", num_experts=4))
+    with pytest.raises(ValueError, match=r"mixtral: model\.embed_scale=True \(mixtral has no such option\)"):
+        choose_format(moe.cfg)
+    assert SEQ == dense.cfg.max_seq_len
