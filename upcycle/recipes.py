@@ -36,6 +36,17 @@ The down-projection factor that preserves the output (derivation)
     Exact only with router_init_std = 0 (and G = 1); with a random router the report shows the gap.
   Both are what `down_factor` returns; the bias factor is always F / G.
 
+The router (router_init_std)
+  Router weights are drawn from N(0, 0.02^2) by default: Sparse Upcycling (Komatsuzaki et al. 2023) trains a
+  new, randomly initialised router, and its codebase (flaxformer's RouterWeights) draws the kernel from a normal
+  with stddev 2e-2. Under the renormalised orders the output does not depend on the router at step 0 (identical
+  experts, chosen weights summing to s), so a random router keeps the step-0 check exact. A zero router
+  (router_init_std=0, on request only) gives every expert the same logit for every token: the tie rule
+  (lowest index first) then sends every token to the same k experts in every sparse layer, the other E - k
+  experts receive nothing and no gradient, and the load-balancing loss cannot tell the experts apart, so
+  training only moves the chosen pair around. The only order that needs a zero router is softmax_topk without
+  renormalisation (above).
+
 Which layers: `layers`, in moe.config's syntax ("every:2" the default, "last:N", "all", or "1,3,5").
 Router and k come from `router` (a RouterConfig; the app fills it from the routing config group).
 """
@@ -55,6 +66,7 @@ from routing.config import RouterConfig
 
 RECIPES = ("copy", "noise", "granular", "shared", "drop")
 EXACT_RECIPES = ("copy", "granular", "shared")  # output-preserving by construction (given a fitting router)
+ROUTER_INIT_STD = 0.02  # the default router std: flaxformer's router kernel init, which Sparse Upcycling used
 
 
 @dataclass
@@ -63,8 +75,8 @@ class UpcycleConfig:
     num_experts: int = 8  # routed experts per sparse layer (E); granular: a multiple of shards
     layers: str = "every:2"  # which FFN slots become sparse (moe.config syntax: every:K, last:N, all, "1,3")
     router: RouterConfig = field(default_factory=RouterConfig)  # router family, k, order, capacity, losses
-    router_init_std: Optional[float] = None  # router weights ~ N(0, std); 0 is a zero router; None: 0.02 for
-    #                                          granular (G>1) and drop, else 0
+    router_init_std: Optional[float] = None  # router weights ~ N(0, std); 0: a zero router (every token ties);
+    #                                          None: ROUTER_INIT_STD (Komatsuzaki et al.'s 0.02)
     shards: int = 1  # granular / shared: G shards of the FFN hidden dimension per expert (expert width f/G)
     shared_fraction: float = 0.5  # shared: the part a of the output the shared expert carries at step 0
     shared_gate: bool = False  # shared: a sigmoid gate on the shared expert (Qwen-MoE), zero-initialised
@@ -101,9 +113,7 @@ class UpcycleConfig:
 
     @property
     def router_std(self) -> float:
-        if self.router_init_std is not None:
-            return self.router_init_std
-        return 0.02 if self.shards > 1 or self.recipe == "drop" else 0.0
+        return ROUTER_INIT_STD if self.router_init_std is None else self.router_init_std
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -132,7 +142,8 @@ def exactness(cfg: UpcycleConfig) -> tuple[bool, str]:
     if r.order == "softmax_topk" and not r.renormalize:
         if cfg.router_std != 0 or cfg.shards > 1:
             return False, ("softmax_topk without renormalisation: the chosen probabilities sum to a constant only "
-                           "for a zero router with shards=1")
+                           "for a zero router with shards=1 (router_init_std=0, which sends every token to the same "
+                           "experts)")
         return True, f"zero router, softmax_topk: every weight is 1/E, down projection scaled by E/k = {down_factor(cfg):g}"
     how = "topk_softmax" if r.order == "topk_softmax" else "renormalised softmax_topk"
     return True, f"{how}: chosen weights sum to {r.scale:g}, down projection scaled by {down_factor(cfg):g}"

@@ -1,14 +1,15 @@
 """The step-0 check: an upcycled model against its dense source, on one text sample, before any training.
 
-It reports max and mean |Δ logit|, both next-token losses, and whether the recipe was expected to preserve
-the output exactly (upcycle.recipes.exactness). For an exact recipe the difference must be fp32 round-off:
+It reports max and mean |Δ logit|, both next-token losses, whether the recipe was expected to preserve
+the output exactly (upcycle.recipes.exactness), and the routing at step 0: how many experts of each sparse layer
+receive a token of the sample (a zero router sends every token to the same k experts; see upcycle.recipes). For an exact recipe the difference must be fp32 round-off:
 at most `tolerance` = 1e-5 x max(1, max |dense logit|) (the products and sums of a 30-layer model change
 order when tokens are split over experts, so the bound scales with the logits). An inexact recipe reports its
 gap as it is measured; nothing is rounded or hidden.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Optional, Sequence
 
 import torch
@@ -39,6 +40,17 @@ class StepZeroReport:
     expected_exact: bool  # the recipe and router preserve the output by construction
     reason: str  # why (not)
     tolerance: float  # what counts as fp32 round-off for this sample
+    # sparse layer index -> assignments per expert on the sample ([E] counts; T*k in all for dropless top-k)
+    tokens_per_expert: dict[int, list[int]] = field(default_factory=dict)
+
+    @property
+    def experts_used(self) -> dict[int, int]:
+        """Sparse layer index -> how many of its experts receive at least one token of the sample."""
+        return {i: sum(1 for c in counts if c > 0) for i, counts in self.tokens_per_expert.items()}
+
+    @property
+    def all_experts_used(self) -> bool:
+        return all(n == len(self.tokens_per_expert[i]) for i, n in self.experts_used.items())
 
     @property
     def within_roundoff(self) -> bool:
@@ -50,7 +62,27 @@ class StepZeroReport:
         return self.within_roundoff or not self.expected_exact
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "within_roundoff": self.within_roundoff, "passed": self.passed}
+        return {**asdict(self), "within_roundoff": self.within_roundoff, "passed": self.passed,
+                "experts_used": self.experts_used}
+
+    def routing_text(self) -> list[str]:
+        """One line per sparse layer: experts used and the assignments per expert."""
+        if not self.tokens_per_expert:
+            return []
+        used = self.experts_used
+        lines = [f"  routing at step 0 (experts used per sparse layer on the {self.tokens} tokens; assignments "
+                 f"per expert):"]
+        for i, counts in sorted(self.tokens_per_expert.items()):
+            lines.append(f"    layer {i:>3}: {used[i]}/{len(counts)}  {counts}")
+        if not self.all_experts_used:
+            dead = sum(len(self.tokens_per_expert[i]) - n for i, n in used.items())
+            short = sum(1 for i, n in used.items() if n < len(self.tokens_per_expert[i]))
+            chosen = {tuple(c > 0 for c in counts) for counts in self.tokens_per_expert.values()}
+            why = (": every layer sends every token to the same experts, as a zero router (router_init_std=0) does"
+                   if len(chosen) == 1 and len(used) > 1 else "")
+            lines.append(f"  note: {dead} experts in {short} of {len(used)} sparse layers receive no token of the "
+                         f"sample{why}")
+        return lines
 
     def text(self) -> str:
         lines = [
@@ -65,7 +97,7 @@ class StepZeroReport:
                        f"(fp32 round-off); {self.reason}")
         else:
             verdict = f"INEXACT (as expected): {self.reason}; the gap above is the honest step-0 cost"
-        return "\n".join(lines + ["  " + verdict])
+        return "\n".join(lines + ["  " + verdict] + self.routing_text())
 
 
 def sample_tokens(vocab_size: int, tokenizer=None, max_len: int = 128, text: Optional[str] = None,
@@ -99,4 +131,6 @@ def step0_check(dense: Transformer, moe: Transformer, tokens: Tensor, recipe: st
         recipe=recipe, tokens=int(x.numel()), max_abs_diff=float(diff.max()), mean_abs_diff=float(diff.mean()),
         max_abs_logit=scale, dense_loss=float(a.loss), moe_loss=float(b.loss), expected_exact=expected_exact,
         reason=reason, tolerance=RELATIVE_TOLERANCE * max(1.0, scale),
+        tokens_per_expert={i: [int(c) for c in st["tokens_per_expert"].tolist()] for i, st in sorted(b.stats.items())
+                           if "tokens_per_expert" in st},
     )

@@ -31,17 +31,21 @@ def _check(dense, cfg):
 
 
 EXACT = {
-    "copy_zero_router": dict(recipe="copy"),
+    "copy_default_router": dict(recipe="copy"),  # N(0, 0.02^2), Komatsuzaki et al.'s router init
+    "copy_zero_router": dict(recipe="copy", router_init_std=0.0),
     "copy_random_router": dict(recipe="copy", router_init_std=0.5),
     "copy_renormalised_softmax_topk": dict(recipe="copy", router_init_std=0.5,
                                            router=RouterConfig(order="softmax_topk", renormalize=True)),
-    "copy_softmax_topk_zero_router": dict(recipe="copy", router=RouterConfig(order="softmax_topk", top_k=3)),
+    "copy_softmax_topk_zero_router": dict(recipe="copy", router_init_std=0.0,
+                                          router=RouterConfig(order="softmax_topk", top_k=3)),
     "copy_top1_scaled": dict(recipe="copy", router_init_std=0.5, router=RouterConfig(top_k=1, scale=2.5)),
     "copy_all_layers_einsum": dict(recipe="copy", layers="all", dispatcher="einsum", router_init_std=0.5),
     "granular_G2": dict(recipe="granular", shards=2, num_experts=8, router=RouterConfig(top_k=2)),
     "granular_G4_k4": dict(recipe="granular", shards=4, num_experts=8, router=RouterConfig(top_k=4)),
     "granular_renormalised": dict(recipe="granular", shards=2, router=RouterConfig(order="softmax_topk", renormalize=True, top_k=4)),
     "shared": dict(recipe="shared"),
+    "shared_renormalised_softmax_topk": dict(recipe="shared", router=RouterConfig(order="softmax_topk", renormalize=True)),
+    "granular_G2_default_router_k4": dict(recipe="granular", shards=2, router=RouterConfig(top_k=4)),
     "shared_gate_G2": dict(recipe="shared", shared_gate=True, shards=2, shared_fraction=0.3, router_init_std=0.5),
 }
 
@@ -59,7 +63,8 @@ def test_exact_recipes_equal_dense(request, model, name):
 
 
 @pytest.mark.parametrize("kw", [dict(recipe="noise", noise_std=0.05), dict(recipe="drop", drop_ratio=0.5),
-                                dict(recipe="copy", router_init_std=0.5, router=RouterConfig(order="softmax_topk"))])
+                                dict(recipe="copy", router_init_std=0.5, router=RouterConfig(order="softmax_topk")),
+                                dict(recipe="copy", router=RouterConfig(order="softmax_topk"))])  # default random router
 def test_inexact_recipes_report_a_gap(llama, kw):
     report, _ = _check(llama, UpcycleConfig(**kw))
     assert not report.expected_exact and report.passed
@@ -80,7 +85,10 @@ def test_copy_experts_are_the_ffn(llama):
     for e in range(4):
         assert torch.equal(ex.w_up[e], ffn.up.weight.t()) and torch.equal(ex.w_gate[e], ffn.gate.weight.t())
         assert torch.equal(ex.w_down[e], ffn.down.weight.t())
-    assert torch.count_nonzero(moe.blocks[1].ffn.router.gate.weight) == 0  # zero router by default
+    w = moe.blocks[1].ffn.router.gate.weight  # [E, d]: N(0, 0.02^2) by default
+    assert torch.count_nonzero(w) == w.numel() and 0.015 < float(w.detach().std()) < 0.025
+    zero = upcycle(llama, UpcycleConfig(num_experts=4, router_init_std=0.0)).blocks[1].ffn.router.gate.weight
+    assert torch.count_nonzero(zero) == 0  # a zero router only on request
     # Everything outside the sparse FFNs is the dense model's.
     assert torch.equal(moe.blocks[1].attn.q_proj.weight, llama.blocks[1].attn.q_proj.weight)
 
@@ -141,3 +149,21 @@ def test_already_sparse_is_refused(llama):
     moe = upcycle(llama, UpcycleConfig())
     with pytest.raises(ValueError, match="already sparse"):
         upcycle(moe, UpcycleConfig())
+
+
+def test_step0_report_counts_the_experts_each_layer_uses(llama):
+    """The default random router spreads the sample over every expert; a zero router ties them all, and the tie rule
+    (lowest index first) sends every token to experts 0 and 1 of every layer: the report names the collapse."""
+    ids = ids_for(TINY["vocab"], length=33)  # [2, 33]: 64 predicted positions, top-2 -> 128 assignments per layer
+    spread, _ = _check(llama, UpcycleConfig(recipe="copy"))
+    assert sorted(spread.tokens_per_expert) == [1, 3]
+    assert spread.experts_used == {1: 8, 3: 8} and spread.all_experts_used
+    assert all(sum(c) == 2 * 64 for c in spread.tokens_per_expert.values())
+    assert "layer   1: 8/8" in spread.text() and spread.to_dict()["experts_used"] == {1: 8, 3: 8}
+    cfg = UpcycleConfig(recipe="copy", router_init_std=0.0)
+    collapsed = step0_check(llama, upcycle(llama, cfg), ids, cfg.recipe, *exactness(cfg))
+    assert collapsed.max_abs_diff < 1e-5  # still exact: identical experts, weights summing to 1
+    assert collapsed.tokens_per_expert == {1: [64, 64, 0, 0, 0, 0, 0, 0], 3: [64, 64, 0, 0, 0, 0, 0, 0]}
+    assert collapsed.experts_used == {1: 2, 3: 2} and not collapsed.all_experts_used
+    assert "12 experts in 2 of 2 sparse layers receive no token" in collapsed.text()
+    assert "as a zero router (router_init_std=0) does" in collapsed.text()
