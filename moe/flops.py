@@ -17,6 +17,11 @@ Conventions (those of torch.utils.flop_counter.FlopCounterMode, Chinchilla and P
   of every matmul), the "model FLOPs" behind MFU. Fused SDPA kernels recompute QK^T in their backward, so
   FlopCounterMode counts 5 score-sized matmuls there instead of 4; `attention_recompute=True` counts that
   (the hardware FLOPs of flash/efficient/cudnn attention). Activation checkpointing is never counted.
+- The family options (moe.config) add no matmul: ALiBi is an added bias, soft-capping a tanh, the embedding
+  scale a multiply, QK-norm and post-branch norms are norms; none is counted. A sliding window is a mask over
+  the same full S x S square that scaled_dot_product_attention computes, so local blocks count as global ones
+  (a windowed kernel would do S x W). Their parameters (QK-norm and post-branch norm weights, the embedding
+  norm, GPT-Neo's o-only bias) are counted.
 """
 from __future__ import annotations
 
@@ -72,9 +77,10 @@ def _attention_params(cfg: ModelConfig) -> int:
     biases = 0
     if cfg.attn_bias in ("all", "qkv"):
         biases += (H + 2 * G) * hd
-    if cfg.attn_bias == "all":
+    if cfg.attn_bias in ("all", "o"):
         biases += d
-    return weights + biases
+    qk_norms = 2 * hd if cfg.qk_norm else 0  # one RMSNorm weight for the queries, one for the keys
+    return weights + biases + qk_norms
 
 
 def count_params(cfg: ModelConfig) -> ParamCount:
@@ -85,7 +91,7 @@ def count_params(cfg: ModelConfig) -> ParamCount:
 
     embedding = V * d + ((cfg.max_seq_len + cfg.position_offset) * d if cfg.position == "learned" else 0)
     lm_head = 0 if cfg.tie_embeddings else d * V
-    per_block = 2 * _norm_params(cfg) + _attention_params(cfg)
+    per_block = (4 if cfg.post_norms else 2) * _norm_params(cfg) + _attention_params(cfg)
     dense_ffn = _ffn_params(cfg, cfg.d_ff, cfg.glu)
     expert = _ffn_params(cfg, cfg.expert_hidden, cfg.expert_glu)
     router = n_sparse * d * E if cfg.moe.router.has_gate else 0
@@ -93,8 +99,9 @@ def count_params(cfg: ModelConfig) -> ParamCount:
     shared_experts = n_sparse * ((_ffn_params(cfg, shared_width, cfg.expert_glu) + (d if cfg.moe.shared_gate else 0))
                                  if shared_width else 0)
     experts_total = n_sparse * E * expert
+    embed_norm = _norm_params(cfg) if cfg.embed_norm else 0
     shared = (embedding + L * per_block + (L - n_sparse) * dense_ffn + _norm_params(cfg) + lm_head + router
-              + shared_experts)
+              + shared_experts + embed_norm)
 
     total = shared + experts_total
     active = shared + round(n_sparse * cfg.moe.router.experts_per_token * expert)
