@@ -1,20 +1,24 @@
 """python -m experiments.compare SWEEP_DIR [--baseline NAME] [--out DIR] [--no-plots]
 
-The dense-versus-sparse report of one sweep (e.g. `python -m experiments.train -m experiment=dense_vs_moe`):
-reads every run's run.json and metrics.jsonl below SWEEP_DIR and writes, into SWEEP_DIR (or --out),
+The report of one sweep (e.g. `python -m experiments.train -m experiment=dense_vs_moe`, or `-m routing=topk,switch`):
+reads every run's run.json and metrics.jsonl below SWEEP_DIR (symlinked run directories included) and writes,
+into SWEEP_DIR (or --out),
 
-  comparison.md    the table, its footnotes, the runs left out and why
+  comparison.md    the table, its footnotes, the baseline rule, timing warnings, the runs left out and why
   comparison.csv   the same numbers unrounded, one row per finished run
-  loss_vs_flops.png, loss_vs_time.png   validation loss against training FLOPs and training seconds (log x)
-  expert_load.png  per MoE run: max_load of every sparse layer over training, and each expert's token share
+  loss_vs_flops.png/.svg, loss_vs_time.png/.svg   validation loss against training FLOPs and training seconds
+  expert_load.png/.svg  per MoE run: max/mean load of every sparse layer, and each expert's load on one colour scale
 
-The baseline is the run named `dense` (its twin name; --baseline picks another). Its final validation loss L*,
-FLOPs F* and training seconds T* set the budget the other runs are measured against:
+Rows are named by the overrides that vary across the sweep, shown as columns too (experiments/compare_runs.py).
+The baseline is --baseline NAME, else by a rule the report prints: the run with twin=dense, else the smallest
+dense run, else the run that keeps the default router (routing not overridden), else the first row. Its final
+validation loss L*, FLOPs F* and training seconds T* set the budget the other runs are measured against:
   loss @ base FLOPs / time   a run's validation loss at F* / T*
   FLOP (time) multiplier     F* / F_run(L*): how many times fewer FLOPs (seconds) the run needed to reach L*
                              (Artetxe et al. 2022's speedup; the Switch Transformer's time to quality)
 Curves are known only at the evaluations; between the two evaluations that bracket a value they are
-interpolated linearly in log FLOPs (log seconds).
+interpolated linearly in log FLOPs (log seconds). Time columns carry warnings when runs overlapped on one machine,
+ran on different machines or started on a busy one (experiments/compare_timing.py, from run.json's provenance).
 
 eval.json files (experiments.evaluate) anywhere below SWEEP_DIR add each run's loss over a whole text, in nats per
 token and bits per byte: the record of the run's newest evaluated checkpoint on the text that most runs were
@@ -24,18 +28,16 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from experiments.compare_runs import DEFAULT, METRICS_FILE, RUN_FILE, SKIP_DIRS, Run, find_runs
+from experiments.compare_timing import timing_warnings
 from experiments.eval_file import EVAL_FILE, read_eval_file
 
-METRICS_FILE = "metrics.jsonl"  # the names experiments.trainer and experiments.metrics write
-RUN_FILE = "run.json"
-SKIP_DIRS = {"checkpoints", "wandb", ".hydra"}
 OUTPUTS = ("comparison.md", "comparison.csv", "loss_vs_flops.png", "loss_vs_time.png", "expert_load.png")
 
 
@@ -86,98 +88,7 @@ def multiplier(base_budget: float, base_target: float, xs: Sequence[float], ys: 
     return x, (base_budget / x if x else None), how
 
 
-# ------------------------------------------------------------------------------------------ runs
-
-
-@dataclass
-class Run:
-    name: str  # the twin name when the run has one, else its directory relative to the sweep
-    path: Path
-    info: dict[str, Any]  # run.json ({} when missing)
-    records: list[dict[str, Any]]  # metrics.jsonl
-    problem: Optional[str] = None  # why the run is left out of the table (None: it is in)
-    curve: list[dict[str, float]] = field(default_factory=list)  # the evaluations: step, tokens, flops, elapsed_s, val_loss
-    evaluations: list[dict[str, Any]] = field(default_factory=list)  # eval.json records of this run's checkpoints
-    evaluation: Optional[dict[str, Any]] = None  # the one in the table (see pick_evaluations)
-
-    @property
-    def status(self) -> str:
-        return str(self.info.get("status", "unknown"))
-
-    @property
-    def is_moe(self) -> bool:
-        return bool(self.info.get("sparse_layers"))
-
-    @property
-    def model(self) -> dict[str, Any]:
-        return (self.info.get("config") or {}).get("model") or {}
-
-    @property
-    def max_steps(self) -> Optional[int]:
-        return ((self.info.get("config") or {}).get("trainer") or {}).get("max_steps")
-
-
-def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], Optional[str]]:
-    records, bad = [], None
-    if not path.is_file():
-        return records, None
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                bad = f"{path.name} line {n} is not JSON (a write cut short?)"
-    return records, bad
-
-
-def load_run(path: Path, sweep_dir: Path) -> Run:
-    info: dict[str, Any] = {}
-    problem = None
-    if (path / RUN_FILE).is_file():
-        try:
-            info = json.loads((path / RUN_FILE).read_text())
-        except json.JSONDecodeError:
-            problem = f"{RUN_FILE} is not valid JSON"
-    else:
-        problem = f"no {RUN_FILE} (not written by experiments.train, or it died before starting)"
-    records, bad = _read_jsonl(path / METRICS_FILE)
-    rel = path.relative_to(sweep_dir).as_posix() if path != sweep_dir else path.name
-    run = Run(name=str(info.get("twin") or rel), path=path, info=info, records=records)
-    last = records[-1]["step"] if records else 0
-    if problem is None and run.status != "finished":
-        error = (info.get("summary") or {}).get("error")
-        what = {"running": "still running, or died", "interrupted": "interrupted (Ctrl-C)",
-                "failed": f"failed ({error})" if error else "failed"}.get(run.status, run.status)
-        problem = f"unfinished: status {run.status!r} in {RUN_FILE}, {what} at step {last} of {run.max_steps}"
-    elif problem is None and bad:
-        problem = bad
-    # the curves are read on log axes (interpolation and plots): the step-0 point of an untrained model is left out
-    run.curve = [{k: float(r[k]) for k in ("step", "tokens", "flops", "elapsed_s", "val_loss")}
-                 for r in records if r.get("val_loss") is not None and all(k in r for k in ("flops", "elapsed_s"))
-                 and r["step"] > 0]
-    if problem is None and not run.curve:
-        problem = f"no validation loss in {METRICS_FILE}"
-    run.problem = problem
-    return run
-
-
-def find_runs(sweep_dir: str | Path) -> list[Run]:
-    """Every run directory below sweep_dir (one with a run.json or a metrics.jsonl), sorted by path."""
-    root = Path(sweep_dir)
-    if not root.is_dir():
-        raise FileNotFoundError(f"sweep directory {str(sweep_dir)!r} does not exist; pass the hydra.sweep.dir of a "
-                                f"`python -m experiments.train -m ...` sweep")
-    dirs = set()
-    for name in (RUN_FILE, METRICS_FILE):
-        for p in root.rglob(name):
-            if not SKIP_DIRS & set(p.relative_to(root).parts[:-1]):
-                dirs.add(p.parent)
-    runs = [load_run(d, root) for d in sorted(dirs)]
-    names = [r.name for r in runs]
-    for r in runs:  # two runs with one twin name (e.g. two sweeps in one folder): fall back to their paths
-        if names.count(r.name) > 1:
-            r.name = r.path.relative_to(root).as_posix() if r.path != root else r.path.name
-    return runs
+# ------------------------------------------------------------------------------------------ eval.json
 
 
 def read_evaluations(root: Path, runs: list[Run]) -> list[str]:
@@ -240,20 +151,33 @@ def check_comparable(runs: list[Run]) -> None:
                              f"Compare runs of one sweep (same data.* settings), or move the others out")
 
 
-def pick_baseline(runs: list[Run], name: Optional[str]) -> Run:
+def order(r: Run) -> tuple:
+    """The table's order: dense runs by size, then MoE runs by top-k and expert count, then by name."""
+    moe = r.model.get("moe") or {}
+    return (r.is_moe, (moe.get("router") or {}).get("top_k", 0) if r.is_moe else 0,
+            moe.get("num_experts", 0) if r.is_moe else 0, r.info.get("params_total") or 0, r.name)
+
+
+def pick_baseline(runs: list[Run], name: Optional[str]) -> tuple[Run, str]:
+    """(the baseline, the rule that chose it, in words). --baseline matches a run's name, its directory or one of
+    its varied overrides (`routing=switch`)."""
     if name is not None:
         for r in runs:
-            if r.name == name:
-                return r
+            if name in (r.name, r.rel) or name in (f"{k}={v}" for k, v in r.varied.items()):
+                return r, f"--baseline {name}"
         raise ValueError(f"--baseline {name!r} is not a finished run here; finished runs: {[r.name for r in runs]}")
-    named = [r for r in runs if r.name == "dense"]
-    if named:
-        return named[0]
-    dense = sorted((r for r in runs if not r.is_moe), key=lambda r: r.info.get("params_total", 0))
+    twins = [r for r in runs if r.info.get("twin") == "dense"]
+    if twins:
+        return twins[0], "the run with twin=dense"
+    dense = sorted((r for r in runs if not r.is_moe), key=lambda r: (r.info.get("params_total") or 0, r.name))
     if dense:
-        return dense[0]
-    raise ValueError(f"no dense baseline among the finished runs {[r.name for r in runs]}; "
-                     f"pass --baseline NAME to measure against one of them")
+        return dense[0], "the dense run (no sparse layers)" + (f", the smallest of {len(dense)}" if len(dense) > 1 else "")
+    default = [r for r in runs if "routing" in r.varied and r.varied["routing"] in (DEFAULT, "null", "default")]
+    if default:
+        return default[0], "no dense run: the run that keeps the model's default router (routing not overridden)"
+    first = sorted(runs, key=order)[0]
+    return first, ("no dense run and no default router: the first row in the table's order (fewest experts and "
+                   "top-k); pass --baseline NAME for another")
 
 
 # ------------------------------------------------------------------------------------------ the report
@@ -271,26 +195,38 @@ class Report:
     budget_s: float  # T*: the baseline's training seconds at its final evaluation
     eval_text: Optional[dict[str, Any]] = None  # the text of the eval.json column (source, path, split); None: no column
     notes: list[str] = field(default_factory=list)  # eval.json files that could not be read
+    varied: list[str] = field(default_factory=list)  # the overrides that vary across the sweep (the name columns)
+    baseline_rule: str = ""  # why the baseline is the baseline, in words
+    warnings: list[str] = field(default_factory=list)  # why the time columns may mislead, naming the rows
+    sweep_name: str = ""  # the sweep's group (run.json), else its directory's name
+    setting: str = ""  # data and steps in words, for titles: "shakespeare (byte), 500 steps x 2,048 tokens"
+
+    @property
+    def from_checkpoint(self) -> bool:
+        """Whether any row starts from a checkpoint (init_from): its step-0 loss is then part of the story."""
+        return any(r.config.get("init_from") for r in self.runs)
 
 
-def row_for(run: Run, base: Run) -> dict[str, Any]:
+def row_for(run: Run, base: Run, varied: Sequence[str] = ()) -> dict[str, Any]:
     last, final = run.records[-1], run.curve[-1]
     c, bc = run.curve, base.curve
     F, T, L = bc[-1]["flops"], bc[-1]["elapsed_s"], bc[-1]["val_loss"]
     fx, fy, tx = [p["flops"] for p in c], [p["val_loss"] for p in c], [p["elapsed_s"] for p in c]
     model = run.model
     moe = model.get("moe") or {}
-    row: dict[str, Any] = {
-        "run": run.name, "twin": run.info.get("twin"), "group": run.info.get("group"),
+    row: dict[str, Any] = {"run": run.name, **{f"override:{k}": run.varied.get(k) for k in varied}}
+    row.update({
+        "twin": run.info.get("twin"), "group": run.info.get("group"),
         "experts": moe.get("num_experts") if run.is_moe else 0,
         "top_k": (moe.get("router") or {}).get("top_k") if run.is_moe else 0,
         "params_total": run.info.get("params_total"), "params_active": run.info.get("params_active"),
         "flops_per_token": run.info.get("flops_per_token"),
         "steps": last["step"], "tokens": last["tokens"], "train_flops": last["flops"], "train_s": last["elapsed_s"],
         "tokens_per_s": last["tokens"] / last["elapsed_s"] if last.get("elapsed_s") else None,
+        "start_val_loss": run.start["val_loss"] if run.start else None,
         "final_val_loss": final["val_loss"],
         "loss_at_base_flops": interp_at(fx, fy, F, SLACK), "loss_at_base_time": interp_at(tx, fy, T),
-    }
+    })
     if run is base:  # by definition: the baseline spends its own budget
         row.update(flops_to_base_loss=F, flop_multiplier=1.0, flop_reach="baseline",
                    time_to_base_loss=T, time_multiplier=1.0, time_reach="baseline")
@@ -303,14 +239,33 @@ def row_for(run: Run, base: Run) -> dict[str, Any]:
     row.update(eval_nats_per_token=ev.get("nats_per_token"), eval_bits_per_byte=ev.get("bits_per_byte"),
                eval_tokens=ev.get("tokens"), eval_bytes=ev.get("bytes"), eval_step=ev.get("step"),
                eval_checkpoint=ev.get("checkpoint"))
-    row["run_dir"] = str(run.path)
+    prov = run.provenance
+    row.update(host=prov.get("host"), started_at=prov.get("started_at"), ended_at=prov.get("ended_at"),
+               git_commit=(prov.get("git") or {}).get("commit"), run_dir=str(run.path))
     return row
+
+
+def describe_setting(runs: list[Run]) -> str:
+    """The data and the step budget of the runs in words (a range where they differ)."""
+    def values(get) -> str:
+        found = sorted({str(get(r)) for r in runs if get(r) is not None})
+        return "/".join(found) if found else "?"
+
+    data = values(lambda r: (r.config.get("data") or {}).get("source"))
+    path = values(lambda r: Path(p).name if (p := (r.config.get("data") or {}).get("path")) else None)
+    tok = values(lambda r: (r.config.get("data") or {}).get("tokenizer"))
+    steps = values(lambda r: r.max_steps)
+    tc = [r.config.get("trainer") or {} for r in runs]
+    per_step = {t.get("batch_size", 0) * t.get("seq_len", 0) * t.get("grad_accum", 1) for t in tc}
+    tokens = "/".join(f"{n:,}" for n in sorted(per_step)) if per_step and 0 not in per_step else "?"
+    where = data + (f" {path}" if path != "?" else "") + (f" ({tok} tokens)" if tok != "?" else "")
+    return f"{where}, {steps} steps × {tokens} tokens"
 
 
 def build_report(sweep_dir: str | Path, baseline: Optional[str] = None) -> Report:
     """Reads the sweep and computes the table; raises ValueError/FileNotFoundError with what to change."""
     root = Path(sweep_dir)
-    runs = find_runs(root)
+    runs, varied = find_runs(root)
     if not runs:
         raise ValueError(f"no runs in {str(sweep_dir)!r}: no {RUN_FILE} or {METRICS_FILE} below it; pass the "
                          f"hydra.sweep.dir of a `python -m experiments.train -m ...` sweep")
@@ -322,18 +277,16 @@ def build_report(sweep_dir: str | Path, baseline: Optional[str] = None) -> Repor
                          f"or resume the unfinished runs with resume=auto")
     check_comparable(finished)
     notes = read_evaluations(root, finished)
-    base = pick_baseline(finished, baseline)
+    base, rule = pick_baseline(finished, baseline)
     text = pick_evaluations(finished, base)
     eval_text = next((r.evaluation["data"] for r in finished if r.evaluation and text), None)
-    def order(r: Run) -> tuple:  # dense runs by size, then MoE runs by top-k and expert count
-        router = (r.model.get("moe") or {}).get("router") or {}
-        return (r.is_moe, router.get("top_k", 0) if r.is_moe else 0,
-                (r.model.get("moe") or {}).get("num_experts", 0) if r.is_moe else 0, r.info.get("params_total") or 0, r.name)
-
     ordered = [base] + sorted((r for r in finished if r is not base), key=order)
-    rows = [row_for(r, base) for r in ordered]
+    rows = [row_for(r, base, varied) for r in ordered]
     b = base.curve[-1]
-    return Report(root, base, ordered, left_out, rows, b["val_loss"], b["flops"], b["elapsed_s"], eval_text, notes)
+    groups = sorted({str(r.info["group"]) for r in ordered if r.info.get("group")})
+    return Report(root, base, ordered, left_out, rows, b["val_loss"], b["flops"], b["elapsed_s"], eval_text, notes,
+                  varied=varied, baseline_rule=rule, warnings=timing_warnings(ordered),
+                  sweep_name=", ".join(groups) or root.resolve().name, setting=describe_setting(ordered))
 
 
 def _num(x: Optional[float], fmt: str, missing: str = "—") -> str:
@@ -361,38 +314,53 @@ def _reach(row: dict[str, Any], kind: str, fmt: str) -> str:
 COLUMNS = ["run", "experts", "top-k", "params (total)", "params (active)", "train FLOPs/token", "tokens/s ¹",
            "final val loss", "loss @ base FLOPs ²", "loss @ base time ²", "FLOPs to base loss ³",
            "FLOP multiplier ³", "seconds to base loss ³", "time multiplier ³"]
-
-
+START_COLUMN = "val loss @ step 0"  # shown when a row starts from a checkpoint (init_from)
 EVAL_COLUMNS = ["eval nats/token ⁴", "eval bits/byte ⁴"]
 
 
+def _cell(text: Any) -> str:
+    return str(text).replace("|", "\\|")  # a literal bar would end the markdown cell
+
+
 def markdown_table(report: Report) -> str:
-    cols = COLUMNS + (EVAL_COLUMNS if report.eval_text else [])
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join(["---"] + ["---:"] * (len(cols) - 1)) + "|"]
+    start = report.from_checkpoint
+    cols = (COLUMNS[:1] + report.varied + COLUMNS[1:7] + ([START_COLUMN] if start else []) + COLUMNS[7:]
+            + (EVAL_COLUMNS if report.eval_text else []))
+    lines = ["| " + " | ".join(_cell(c) for c in cols) + " |",
+             "|" + "|".join(["---"] * (1 + len(report.varied)) + ["---:"] * (len(cols) - 1 - len(report.varied))) + "|"]
     for row in report.rows:
-        cells = [f"**{row['run']}**" if row["run"] == report.baseline.name else row["run"],
-                 str(row["experts"] or "—"), str(row["top_k"] or "—"),
-                 _params(row["params_total"]), _params(row["params_active"]), _num(row["flops_per_token"], ".3g"),
-                 _num(row["tokens_per_s"], ",.0f"), _num(row["final_val_loss"], ".4f"),
-                 _num(row["loss_at_base_flops"], ".4f"), _num(row["loss_at_base_time"], ".4f"),
-                 _reach(row, "flop", ".3g"), _mult(row, "flop"), _reach(row, "time", ".1f"), _mult(row, "time")]
+        cells = [f"**{row['run']}**" if row["run"] == report.baseline.name else row["run"]]
+        cells += [row[f"override:{k}"] or "—" for k in report.varied]
+        cells += [str(row["experts"] or "—"), str(row["top_k"] or "—"),
+                  _params(row["params_total"]), _params(row["params_active"]), _num(row["flops_per_token"], ".3g"),
+                  _num(row["tokens_per_s"], ",.0f")]
+        cells += [_num(row["start_val_loss"], ".4f")] if start else []
+        cells += [_num(row["final_val_loss"], ".4f"),
+                  _num(row["loss_at_base_flops"], ".4f"), _num(row["loss_at_base_time"], ".4f"),
+                  _reach(row, "flop", ".3g"), _mult(row, "flop"), _reach(row, "time", ".1f"), _mult(row, "time")]
         if report.eval_text:
             cells += [_num(row["eval_nats_per_token"], ".4f"), _num(row["eval_bits_per_byte"], ".4f")]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     return "\n".join(lines)
 
 
+def headline(report: Report) -> list[str]:
+    """The lines above the table: what varied, the baseline and the rule that chose it, its budget."""
+    varied = ", ".join(f"`{k}`" for k in report.varied) or "nothing in the overrides (rows named by directory)"
+    return [f"Sweep {report.sweep_name}: {report.setting}; varied: {varied}.",
+            f"Baseline **{report.baseline.name}** ({report.baseline_rule}): final validation loss "
+            f"L* = {report.target_loss:.4f} nats after F* = {report.budget_flops:.3g} training FLOPs and "
+            f"T* = {report.budget_s:.1f} s of training steps."]
+
+
 def markdown(report: Report, plots: Sequence[Path] = ()) -> str:
-    groups = sorted({str(r.info.get("group")) for r in report.runs if r.info.get("group")})
-    out = [f"# Dense versus sparse: {report.sweep_dir}", ""]
-    if groups:
-        out += [f"Sweep group: {', '.join(groups)}.", ""]
-    out += [f"Baseline **{report.baseline.name}**: final validation loss L* = {report.target_loss:.4f} nats after "
-            f"F* = {report.budget_flops:.3g} training FLOPs and T* = {report.budget_s:.1f} s of training steps.", "",
-            markdown_table(report), "",
+    out = [f"# Comparison: {report.sweep_dir}", ""]
+    for line in headline(report):
+        out += [line, ""]
+    out += [markdown_table(report), "",
             "¹ Training tokens per second of training-step time over the whole run (evaluation and checkpointing "
             "excluded), as measured on the machine and under the load the run had; compare seconds only between runs "
-            "that ran on the same hardware one at a time.",
+            "that ran on the same hardware one at a time (see the warnings below, from each run.json's provenance).",
             "² The run's validation loss at the baseline's final budget (F* FLOPs, T* seconds), linear in log FLOPs "
             "(log seconds) between the two evaluations that bracket it (its final value when F* lies less than 1% past its end: twins "
             "match FLOPs per token to 1%); — when the run's curve does not cover it.",
@@ -407,14 +375,17 @@ def markdown(report: Report, plots: Sequence[Path] = ()) -> str:
         out += [f"⁴ From {EVAL_FILE} (experiments.evaluate): the loss over every token of {where}, at the run's "
                 f"newest evaluated checkpoint, in nats per token and bits per byte (bits per byte do not depend on the "
                 f"tokenizer); — when the run has no evaluation of that text."]
+    if report.warnings:
+        out += ["", "Time columns:", ""] + [f"- ⚠ {w}" for w in report.warnings]
     if report.notes:
         out += ["", "Not read:", ""] + [f"- {n}" for n in report.notes]
     if report.left_out:
         out += ["", "Not in the table:", ""]
         out += [f"- {r.name} (`{r.path}`): {r.problem}" for r in report.left_out]
-    if plots:
-        out += ["", "Plots: " + ", ".join(f"[{p.name}]({p.name})" for p in plots), ""]
-        out += [f"![{p.stem}]({p.name})" for p in plots]
+    pngs = [p for p in plots if p.suffix == ".png"]
+    if pngs:
+        out += ["", "Plots (SVG beside each PNG): " + ", ".join(f"[{p.name}]({p.name})" for p in plots), ""]
+        out += [f"![{p.stem}]({p.name})" for p in pngs]
     return "\n".join(out) + "\n"
 
 
@@ -428,21 +399,18 @@ def write_csv(report: Report, path: Path) -> None:
 
 
 def write_report(report: Report, out_dir: Optional[str | Path] = None, plots: bool = True) -> dict[str, Path]:
-    """Writes comparison.md, comparison.csv and (with plots) the PNGs; returns their paths by name."""
+    """Writes comparison.md, comparison.csv and (with plots) each figure as PNG and SVG; returns their paths by name."""
     out = Path(out_dir) if out_dir is not None else report.sweep_dir
     out.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
     if plots:
         from experiments.compare_plots import plot_curves, plot_expert_load  # matplotlib only when plotting
 
-        for p in plot_curves(report, out):
+        for p in plot_curves(report, out) + plot_expert_load(report, out):
             paths[p.name] = p
-        load = plot_expert_load(report, out)
-        if load is not None:
-            paths[load.name] = load
     write_csv(report, out / "comparison.csv")
     paths["comparison.csv"] = out / "comparison.csv"
-    (out / "comparison.md").write_text(markdown(report, [p for p in paths.values() if p.suffix == ".png"]))
+    (out / "comparison.md").write_text(markdown(report, [p for p in paths.values() if p.suffix in (".png", ".svg")]))
     paths["comparison.md"] = out / "comparison.md"
     return paths
 
@@ -451,7 +419,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.compare", description=__doc__.split("\n\n")[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sweep_dir", metavar="SWEEP_DIR", help="a sweep directory (hydra.sweep.dir) or one run directory")
-    parser.add_argument("--baseline", default=None, help="the run to measure against (default: the run named dense)")
+    parser.add_argument("--baseline", default=None, help="the run to measure against: a row name, a run directory or an override such as routing=switch "
+                        "(default: twin=dense, else the smallest dense run, else the default router, else the first row)")
     parser.add_argument("--out", default=None, help="where to write the report (default: SWEEP_DIR)")
     parser.add_argument("--no-plots", action="store_true", help="write only comparison.md and comparison.csv")
     args = parser.parse_args(argv)
@@ -461,9 +430,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (ValueError, FileNotFoundError, ImportError) as e:
         print(f"compare: {e}", file=sys.stderr)
         return 2
-    print(f"baseline {report.baseline.name}: final validation loss {report.target_loss:.4f} after "
-          f"{report.budget_flops:.3g} training FLOPs, {report.budget_s:.1f} s\n")
+    print("\n".join(headline(report)).replace("**", "") + "\n")
     print(markdown_table(report))
+    for w in report.warnings:
+        print(f"warning: {w}")
     for r in report.left_out:
         print(f"left out: {r.name} ({r.path}): {r.problem}")
     print()

@@ -41,23 +41,32 @@ def _cli(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.Completed
 
 def fake_run(root: Path, name: str, flops: list[float], losses: list[float], *, seconds: list[float] | None = None,
              status: str = "finished", fingerprint: str = "abc", vocab: int = 257, moe: bool = False,
-             max_steps: int | None = None) -> Path:
-    """A run directory as experiments.train writes it, with a validation curve of our choosing."""
+             max_steps: int | None = None, twin: str | None = "", overrides: list[str] | None = None,
+             provenance: dict | None = None, start_loss: float | None = None, init_from: str | None = None,
+             experts: int = 4, params_total: int | None = None) -> Path:
+    """A run directory as experiments.train writes it, with a validation curve of our choosing (twin: the directory
+    name unless given; overrides and provenance go into run.json as the trainer writes them; start_loss: a step-0
+    evaluation)."""
     path = root / name
     path.mkdir(parents=True)
     seconds = seconds or [f / 1e9 for f in flops]
     fpt = 1000.0
     records = [{"step": i + 1, "tokens": int(f / fpt), "flops": f, "train_loss": l + 0.1, "elapsed_s": s,
                 "tokens_per_s": 1.0, "val_loss": l} for i, (f, l, s) in enumerate(zip(flops, losses, seconds))]
+    if start_loss is not None:
+        records.insert(0, {"step": 0, "tokens": 0, "flops": 0.0, "elapsed_s": 0.0, "val_loss": start_loss})
     if moe:
-        for i, r in enumerate(records):
+        for i, r in enumerate(rec for rec in records if rec["step"] > 0):
             r["moe/layer0/max_load"] = 1.5 - 0.1 * i
-            r["moe/layer0/tokens_per_expert"] = [10.0 + i, 20.0, 30.0, 40.0 - i]
+            r["moe/layer0/tokens_per_expert"] = [10.0 + i, 20.0, 30.0, 40.0 - i] + [25.0] * (experts - 4)
     (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    model = {"moe": {"num_experts": 4, "router": {"top_k": 1}}} if moe else {"moe": {"num_experts": 8}}
-    info = {"status": status, "params_total": 4000 if moe else 1000, "params_active": 1000, "flops_per_token": fpt,
+    model = {"moe": {"num_experts": experts, "router": {"top_k": 1}}} if moe else {"moe": {"num_experts": 8}}
+    info = {"status": status, "params_total": params_total or (4000 if moe else 1000), "params_active": 1000, "flops_per_token": fpt,
             "data_fingerprint": fingerprint, "vocab_size": vocab, "sparse_layers": [0] if moe else [],
-            "twin": name, "group": root.name, "config": {"model": model, "trainer": {"max_steps": max_steps or len(flops)}}}
+            "twin": name if twin == "" else twin, "group": root.name,
+            "config": {"model": model, "init_from": init_from, "trainer": {"max_steps": max_steps or len(flops)}}}
+    if overrides is not None or provenance is not None:
+        info["provenance"] = {**(provenance or {}), "overrides": overrides or []}
     (path / "run.json").write_text(json.dumps(info))
     return path
 
@@ -164,10 +173,10 @@ def test_different_vocabularies_are_refused(tmp_path):
         build_report(tmp_path / "s")
 
 
-def test_no_dense_baseline_and_unknown_baseline(tmp_path):
+def test_no_dense_baseline_takes_the_first_row_and_says_so(tmp_path):
     fake_run(tmp_path / "s", "moe_e8_k1", DENSE_F, [4.0] * 5, moe=True)
-    with pytest.raises(ValueError, match="no dense baseline.*--baseline"):
-        build_report(tmp_path / "s")
+    report = build_report(tmp_path / "s")
+    assert report.baseline.name == "moe_e8_k1" and "first row" in report.baseline_rule
     with pytest.raises(ValueError, match="--baseline 'dense' is not a finished run"):
         build_report(tmp_path / "s", baseline="dense")
     assert build_report(tmp_path / "s", baseline="moe_e8_k1").rows[0]["flop_multiplier"] == 1.0
@@ -196,24 +205,37 @@ def test_cli_errors_are_named(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory, text_corpus) -> tuple[Path, subprocess.CompletedProcess, subprocess.CompletedProcess]:
-    """python -m experiments.train -m twin=dense,moe_e4_k1 (tiny, 4 steps, wandb offline), then compare."""
+    """python -m experiments.train -m twin=dense,moe_e4_k1 (tiny, 4 steps, wandb offline), then compare. The runs'
+    folders are named by what the sweep varies (conf/train.yaml's hydra.sweep.subdir: ${run_name:})."""
     root = tmp_path_factory.mktemp("sweeps")
     sweep_dir = root / "twins_sweep"
     train = _cli(["-m", "experiments.train", "-m", *TINY, f"data.path={text_corpus}", "trainer.max_steps=4",
-                  "twin=dense,moe_e4_k1", "logger=wandb", "logger.mode=offline", f"hydra.sweep.dir={sweep_dir}",
-                  "hydra.sweep.subdir=${twin}"], cwd=root)
+                  "twin=dense,moe_e4_k1", "logger=wandb", "logger.mode=offline", f"hydra.sweep.dir={sweep_dir}"],
+                 cwd=root)
     report = _cli(["-m", "experiments.compare", str(sweep_dir)], cwd=root)
     return sweep_dir, train, report
+
+
+def test_sweep_names_its_folders_by_what_varies(sweep):
+    sweep_dir, train, _ = sweep
+    assert train.returncode == 0, train.stderr[-3000:]
+    assert sorted(p.name for p in sweep_dir.iterdir() if (p / "run.json").is_file()) == ["twin=dense", "twin=moe_e4_k1"]
+    for num, twin in enumerate(("dense", "moe_e4_k1")):
+        prov = json.loads((sweep_dir / f"twin={twin}" / "run.json").read_text())["provenance"]
+        assert prov["launcher"] == {"kind": "hydra-multirun", "job_num": num, "world_size": 1, "slurm_job_id": None,
+                                    "hydra_launcher": "hydra._internal.core_plugins.basic_launcher.BasicLauncher"}
+        assert f"twin={twin}" in prov["overrides"] and "trainer.max_steps=4" in prov["overrides"]
+        assert prov["started_at"] < prov["ended_at"]
 
 
 def test_sweep_runs_and_records_twin_and_group(sweep):
     sweep_dir, train, _ = sweep
     assert train.returncode == 0, train.stderr[-3000:]
     for twin in ("dense", "moe_e4_k1"):
-        info = json.loads((sweep_dir / twin / "run.json").read_text())
+        info = json.loads((sweep_dir / f"twin={twin}" / "run.json").read_text())
         assert info["status"] == "finished" and info["twin"] == twin and info["group"] == sweep_dir.name
         assert info["config"]["twin"] == twin and info["config"]["logger"]["group"] == sweep_dir.name
-    a, b = (json.loads((sweep_dir / t / "run.json").read_text()) for t in ("dense", "moe_e4_k1"))
+    a, b = (json.loads((sweep_dir / f"twin={t}" / "run.json").read_text()) for t in ("dense", "moe_e4_k1"))
     assert abs(a["flops_per_token"] - b["flops_per_token"]) / a["flops_per_token"] < 0.01
     assert a["data_fingerprint"] == b["data_fingerprint"]
     assert {k: v for k, v in a["config"].items() if k not in ("model", "twin", "run_dir")} == \
@@ -224,29 +246,32 @@ def test_sweep_report_equals_the_metrics(sweep):
     sweep_dir, train, proc = sweep
     assert train.returncode == 0, train.stderr[-3000:]
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for name in ("comparison.md", "comparison.csv", "loss_vs_flops.png", "loss_vs_time.png", "expert_load.png"):
+    for name in ("comparison.md", "comparison.csv", "loss_vs_flops.png", "loss_vs_time.png", "expert_load.png",
+                 "loss_vs_flops.svg", "loss_vs_time.svg", "expert_load.svg"):
         path = sweep_dir / name
         assert path.is_file() and path.stat().st_size > 0, name
         assert str(path) in proc.stdout  # the paths are printed
     assert (sweep_dir / "loss_vs_flops.png").read_bytes()[:4] == b"\x89PNG"
-    assert "| **dense** |" in proc.stdout and "| moe_e4_k1 |" in proc.stdout
+    assert "| **dense** | dense |" in proc.stdout and "| moe_e4_k1 | moe_e4_k1 |" in proc.stdout  # name, twin column
+    assert "Baseline dense (the run with twin=dense)" in proc.stdout and "varied: `twin`" in proc.stdout
+    assert "concurrent" not in proc.stdout  # one run after the other
     with (sweep_dir / "comparison.csv").open() as f:
         rows = {r["run"]: r for r in csv.DictReader(f)}
     assert set(rows) == {"dense", "moe_e4_k1"}
     for name, row in rows.items():
-        records = [json.loads(line) for line in (sweep_dir / name / "metrics.jsonl").read_text().splitlines()]
-        info = json.loads((sweep_dir / name / "run.json").read_text())
+        records = [json.loads(line) for line in (sweep_dir / f"twin={name}" / "metrics.jsonl").read_text().splitlines()]
+        info = json.loads((sweep_dir / f"twin={name}" / "run.json").read_text())
         last = records[-1]
         assert float(row["final_val_loss"]) == last["val_loss"] == info["summary"]["final_val_loss"]
         assert int(row["tokens"]) == last["tokens"] and float(row["train_flops"]) == last["flops"]
         assert float(row["tokens_per_s"]) == last["tokens"] / last["elapsed_s"]
         assert int(row["params_total"]) == info["params_total"] and int(row["params_active"]) == info["params_active"]
         assert float(row["flops_per_token"]) == info["flops_per_token"]
-    dense = [json.loads(line) for line in (sweep_dir / "dense" / "metrics.jsonl").read_text().splitlines()]
+    dense = [json.loads(line) for line in (sweep_dir / "twin=dense" / "metrics.jsonl").read_text().splitlines()]
     assert float(rows["dense"]["loss_at_base_flops"]) == dense[-1]["val_loss"]
     assert rows["moe_e4_k1"]["experts"] == "4" and rows["moe_e4_k1"]["top_k"] == "1"
     md = (sweep_dir / "comparison.md").read_text()
-    assert f"Sweep group: {sweep_dir.name}" in md and f"{dense[-1]['val_loss']:.4f}" in md
+    assert f"Sweep {sweep_dir.name}: " in md and f"{dense[-1]['val_loss']:.4f}" in md
 
 
 # ------------------------------------------------------------------------------------------ wandb, read back
@@ -255,12 +280,12 @@ def test_sweep_report_equals_the_metrics(sweep):
 def test_sweep_wandb_runs_have_axes_histograms_and_group(sweep):
     sweep_dir, train, _ = sweep
     assert train.returncode == 0, train.stderr[-3000:]
-    files = glob.glob(str(sweep_dir / "moe_e4_k1" / "wandb" / "offline-run-*" / "run-*.wandb"))
+    files = glob.glob(str(sweep_dir / "twin=moe_e4_k1" / "wandb" / "offline-run-*" / "run-*.wandb"))
     assert len(files) == 1, files
     records = wandb_records(Path(files[0]))
     kinds = [r.WhichOneof("record_type") for r in records]
     run = records[kinds.index("run")].run
-    assert run.run_group == sweep_dir.name and run.display_name == "moe_e4_k1"
+    assert run.run_group == sweep_dir.name and run.display_name == "twin=moe_e4_k1"  # the run's folder
     metrics = {(m.metric.name or m.metric.glob_name): m.metric.step_metric for m in records
                if m.WhichOneof("record_type") == "metric"}
     assert {"tokens", "flops"} <= set(metrics)
@@ -269,7 +294,7 @@ def test_sweep_wandb_runs_have_axes_histograms_and_group(sweep):
     for r in records:
         if r.WhichOneof("record_type") == "history":
             rows.append({it.key or "/".join(it.nested_key): json.loads(it.value_json) for it in r.history.item})
-    jsonl = [json.loads(line) for line in (sweep_dir / "moe_e4_k1" / "metrics.jsonl").read_text().splitlines()]
+    jsonl = [json.loads(line) for line in (sweep_dir / "twin=moe_e4_k1" / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [r["step"] for r in jsonl] == [0, 1, 2, 3, 4]  # 0: the initial model
     assert rows[0]["val_loss"] == jsonl[0]["val_loss"] and rows[0]["flops"] == 0
     for row, rec in zip(rows[1:], jsonl[1:]):
