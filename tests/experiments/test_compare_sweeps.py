@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from experiments.compare import build_report, write_report
-from experiments.compare_runs import name_runs, parse_overrides, varied_keys
+from experiments.compare_runs import parse_overrides
 from tests.experiments.test_compare import DENSE_F, dense_loss, fake_run
 
 COMMON = ["model=tiny_moe", "data.tokenizer=byte", "trainer.max_steps=5", "data.path=/data/corpus.txt"]
