@@ -11,7 +11,8 @@ llama.cpp's SPM tokenizer merges, again and again, the adjacent pair of symbols 
 of the highest score (the leftmost of equals), then spells a symbol that is not a token as its UTF-8 bytes. A
 BPE whose merges are every split (left, right) of every token, ranked by the token's score, merges the same
 pairs in the same order: that is the tokenizer built here (byte fallback on, spaces as "▁", a "▁" in front of
-the text when tokenizer.ggml.add_space_prefix, llama.cpp's default, is true; Gemma writes it false). Other
+the text and after each special token when tokenizer.ggml.add_space_prefix, llama.cpp's default, is true;
+Gemma writes it false). Other
 models ("t5", ...) are not rebuilt: the reader returns no tokenizer and says so.
 """
 from __future__ import annotations
@@ -128,6 +129,8 @@ def build_spm_tokenizer(tokens: list[str], scores: list[float], token_types: Opt
     unk = next((t for t, ty in zip(tokens, types) if ty == UNKNOWN), None)
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[(left, right) for *_, left, right in ranked], unk_token=unk,
                                byte_fallback=True, fuse_unk=True))
+    # Spaces as "▁"; with the prefix, a "▁" before each stretch of text (llama.cpp prepends one to the text and to
+    # every stretch after a special token; tokenizers normalizes each stretch between added tokens alone).
     replace = normalizers.Replace(" ", SPACE)
     tok.normalizer = normalizers.Sequence([normalizers.Prepend(SPACE), replace]) if add_space_prefix else replace
     steps = [decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
