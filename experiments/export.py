@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Optional
@@ -33,6 +34,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from experiments.app_options import check_options
+from upcycle.export import chosen_mask, our_routing, routing_agreement
 
 KEYS = ("checkpoint", "out", "format", "bf16", "tokenizer", "chat_template", "verify", "verify_text", "verify_tokens",
         "verify_tol")
@@ -130,12 +132,15 @@ def verify_export(model, path: Path, dtype: torch.dtype, tok, text: str, n_token
                 p.copy_(p.to(dtype).float())
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
     x = torch.tensor([ids])
-    with torch.no_grad():
-        diff = (hf(input_ids=x).logits.float() - ref.eval()(x).logits.float()).abs().max().item()
+    ours, router_logits, our_choice = our_routing(ref, x)
+    theirs, their_choice = export_routing(hf, x, cfg.moe.router.top_k, cfg.moe.num_experts)
+    diff = (theirs.float() - ours.float()).abs().max().item()
     lines = [f"verify: {type(hf).__name__} loads it; max |Δ logit| {diff:.2e} over {len(ids)} tokens "
              f"(tolerance {tol:g}{'' if dtype == torch.float32 else ', against our weights rounded to ' + str(dtype)})"]
+    if our_choice:
+        lines += routing_lines(routing_agreement(router_logits, our_choice, their_choice, cfg.moe.router.top_k))
     if not diff <= tol:
-        raise ValueError(lines[0] + ": the export does not reproduce the model; nothing was written")
+        raise ValueError("\n".join(lines) + "\nthe export does not reproduce the model; nothing was written")
     if tok is not None:
         hf_tok = transformers.AutoTokenizer.from_pretrained(str(path))
         theirs = hf_tok(text, verbose=False)["input_ids"]
@@ -144,6 +149,46 @@ def verify_export(model, path: Path, dtype: torch.dtype, tok, text: str, n_token
                              f"tokenizer (eos {hf_tok.eos_token_id} vs {tok.eos_id}); nothing was written")
         lines.append(f"verify: AutoTokenizer ({type(hf_tok).__name__}) gives our {len(theirs)} token ids, eos id {tok.eos_id}")
     return lines
+
+
+@torch.no_grad()
+def export_routing(hf, ids: torch.Tensor, k: int, num_experts: int) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """(logits, {layer: [T, E] bool experts chosen}) of a transformers MoE (Mixtral, Qwen2-MoE) on ids [1, S]:
+    the routers are the modules `...layers.N.mlp.gate`; transformers 5's return (logits, weights, indices),
+    transformers 4's return the logits, and the block takes the top-k of their softmax."""
+    chosen, hooks = {}, []
+
+    def capture(i: int):
+        def hook(module, args, output):
+            if isinstance(output, tuple):
+                idx = output[2]
+            else:
+                idx = torch.topk(torch.softmax(output.float(), dim=-1), k, dim=-1).indices
+            chosen[i] = chosen_mask(idx.reshape(-1, idx.shape[-1]).cpu(), num_experts)
+        return hook
+
+    for name, module in hf.named_modules():
+        m = re.search(r"layers\.(\d+)\.mlp\.gate$", name)
+        if m:
+            hooks.append(module.register_forward_hook(capture(int(m.group(1)))))
+    try:
+        logits = hf(input_ids=ids).logits
+    finally:
+        for h in hooks:
+            h.remove()
+    return logits, chosen
+
+
+def routing_lines(layers) -> list[str]:
+    """The routing part of the check: one line for a model routed alike everywhere, else one per layer that differs."""
+    differ = [r for r in layers if r.differ]
+    if not differ:
+        closest = min(layers, key=lambda r: r.min_margin)
+        return [f"verify: routing: in {len(layers)} sparse layer{'s' * (len(layers) != 1)} every token goes to the same experts as in ours "
+                f"(smallest top-k router margin {closest.min_margin:.1e}, layer {closest.layer})"]
+    lines = [f"verify: routing: {len(differ)} of {len(layers)} sparse layers send tokens elsewhere than ours (near-ties: "
+             f"the k-th and (k+1)-th router logits within fp32 round-off; either choice reads the weights correctly)"]
+    return lines + [f"verify: routing: {r.text()}" for r in differ]
 
 
 def run_export(opts: dict[str, Any]) -> dict[str, Any]:

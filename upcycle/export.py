@@ -122,3 +122,90 @@ def export_hf(model: Transformer, out: str | Path, tokenizer=None, tokenizer_con
             side = {"tokenizer_class": "PreTrainedTokenizerFast", **(tokenizer_config or {})}
             (tmp / "tokenizer_config.json").write_text(json.dumps(side, indent=1) + "\n", encoding="utf-8")
     return out
+
+
+# ------------------------------------------------------------------------------------------ routing agreement
+# Shape legend: T tokens, E experts, k experts per token. When is an export's logits equal to ours? The two models
+# compute the same router logits up to fp32 round-off (other kernels, other summation orders); a token routes the
+# same in both whenever its k-th and (k+1)-th largest router logits differ by more than that round-off (the top-k
+# margin). At a near-tie (margin ~1e-7) either choice is a correct reading of the weights, and one token sent to
+# another expert can move a logit by whole units. So the export check reports routing beside max |Δ logit|.
+
+
+@dataclass
+class LayerRouting:
+    layer: int  # sparse layer (our block index)
+    tokens: int  # tokens compared
+    differ: int  # tokens whose set of chosen experts differs between our model and the export
+    min_margin_differ: Optional[float]  # smallest top-k margin of our router logits among those tokens; None: none
+    min_margin: float  # smallest top-k margin over all the layer's tokens: its closest near-tie
+
+    def text(self) -> str:
+        if not self.differ:
+            return f"layer {self.layer}: all {self.tokens} tokens route alike (smallest top-k margin {self.min_margin:.1e})"
+        return (f"layer {self.layer}: {self.differ} of {self.tokens} tokens route to other experts (smallest router "
+                f"margin among them {self.min_margin_differ:.1e})")
+
+
+def topk_margin(logits: Tensor, k: int) -> Tensor:
+    """[T]: the k-th minus the (k+1)-th largest router logit of each token of logits [T, E] (inf when k >= E)."""
+    if k >= logits.shape[-1]:
+        return torch.full(logits.shape[:-1], float("inf"))
+    top = logits.float().topk(k + 1, dim=-1).values
+    return top[..., k - 1] - top[..., k]
+
+
+def chosen_mask(indices: Tensor, num_experts: int) -> Tensor:
+    """[T, E] bool from chosen expert indices [T, k]."""
+    return torch.zeros(indices.shape[0], num_experts, dtype=torch.bool).scatter_(1, indices.long(), True)
+
+
+def routing_agreement(logits: dict[int, Tensor], ours: dict[int, Tensor], theirs: dict[int, Tensor], k: int
+                      ) -> list[LayerRouting]:
+    """Per sparse layer: logits [T, E] our router logits, ours / theirs [T, E] bool the experts each token went to
+    in our model and in the export (the same tokens, in order)."""
+    missing = sorted(set(ours) ^ set(theirs))
+    if missing:
+        raise ValueError(f"sparse layers {missing} were seen in only one of the two models; the export's layers do "
+                         f"not match ours")
+    out = []
+    for i in sorted(ours):
+        a, b = ours[i], theirs[i]
+        if a.shape != b.shape:
+            raise ValueError(f"layer {i}: our routing covers {tuple(a.shape)} (tokens, experts), the export's "
+                             f"{tuple(b.shape)}")
+        differ = (a != b).any(-1)
+        margin = topk_margin(logits[i], k)
+        n = int(differ.sum())
+        out.append(LayerRouting(layer=i, tokens=a.shape[0], differ=n, min_margin=float(margin.min()),
+                                min_margin_differ=float(margin[differ].min()) if n else None))
+    return out
+
+
+@torch.no_grad()
+def our_routing(model: Transformer, ids: Tensor) -> tuple[Tensor, dict[int, Tensor], dict[int, Tensor]]:
+    """(logits [B, S, V], router logits per sparse layer [T, E], chosen experts per sparse layer [T, E] bool) of
+    one evaluation-mode forward pass over ids [B, S]."""
+    from moe.layer import MoELayer
+
+    router_logits, chosen, hooks = {}, {}, []
+
+    def capture(i: int):
+        def hook(layer, args, output):
+            h = args[0].reshape(-1, args[0].shape[-1])  # [T, d]
+            plan = output[1]
+            router_logits[i] = layer.router.logits(h).float()
+            mask = torch.zeros(plan.num_tokens, plan.num_experts, dtype=torch.bool)
+            mask[plan.token_index.cpu(), plan.expert_index.cpu()] = True
+            chosen[i] = mask
+        return hook
+
+    for i, block in enumerate(model.blocks):
+        if isinstance(block.ffn, MoELayer):
+            hooks.append(block.ffn.register_forward_hook(capture(i)))
+    try:
+        logits = model.eval()(ids).logits
+    finally:
+        for h in hooks:
+            h.remove()
+    return logits, router_logits, chosen

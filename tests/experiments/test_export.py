@@ -75,6 +75,7 @@ def test_training_checkpoint_exports_with_byte_tokenizer(run, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert res["format"] == "qwen2_moe" and "chosen by format=auto" in printed
     assert "mixtral: layers [0] are dense" in printed and "verify: AutoTokenizer" in printed
+    assert "verify: routing: in 1 sparse layer every token goes to the same experts as in ours" in printed
     model = load_model(ckpt)
     tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
     ids = tok(TEXT)["input_ids"]

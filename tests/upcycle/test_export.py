@@ -261,3 +261,46 @@ def test_default_dtype_is_the_models(tmp_path):
     out = export_hf(model, tmp_path / "hf")
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         assert f.get_slice("model.embed_tokens.weight").get_dtype() == "BF16"
+
+
+# ----------------------------------------------------------------------------------------------- routing agreement
+
+
+def test_a_near_tie_is_reported_with_its_layer_token_count_and_margin():
+    """Token 2 of layer 3: its 2nd and 3rd router logits differ by 1e-7, below fp32 round-off of a real forward pass,
+    and the export took the other one. The report names the layer, one token of four and the 1e-7 margin."""
+    from upcycle.export import chosen_mask, routing_agreement, topk_margin
+
+    logits = {1: torch.tensor([[3.0, 1.0, 0.0, -1.0]] * 4),
+              3: torch.tensor([[2.0, 1.0, 0.0, -1.0], [0.0, 2.0, 1.0, -1.0], [1.0, 0.5 + 1e-7, 0.5, -1.0],
+                               [-1.0, 0.0, 1.0, 2.0]])}
+    ours = {i: chosen_mask(l.topk(2, dim=-1).indices, 4) for i, l in logits.items()}
+    theirs = {1: ours[1].clone(), 3: chosen_mask(torch.tensor([[0, 1], [1, 2], [0, 2], [3, 2]]), 4)}
+    report = {r.layer: r for r in routing_agreement(logits, ours, theirs, k=2)}
+    assert (report[1].differ, report[1].min_margin_differ, report[1].min_margin) == (0, None, 1.0)
+    assert report[3].differ == 1 and report[3].tokens == 4
+    assert report[3].min_margin_differ == pytest.approx(1e-7, abs=3e-8)  # fp32: 0.5 + 1e-7 rounds to 0.50000012
+    assert report[3].text().startswith("layer 3: 1 of 4 tokens route to other experts (smallest router margin among "
+                                       "them 1.2e-07)")
+    assert torch.isinf(topk_margin(logits[1], 4)).all()  # k = E: every expert chosen, nothing to tie
+
+
+def test_an_exported_mixtral_routes_every_token_as_we_do(tmp_path):
+    from experiments.export import export_routing, routing_lines
+    from upcycle.export import our_routing, routing_agreement
+
+    model = build(moe_cfg("all"))
+    out = export_hf(model, tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    ids = ids_for(V, length=24, batch=1)
+    ours, router_logits, our_choice = our_routing(model, ids)
+    theirs, their_choice = export_routing(hf, ids, k=2, num_experts=4)
+    assert sorted(their_choice) == sorted(our_choice) == [0, 1, 2, 3]
+    assert all(m.sum(-1).eq(2).all() for m in their_choice.values())  # two experts per token
+    report = routing_agreement(router_logits, our_choice, their_choice, k=2)
+    assert [r.differ for r in report] == [0, 0, 0, 0] and (theirs - ours).abs().max() < TOL
+    assert routing_lines(report)[0].startswith("verify: routing: in 4 sparse layers every token goes to the same")
+    flipped = {**their_choice, 2: their_choice[2].clone()}
+    flipped[2][5] = ~flipped[2][5]  # token 5 of layer 2 sent to the other two experts
+    lines = routing_lines(routing_agreement(router_logits, our_choice, flipped, k=2))
+    assert lines[1].startswith("verify: routing: layer 2: 1 of 24 tokens route to other experts")
