@@ -7,7 +7,7 @@ Shape legend: T tokens, d model width, f expert hidden width, E experts, N plan 
     y [T, d] = sum over rows r of token t: weight[r] * (h[r] @ w_down[e_r] + b_down[e_r])
 
 `sorted` materialises x[token_index] [N, d], the expert outputs [N, d] and their weighted copy before an
-index_add_; here the rows are read straight from x inside the first kernel (moe.kernels.grouped_gemm) and the
+index_add_; here the rows are read straight from x inside the first kernel (moe.kernels.up_projection) and the
 second kernel's epilogue scales and reduces them per token, deterministically. The segment offsets are a cumsum of
 plan.counts on the device, so the dispatch itself never waits on the host. Triton is imported only when this runs.
 """
@@ -27,7 +27,8 @@ def triton_dispatch(x: Tensor, plan: RoutingPlan, experts) -> Tensor:
     ok, why = triton_status(x.device)
     if not ok:
         raise ValueError(f"model.moe.dispatcher=triton cannot run here: {why}; set model.moe.dispatcher=auto or sorted")
-    from moe.kernels.grouped_gemm import gather_grouped_up, grouped_down_combine
+    from moe.kernels.down_combine import grouped_down_combine
+    from moe.kernels.up_projection import gather_grouped_up
 
     # Under autocast the activations arrive in bf16 while the master weights stay fp32 (as Experts.forward_sorted).
     w_up, w_gate, w_down = experts._weights(x.dtype)

@@ -67,7 +67,7 @@ def _segment_sum_kernel(rows_ptr, token_offsets_ptr, out_ptr, D, stride_rows, st
 
 
 # Whether triton.jit gave interpreted kernels (TRITON_INTERPRET=1 when triton was imported): they run on CPU
-# tensors, and need the interpreter workarounds (round_to here, fp32 dot operands in grouped_gemm).
+# tensors, and need the interpreter workarounds (round_to here, fp32 dot operands in gemm_tiles.mma).
 INTERPRETED = type(_segment_sum_kernel).__name__ == "InterpretedFunction"
 
 

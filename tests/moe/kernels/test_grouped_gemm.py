@@ -1,4 +1,4 @@
-"""The Triton grouped GEMMs (moe.kernels.grouped_gemm) against a plain torch reference, forward and backward.
+"""The Triton grouped GEMMs (moe.kernels.up_projection, down_combine, weight_grad) against a plain torch reference, forward and backward.
 
 Without CUDA they run on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1, set before triton is
 imported), whose cost grows with the number of program instances: tiny shapes, blocks as large as the
@@ -22,7 +22,9 @@ if not CUDA:
 pytest.importorskip("triton", reason="the Triton kernels need the triton extra (pip install switchyard-moe[triton])")
 
 from moe.kernels.combine import INTERPRETED  # noqa: E402
-from moe.kernels.grouped_gemm import GemmBlocks, gather_grouped_up, grouped_down_combine  # noqa: E402
+from moe.kernels.down_combine import grouped_down_combine  # noqa: E402
+from moe.kernels.gemm_tiles import GemmBlocks  # noqa: E402
+from moe.kernels.up_projection import gather_grouped_up  # noqa: E402
 
 DEVICE = "cuda" if CUDA else "cpu"
 if not CUDA and not INTERPRETED:
@@ -242,7 +244,9 @@ COMPILE_SCRIPT = textwrap.dedent("""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     import moe.kernels.combine as c
-    import moe.kernels.grouped_gemm as g
+    import moe.kernels.down_combine as down
+    import moe.kernels.up_projection as upk
+    import moe.kernels.weight_grad as wg
 
     def build(fn, types, consts, **opts):
         sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}  # ints: i32
@@ -251,23 +255,23 @@ COMPILE_SCRIPT = textwrap.dedent("""
     for dt, prec, bk in (("*bf16", "tf32", 64), ("*fp32", "ieee", 32)):
         p = lambda *names, t=dt: {n: t for n in names}
         tiles = dict(PRECISION=prec, INTERPRETED=False, BLOCK_M=64, BLOCK_N=128, BLOCK_K=bk, E_POW2=8)
-        build(g._gather_up_kernel, {**p("x_ptr", "wu_ptr", "wg_ptr", "bu_ptr", "bg_ptr", "h_ptr", "pu_ptr", "pg_ptr"),
+        build(upk._gather_up_kernel, {**p("x_ptr", "wu_ptr", "wg_ptr", "bu_ptr", "bg_ptr", "h_ptr", "pu_ptr", "pg_ptr"),
               **p("row_token_ptr", "offsets_ptr", t="*i64")},
               dict(GLU=True, HAS_BU=True, HAS_BG=True, ACT="gelu", SAVE_PRE=True, **tiles), num_warps=4, num_stages=3)
-        build(g._rows_to_slots_kernel, {**p("a1_ptr", "a2_ptr", "w1_ptr", "w2_ptr", "bias_ptr"),
+        build(down.rows_to_slots_kernel, {**p("a1_ptr", "a2_ptr", "w1_ptr", "w2_ptr", "bias_ptr"),
               **p("offsets_ptr", t="*i32"), **p("slot_ptr", t="*i64"), **p("scale_ptr", "out_ptr", t="*fp32")},
               dict(TWO=True, HAS_BIAS=True, HAS_SCALE=True, **tiles), num_warps=4, num_stages=3)
-        build(g._down_grad_h_kernel, {**p("gy_ptr", "w_ptr", "b_ptr", "h_ptr", "gh_ptr"),
+        build(down._down_grad_h_kernel, {**p("gy_ptr", "w_ptr", "b_ptr", "h_ptr", "gh_ptr"),
               **p("row_token_ptr", "offsets_ptr", t="*i64"), **p("rw_ptr", "part_ptr", t="*fp32")},
               dict(HAS_BIAS=True, **tiles), num_warps=4, num_stages=3)
         for up in (True, False):
-            build(g._grouped_wgrad_kernel, {**p("a_ptr", "b1_ptr", "b2_ptr", "dw1_ptr", "dw2_ptr"),
+            build(wg._grouped_wgrad_kernel, {**p("a_ptr", "b1_ptr", "b2_ptr", "dw1_ptr", "dw2_ptr"),
                   **p("db1_ptr", "db2_ptr"), **p("a_index_ptr", "b_index_ptr", "offsets_ptr", t="*i64"),
                   **p("scale_ptr", t="*fp32")},
                   dict(A_GATHER=up, B_GATHER=not up, HAS_SCALE=not up, TWO=up, HAS_BIAS=True, PRECISION=prec,
                        INTERPRETED=False, BLOCK_P=64, BLOCK_Q=128, BLOCK_R=bk), num_warps=4, num_stages=3)
         for act in ("gelu", "gelu_tanh", "relu", "silu"):
-            build(g._act_backward_kernel, {**p("gh_ptr", "pu_ptr", "pg_ptr", "gu_ptr", "gg_ptr"), "numel": "i64"},
+            build(upk._act_backward_kernel, {**p("gh_ptr", "pu_ptr", "pg_ptr", "gu_ptr", "gg_ptr"), "numel": "i64"},
                   dict(GLU=act != "relu", ACT=act, INTERPRETED=False, BLOCK=1024), num_warps=4)
         build(c._segment_sum_kernel, {**p("out_ptr"), **p("rows_ptr", t="*fp32"), **p("token_offsets_ptr", t="*i64")},
               dict(INTERPRETED=False, BLOCK_D=1024), num_warps=4)

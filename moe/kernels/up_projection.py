@@ -1,0 +1,212 @@
+"""The Triton gather + up projection + activation, and its backward.
+
+Shape legend: T tokens, d model width, f expert hidden width, E experts, N plan rows sorted by expert (the
+segment of expert e is rows offsets[e]:offsets[e+1]), row_token [N] the token each row carries.
+
+    gather_grouped_up(x[T,d], row_token, offsets, w_up[E,d,f], w_gate|None, b_up|None, b_gate|None, act) -> h[N,f]
+        h[r] = act(x[t_r] @ w_gate[e_r] + b_gate[e_r]) * (x[t_r] @ w_up[e_r] + b_up[e_r])      (GLU)
+        h[r] = act(x[t_r] @ w_up[e_r] + b_up[e_r])                                             (no GLU)
+
+- The gather is fused: the up kernel loads rows of x through row_token (no permuted [N, d] copy of x), and
+  the epilogue adds the bias, applies the activation and the GLU product. When a gradient will be needed the
+  epilogue also stores the pre-activations (saved instead of recomputed in backward: 2·N·f more memory, one
+  GEMM less).
+- Backward: the activation gradient is one elementwise kernel (not fused) writing the [N, f] gradients of the
+  pre-activations, read by the input-gradient GEMM (moe.kernels.down_combine's rows_to_slots_kernel with the
+  weights read transposed, then the per-token sum) and the weight-gradient GEMM (moe.kernels.weight_grad).
+Tiles, precision and block sizes: moe.kernels.gemm_tiles.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from moe.kernels.combine import INTERPRETED, TokenOrder, round_to, segment_sum
+from moe.kernels.down_combine import rows_to_slots_kernel
+from moe.kernels.gemm_tiles import (GemmBlocks, blocks_for, cast_weight, check_device, expert_tile, launch_opts, mma,
+                                    pow2, row_grid)
+from moe.kernels.weight_grad import grouped_wgrad
+
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
+
+
+@triton.jit
+def _act(z, ACT: tl.constexpr):
+    """Activation of fp32 z (tanh written through sigmoid: tl has no tanh of its own)."""
+    if ACT == "gelu":  # exact GELU, torch's default
+        out = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
+    elif ACT == "gelu_tanh":
+        inner = 0.7978845608028654 * (z + 0.044715 * z * z * z)
+        out = 0.5 * z * (2.0 * tl.sigmoid(2.0 * inner))  # 1 + tanh(u) = 2 sigmoid(2u)
+    elif ACT == "relu":
+        out = tl.maximum(z, 0.0)
+    else:  # silu
+        out = z * tl.sigmoid(z)
+    return out
+
+
+@triton.jit
+def _act_grad(z, ACT: tl.constexpr):
+    """d act / dz of fp32 z."""
+    if ACT == "gelu":  # Phi(z) + z phi(z)
+        out = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476)) + z * 0.3989422804014327 * tl.exp(-0.5 * z * z)
+    elif ACT == "gelu_tanh":
+        inner = 0.7978845608028654 * (z + 0.044715 * z * z * z)
+        th = 2.0 * tl.sigmoid(2.0 * inner) - 1.0
+        out = 0.5 * (1.0 + th) + 0.5 * z * (1.0 - th * th) * 0.7978845608028654 * (1.0 + 0.134145 * z * z)
+    elif ACT == "relu":
+        out = tl.where(z > 0.0, 1.0, 0.0)  # torch's relu has gradient 0 at 0
+    else:  # silu
+        s = tl.sigmoid(z)
+        out = s * (1.0 + z * (1.0 - s))
+    return out
+
+
+@triton.jit
+def _gather_up_kernel(
+    x_ptr, row_token_ptr, offsets_ptr, wu_ptr, wg_ptr, bu_ptr, bg_ptr, h_ptr, pu_ptr, pg_ptr,
+    E, D, F,
+    stride_xt, stride_xd, stride_we, stride_wd, stride_wf, stride_be, stride_hn,
+    GLU: tl.constexpr, HAS_BU: tl.constexpr, HAS_BG: tl.constexpr, ACT: tl.constexpr, SAVE_PRE: tl.constexpr,
+    PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, E_POW2: tl.constexpr,
+):
+    """h[r, cols] = act(x[t_r] @ wg[e] + bg) * (x[t_r] @ wu[e] + bu) for one (row tile, column tile)."""
+    e, row_start, row_end = expert_tile(tl.program_id(0), offsets_ptr, E, BLOCK_M, E_POW2)
+    rows = row_start + tl.arange(0, BLOCK_M)
+    row_mask = rows < row_end
+    tok = tl.load(row_token_ptr + rows, mask=row_mask, other=0).to(tl.int64)  # the gather: x rows via row_token
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < F
+    k_stop = tl.where(row_start < row_end, D, 0)  # an empty tile skips the K loop entirely
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    w_off = e.to(tl.int64) * stride_we + cols[None, :] * stride_wf
+    for k0 in range(0, k_stop, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_mask = ks < D
+        a = tl.load(x_ptr + tok[:, None] * stride_xt + ks[None, :] * stride_xd,
+                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        w_mask = k_mask[:, None] & col_mask[None, :]
+        wu = tl.load(wu_ptr + w_off + ks[:, None] * stride_wd, mask=w_mask, other=0.0)
+        acc_u = mma(a, wu, acc_u, PRECISION, INTERPRETED)
+        if GLU:  # the gate shares the x tile: one load of x feeds both products
+            wg = tl.load(wg_ptr + w_off + ks[:, None] * stride_wd, mask=w_mask, other=0.0)
+            acc_g = mma(a, wg, acc_g, PRECISION, INTERPRETED)
+    # Epilogue: bias, activation, GLU product, all in fp32.
+    if HAS_BU:
+        acc_u += tl.load(bu_ptr + e * stride_be + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    if GLU:
+        if HAS_BG:
+            acc_g += tl.load(bg_ptr + e * stride_be + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        h = _act(acc_g, ACT) * acc_u
+    else:
+        h = _act(acc_u, ACT)
+    out_off = rows.to(tl.int64)[:, None] * stride_hn + cols[None, :]
+    out_mask = row_mask[:, None] & col_mask[None, :]
+    tl.store(h_ptr + out_off, round_to(h, h_ptr.dtype.element_ty, INTERPRETED), mask=out_mask)
+    if SAVE_PRE:  # pre-activations for backward (in the activation dtype, like torch autograd would keep them)
+        tl.store(pu_ptr + out_off, round_to(acc_u, pu_ptr.dtype.element_ty, INTERPRETED), mask=out_mask)
+        if GLU:
+            tl.store(pg_ptr + out_off, round_to(acc_g, pg_ptr.dtype.element_ty, INTERPRETED), mask=out_mask)
+
+
+@triton.jit
+def _act_backward_kernel(gh_ptr, pu_ptr, pg_ptr, gu_ptr, gg_ptr, numel,
+                         GLU: tl.constexpr, ACT: tl.constexpr, INTERPRETED: tl.constexpr, BLOCK: tl.constexpr):
+    """Elementwise over [N, f]: GLU  gu = gh act(pg), gg = gh pu act'(pg);  no GLU  gu = gh act'(pu)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    gh = tl.load(gh_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(pu_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if GLU:
+        g = tl.load(pg_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(gu_ptr + offs, round_to(gh * _act(g, ACT), gu_ptr.dtype.element_ty, INTERPRETED), mask=mask)
+        gg = round_to(gh * u * _act_grad(g, ACT), gg_ptr.dtype.element_ty, INTERPRETED)
+        tl.store(gg_ptr + offs, gg, mask=mask)
+    else:
+        tl.store(gu_ptr + offs, round_to(gh * _act_grad(u, ACT), gu_ptr.dtype.element_ty, INTERPRETED), mask=mask)
+
+
+class _GatherGroupedUp(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, row_token: Tensor, offsets: Tensor, w_up: Tensor, w_gate: Optional[Tensor],
+                b_up: Optional[Tensor], b_gate: Optional[Tensor], activation: str, blocks: GemmBlocks) -> Tensor:
+        (_, d), (E, _, f), N = x.shape, w_up.shape, row_token.numel()
+        glu = w_gate is not None
+        save_pre = any(ctx.needs_input_grad)
+        h = x.new_empty(N, f)
+        pre_u = x.new_empty(N, f) if save_pre else None  # pre-activations kept for backward
+        pre_g = x.new_empty(N, f) if save_pre and glu else None
+        if N > 0:
+            _gather_up_kernel[row_grid(N, E, f, blocks)](
+                x, row_token, offsets, w_up, w_up if w_gate is None else w_gate,
+                h if b_up is None else b_up, h if b_gate is None else b_gate,
+                h, h if pre_u is None else pre_u, h if pre_g is None else pre_g,
+                E, d, f, x.stride(0), x.stride(1), w_up.stride(0), w_up.stride(1), w_up.stride(2), f, h.stride(0),
+                GLU=glu, HAS_BU=b_up is not None, HAS_BG=b_gate is not None, ACT=activation, SAVE_PRE=save_pre,
+                BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n, BLOCK_K=blocks.block_k, E_POW2=pow2(E),
+                **launch_opts(x, blocks))
+        ctx.save_for_backward(x, row_token, offsets, w_up, w_gate, pre_u, pre_g)
+        ctx.activation, ctx.blocks = activation, blocks
+        ctx.has_bias = (b_up is not None, b_gate is not None)
+        return h
+
+    @staticmethod
+    @once_differentiable  # the backward kernels are not themselves differentiated
+    def backward(ctx, grad_h: Tensor):
+        x, row_token, offsets, w_up, w_gate, pre_u, pre_g = ctx.saved_tensors
+        blocks, glu = ctx.blocks, w_gate is not None
+        (T, d), (E, _, f), N = x.shape, w_up.shape, row_token.numel()
+        grad_h = grad_h.contiguous()  # a reduction's gradient arrives expanded (stride 0)
+        # Gradients of the pre-activations, elementwise: [N, f] each, in the activation dtype.
+        grad_u = torch.empty_like(pre_u)
+        grad_g = torch.empty_like(pre_g) if glu else None
+        if N > 0:
+            block = min(blocks.block_elementwise, triton.next_power_of_2(N * f))
+            _act_backward_kernel[(triton.cdiv(N * f, block),)](
+                grad_h, pre_u, pre_u if pre_g is None else pre_g, grad_u, grad_u if grad_g is None else grad_g,
+                N * f, GLU=glu, ACT=ctx.activation, INTERPRETED=INTERPRETED, BLOCK=block,
+                num_warps=blocks.num_warps)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            # grad rows [N, d] = gu @ w_up[e]^T (+ gg @ w_gate[e]^T), written token-major in fp32 and summed per
+            # token in a fixed order: deterministic, no atomics.
+            order = TokenOrder.build(row_token, T)
+            rows = torch.empty(N, d, device=x.device, dtype=torch.float32)
+            if N > 0:
+                rows_to_slots_kernel[row_grid(N, E, d, blocks)](
+                    grad_u, grad_u if grad_g is None else grad_g, offsets, w_up, w_up if w_gate is None else w_gate,
+                    rows, rows, order.slot, rows,
+                    E, f, d, grad_u.stride(0), w_up.stride(0), w_up.stride(2), w_up.stride(1), 0, rows.stride(0),
+                    TWO=glu, HAS_BIAS=False, HAS_SCALE=False,
+                    BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n, BLOCK_K=blocks.block_k, E_POW2=pow2(E),
+                    **launch_opts(x, blocks))
+            grad_x = segment_sum(rows, order.token_offsets, x.dtype, blocks.block_elementwise)
+        grad_wu = grad_wg = grad_bu = grad_bg = None
+        if any(ctx.needs_input_grad[3:7]):
+            with_bias = any(ctx.has_bias)
+            grad_wu, grad_wg, grad_bu, grad_bg = grouped_wgrad(x, row_token, grad_u, grad_g, None, None, offsets, E,
+                                                        with_bias, blocks)
+            grad_bu = grad_bu if ctx.has_bias[0] else None
+            grad_bg = grad_bg if ctx.has_bias[1] else None
+        return grad_x, None, None, grad_wu, grad_wg, grad_bu, grad_bg, None, None
+
+
+def gather_grouped_up(x: Tensor, row_token: Tensor, offsets: Tensor, w_up: Tensor, w_gate: Optional[Tensor],
+                      b_up: Optional[Tensor], b_gate: Optional[Tensor], activation: str, *,
+                      blocks: Optional[GemmBlocks] = None) -> Tensor:
+    """x [T, d], row_token [N], offsets [E+1], w_up/w_gate [E, d, f], b_up/b_gate [E, f] -> h [N, f] in x's
+    dtype (w_gate None: no GLU). Differentiable in x, the weights and the biases."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}: the Triton kernels support {ACTIVATIONS}")
+    check_device(x)
+    dt = x.dtype
+    return _GatherGroupedUp.apply(x.contiguous(), row_token.contiguous(), offsets.contiguous(), cast_weight(w_up, dt),
+                                  cast_weight(w_gate, dt), cast_weight(b_up, dt), cast_weight(b_gate, dt), activation,
+                                  blocks_for(blocks, dt))
