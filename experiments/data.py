@@ -19,8 +19,6 @@ import hashlib
 import json
 import os
 import random
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +29,7 @@ import torch
 
 from experiments.data_config import TOKEN_DTYPES, DataConfig
 from experiments.tokenizer import Tokenizer, build_tokenizer, load_tokenizer, tokenizer_fingerprint
+from moe.atomic import write_atomically
 
 DEFAULT_BPE_VOCAB = 4096
 # Bump when the prepared layout or the splitting rule changes, so old cache entries are not reused.
@@ -403,10 +402,7 @@ def prepare(cfg: DataConfig, tokenizer: Optional[Tokenizer] = None) -> PreparedD
         dtype = np.dtype(np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32)
         # Build in a private folder and rename it into place: a crash leaves no half entry, and when two
         # processes (e.g. DDP ranks) race, one rename wins and the other's copy is discarded.
-        (root / "data").mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=root / "data", prefix=f".{out.name}."))
-        tmp.chmod(0o755)  # mkdtemp makes it private; the cache entry should read like any other folder
-        try:
+        with write_atomically(out, replace_existing=False) as tmp:
             n_train = _write_tokens(tmp / "train.bin", train_docs, tok, dtype)
             n_val = _write_tokens(tmp / "val.bin", val_docs, tok, dtype)
             tok.save(tmp / "tokenizer.json")
@@ -419,13 +415,6 @@ def prepare(cfg: DataConfig, tokenizer: Optional[Tokenizer] = None) -> PreparedD
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
             print(f"tokenized into {n_train:,} train / {n_val:,} val tokens in {meta['tokenize_seconds']:.1f} s",
                   flush=True)
-            try:
-                os.replace(tmp, out)
-            except OSError:
-                if not (out / "meta.json").is_file():
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
 
     meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
     tok = load_tokenizer(out / "tokenizer.json")

@@ -13,10 +13,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Protocol, Sequence, runtime_checkable
+
+from moe.atomic import write_text
 
 if TYPE_CHECKING:  # the library is imported lazily, only where BPE is used
     import tokenizers
@@ -49,21 +50,6 @@ class Tokenizer(Protocol):
     def decode(self, ids: Sequence[int]) -> str: ...
 
     def save(self, path: str | os.PathLike) -> None: ...
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write through a temporary file in the same directory and rename it into place, so a crash (or a
-    second process writing the same cache entry) never leaves a half-written file behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a cached tokenizer is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class ByteTokenizer:
@@ -99,7 +85,7 @@ class ByteTokenizer:
 
     def save(self, path: str | os.PathLike) -> None:
         # Nothing is learned, so the kind alone restores it.
-        _atomic_write_text(Path(path), json.dumps({"kind": "byte", "version": 1}) + "\n")
+        write_text(Path(path), json.dumps({"kind": "byte", "version": 1}) + "\n")
 
     def __repr__(self) -> str:
         return "ByteTokenizer(vocab_size=257)"
@@ -170,7 +156,7 @@ class BPETokenizer:
             raise ValueError(f"could not read the BPE tokenizer {path} ({e}); delete it to retrain") from e
 
     def save(self, path: str | os.PathLike) -> None:
-        _atomic_write_text(Path(path), self._tok.to_str())
+        write_text(Path(path), self._tok.to_str())
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text).ids
@@ -222,8 +208,8 @@ class PretrainedTokenizer(BPETokenizer):
 
     def save(self, path: str | os.PathLike) -> None:
         path = Path(path)
-        _atomic_write_text(path, self._tok.to_str())
-        _atomic_write_text(path.with_name(self.CONFIG_FILE), json.dumps(self.config, indent=1) + "\n")
+        write_text(path, self._tok.to_str())
+        write_text(path.with_name(self.CONFIG_FILE), json.dumps(self.config, indent=1) + "\n")
 
     def __repr__(self) -> str:
         return f"PretrainedTokenizer(vocab_size={self.vocab_size}, eos={self._eos_token!r})"

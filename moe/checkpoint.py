@@ -1,24 +1,23 @@
 """Model checkpoint directories: config.json + model.safetensors (+ whatever a trainer adds) + manifest.json; a
 sharded checkpoint (moe.sharded_checkpoint) holds `sharded/` instead of model.safetensors, and reads the same way.
 
-A checkpoint is written under a temporary name in the same parent directory and renamed into place,
+A checkpoint is written under a temporary name in the same parent directory and renamed into place (moe.atomic),
 so a crash at any point leaves either the old checkpoint or the new one, never half of one. The manifest
 (moe.manifest: sizes and SHA-256 of every file) is written last, inside the temporary folder, and readers verify
 the files they load against it.
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Iterator, Callable, Optional
+from typing import Callable, Optional
 
 import torch
 from safetensors.torch import load_file, save_file
 
+# commit and temporary_folder are re-exported: the checkpoint manager (experiments.checkpoints) and export write
+# their folders with them, rank 0 making the folder the other ranks fill.
+from moe.atomic import commit, temporary_folder, write_atomically
 from moe.config import ModelConfig
 from moe.manifest import verify, write_manifest
 from moe.model import Transformer
@@ -68,48 +67,6 @@ def write_folder(folder: Path, cfg: ModelConfig, weights: Optional[dict[str, tor
     for name, writer in (extra or {}).items():
         writer(folder / name)
     write_manifest(folder)
-
-
-@contextlib.contextmanager
-def write_atomically(path: Path) -> Iterator[Path]:
-    """Yields a temporary folder beside `path`; on success it replaces `path` by renames, on any error it is
-    removed and `path` is left as it was."""
-    tmp = temporary_folder(path)
-    try:
-        yield tmp
-        commit(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def temporary_folder(path: Path) -> Path:
-    """A new folder beside `path` (a name checkpoint managers recognise as a leftover) to write a checkpoint into;
-    a sharded checkpoint's ranks all write into the one rank 0 made."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-
-
-def commit(tmp: Path, path: Path) -> None:
-    """Puts the finished folder tmp in place of `path` by renames (an existing `path` is moved aside first, then
-    swapped), so a crash leaves the old checkpoint or the new one."""
-    _plain_permissions(tmp)
-    if path.exists():
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, path)
-
-
-def _plain_permissions(folder: Path) -> None:
-    """Every file and folder of a checkpoint readable like any other (umask applies): mkdtemp makes the folder
-    private and some writers (safetensors) create their files 0600, which would leave siblings differing."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for p in [folder, *folder.rglob("*")]:
-        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
 
 
 def read_metadata(path: str | Path) -> dict:
@@ -177,3 +134,7 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> Tr
     model = Transformer(load_config(path))
     load_weights(model, path)
     return model.to(map_location)
+
+
+__all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "commit", "load_config", "load_model", "load_weights", "model_state",
+           "read_metadata", "read_weights", "save_checkpoint", "temporary_folder", "write_atomically", "write_folder"]

@@ -1,6 +1,6 @@
 """The manifest of a checkpoint directory: every file's size and SHA-256, written last.
 
-A checkpoint is written under a temporary name and renamed into place (moe.checkpoint.write_atomically), so a
+A checkpoint is written under a temporary name and renamed into place (moe.atomic.write_atomically), so a
 crash never leaves half of one; the manifest guards against what happens to the bytes afterwards (a flipped
 sector, a truncated copy, a file replaced by another run's). Readers verify the files they are about to trust
 and a mismatch names the file, so a trainer can fall back to an older checkpoint instead of training on noise.
