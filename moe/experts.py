@@ -11,14 +11,25 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from moe.segment_matmul import grouped_matmul
 from moe.activations import activation_fn
+from moe.expert_shard import ExpertShard
+from moe.segment_matmul import grouped_matmul
 
 
 class Experts(nn.Module):
-    def __init__(self, num_experts: int, d_model: int, hidden: int, activation: str, glu: bool, bias: bool):
+    def __init__(self, num_experts: int, d_model: int, hidden: int, activation: str, glu: bool, bias: bool,
+                 shard: Optional[ExpertShard] = None):
+        """num_experts: the experts this bank holds (E_l of an expert-parallel shard); shard: which experts of
+        the layer they are (None: all of them, one process)."""
         super().__init__()
         E, d, f = num_experts, d_model, hidden
+        shard = shard if shard is not None else ExpertShard(num_experts)
+        if shard.num_experts != num_experts:
+            raise ValueError(f"a bank of {num_experts} experts cannot hold {shard.num_experts} experts of the shard "
+                             f"{shard}")
+        # Expert parallelism (moe.parallel.distribute): this bank holds experts [first_expert, first_expert +
+        # num_experts) of num_global_experts, and ep_group is its all-to-all group. Fixed at construction.
+        self.shard = shard
         self.num_experts, self.act = E, activation_fn(activation)
         self.activation = activation  # the name, for fused kernels (moe.dispatch.triton) that apply it themselves
         self.w_up = nn.Parameter(torch.empty(E, d, f))
@@ -28,20 +39,40 @@ class Experts(nn.Module):
         self.b_gate = nn.Parameter(torch.zeros(E, f)) if bias and glu else None
         self.b_down = nn.Parameter(torch.zeros(E, d)) if bias else None
         for p in self.parameters():
-            # Expert weights are not replicated across expert-parallel ranks: data-parallel reduction
-            # must skip them and reduce them over their own group (the tags DeepSpeed's MoE code reads).
-            p.allreduce = False
-            p.group_name = "ep_size_1"
+            _tag(p, shard.ep_size)
         # moe.segment_matmul.IMPLS: "auto" (torch's grouped_mm where its layout rules hold, else the per-expert loop),
         # or force "grouped_mm" / "loop" (benchmarks compare them; FLOP tests need the loop, whose matmuls
         # FlopCounterMode sees)
         self.gemm_impl = "auto"
-        # Expert parallelism (moe.parallel.shard_experts): this bank then holds only experts
-        # [first_expert, first_expert + num_experts) of num_global_experts, and ep_group is its all-to-all group.
-        self.num_global_experts, self.first_expert = E, 0
-        self.ep_size, self.ep_rank, self.ep_group = 1, 0, None
-        self.layer_name = ""  # the module path, named in collective errors
         self.reset_parameters()
+
+    # The shard's fields, read where a bank is at hand (dispatchers, checkpoints, collective errors).
+    num_global_experts = property(lambda self: self.shard.num_global_experts)
+    first_expert = property(lambda self: self.shard.first_expert)
+    ep_size = property(lambda self: self.shard.ep_size)
+    ep_rank = property(lambda self: self.shard.ep_rank)
+    ep_group = property(lambda self: self.shard.group)
+    layer_name = property(lambda self: self.shard.layer_name)
+
+    @torch.no_grad()
+    def sharded(self, shard: ExpertShard) -> "Experts":
+        """A new bank holding this full-size bank's experts [shard.first_expert, + shard.num_experts) (copies),
+        with the same settings; its parameters carry the DeepSpeed tags of the shard's expert-parallel size.
+        Draws no random numbers (the new bank is laid out on the meta device, then given the slices), so a run
+        continues with the random state of one process."""
+        if self.shard.ep_size != 1 or self.num_experts != shard.num_global_experts:
+            raise ValueError(f"{shard.layer_name or 'an expert bank'}: only a full-size bank of "
+                             f"{shard.num_global_experts} experts can be sharded, this one holds {self.num_experts} "
+                             f"(expert_parallel={self.shard.ep_size})")
+        lo, n = shard.first_expert, shard.num_experts
+        with torch.device("meta"):
+            bank = Experts(n, self.w_up.shape[1], self.w_up.shape[2], self.activation, self.w_gate is not None,
+                           self.b_up is not None, shard=shard)
+        bank.gemm_impl = self.gemm_impl
+        for name, p in self.named_parameters(recurse=False):
+            part = nn.Parameter(p.detach()[lo:lo + n].clone(), requires_grad=p.requires_grad)
+            bank.register_parameter(name, _tag(part, shard.ep_size))
+        return bank
 
     @torch.no_grad()
     def reset_parameters(self, std: float = 0.02, down_std: Optional[float] = None) -> None:
@@ -93,3 +124,11 @@ class Experts(nn.Module):
         if self.b_down is not None:
             y = y + self.b_down[:, None, :].to(y.dtype)
         return y
+
+
+def _tag(p: nn.Parameter, ep_size: int) -> nn.Parameter:
+    """Expert weights are not replicated across expert-parallel ranks: data-parallel reduction must skip them and
+    reduce them over their own group (the tags DeepSpeed's MoE code reads; moe.parallel.is_expert reads the first)."""
+    p.allreduce = False
+    p.group_name = f"ep_size_{ep_size}"
+    return p

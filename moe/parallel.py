@@ -16,7 +16,7 @@ Training with the global batch spread over the W ranks in equal shards, each ran
 - the global gradient norm counts each gradient once: sqrt(sum of squares of the non-expert gradients + the sum
   over the expert-parallel group of the squares of its expert shards), and clipping scales every gradient by the
   coefficient torch.nn.utils.clip_grad_norm_ would compute in one process.
-The Switch load-balancing loss is made global too (routing.Router.batch_group, set by `distribute`), so loss,
+The Switch load-balancing loss is made global too (routing.Router.set_batch_group, from `distribute`), so loss,
 gradients and norm equal those of the single-process run on the global batch (dropless token choice; a capacity
 or expert choice's competition is per rank's tokens, as in every expert-parallel system).
 
@@ -41,19 +41,14 @@ from torch import Tensor, nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from moe.dispatch.alltoall import MoECollectiveError
+from moe.expert_shard import ExpertShard, check_expert_parallel
 from moe.experts import Experts
-from routing.router import Router
+from moe.layer import MoELayer
 
 
 def check_parallel(num_experts: int, expert_parallel: int, world_size: int) -> None:
     """The settings must fit before any process group is made: ep divides E and the world size."""
-    if expert_parallel < 1:
-        raise ValueError(f"model.moe.expert_parallel={expert_parallel} must be at least 1")
-    if num_experts % expert_parallel:
-        raise ValueError(
-            f"model.moe.expert_parallel={expert_parallel} does not divide model.moe.num_experts={num_experts}: "
-            f"every rank of an expert-parallel group holds the same number of experts"
-        )
+    check_expert_parallel(num_experts, expert_parallel)
     if world_size % expert_parallel:
         raise ValueError(
             f"model.moe.expert_parallel={expert_parallel} does not divide the world size {world_size} "
@@ -152,51 +147,39 @@ def expert_banks(model: nn.Module) -> list[tuple[str, Experts]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, Experts)]
 
 
-@torch.no_grad()
+def moe_layers(model: nn.Module) -> list[tuple[str, MoELayer]]:
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, MoELayer)]
+
+
+def expert_shard(layer: MoELayer, groups: ParallelGroups, name: str = "") -> ExpertShard:
+    """This rank's shard of `layer`'s experts under `groups` (the divisibility check runs here)."""
+    return ExpertShard(layer.experts.num_global_experts, groups.ep_size, groups.ep_rank, groups.ep_group, name)
+
+
 def shard_experts(model: nn.Module, groups: ParallelGroups) -> None:
-    """Keeps only this rank's experts of every sparse layer (in place); their MoELayers switch to alltoall.
-
-    The model is built and initialised at full size first (the same initialisation as one process under the same
-    seed), then sliced: a model too large for one process would need a sharded initialisation instead."""
-    ep = groups.ep_size
-    for name, bank in expert_banks(model):
-        if bank.ep_size != 1:
-            raise ValueError(f"{name} is already sharded (expert_parallel={bank.ep_size})")
-        E = bank.num_experts
-        if E % ep:
-            raise ValueError(f"model.moe.expert_parallel={ep} does not divide model.moe.num_experts={E}")
-        n = E // ep
-        lo = groups.ep_rank * n
-        for pname, p in list(bank.named_parameters(recurse=False)):
-            shard = nn.Parameter(p.detach()[lo:lo + n].clone(), requires_grad=p.requires_grad)
-            setattr(bank, pname, shard)
-        bank.num_experts, bank.num_global_experts, bank.first_expert = n, E, lo
-        bank.ep_size, bank.ep_rank, bank.ep_group = ep, groups.ep_rank, groups.ep_group
-        bank.layer_name = name.removesuffix(".experts")
-        tag_experts(bank)
-
-
-def tag_experts(bank: Experts) -> None:
-    for p in bank.parameters():
-        p.allreduce = False
-        p.group_name = f"ep_size_{bank.ep_size}"
+    """Keeps only this rank's experts of every sparse layer (each MoELayer gets a new bank of its shard, and then
+    runs the all-to-all). The model is built and initialised at full size first (the same initialisation as one
+    process under the same seed), then sliced: a model too large for one process would need a sharded
+    initialisation instead."""
+    for name, layer in moe_layers(model):
+        if layer.experts.ep_size != 1:
+            raise ValueError(f"{name or 'the MoE layer'} is already sharded (expert_parallel={layer.experts.ep_size})")
+        layer.distribute(name, layer.router.batch_group, expert_shard(layer, groups, name))
 
 
 def distribute(model: nn.Module, groups: ParallelGroups) -> nn.Module:
     """Prepares a full-size model for data x expert parallelism: shards its experts (ep > 1) and makes every
-    router's load-balancing loss global (W > 1). Call it before building the optimizer."""
+    router's load-balancing loss global (W > 1), through each MoELayer's own `distribute`. Call it before
+    building the optimizer."""
     cfg = getattr(model, "cfg", None)
     if cfg is not None and cfg.moe.expert_parallel != groups.ep_size:
         raise ValueError(f"the model was configured with model.moe.expert_parallel={cfg.moe.expert_parallel} "
                          f"but the process groups have expert-parallel size {groups.ep_size}")
-    for name, bank in expert_banks(model):
-        bank.layer_name = name.removesuffix(".experts")  # named in collective errors
+    batch_group = groups.world_group if groups.world_size > 1 else None
     if groups.ep_size > 1:
         shard_experts(model, groups)
-    if groups.world_size > 1:
-        for m in model.modules():
-            if isinstance(m, Router):
-                m.batch_group = groups.world_group
+    for name, layer in moe_layers(model):
+        layer.distribute(name, batch_group)
     return model
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import heapq
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -42,15 +43,25 @@ def balanced_capacity(num_tokens: int, num_experts: int, device: Optional[torch.
 # When every token is held, summing the slack over tokens bounds the distance to the optimum by T * eps.
 
 
-def _bid_rounds(s: Tensor, prices: Tensor, slot_bid: Tensor, slot_tok: Tensor, free: Tensor, eps: float
-                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+@dataclass(frozen=True)
+class AuctionState:
+    """What the auction carries from round to round and phase to phase, over the L experts that have slots."""
+
+    prices: Tensor  # [L] each expert's price
+    slot_bid: Tensor  # [L, C] the bids of each expert's holders (-inf an empty slot, +inf past its capacity)
+    slot_tok: Tensor  # [L, C] long, the token holding each slot (-1: empty)
+    free: Tensor  # [F] long, the tokens that hold no slot
+
+
+def _bid_rounds(s: Tensor, state: AuctionState, eps: float) -> AuctionState:
     """Jacobi rounds (all free tokens bid at once) while many tokens are free; returns the updated state."""
+    prices, slot_bid, slot_tok, free = state.prices, state.slot_bid, state.slot_tok, state.free
     E, C = slot_bid.shape
     cols = torch.arange(C, device=s.device)
     for _ in range(AUCTION_MAX_ROUNDS):
         F = free.numel()
         if F <= AUCTION_SERIAL_BELOW:
-            return prices, slot_bid, slot_tok, free
+            return AuctionState(prices, slot_bid, slot_tok, free)
         top = (s[free] - prices).topk(2, dim=1)  # [F, 2]: best and second-best value under the current prices
         best = top.indices[:, 0]
         bid = s[free, best] - top.values[:, 1] + eps  # Bertsekas' bid: price + (v1 - v2) + eps
@@ -73,18 +84,19 @@ def _bid_rounds(s: Tensor, prices: Tensor, slot_bid: Tensor, slot_tok: Tensor, f
     raise RuntimeError(f"auction did not converge in {AUCTION_MAX_ROUNDS} rounds (eps={eps:g})")
 
 
-def _bid_serial(s: Tensor, prices: Tensor, slot_bid: Tensor, slot_tok: Tensor, free: Tensor, eps: float,
-                capacity: list[int], rows: dict[int, list[float]]) -> tuple[Tensor, Tensor, Tensor]:
+def _bid_serial(s: Tensor, state: AuctionState, eps: float, capacity: list[int],
+                rows: dict[int, list[float]]) -> AuctionState:
     """Gauss-Seidel bids, one token at a time, with a min-heap of bids per expert, until no token is free.
 
     The end of a phase is a chain of single evictions (a token displaces one, which displaces another ...); one
     bid here costs microseconds of Python where a vectorised round costs a dozen tensor operations. Heaps are
     built only for the experts that receive a bid; rows caches the score rows already fetched (t -> [E]).
     """
+    slot_bid, slot_tok = state.slot_bid, state.slot_tok
     E = slot_bid.shape[0]
-    price = prices.tolist()
+    price = state.prices.tolist()
     heaps: dict[int, list[tuple[float, int]]] = {}
-    queue = free.tolist()
+    queue = state.free.tolist()
     missing = [t for t in queue if t not in rows]
     if missing:
         rows.update(zip(missing, s[missing].tolist()))
@@ -121,7 +133,24 @@ def _bid_serial(s: Tensor, prices: Tensor, slot_bid: Tensor, slot_tok: Tensor, f
         held_bid, held_tok = zip(*heap)
         slot_bid[e, : capacity[e]] = torch.tensor(held_bid, dtype=s.dtype)
         slot_tok[e, : capacity[e]] = torch.tensor(held_tok, dtype=torch.long)
-    return torch.tensor(price, dtype=s.dtype, device=s.device), slot_bid, slot_tok
+    return AuctionState(torch.tensor(price, dtype=s.dtype, device=s.device), slot_bid, slot_tok, state.free[:0])
+
+
+def _rebid_holders(s: Tensor, state: AuctionState, eps: float, exists: Tensor, expert_of_slot: Tensor,
+                   empty: Tensor) -> AuctionState:
+    """The start of a finer phase: every holder bids again at the new eps against its expert's current price;
+    those whose bid still reaches it keep their slot (re-sorted), the rest are freed."""
+    L = state.prices.shape[0]
+    tok = state.slot_tok.clamp(min=0)
+    value = s[tok] - state.prices  # [L, C, L]: every held token's value of every expert
+    other = value.masked_fill(torch.eye(L, dtype=torch.bool, device=s.device)[:, None, :], float("-inf")).amax(-1)
+    rebid = s[tok, expert_of_slot] - other + eps  # [L, C]
+    ok = exists & (rebid >= state.prices[:, None])
+    free = state.slot_tok[exists & ~ok]
+    slot_bid, idx = torch.where(ok, rebid, empty).sort(dim=1, stable=True)
+    slot_tok = torch.where(ok, state.slot_tok, -1).gather(1, idx)
+    prices = torch.where(slot_bid[:, 0] > float("-inf"), slot_bid[:, 0], state.prices)
+    return AuctionState(prices, slot_bid, slot_tok, free)
 
 
 @torch.no_grad()
@@ -146,7 +175,8 @@ def auction_assignment(scores: Tensor, capacity: Tensor, eps: Optional[float] = 
     s, cap = scores.detach().float()[:, live], capacity[live]
     spread = float(s.max() - s.min())
     if not math.isfinite(spread):
-        raise FloatingPointError("BASE routing got non-finite router logits; lower optim.lr or set trainer.grad_clip")
+        raise FloatingPointError("BASE routing got non-finite router logits (the router diverged): lower the learning "
+                                 "rate or clip the gradients")
     if spread == 0.0:  # every balanced assignment is optimal: fill the experts in token order
         return live.repeat_interleave(cap), prices
     eps_final = eps if eps is not None else AUCTION_REL_EPS * spread
@@ -154,32 +184,23 @@ def auction_assignment(scores: Tensor, capacity: Tensor, eps: Optional[float] = 
     exists = torch.arange(C, device=device)[None, :] < cap[:, None]  # [L, C] real slots
     expert_of_slot = torch.arange(L, device=device)[:, None].expand(L, C)
     empty = torch.where(exists, float("-inf"), float("inf"))
-    sub_prices = torch.zeros(L, device=device)
     cap_list, rows = cap.tolist(), {}  # rows: score rows fetched by the serial bidder, kept across phases
-    slot_bid, slot_tok = empty, torch.full((L, C), -1, dtype=torch.long, device=device)
-    free = torch.arange(T, device=device)
+    state = AuctionState(torch.zeros(L, device=device), empty, torch.full((L, C), -1, dtype=torch.long, device=device),
+                         torch.arange(T, device=device))
     # Epsilon scaling (Bertsekas 1988): a coarse eps settles the prices in a few rounds; each finer phase starts
     # from the previous prices and keeps the holders that still satisfy the finer eps-slackness, at a new bid.
     cur = max(spread / AUCTION_EPS_FACTOR, eps_final)
     while True:
-        sub_prices, slot_bid, slot_tok, free = _bid_rounds(s, sub_prices, slot_bid, slot_tok, free, cur)
-        if free.numel():
-            sub_prices, slot_bid, slot_tok = _bid_serial(s, sub_prices, slot_bid, slot_tok, free, cur, cap_list, rows)
+        state = _bid_rounds(s, state, cur)
+        if state.free.numel():
+            state = _bid_serial(s, state, cur, cap_list, rows)
         if cur <= eps_final:
             break
         cur = max(cur / AUCTION_EPS_FACTOR, eps_final)
-        tok = slot_tok.clamp(min=0)
-        value = s[tok] - sub_prices  # [L, C, L]: every held token's value of every expert
-        other = value.masked_fill(torch.eye(L, dtype=torch.bool, device=device)[:, None, :], float("-inf")).amax(-1)
-        rebid = s[tok, expert_of_slot] - other + cur  # [L, C]
-        ok = exists & (rebid >= sub_prices[:, None])
-        free = slot_tok[exists & ~ok]
-        slot_bid, idx = torch.where(ok, rebid, empty).sort(dim=1, stable=True)
-        slot_tok = torch.where(ok, slot_tok, -1).gather(1, idx)
-        sub_prices = torch.where(slot_bid[:, 0] > float("-inf"), slot_bid[:, 0], sub_prices)
+        state = _rebid_holders(s, state, cur, exists, expert_of_slot, empty)
     owner = torch.empty(T, dtype=torch.long, device=device)
-    owner[slot_tok[exists]] = expert_of_slot[exists]
-    prices[live] = sub_prices
+    owner[state.slot_tok[exists]] = expert_of_slot[exists]
+    prices[live] = state.prices
     return live[owner], prices
 
 

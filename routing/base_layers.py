@@ -41,7 +41,7 @@ from routing.capacity import choice_plan
 from routing.config import RouterConfig
 from routing.losses import router_z_loss
 from routing.plan import RoutingPlan
-from routing.router import Router
+from routing.router import TORCH_KERNELS, Router, RouterKernels
 
 class BaseRouter(Router):
     """Balanced assignment in training (every expert T/E tokens), greedy top-1 at evaluation."""
@@ -53,7 +53,8 @@ class BaseRouter(Router):
             )
         super().__init__(d_model, num_experts, cfg, vocab_size)
 
-    def route(self, x: Tensor, logits: Tensor, token_ids: Optional[Tensor], seq_len: int) -> RoutingPlan:
+    def route(self, x: Tensor, logits: Tensor, token_ids: Optional[Tensor], seq_len: int,
+              kernels: RouterKernels = TORCH_KERNELS) -> RoutingPlan:
         cfg = self.cfg
         T, E = logits.shape
         capacity = None

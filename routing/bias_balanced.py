@@ -40,7 +40,7 @@ from routing.config import RouterConfig
 from routing.generation import routing_capacity_factor
 from routing.plan import RoutingPlan
 from routing.recompute import recomputing
-from routing.router import Router
+from routing.router import TORCH_KERNELS, Router, RouterKernels
 from routing.topk import select_topk, standard_losses
 
 
@@ -59,7 +59,8 @@ class BiasBalancedRouter(Router):
         """[T, E] fp32 affinities in (0, 1): sigmoid per expert (DeepSeek-V3) or softmax over experts."""
         return torch.sigmoid(logits) if self.cfg.score_fn == "sigmoid" else torch.softmax(logits, dim=-1)
 
-    def route(self, x: Tensor, logits: Tensor, token_ids: Optional[Tensor], seq_len: int) -> RoutingPlan:
+    def route(self, x: Tensor, logits: Tensor, token_ids: Optional[Tensor], seq_len: int,
+              kernels: RouterKernels = TORCH_KERNELS) -> RoutingPlan:
         cfg = self.cfg
         T, E = logits.shape
         scores = self.scores(logits)  # [T, E], differentiable

@@ -111,16 +111,30 @@ def choice_plan(
     dispatchers should use as C; otherwise it only caps the counts.
     renormalize_after_drop: model.moe.router.renormalize_after_drop (renormalize_kept); nothing drops when dropless.
     """
-    token_index, expert_index, row_weight, counts, kept = assign(expert_idx, weight, num_experts, capacity, drop_policy)
-    if renormalize_after_drop and capacity is not None:
+    rows = assign(expert_idx, weight, num_experts, capacity, drop_policy)
+    return rows_plan(rows, weight, probs, capacity if fixed else None, aux_losses,
+                     renormalize_after_drop and capacity is not None)
+
+
+def rows_plan(
+    rows: tuple[Tensor, Tensor, Tensor, Tensor, Tensor],  # assign's token_index, expert_index, weight, counts, kept
+    weight: Tensor,  # [T, k] every choice's combine weight before dropping
+    probs: Tensor,  # [T, E] a distribution over experts per token, for the statistics
+    capacity: Optional[int],  # C of a fixed layout, else None
+    aux_losses: dict[str, Tensor],
+    renormalize: bool,  # rescale the surviving weights to their token's pre-drop sum (renormalize_kept)
+) -> RoutingPlan:
+    """The plan of surviving rows in `assign`'s layout (however they were sorted), with the standard statistics."""
+    token_index, expert_index, row_weight, counts, kept = rows
+    if renormalize:
         row_weight = renormalize_kept(token_index, row_weight, weight)
     return RoutingPlan(
         token_index=token_index,
         expert_index=expert_index,
         weight=row_weight,
         counts=counts,
-        num_tokens=expert_idx.shape[0],
-        capacity=capacity if fixed else None,
+        num_tokens=weight.shape[0],
+        capacity=capacity,
         kept=kept,
         aux_losses=aux_losses,
         stats=routing_stats(probs.detach(), counts, kept),

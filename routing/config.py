@@ -140,6 +140,12 @@ class RouterConfig:
         """Whether the router owns a d x E linear gate (hash routing reads token ids instead)."""
         return self.name != "hash"
 
+    def capacity_factor_at(self, training: bool) -> float:
+        """The capacity factor of training, or of evaluation (eval_capacity_factor where set, else the same)."""
+        if not training and self.eval_capacity_factor is not None:
+            return self.eval_capacity_factor
+        return self.capacity_factor
+
     @property
     def experts_per_token(self) -> float:
         """Experts a token reaches on average in training: k for token choice, capacity_factor * k for expert

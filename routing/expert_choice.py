@@ -55,7 +55,7 @@ from routing.generation import generating
 from routing.losses import router_z_loss
 from routing.plan import RoutingPlan
 from routing.recompute import recomputing
-from routing.router import Router
+from routing.router import TORCH_KERNELS, Router, RouterKernels
 from routing.topk import select_topk
 from routing.stats import routing_stats
 
@@ -81,13 +81,12 @@ def eval_top_k(capacity_factor: float, top_k: int, num_experts: int) -> int:
 class ExpertChoiceRouter(Router):
     """Each expert takes its top-C tokens per group; token-choice fallback at evaluation for tiny groups."""
 
-    def route(self, x: Tensor, logits: Tensor, token_ids: Optional[Tensor], seq_len: int) -> RoutingPlan:
+    def route(self, x: Tensor, logits: Tensor, token_ids: Optional[Tensor], seq_len: int,
+              kernels: RouterKernels = TORCH_KERNELS) -> RoutingPlan:
         cfg = self.cfg
         T, E = logits.shape
         scores = torch.softmax(logits, dim=-1)  # [T, E] fp32, differentiable: the gate learns through the weights
-        cf = cfg.capacity_factor
-        if not self.training and cfg.eval_capacity_factor is not None:
-            cf = cfg.eval_capacity_factor
+        cf = cfg.capacity_factor_at(self.training)
         members = group_members(T, seq_len, cfg.ec_mode, logits.device)  # [P, G]
         P, G = members.shape
         aux = {"router_z_loss": cfg.z_loss_coef * router_z_loss(logits)} if cfg.z_loss_coef > 0 else {}

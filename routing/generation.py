@@ -47,8 +47,4 @@ def generation() -> contextlib.AbstractContextManager:
 def routing_capacity_factor(cfg, training: bool) -> float:
     """The capacity factor a token-choice router applies now: 0 (dropless) while generating; otherwise
     cfg.eval_capacity_factor at evaluation when it is set, else cfg.capacity_factor."""
-    if generating():
-        return 0.0
-    if not training and cfg.eval_capacity_factor is not None:
-        return cfg.eval_capacity_factor
-    return cfg.capacity_factor
+    return 0.0 if generating() else cfg.capacity_factor_at(training)

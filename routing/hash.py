@@ -27,7 +27,7 @@ from torch import Tensor
 from routing.capacity import choice_plan
 from routing.config import RouterConfig
 from routing.plan import RoutingPlan
-from routing.router import Router
+from routing.router import TORCH_KERNELS, Router, RouterKernels
 
 
 # Seeds of consecutive layers are this far apart, so (seed, layer) pairs with seed < LAYER_SEED_STRIDE never collide.
@@ -70,7 +70,8 @@ class HashRouter(Router):
         self.layer = layer  # the block index the table was drawn for
         self.register_buffer("table", hash_table(vocab_size, num_experts, cfg.hash_seed, layer), persistent=True)
 
-    def route(self, x: Tensor, logits: Optional[Tensor], token_ids: Optional[Tensor], seq_len: int) -> RoutingPlan:
+    def route(self, x: Tensor, logits: Optional[Tensor], token_ids: Optional[Tensor], seq_len: int,
+              kernels: RouterKernels = TORCH_KERNELS) -> RoutingPlan:
         T, E = x.shape[0], self.num_experts
         if token_ids is None:
             raise ValueError(

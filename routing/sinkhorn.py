@@ -30,7 +30,7 @@ from torch import Tensor
 from routing.capacity import choice_plan, expert_capacity
 from routing.generation import routing_capacity_factor
 from routing.plan import RoutingPlan
-from routing.router import Router
+from routing.router import TORCH_KERNELS, Router, RouterKernels
 from routing.topk import select_topk, standard_losses
 
 
@@ -74,7 +74,8 @@ def sinkhorn_activation(logits: Tensor, top_k: int) -> Tensor:
 class SinkhornRouter(Router):
     """Top-k by Sinkhorn-balanced scores in training, top-k by the plain activation at evaluation."""
 
-    def route(self, x: Tensor, logits: Tensor, token_ids: Optional[Tensor], seq_len: int) -> RoutingPlan:
+    def route(self, x: Tensor, logits: Tensor, token_ids: Optional[Tensor], seq_len: int,
+              kernels: RouterKernels = TORCH_KERNELS) -> RoutingPlan:
         cfg = self.cfg
         T, E = logits.shape
         act = sinkhorn_activation(logits, cfg.top_k)  # [T, E], differentiable

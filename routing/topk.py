@@ -15,13 +15,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from routing.capacity import assign, expert_capacity, renormalize_kept
+from routing.capacity import assign, choice_plan, expert_capacity, rows_plan
 from routing.config import RouterConfig
 from routing.generation import generating, routing_capacity_factor
 from routing.losses import balance_choices, load_balancing_loss, router_z_loss
 from routing.plan import RoutingPlan
-from routing.router import Router
-from routing.stats import routing_stats
+from routing.router import TORCH_KERNELS, Router, RouterKernels
 
 
 def select_topk(scores: Tensor, k: int) -> Tensor:
@@ -68,24 +67,25 @@ def gshard_keep_second(weight: Tensor) -> Tensor:
 class TopKRouter(Router):
     """Top-k selection, capacity, and the Switch load-balancing and ST-MoE z losses."""
 
-    def route(self, x: Tensor, logits: Tensor, token_ids: Optional[Tensor], seq_len: int) -> RoutingPlan:
+    def route(self, x: Tensor, logits: Tensor, token_ids: Optional[Tensor], seq_len: int,
+              kernels: RouterKernels = TORCH_KERNELS) -> RoutingPlan:
         cfg = self.cfg
         T = logits.shape[0]
         E = self.num_experts
-        probs, weight, expert_idx = (self.topk_impl or topk_gating)(logits, cfg.top_k, cfg.order, cfg.renormalize)
+        probs, weight, expert_idx = (kernels.topk or topk_gating)(logits, cfg.top_k, cfg.order, cfg.renormalize)
         keep_second = gshard_keep_second(weight) if cfg.random_second and self.training else None
         weight = weight * cfg.scale
         cf = routing_capacity_factor(cfg, self.training)  # 0 while generating: each new token routes dropless
         capacity = expert_capacity(T, E, cfg.top_k, cf, cfg.min_capacity)
-        if keep_second is None and capacity is None and self.sort_impl is not None:
-            # Dropless: an injected device sort gives assign's rows without its host synchronisation.
-            order, token_index, expert_index, counts = self.sort_impl(expert_idx, E)[:4]
-            row_weight = weight.t().reshape(-1)[order]
-            kept = torch.ones_like(expert_idx, dtype=torch.bool)
-        elif keep_second is None:
-            token_index, expert_index, row_weight, counts, kept = assign(
-                expert_idx, weight, E, capacity, cfg.drop_policy
-            )
+        aux = standard_losses(cfg, logits, probs, expert_idx, group=self.batch_group)
+        if keep_second is None and (capacity is not None or kernels.sort is None):
+            return choice_plan(expert_idx, weight, probs, E, capacity, cf > 0, cfg.drop_policy, aux,
+                               renormalize_after_drop=cfg.renormalize_after_drop)
+        if keep_second is None:
+            # Dropless: the device sort gives assign's rows without its host synchronisation.
+            order, token_index, expert_index, counts = kernels.sort(expert_idx, E)[:4]
+            rows = (token_index, expert_index, weight.t().reshape(-1)[order], counts,
+                    torch.ones_like(expert_idx, dtype=torch.bool))
         else:
             # A dropped second choice is parked on a virtual expert E: it takes no slot of a real expert, and its
             # rows sort last, so cutting them off leaves a plan over the E real experts.
@@ -95,22 +95,11 @@ class TopKRouter(Router):
             )
             counts = counts[:E]
             n = int(counts.sum())  # a host sync, as capacity already needs one
-            token_index, expert_index, row_weight = token_index[:n], expert_index[:n], row_weight[:n]
             kept[:, 1] &= keep_second
-        if cfg.renormalize_after_drop and (capacity is not None or keep_second is not None):
-            # DeepSpeed's top2gating: a choice lost to capacity or to random routing leaves its weight to the rest
-            row_weight = renormalize_kept(token_index, row_weight, weight)
-        return RoutingPlan(
-            token_index=token_index,
-            expert_index=expert_index,
-            weight=row_weight,
-            counts=counts,
-            num_tokens=T,
-            capacity=capacity if cf > 0 else None,
-            kept=kept,
-            aux_losses=standard_losses(cfg, logits, probs, expert_idx, group=self.batch_group),
-            stats=routing_stats(probs.detach(), counts, kept),
-        )
+            rows = (token_index[:n], expert_index[:n], row_weight[:n], counts, kept)
+        # DeepSpeed's top2gating: a choice lost to capacity or to random routing leaves its weight to the rest
+        renormalize = cfg.renormalize_after_drop and (capacity is not None or keep_second is not None)
+        return rows_plan(rows, weight, probs, capacity if cf > 0 else None, aux, renormalize)
 
 
 def standard_losses(cfg: RouterConfig, logits: Tensor, probs: Tensor, expert_idx: Tensor,

@@ -134,7 +134,7 @@ def exactness(cfg: UpcycleConfig) -> tuple[bool, str]:
         return False, f"recipe={cfg.recipe} changes the experts on purpose (inexact by construction)"
     if r.name != "topk":
         return False, f"router {r.name!r}: exactness is derived for the token-choice topk router only"
-    cf = r.eval_capacity_factor if r.eval_capacity_factor is not None else r.capacity_factor
+    cf = r.capacity_factor_at(training=False)
     if cf != 0:
         return False, f"capacity factor {cf} at evaluation: tokens may be dropped (exact needs dropless, 0)"
     if r.random_second:

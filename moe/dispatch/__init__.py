@@ -25,7 +25,7 @@ DISPATCHERS = {
 # `triton` needs CUDA (or TRITON_INTERPRET=1 on CPU, for tests) and `tutel` an install from source, so they are
 # looked up by dispatch_fn, not listed above.
 # Not a choice of model.moe.dispatcher either: MoELayer switches to alltoall_dispatch by itself when its experts are an
-# expert-parallel shard (moe.parallel.shard_experts); the resolved `sorted` or `triton` then runs the local experts.
+# expert-parallel shard (moe.parallel.distribute); the resolved `sorted` or `triton` then runs the local experts.
 ALL_DISPATCHERS = {**DISPATCHERS, "triton": triton_dispatch, "tutel": tutel_dispatch}
 
 

@@ -39,10 +39,12 @@ class MoECollectiveError(RuntimeError):
     timed out; the message says where and with what counts."""
 
 
-def collective_failure(experts, phase: str, counts: Sequence[int], error: BaseException) -> MoECollectiveError:
-    """The error of a failed collective of the layer holding `experts`, outside the exchange (e.g. in the router)."""
+def collective_failure(layer: str, experts, phase: str, counts: Sequence[int],
+                       error: BaseException) -> MoECollectiveError:
+    """The error of a failed collective of MoE layer `layer` (its module path) holding `experts`, outside the
+    exchange (e.g. in the router)."""
     rank = dist.get_rank() if dist.is_initialized() else 0
-    msg = describe_exchange(experts.layer_name, rank, experts.ep_rank, experts.ep_size, phase, counts)
+    msg = describe_exchange(layer, rank, experts.ep_rank, experts.ep_size, phase, counts)
     return MoECollectiveError(f"{msg}\ncaused by {type(error).__name__}: {error}")
 
 
@@ -59,7 +61,7 @@ def describe_exchange(layer: str, rank: int, ep_rank: int, ep_size: int, phase: 
         msg += f"; rows it receives per local expert from each rank {by_source}"
     return msg + (". A process-group timeout here usually means another rank never reached this layer (it failed, "
                   "or ran a different number of MoE layers or steps); see the other ranks' errors, or raise the "
-                  "timeout (trainer.collective_timeout_s)")
+                  "process groups' timeout (init_process_group(timeout=...) and moe.parallel.make_groups(timeout=...))")
 
 
 class _Where:
@@ -104,7 +106,7 @@ class _Exchange(torch.autograd.Function):
 
 
 def alltoall_dispatch(x: Tensor, plan: RoutingPlan, experts, local_dispatcher: str = "sorted") -> Tensor:
-    """x [T, d] -> y [T, d]; same contract as sorted_dispatch, with `experts` a shard (moe.parallel.shard_experts).
+    """x [T, d] -> y [T, d]; same contract as sorted_dispatch, with `experts` a shard (moe.parallel.distribute).
     local_dispatcher: runs the local experts, "sorted" or "triton" (fused kernels; CUDA or TRITON_INTERPRET=1)."""
     if experts.ep_size == 1:
         from moe.dispatch.sorted import sorted_dispatch
@@ -154,7 +156,8 @@ def alltoall_dispatch(x: Tensor, plan: RoutingPlan, experts, local_dispatcher: s
 def _triton_local(got: Tensor, order: Tensor, local_counts: Tensor, experts) -> Tensor:
     """The local experts on the fused kernels: row r of expert order is arrival row order[r]; the combine gives each
     arrival row exactly one result of weight 1, so "tokens" are the M arrival slots."""
-    from moe.kernels.grouped_gemm import gather_grouped_up, grouped_down_combine
+    from moe.kernels.down_combine import grouped_down_combine
+    from moe.kernels.up_projection import gather_grouped_up
 
     M = got.shape[0]
     w_up, w_gate, w_down = experts._weights(got.dtype)

@@ -248,8 +248,7 @@ def test_router_collective_failure_names_the_layer(monkeypatch):
 
     model = Transformer(model_config(CASES["top2"], 1))
     for name, block in enumerate(model.blocks):
-        block.ffn.router.batch_group = object()  # any group: the collective below never runs
-        block.ffn.experts.layer_name = f"blocks.{name}.ffn"
+        block.ffn.distribute(f"blocks.{name}.ffn", batch_group=object())  # any group: the collective never runs
     monkeypatch.setattr(dist, "all_reduce", stuck)
     with pytest.raises(MoECollectiveError) as e:
         model(torch.zeros(2, S, dtype=torch.long))

@@ -182,7 +182,8 @@ def test_auto_layer_on_cpu_runs_sorted_and_says_so():
     assert describe_dispatch(model("none")) == "dispatcher: none (dense model)"
     layer = moe_model.blocks[0].ffn
     assert layer.resolved_dispatcher(torch.device("cpu"))[0] == "sorted"
-    assert layer.router.topk_impl is None and layer.router.sort_impl is None  # routing's own torch code
+    kernels = layer.router_kernels(torch.device("cpu"))
+    assert kernels.topk is None and kernels.sort is None  # routing's own torch code
 
 
 def test_importing_the_library_does_not_import_triton():

@@ -258,7 +258,7 @@ def _dp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         router = build_router(D, E, RouterConfig(name="bias_balanced", top_k=1, bias_update_rate=0.1))
-        router.batch_group = dist.group.WORLD  # what moe.parallel.distribute sets
+        router.set_batch_group(dist.group.WORLD)  # what moe.parallel.distribute has each layer do
         with torch.no_grad():  # rank 0 overloads expert 0, rank 1 expert 1: the sums are [5, 5, 1, 1]
             router.load.copy_(torch.tensor([4.0, 1.0, 1.0, 0.0]) if rank == 0 else torch.tensor([1.0, 4.0, 0.0, 1.0]))
         router.after_optimizer_step()

@@ -37,7 +37,6 @@ from moe.config import ModelConfig, MoEConfig  # noqa: E402
 from moe.layer import MoELayer  # noqa: E402
 from routing import RouterConfig, build_router  # noqa: E402
 from routing.losses import load_balancing_loss  # noqa: E402
-from routing.topk import topk_gating  # noqa: E402
 
 COEF = 0.5  # aux_loss_coef: our plan's loss is COEF * the unscaled loss
 

@@ -12,6 +12,7 @@ pytest.importorskip("triton")
 
 from moe.kernels.gating import fused_topk_gating, topk_gating_forward  # noqa: E402
 from routing import RouterConfig, build_router  # noqa: E402
+from routing.router import RouterKernels  # noqa: E402
 from routing.topk import topk_gating  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -89,16 +90,15 @@ def test_no_rows():
 
 @pytest.mark.parametrize("order,renorm", MODES, ids=MODE_IDS)
 def test_router_with_fused_gating_gives_the_same_plan(order, renorm):
-    # The hook MoELayer uses: TopKRouter.topk_impl. Aux losses and gate gradients must be unchanged too.
+    # What MoELayer passes on triton: RouterKernels(topk=...). Aux losses and gate gradients must be unchanged too.
     cfg = RouterConfig(top_k=2, order=order, renormalize=renorm, capacity_factor=1.0, min_capacity=1)
     torch.manual_seed(0)
     router = build_router(8, 6, cfg).to(DEVICE)
     x = torch.randn(24, 8, device=DEVICE)
     results = []
     for impl in (None, fused_topk_gating):
-        router.topk_impl = impl
         router.zero_grad(set_to_none=True)
-        plan = router(x)
+        plan = router(x, kernels=RouterKernels(topk=impl))
         (plan.weight.square().sum() + sum(plan.aux_losses.values())).backward()
         results.append((plan, router.gate.weight.grad.clone()))
     (a, ga), (b, gb) = results

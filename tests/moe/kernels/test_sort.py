@@ -12,6 +12,7 @@ pytest.importorskip("triton")
 
 from moe.kernels.sort import sort_by_expert, sort_impl  # noqa: E402
 from routing import RouterConfig, build_router  # noqa: E402
+from routing.router import RouterKernels  # noqa: E402
 from routing.capacity import assign  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -74,15 +75,14 @@ def test_strided_input():
 
 @pytest.mark.parametrize("k", [1, 2])
 def test_router_with_device_sort_gives_the_same_plan(k):
-    # The hook MoELayer uses on the dropless path: TopKRouter.sort_impl.
+    # What MoELayer passes on triton for the dropless path: RouterKernels(sort=...).
     torch.manual_seed(0)
     router = build_router(8, 6, RouterConfig(top_k=k, capacity_factor=0.0)).to(DEVICE)
     x = torch.randn(30, 8, device=DEVICE)
     plans = []
     for impl in (None, sort_impl):
-        router.sort_impl = impl
         router.zero_grad(set_to_none=True)
-        plan = router(x)
+        plan = router(x, kernels=RouterKernels(sort=impl))
         plan.weight.square().sum().backward()
         plans.append((plan, router.gate.weight.grad.clone()))
     (a, ga), (b, gb) = plans

@@ -23,6 +23,7 @@ from moe.kernels.gating import fused_topk_gating  # noqa: E402
 from moe.kernels.sort import sort_by_expert  # noqa: E402
 from moe.layer import MoELayer  # noqa: E402
 from routing import RouterConfig, build_router  # noqa: E402
+from routing.router import TORCH_KERNELS, RouterKernels  # noqa: E402
 from routing.topk import topk_gating  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -131,15 +132,17 @@ def test_triton_equals_sorted_bf16(router_name, glu, bias, master_fp32):
     _compare(got, ref, TOL16, "triton vs sorted (bf16)")
 
 
-def test_layer_resolves_and_installs_the_fused_router_kernels():
+def test_layer_resolves_the_fused_router_kernels():
     cfg = ModelConfig(vocab_size=32, n_layer=1, d_model=D, n_head=2, d_ff=F, max_seq_len=16,
                       moe=MoEConfig(layers="all", num_experts=E, dispatcher="triton", router=RouterConfig(top_k=2)))
     layer = MoELayer(cfg).to(DEVICE)
     assert layer.resolved_dispatcher(torch.device(DEVICE))[0] == "triton"
-    assert layer.router.topk_impl is fused_topk_gating and layer.router.sort_impl is not None
+    kernels = layer.router_kernels(torch.device(DEVICE))
+    assert kernels.topk is fused_topk_gating and kernels.sort is not None
     layer.dispatcher = "sorted"  # as the benchmark switches dispatchers on one layer
     assert layer.resolved_dispatcher(torch.device(DEVICE))[0] == "sorted"
-    assert layer.router.topk_impl is None and layer.router.sort_impl is None
+    assert layer.router_kernels(torch.device(DEVICE)) == TORCH_KERNELS
+    assert "topk_impl" not in vars(layer.router) and "sort_impl" not in vars(layer.router)  # nothing installed
 
 
 # ---------------------------------------------------------------- no host synchronisation
@@ -255,12 +258,12 @@ def test_real_size_bf16_gpu(k, glu):
     g = torch.randn(Tg, dg, device="cuda")
     results = {}
     for name in ("sorted", "triton"):
-        router.topk_impl = fused_topk_gating if name == "triton" else None
+        kernels = RouterKernels(topk=fused_topk_gating) if name == "triton" else TORCH_KERNELS
         for p in list(router.parameters()) + list(experts.parameters()):
             p.grad = None
         xb = x.detach().clone().requires_grad_(True)
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            plan = router(xb)
+            plan = router(xb, kernels=kernels)
             y = DISPATCH[name](xb.bfloat16(), plan, experts)
         (y.float() * g).sum().backward()
         results[name] = (y.float(), {"x": xb.grad, "gate": router.gate.weight.grad,
