@@ -1,19 +1,22 @@
-"""The application's plain config dataclasses, and the one boundary where a composed Hydra config becomes them.
+"""The training application's typed configs: the schema Hydra composes `train` into, and the checked RunConfig.
 
-The library (moe/, routing/) never sees Hydra; experiments turn `DictConfig` into these dataclasses here,
-so a typo or a bad value fails with a named field before any data is read or any model is built.
+Every group of conf/train.yaml is a field of TrainConfig, registered in Hydra's ConfigStore as the primary config's
+schema (experiments/hydra_conf.py): Hydra itself refuses a wrong type or an unknown key in any group, and the
+defaults live here once (the YAML files under conf/ hold only what makes their option different). The dataclasses
+are plain: the library (moe/, routing/) never sees Hydra, and this module imports neither Hydra nor torch, so
+composing a config (`--help`, `--cfg job`, tab completion) stays fast.
 """
 from __future__ import annotations
 
 import dataclasses
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from experiments.data import DataConfig
+from experiments.data_config import DataConfig
 from experiments.twins import build_twin
-from moe.config import ModelConfig, config_from_dict
+from experiments.typed_config import from_mapping
+from moe.config import ModelConfig
 from routing.config import check_finite
 
 
@@ -183,24 +186,33 @@ class LoggerConfig:
             raise ValueError(f"logger.mode={self.mode!r} must be offline, online or disabled")
 
 
-_DEFAULT_WARMUP = OptimConfig.warmup_steps  # the dataclass default (conf/optim/adamw.yaml says the same)
+_DEFAULT_WARMUP = OptimConfig.warmup_steps  # the dataclass default: the one source of that number
 
 
 @dataclass
-class RunConfig:
+class TrainConfig:
+    """What `python -m experiments.train` composes (conf/train.yaml); Hydra types every override against it."""
     model: ModelConfig  # the model to train (ignored in favour of the checkpoint's when init_from is set)
     data: DataConfig = field(default_factory=DataConfig)  # corpus and tokenizer
     optim: OptimConfig = field(default_factory=OptimConfig)  # optimizer and schedule
     trainer: TrainerConfig = field(default_factory=TrainerConfig)  # loop, evaluation, checkpoints
     logger: LoggerConfig = field(default_factory=LoggerConfig)  # where metrics go besides metrics.jsonl
-    deepspeed: Optional[DeepSpeedConfig] = None  # trainer=deepspeed: the engine's settings; None for other trainers
-    run_dir: str = "."  # where metrics.jsonl and checkpoints/ are written
+    # trainer=deepspeed: the engine's settings (conf/deepspeed/). Always a typed node here, so that an override of
+    # one of its fields is checked like any other; RunConfig keeps it only for trainer.kind=deepspeed.
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     seed: int = 0  # seeds initialisation, batches, dropout and router noise
     resume: str = "never"  # never, or auto: continue from the newest complete checkpoint in run_dir
     init_from: Optional[str] = None  # checkpoint directory whose config and weights start this run
     # A twin of `model` (experiments.twins): dense, moe_e{E}_k{k} (same training FLOPs per token) or
     # dense_wide_e{E}_k{k} (same total parameters as that MoE); `model` then holds the resolved twin.
     twin: Optional[str] = None
+
+
+@dataclass
+class RunConfig(TrainConfig):
+    """One run as the trainer sees it: the composed config with its twin resolved, checked as a whole."""
+    deepspeed: Optional[DeepSpeedConfig] = None  # trainer=deepspeed: the engine's settings; None for other trainers
+    run_dir: str = "."  # where metrics.jsonl and checkpoints/ are written (Hydra's output directory)
 
     def __post_init__(self) -> None:
         if self.resume not in ("never", "auto"):
@@ -249,51 +261,23 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
-def _checked(cls, d: Any, where: str) -> Any:
-    """d with each value checked against the field types of cls: the YAML groups are untyped in Hydra, so
-    without this `trainer.max_steps=abc` fails later with a bare TypeError, or not at all."""
-    if not isinstance(d, dict):
-        return d  # config_from_dict names the problem
-    hints, out = typing.get_type_hints(cls), dict(d)
-    for name, value in d.items():
-        args = typing.get_args(hints.get(name))
-        base = next((a for a in args if a is not type(None)), None) if args else hints.get(name)
-        if base not in (bool, int, float, str) or (value is None and type(None) in args):
-            continue  # unknown fields are named by config_from_dict
-        number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if base is str and number:
-            out[name] = str(value)  # what a typed Hydra node does with `logger.name=123`
-        elif not {bool: isinstance(value, bool), int: number and isinstance(value, int), float: number,
-                  str: isinstance(value, str)}[base]:
-            what = base.__name__ + (" or null" if type(None) in args else "")
-            raise ValueError(f"{where + '.' if where else ''}{name}={value!r} must be {what}")
-    return out
+def run_config(train: TrainConfig, run_dir: str) -> RunConfig:
+    """The composed config as one checked run. The twin is resolved here, at the boundary: the trainer sees a
+    plain model, and run.json records the model that was trained beside the twin's name."""
+    model, kind = train.model, train.trainer.kind
+    if train.twin is not None and not train.init_from:
+        model = build_twin(model, train.twin, seq_len=min(train.trainer.seq_len, model.max_seq_len))
+    if kind != "deepspeed" and train.deepspeed != DeepSpeedConfig():
+        raise ValueError(f"deepspeed settings were given but trainer.kind={kind!r}; use trainer=deepspeed (or drop them)")
+    fields = {f.name: getattr(train, f.name) for f in dataclasses.fields(TrainConfig)}
+    deepspeed = train.deepspeed if kind == "deepspeed" else None
+    return RunConfig(**{**fields, "model": model, "deepspeed": deepspeed}, run_dir=run_dir)
 
 
 def run_config_from_dict(d: dict[str, Any], run_dir: str) -> RunConfig:
-    """Builds and validates a RunConfig from a resolved config mapping (what Hydra composed)."""
-    known = {f.name for f in dataclasses.fields(RunConfig)} - {"run_dir"}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise ValueError(f"unknown top-level config key(s) {unknown}; known keys are {sorted(known)}")
-    if "model" not in d:
+    """A RunConfig from a plain mapping (a resolved Hydra config, a run.json's config), typed like Hydra types it."""
+    if isinstance(d, dict) and "model" not in d:
         raise ValueError("the config has no model; choose one with model=PRESET")
-    top = _checked(RunConfig, {k: d[k] for k in ("seed", "resume", "init_from", "twin") if k in d}, "")
-    model = ModelConfig.from_dict(d["model"])
-    trainer = config_from_dict(TrainerConfig, _checked(TrainerConfig, d.get("trainer", {}), "trainer"), "trainer")
-    if top.get("twin") is not None:  # the twin is resolved here, at the boundary: the trainer sees a plain model
-        model = build_twin(model, top["twin"], seq_len=min(trainer.seq_len, model.max_seq_len))
-    return RunConfig(
-        model=model,
-        data=config_from_dict(DataConfig, _checked(DataConfig, d.get("data", {}), "data"), "data"),
-        optim=config_from_dict(OptimConfig, _checked(OptimConfig, d.get("optim", {}), "optim"), "optim"),
-        trainer=trainer,
-        logger=config_from_dict(LoggerConfig, _checked(LoggerConfig, d.get("logger", {}), "logger"), "logger"),
-        deepspeed=(None if d.get("deepspeed") is None else
-                   config_from_dict(DeepSpeedConfig, _checked(DeepSpeedConfig, d["deepspeed"], "deepspeed"), "deepspeed")),
-        run_dir=run_dir,
-        seed=top.get("seed", 0),
-        resume=top.get("resume", "never"),
-        init_from=top.get("init_from"),
-        twin=top.get("twin"),
-    )
+    # run_dir is where this run writes, not a setting; deepspeed is null in a run.json of another trainer.
+    d = {k: v for k, v in d.items() if k != "run_dir" and not (k == "deepspeed" and v is None)}
+    return run_config(from_mapping(TrainConfig, d), run_dir)

@@ -102,8 +102,7 @@ class EvalConfig:
 
 def eval_config_from_dict(d: dict[str, Any]) -> EvalConfig:
     """The boundary: a resolved Hydra mapping (conf/evaluate.yaml) becomes an EvalConfig, every key checked."""
-    from experiments.config import _checked
-    from moe.config import config_from_dict
+    from experiments.typed_config import from_mapping
 
     d = dict(d)
     d.pop("hydra", None)
@@ -111,11 +110,7 @@ def eval_config_from_dict(d: dict[str, Any]) -> EvalConfig:
     if ckpt is None or ckpt == "":
         raise ValueError("checkpoint is missing; pass checkpoint=DIR (or checkpoint=[DIR1,DIR2] for a table)")
     checkpoints = [str(c) for c in ckpt] if isinstance(ckpt, (list, tuple)) else [str(ckpt)]
-    data = d.pop("data", None)
-    if data is not None:
-        data = config_from_dict(DataConfig, _checked(DataConfig, data, "data"), "data")
-    rest = _checked(EvalConfig, d, "")
-    return config_from_dict(EvalConfig, {"checkpoints": checkpoints, "data": data, **rest}, "the evaluate config")
+    return from_mapping(EvalConfig, {"checkpoints": checkpoints, **d})
 
 
 # ------------------------------------------------------------------------------------------ checkpoints

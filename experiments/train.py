@@ -5,23 +5,25 @@ validation loss, so Hydra sweepers (e.g. Optuna) can minimise it.
 """
 from __future__ import annotations
 
-import hydra
 from pathlib import Path
 
+import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from experiments.config import run_config_from_dict
-from experiments.hydra_conf import register_configs
-from experiments.preemption import Preempted, exit_preempted
-from experiments.trainer import Trainer
+from experiments.hydra_conf import CONFIG_DIR, register_configs
 
 register_configs()
 
 
-@hydra.main(config_path="pkg://conf", config_name="train", version_base="1.3")
+@hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
+    # torch and the trainer load only once a run starts: `--help`, `--cfg job` and tab completion need neither.
+    from experiments.preemption import Preempted, exit_preempted
+    from experiments.trainer import Trainer
+
     hydra_cfg = HydraConfig.get()
     d = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     logger = d.get("logger")

@@ -6,10 +6,12 @@ them all (and without an import cycle with routing.config, which checks names ag
 from __future__ import annotations
 
 import importlib
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from routing.config import RouterConfig
-from routing.router import Router
+
+if TYPE_CHECKING:  # the routers (and torch) load only when one is built: composing a config needs just the names
+    from routing.router import Router
 
 ROUTERS: dict[str, str] = {
     "topk": "routing.topk:TopKRouter",  # token choice: Switch (k=1), GShard/GLaM/Mixtral (k=2), DeepSeek

@@ -34,7 +34,7 @@ REFUSED = [
     (["model.moe.router.aux_loss_coef=-0.01"], r"model\.moe\.router\.aux_loss_coef=-0\.01 must be non-negative"),
     (["model.moe.router.z_loss_coef=-0.001"], r"model\.moe\.router\.z_loss_coef=-0\.001 must be non-negative"),
     (["model.moe.router.scale=0"], r"model\.moe\.router\.scale=0\.0 must be positive"),
-    (["optim.eps=0"], r"optim\.eps=0 must be positive"),
+    (["optim.eps=0"], r"optim\.eps=0\.0 must be positive"),  # typed: Hydra turns the 0 into a float
     (["optim.eps=-1e-8"], r"optim\.eps=-1e-08 must be positive"),
     (["optim.warmup_steps=400", "trainer.max_steps=300"], r"optim\.warmup_steps=400 is longer than the run"),
     # Switch (top-1) with capacity factor 0.02: 2% of the tokens reach an expert at most
