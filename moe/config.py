@@ -9,6 +9,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from moe.expert_shard import check_expert_parallel
 from routing.config import RouterConfig, check_finite
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
@@ -50,13 +51,7 @@ class MoEConfig:
             raise ValueError("model.moe.num_shared_experts must be >= 0 and model.moe.shared_hidden positive or null")
         if self.dispatcher not in DISPATCHERS:
             raise ValueError(f"model.moe.dispatcher={self.dispatcher!r} must be one of {DISPATCHERS}")
-        if self.expert_parallel < 1:
-            raise ValueError(f"model.moe.expert_parallel={self.expert_parallel} must be at least 1")
-        if self.expert_parallel > 1 and self.num_experts % self.expert_parallel:
-            raise ValueError(
-                f"model.moe.expert_parallel={self.expert_parallel} does not divide model.moe.num_experts="
-                f"{self.num_experts}: every rank of an expert-parallel group holds the same number of experts"
-            )
+        check_expert_parallel(self.num_experts, self.expert_parallel)
         if self.expert_parallel > 1 and self.dispatcher not in ("auto", "sorted", "triton"):
             raise ValueError(
                 f"model.moe.dispatcher={self.dispatcher!r} cannot run expert-parallel (model.moe.expert_parallel="
