@@ -19,7 +19,7 @@ experts become less attractive, idle ones more, without a loss term that fights 
   Like Megatron-core, nothing is counted in eval mode or without autograd (evaluation, reentrant recomputation),
   nor in the replay of a non-reentrant activation checkpoint, which runs with autograd on (routing.recompute):
   a checkpointed layer would otherwise count its tokens twice.
-  Under data parallelism (Router.batch_group, set by moe.parallel.distribute) the counts are summed over the
+  Under data parallelism (Router.set_batch_group, from moe.parallel.distribute) the counts are summed over the
   group before the update, so every replica moves its bias identically.
 - k > 1: the weights are normalised over the k choices (DeepSeek-V3's norm_topk_prob). k = 1: the single score is
   used as is, since a normalised single weight is the constant 1 and would cut the gate off from the LM loss.

@@ -4,7 +4,7 @@ Shape legend: T tokens, E experts, k choices per token, BLOCK_T rows per program
 of two (the padding columns are masked to -inf, so they never win and add nothing to the softmax).
 
 `fused_topk_gating(logits, top_k, order, renormalize)` has the signature and results of routing.topk.topk_gating,
-so a router takes it as its `topk_impl` (MoELayer installs it when its dispatcher resolves to `triton`):
+so a router runs it as its RouterKernels.topk (MoELayer passes it when its dispatcher resolves to `triton`):
 
     probs  [T, E] fp32  softmax over all experts (the load-balancing loss and the statistics need it)
     weight [T, k] fp32  "topk_softmax": softmax over the k chosen logits (Mixtral);

@@ -35,7 +35,7 @@ except ImportError:  # the torch path below still works
 
 class ExpertSort(NamedTuple):
     """Assignments sorted by expert (stable, choice-major). The first four fields are the contract of a router's
-    `sort_impl` hook (routing.router.Router)."""
+    RouterKernels.sort (routing.router)."""
 
     order: Tensor  # [A] long, the choice-major assignment a = j*T + t of each sorted row
     token_index: Tensor  # [A] long, its token t = a mod T
@@ -164,7 +164,7 @@ def sort_by_expert(expert_idx: Tensor, num_experts: int, use_triton: Optional[bo
 
 
 def sort_impl(expert_idx: Tensor, num_experts: int) -> ExpertSort:
-    """The `sort_impl` hook a router takes (routing.router.Router): sort_by_expert with the automatic choice."""
+    """The RouterKernels.sort a router runs (routing.router): sort_by_expert with the automatic choice."""
     return sort_by_expert(expert_idx, num_experts)
 
 
