@@ -46,13 +46,19 @@ class RunLog:
 
     def __init__(self, run_dir: Path, enabled: bool):
         self.bar = None
+        self.enabled = enabled
         self.path = Path(run_dir) / LOG_FILE
-        # logging.Logger(...) directly, not logging.getLogger: a private logger without a parent, so nothing
-        # global is configured and records reach only the two handlers below
+        # logging.Logger(...) directly, not logging.getLogger: private loggers without a parent, so nothing
+        # global is configured and records reach only the handlers below
         self._console = logging.Logger("switchyard.run")
         self._file = logging.Logger("switchyard.run.file")
         self._handlers: list[logging.Handler] = []
-        if enabled:
+
+    def _open(self) -> bool:
+        """The two handlers, opened on the first line (and again after close: train.log is appended to)."""
+        if not self.enabled:
+            return False
+        if not self._handlers:
             console = _Console(self)
             to_file = logging.FileHandler(self.path, mode="a", encoding="utf-8")
             for handler in (console, to_file):
@@ -61,18 +67,19 @@ class RunLog:
             self._console.addHandler(console)
             self._console.addHandler(to_file)
             self._file.addHandler(to_file)
-        else:
-            self._console.disabled = self._file.disabled = True
+        return True
 
     def info(self, message: str) -> None:
-        self._console.info(message)
+        if self._open():
+            self._console.info(message)
 
     def file_only(self, message: str) -> None:
-        self._file.info(message)
+        if self._open():
+            self._file.info(message)
 
     def start_bar(self, enabled: bool, total: int, initial: int) -> None:
         """A tqdm bar on stdout when enabled (trainer.progress, rank 0) and stdout is a terminal."""
-        if enabled and sys.stdout.isatty() and self._handlers:
+        if enabled and self.enabled and sys.stdout.isatty():
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, leave=False, file=sys.stdout)
@@ -93,7 +100,6 @@ class RunLog:
             self._console.removeHandler(handler)
             self._file.removeHandler(handler)
         self._handlers.clear()
-        self._console.disabled = self._file.disabled = True
 
 
 def record_line(record: dict[str, Any], max_steps: int, wall_s: float, eta_s: Optional[float]) -> str:

@@ -572,7 +572,7 @@ def test_fresh_run_refuses_a_directory_with_checkpoints(tmp_path, text_corpus):
 
 def test_a_crash_marks_the_run_failed(tmp_path, text_corpus, monkeypatch):
     t = Trainer(make_run(tmp_path / "run", text_corpus, "trainer.max_steps=3"))
-    monkeypatch.setattr(t, "train_step", lambda: (_ for _ in ()).throw(RuntimeError("boom")))
+    monkeypatch.setattr(t, "device_step", lambda: (_ for _ in ()).throw(RuntimeError("boom")))
     with pytest.raises(RuntimeError, match="boom"):
         t.fit()
     info = json.loads((tmp_path / "run" / "run.json").read_text())
