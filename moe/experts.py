@@ -69,6 +69,7 @@ class Experts(nn.Module):
             bank = Experts(n, self.w_up.shape[1], self.w_up.shape[2], self.activation, self.w_gate is not None,
                            self.b_up is not None, shard=shard)
         bank.gemm_impl = self.gemm_impl
+        bank.train(self.training)
         for name, p in self.named_parameters(recurse=False):
             part = nn.Parameter(p.detach()[lo:lo + n].clone(), requires_grad=p.requires_grad)
             bank.register_parameter(name, _tag(part, shard.ep_size))

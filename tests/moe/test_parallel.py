@@ -56,6 +56,7 @@ def test_one_divisibility_check_everywhere(num_experts, ep, match):
 def test_sharded_bank_holds_exact_slices_and_draws_nothing():
     full = Experts(E, 4, 6, "silu", glu=True, bias=True)
     full.w_up.requires_grad_(False)  # requires_grad travels with the slice
+    full.eval()  # so does the mode
     rng = torch.get_rng_state()
     part = full.sharded(ExpertShard(E, ep_size=4, ep_rank=2, layer_name="blocks.0.ffn"))
     assert torch.equal(torch.get_rng_state(), rng)
@@ -64,7 +65,7 @@ def test_sharded_bank_holds_exact_slices_and_draws_nothing():
         q = dict(part.named_parameters())[name]
         assert torch.equal(q, p[4:6]) and q.data_ptr() != p.data_ptr(), name  # a copy of experts 4 and 5
         assert q.requires_grad == p.requires_grad and q.allreduce is False and q.group_name == "ep_size_4", name
-    assert part.w_up.device == full.w_up.device and part.layer_name == "blocks.0.ffn"
+    assert part.w_up.device == full.w_up.device and part.layer_name == "blocks.0.ffn" and not part.training
     x, counts = torch.randn(5, 4), torch.tensor([2, 3])
     index = torch.repeat_interleave(torch.arange(2), counts)
     ref = Experts(2, 4, 6, "silu", glu=True, bias=True)
