@@ -38,8 +38,6 @@ from experiments.compare_runs import DEFAULT, METRICS_FILE, RUN_FILE, SKIP_DIRS,
 from experiments.compare_timing import timing_warnings
 from experiments.eval_file import EVAL_FILE, read_eval_file
 
-OUTPUTS = ("comparison.md", "comparison.csv", "loss_vs_flops.png", "loss_vs_time.png", "expert_load.png")
-
 
 # ------------------------------------------------------------------------------------------ interpolation
 

@@ -183,7 +183,8 @@ def expert_load_figure(report: Report):
         mid = (s[1:] + s[:-1]) / 2 if len(s) > 1 else np.array([])
         edges = np.concatenate([[s[0] - (mid[0] - s[0] if len(mid) else 0.5)], mid,
                                 [s[-1] + (s[-1] - mid[-1] if len(mid) else 0.5)]])
-        meshes.append(ax_h.pcolormesh(edges, np.arange(heat.shape[0] + 1), heat, cmap="RdBu_r", norm=norm))
+        meshes.append(ax_h.pcolormesh(edges, np.arange(heat.shape[0] + 1), heat, cmap="RdBu_r", norm=norm,
+                                      rasterized=True))  # a bitmap inside the SVG: thousands of cells stay small
         ax_l.set_xlim(edges[0], edges[-1])  # the two panels of a run share their steps
         ax_h.invert_yaxis()
         edge = 0
