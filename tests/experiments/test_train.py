@@ -528,6 +528,15 @@ def test_cli_train(cli_run):
     assert f"{records[0]['val_loss']:.4f}" in proc.stdout
     assert_complete(run_dir / "checkpoints" / "step_3")
     assert (run_dir / ".hydra" / "config.yaml").is_file()
+    # Output to a pipe, as under Slurm: plain lines, one per record; Hydra's train.log holds each line once
+    # (Hydra's own handler on the same file writes none of them a second time) and the final result.
+    assert "\r" not in proc.stdout + proc.stderr
+    step_lines = [line for line in proc.stdout.splitlines() if line.startswith("step ")]
+    assert len(step_lines) == 1 and step_lines[0].startswith("step 3/3 | loss ") and "val loss" in step_lines[0]
+    log = (run_dir / "train.log").read_text().splitlines()
+    assert log.count(step_lines[0]) == 1 and sum("final validation loss" in line for line in log) == 1
+    described = [line for line in proc.stdout.splitlines() if line.startswith(("data ", "model: ", "dispatcher: "))]
+    assert len(described) == 3 and all(log.count(line) == 1 for line in described)
 
 
 def test_cli_generate(cli_run, tmp_path):
