@@ -30,9 +30,10 @@ from typing import Any, Optional
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from experiments.app_options import check_options
+from experiments.app_options import check_options, exits_on_config_error, resolved
+from experiments.hydra_conf import CONFIG_DIR
 from experiments.tokenizer import BPETokenizer, EOS_TOKEN, PretrainedTokenizer, Tokenizer, load_tokenizer
 from moe.model import Transformer
 
@@ -142,9 +143,10 @@ def run_convert(opts: dict[str, Any]) -> dict[str, Any]:
     return {"out": str(out), "config": cfg, "origin": src.origin, "text": text}
 
 
-@hydra.main(config_path="pkg://conf", config_name="convert", version_base="1.3")
+@hydra.main(config_path=CONFIG_DIR, config_name="convert", version_base="1.3")
+@exits_on_config_error("convert")
 def main(cfg: DictConfig) -> None:
-    run_convert(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True))
+    run_convert(resolved(cfg, "python -m experiments.convert source=PATH out=DIR"))
 
 
 if __name__ == "__main__":

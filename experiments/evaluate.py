@@ -58,11 +58,12 @@ import hydra
 import numpy as np
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from experiments.engines import ranks
 from experiments.eval_file import EVAL_FILE, default_out, read_eval_file, routing_lines, table, write_eval_file  # noqa: F401
 from experiments.data import DataConfig, Document, corpus_hash, load_documents, prepare, split_documents
+from experiments.hydra_conf import CONFIG_DIR
 from experiments.tokenizer import Tokenizer, tokenizer_fingerprint
 from moe.checkpoint import CONFIG_FILE, read_metadata
 from moe.flops import count_params
@@ -463,11 +464,12 @@ def main_with(cfg: EvalConfig) -> tuple[list[dict[str, Any]], Path]:
     return records, out
 
 
-@hydra.main(config_path="pkg://conf", config_name="evaluate", version_base="1.3")
+@hydra.main(config_path=CONFIG_DIR, config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    d = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    from experiments.app_options import resolved
+
     try:
-        main_with(eval_config_from_dict(d))
+        main_with(eval_config_from_dict(resolved(cfg, "python -m experiments.evaluate checkpoint=DIR")))
     except (ValueError, FileNotFoundError) as e:
         print(f"evaluate: {e}", file=sys.stderr)
         sys.exit(2)

@@ -31,9 +31,10 @@ from typing import Any, Optional
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from experiments.app_options import check_options
+from experiments.app_options import check_options, exits_on_config_error, resolved
+from experiments.hydra_conf import CONFIG_DIR
 from upcycle.export import chosen_mask, our_routing, routing_agreement
 
 KEYS = ("checkpoint", "out", "format", "bf16", "tokenizer", "chat_template", "verify", "verify_text", "verify_tokens",
@@ -242,9 +243,10 @@ def run_export(opts: dict[str, Any]) -> dict[str, Any]:
     return {"out": str(out), "format": choice.format.name, "dtype": dtype, "text": text}
 
 
-@hydra.main(config_path="pkg://conf", config_name="export", version_base="1.3")
+@hydra.main(config_path=CONFIG_DIR, config_name="export", version_base="1.3")
+@exits_on_config_error("export")
 def main(cfg: DictConfig) -> None:
-    run_export(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True))
+    run_export(resolved(cfg, "python -m experiments.export checkpoint=DIR out=HF_DIR"))
 
 
 if __name__ == "__main__":

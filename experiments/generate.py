@@ -20,6 +20,7 @@ from omegaconf import DictConfig, ListConfig
 
 from experiments.chat_template import find_chat_template, render_chat, tokenizer_config
 from experiments.engines.ranks import resolve_device
+from experiments.hydra_conf import CONFIG_DIR
 from experiments.tokenizer import Tokenizer, load_tokenizer
 from moe.checkpoint import load_model
 from moe.generation import left_pad
@@ -131,7 +132,7 @@ def generate_text(checkpoint: str | Path, prompt: str | Sequence[str], max_new_t
                           chat=chat, system=system, use_cache=use_cache, stop_at_eos=stop_at_eos).texts
 
 
-@hydra.main(config_path="pkg://conf", config_name="generate", version_base="1.3")
+@hydra.main(config_path=CONFIG_DIR, config_name="generate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     prompts = list(cfg.prompt) if isinstance(cfg.prompt, ListConfig) else str(cfg.prompt)
     result = run_generation(cfg.checkpoint, prompts, cfg.max_new_tokens, cfg.temperature, cfg.top_k,

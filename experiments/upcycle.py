@@ -29,9 +29,10 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from experiments.app_options import check_options
+from experiments.app_options import check_options, exits_on_config_error, resolved
+from experiments.hydra_conf import CONFIG_DIR
 from moe.checkpoint import save_checkpoint
 from moe.flops import count_params
 from routing.config import RouterConfig
@@ -115,9 +116,10 @@ def run_upcycle(opts: dict[str, Any]) -> dict[str, Any]:
     return {"out": str(out), "report": report, "config": moe.cfg, "text": text}
 
 
-@hydra.main(config_path="pkg://conf", config_name="upcycle", version_base="1.3")
+@hydra.main(config_path=CONFIG_DIR, config_name="upcycle", version_base="1.3")
+@exits_on_config_error("upcycle")
 def main(cfg: DictConfig) -> None:
-    run_upcycle(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True))
+    run_upcycle(resolved(cfg, "python -m experiments.upcycle source=PATH out=DIR"))
 
 
 if __name__ == "__main__":

@@ -121,10 +121,10 @@ def test_every_group_is_a_typed_field_of_the_schema():
     assert OmegaConf.get_type(compose_cfg.model.moe.router) is RouterConfig
 
 
-def _app(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    code = ("import runpy, sys\nsys.argv = ['train', *sys.argv[1:]]\ntry:\n"
-            "    runpy.run_module('experiments.train', run_name='__main__')\nexcept SystemExit as e:\n"
-            "    assert not e.code, e.code\nprint('TORCH_IMPORTED' if 'torch' in sys.modules else 'NO_TORCH')\n")
+def _app(args: list[str], cwd: Path, module: str = "experiments.train") -> subprocess.CompletedProcess:
+    code = (f"import runpy, sys\nsys.argv = ['app', *sys.argv[1:]]\ntry:\n"
+            f"    runpy.run_module('{module}', run_name='__main__')\nexcept SystemExit as e:\n"
+            "    if e.code: raise\nprint('TORCH_IMPORTED' if 'torch' in sys.modules else 'NO_TORCH')\n")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=120)
@@ -142,3 +142,14 @@ def test_cfg_job_composes_beside_a_users_own_conf_folder_and_imports_no_torch(tm
     assert p.stdout.strip().endswith("NO_TORCH")
     h = _app(["--help"], tmp_path)
     assert h.returncode == 0 and "model: glam_0.1b" in h.stdout and h.stdout.strip().endswith("NO_TORCH"), h.stderr
+
+
+@pytest.mark.parametrize("module, args, line", [
+    ("experiments.upcycle", ["out=x"], "upcycle: source=... is required: python -m experiments.upcycle source=PATH"),
+    ("experiments.upcycle", ["source=/no/such/model", "out=x"], "upcycle: source='/no/such/model' does not exist"),
+    ("experiments.train", ["trainer.seq_len=1000"], "train: trainer.seq_len=1000 exceeds model.max_seq_len=128"),
+])
+def test_a_config_the_user_must_fix_is_one_line_and_status_2(module, args, line, tmp_path):
+    p = _app(args, tmp_path, module)
+    assert p.returncode == 2, (p.stdout, p.stderr)
+    assert p.stderr.strip().startswith(line) and "Traceback" not in p.stderr, p.stderr
