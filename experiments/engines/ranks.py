@@ -178,9 +178,11 @@ class _AtLeast(logging.Filter):
 
 
 # The loggers of dependencies that speak on every rank, and the lowest level each keeps on rank 0; other ranks keep
-# errors only. DeepSpeed logs its configuration and op builds at INFO: WARNING keeps its real warnings.
+# errors only. DeepSpeed logs its configuration at INFO, and its op builders' compatibility probes log each gcc call
+# through distutils' compiler classes (logger "compilers.C.base" or "distutils") at INFO, which Hydra's root
+# handlers would print on every rank: WARNING keeps the real warnings.
 DEPENDENCY_LOGGERS = {"DeepSpeed": logging.WARNING, "torch.distributed": logging.WARNING,
-                      "torch.nn.parallel": logging.WARNING}
+                      "torch.nn.parallel": logging.WARNING, "compilers": logging.WARNING, "distutils": logging.WARNING}
 
 
 def quiet_dependencies(rank: Optional[int] = None) -> None:
@@ -193,13 +195,12 @@ def quiet_dependencies(rank: Optional[int] = None) -> None:
     if rank != 0:
         warnings.simplefilter("ignore")  # this process's filters: rank 0 shows the same warnings once
     for name, level in DEPENDENCY_LOGGERS.items():
+        keep = level if rank == 0 else logging.ERROR
         logger = logging.getLogger(name)
+        logger.setLevel(keep)  # their children (torch.distributed.*, compilers.C.base) inherit the level
         for old in [f for f in logger.filters if isinstance(f, _AtLeast)]:
             logger.removeFilter(old)
-        keep = level if rank == 0 else logging.ERROR
-        logger.addFilter(_AtLeast(keep))
-        if rank != 0:
-            logger.setLevel(logging.ERROR)  # their children (torch.distributed.*) inherit the level, not the filter
+        logger.addFilter(_AtLeast(keep))  # stays when the library resets the level (DeepSpeed's own logger)
 
 
 def launch_env(kind: str, how: str, launchers: str = "torchrun") -> tuple[int, int, int]:

@@ -277,3 +277,57 @@ def test_other_ranks_drop_warnings_and_dependency_chatter(restore_dependency_log
     logging.getLogger("DeepSpeed").setLevel(logging.INFO)
     assert not _passes("DeepSpeed", logging.WARNING) and _passes("DeepSpeed", logging.ERROR)
     assert not logging.getLogger("torch.distributed.elastic").isEnabledFor(logging.WARNING)
+    assert not logging.getLogger("compilers.C.base").isEnabledFor(logging.WARNING)
+
+
+def test_rank_0_drops_the_compiler_probes_info(restore_dependency_loggers):
+    ranks_mod.quiet_dependencies(0)
+    probe = logging.getLogger("compilers.C.base")  # DeepSpeed's op-compatibility probes log each gcc call here
+    assert not probe.isEnabledFor(logging.INFO) and probe.isEnabledFor(logging.WARNING)
+
+
+# ------------------------------------------------------------------------------------------ set-up lines
+
+
+def test_deepspeed_says_it_will_compile_its_cpu_op_once(tmp_path, monkeypatch, capsys):
+    from experiments.engines import deepspeed_ops
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setenv("RANK", "0")
+    cpu = torch.device("cpu")
+    assert deepspeed_ops.ops_to_build(cpu) == ["deepspeed_shm_comm"]
+    assert deepspeed_ops.announce_build("deepspeed", "cpu") and not deepspeed_ops.announce_build("ddp", "cpu")
+    assert capsys.readouterr().out == (f"DeepSpeed compiles its deepspeed_shm_comm op on first use (can take minutes; "
+                                       f"cached in {deepspeed_ops.extensions_dir()})\n")
+    monkeypatch.setenv("RANK", "1")
+    assert not deepspeed_ops.announce_build("deepspeed", "cpu")  # rank 0 says it
+    built = deepspeed_ops.extensions_dir() / "deepspeed_shm_comm"
+    built.mkdir(parents=True)
+    (built / "deepspeed_shm_comm.so").write_bytes(b"")
+    assert deepspeed_ops.ops_to_build(cpu) == [] and deepspeed_ops.build_notice(cpu) is None
+    assert deepspeed_ops.ops_to_build(torch.device("cuda")) == []
+
+
+def test_training_a_bpe_tokenizer_says_so_before_and_after(tmp_path, capsys):
+    from experiments.tokenizer import build_tokenizer
+
+    texts = ["the cat sat on the mat " * 20, "a dog ate the log " * 20]
+    build_tokenizer("bpe", texts, 300, tmp_path)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("training a BPE tokenizer of vocabulary 300 on 2 documents (")
+    assert "first use, cached in" in lines[0] and re.fullmatch(r"trained the BPE tokenizer in \d+\.\d s", lines[1])
+    build_tokenizer("bpe", texts, 300, tmp_path)  # cached: silent
+    assert capsys.readouterr().out == ""
+
+
+def test_tokenizing_a_corpus_says_so_before_and_after(tmp_path, text_corpus, capsys):
+    from experiments.data import prepare
+    from experiments.data_config import DataConfig
+
+    cfg = DataConfig(source="text", path=str(text_corpus), tokenizer="byte", cache_dir=str(tmp_path))
+    data = prepare(cfg)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("tokenizing ") and "with the byte tokenizer into" in lines[0]
+    assert lines[1].startswith(f"tokenized into {len(data.train):,} train / {len(data.val):,} val tokens in ")
+    prepare(cfg)  # cached: silent
+    assert capsys.readouterr().out == ""
