@@ -44,6 +44,10 @@ def test_app_writes_checkpoint_with_tokenizer(tmp_path, hf_with_tokenizer, capsy
     meta = read_metadata(out)
     assert meta["upcycle"]["recipe"] == "copy" and meta["upcycle"]["router"]["order"] == "softmax_topk"
     assert meta["step0"]["passed"] and meta["model"]["moe"]["layers"] == "every:2"
+    # the routing at step 0 is in the report and the checkpoint: per sparse layer, k = 2 assignments per token
+    rep = res["report"]
+    assert "routing at step 0" in printed and meta["step0"]["experts_used"] == {str(i): n for i, n in rep.experts_used.items()}
+    assert {i: sum(c) for i, c in meta["step0"]["tokens_per_expert"].items()} == {"1": 2 * rep.tokens, "3": 2 * rep.tokens}
     tok = load_tokenizer(out)
     assert isinstance(tok, PretrainedTokenizer) and tok.eos_id == tok._tok.token_to_id("<|im_end|>")
     assert load_model(out).cfg.moe.num_experts == 4
