@@ -6,17 +6,21 @@ Given a dense base (any ModelConfig; its FFN slots are all made dense), a twin i
   moe_e{E}_k{k}       E experts per sparse slot, each token routed to k of them, with the same training FLOPs
                       per token as `dense` (moe.flops.flops_per_token(...).training, the router's 2*d*E per
                       sparse layer included) to within 1%
+  moe_e{E}_k{k}_s{s}  the same plus s shared experts that every token passes through (DeepSeekMoE's fine-grained
+                      segmentation: many narrow routed experts, k of them chosen, beside s always-active ones of
+                      the same width); the FLOP match then counts k + s experts per token
   dense_wide_e{E}_k{k} a dense model with the total parameters of moe_e{E}_k{k} (every d_ff widened alike):
                       the comparison at equal parameters, which costs more FLOPs per token
 
 How the FLOPs are matched (the choice this module documents): the expert width shrinks, nothing else changes.
 Per sparse layer, k experts of width f_e plus a router must cost what one dense FFN of width d_ff costs:
 
-    k * P * 2*d*f_e  +  2*d*E  =  P * 2*d*d_ff        (P = 3 projections with GLU, 2 without)
-    f_e = (P*d_ff - E) / (P*k)                         rounded to the nearest integer (or multiple_of)
+    (k + s) * P * 2*d*f_e  +  2*d*E  =  P * 2*d*d_ff        (P = 3 projections with GLU, 2 without; s shared)
+    f_e = (P*d_ff - E) / (P*(k + s))                         rounded to the nearest integer (or multiple_of)
 
 So top-1 twins keep (almost) the dense width, top-2 twins halve it, and the router's FLOPs are paid for by
-shaving E/P columns off the experts (for the tiny base, d_ff=384 and E=8 top-1 gives f_e=381). The solve uses
+shaving E/P columns off the experts (for the tiny base, d_ff=384 and E=8 top-1 gives f_e=381; moe_e64_k8_s1
+gives f_e=40, nine experts of width 40 per token). The solve uses
 flops_per_token itself (FLOPs are affine in f_e), so shared experts or other FFN variants are matched too;
 the result is checked and a twin that cannot be matched within `tolerance` is refused with ValueError.
 
@@ -39,9 +43,11 @@ from moe.config import ModelConfig
 from moe.flops import count_params, flops_per_token
 
 TOLERANCE = 0.01  # relative mismatch allowed between a twin's training FLOPs (or total parameters) and its target
-_NAME = re.compile(r"^(?:(dense)|moe_e(\d+)_k(\d+)|dense_wide_e(\d+)_k(\d+))$")
+_NAME = re.compile(r"^(?:(dense)|(moe|dense_wide)_e(\d+)_k(\d+)(?:_s(\d+))?)$")
 DEFAULT_EXPERTS = (4, 8, 16, 32, 64)
 DEFAULT_TOP_K = (1, 2)
+# DeepSeekMoE-style (E routed, k chosen, s shared): each token reaches k + s experts of width ~d_ff / (k + s)
+DEFAULT_FINE_GRAINED = ((16, 2, 1), (64, 8, 1))
 
 
 @dataclass(frozen=True)
@@ -49,35 +55,41 @@ class TwinSpec:
     kind: str  # "dense", "moe" or "dense_wide"
     num_experts: int = 0  # E of the MoE twin (of the MoE whose total parameters a dense_wide twin matches)
     top_k: int = 0  # k of that MoE twin
+    shared: int = 0  # s: shared (always-active) experts per sparse slot of that MoE twin
 
     @property
     def name(self) -> str:
         if self.kind == "dense":
             return "dense"
-        return f"{self.kind}_e{self.num_experts}_k{self.top_k}"
+        return f"{self.kind}_e{self.num_experts}_k{self.top_k}" + (f"_s{self.shared}" if self.shared else "")
 
 
 def parse_twin(name: str) -> TwinSpec:
-    """'dense' | 'moe_e{E}_k{k}' | 'dense_wide_e{E}_k{k}' as a TwinSpec; anything else is a ValueError."""
+    """'dense' | 'moe_e{E}_k{k}[_s{s}]' | 'dense_wide_e{E}_k{k}[_s{s}]' as a TwinSpec; else a ValueError."""
     m = _NAME.match(str(name).strip())
     if not m:
         raise ValueError(
-            f"twin={name!r} is not a twin name; use dense, moe_e{{E}}_k{{k}} (e.g. moe_e8_k1) or "
+            f"twin={name!r} is not a twin name; use dense, moe_e{{E}}_k{{k}} (e.g. moe_e8_k1), "
+            f"moe_e{{E}}_k{{k}}_s{{s}} (s shared experts beside the E routed, e.g. moe_e64_k8_s1) or "
             f"dense_wide_e{{E}}_k{{k}} (a dense model with the parameters of that MoE twin)"
         )
     if m.group(1):
         return TwinSpec("dense")
-    kind = "moe" if m.group(2) else "dense_wide"
-    e, k = (int(m.group(2)), int(m.group(3))) if m.group(2) else (int(m.group(4)), int(m.group(5)))
+    e, k, s = int(m.group(3)), int(m.group(4)), int(m.group(5) or 0)
     if e < 1 or not 1 <= k <= e:
         raise ValueError(f"twin={name!r}: need at least 1 expert and 1 <= k <= E (got E={e}, k={k})")
-    return TwinSpec(kind, e, k)
+    if m.group(5) is not None and s < 1:
+        raise ValueError(f"twin={name!r}: _s{{s}} needs at least 1 shared expert; drop _s0")
+    return TwinSpec(m.group(2), e, k, s)
 
 
 def twin_names(experts: Iterable[int] = DEFAULT_EXPERTS, top_k: Iterable[int] = DEFAULT_TOP_K,
-               wide: Iterable[tuple[int, int]] = ((8, 1),)) -> list[str]:
-    """The names of a sweep: dense, every moe_e{E}_k{k}, and the dense_wide twins of the (E, k) in `wide`."""
+               wide: Iterable[tuple[int, int]] = ((8, 1),),
+               fine_grained: Iterable[tuple[int, int, int]] = DEFAULT_FINE_GRAINED) -> list[str]:
+    """The names of a sweep: dense, every moe_e{E}_k{k}, the shared-expert twins moe_e{E}_k{k}_s{s} of
+    `fine_grained`, and the dense_wide twins of the (E, k) in `wide`."""
     names = ["dense"] + [f"moe_e{e}_k{k}" for k in top_k for e in experts if k <= e]
+    names += [f"moe_e{e}_k{k}_s{s}" for e, k, s in fine_grained]
     return names + [f"dense_wide_e{e}_k{k}" for e, k in wide]
 
 
@@ -100,10 +112,11 @@ def _round(x: float, multiple_of: int) -> int:
     return max(multiple_of, int(round(x / multiple_of)) * multiple_of)
 
 
-def moe_twin(base: ModelConfig, num_experts: int, top_k: int, *, layers: str = "all", seq_len: Optional[int] = None,
-             multiple_of: int = 1, tolerance: float = TOLERANCE) -> ModelConfig:
+def moe_twin(base: ModelConfig, num_experts: int, top_k: int, *, shared: Optional[int] = None, layers: str = "all",
+             seq_len: Optional[int] = None, multiple_of: int = 1, tolerance: float = TOLERANCE) -> ModelConfig:
     """An MoE with E=num_experts routed experts, top-k routing, and the training FLOPs per token of the dense
-    base to within `tolerance` (router included): the expert width is solved for, see the module docstring."""
+    base to within `tolerance` (router included): the expert width is solved for, see the module docstring.
+    shared: that many shared experts of the routed experts' width (None: the base's shared-expert settings)."""
     dense = dense_base(base)
     if str(layers).strip() == "none":
         raise ValueError("an MoE twin needs sparse layers; use layers=all, every:K, last:N or a list")
@@ -113,6 +126,8 @@ def moe_twin(base: ModelConfig, num_experts: int, top_k: int, *, layers: str = "
         # nothing in the demo's first try). Top-1 twins gate with the chosen expert's probability, as Switch does.
         router = dataclasses.replace(router, order="softmax_topk")
     moe = dataclasses.replace(base.moe, layers=layers, num_experts=num_experts, router=router)
+    if shared is not None:  # fine-grained segmentation: the shared experts are as narrow as the routed ones
+        moe = dataclasses.replace(moe, num_shared_experts=shared, shared_hidden=None)
     if not moe.sparse_layers(base.n_layer):
         raise ValueError(f"layers={layers!r} makes no FFN slot of a {base.n_layer}-layer model sparse")
     target = flops_per_token(dense, seq_len).training
@@ -125,17 +140,18 @@ def moe_twin(base: ModelConfig, num_experts: int, top_k: int, *, layers: str = "
     got = flops_per_token(twin, seq_len).training
     if _rel(got, target) > tolerance:
         raise ValueError(
-            f"moe_e{num_experts}_k{top_k}: no expert width matches the dense base's {target:.4g} training FLOPs per "
+            f"{TwinSpec('moe', num_experts, top_k, shared or 0).name}: no expert width matches the dense base's {target:.4g} training FLOPs per "
             f"token within {tolerance:.0%} (best {f_e} gives {got:.4g}); the router alone costs 2*d*E per layer, so "
             f"use fewer experts, a wider base (model.d_ff) or multiple_of=1"
         )
     return twin
 
 
-def dense_wide_twin(base: ModelConfig, num_experts: int, top_k: int, *, layers: str = "all",
-                    seq_len: Optional[int] = None, multiple_of: int = 1, tolerance: float = TOLERANCE) -> ModelConfig:
+def dense_wide_twin(base: ModelConfig, num_experts: int, top_k: int, *, shared: Optional[int] = None,
+                    layers: str = "all", seq_len: Optional[int] = None, multiple_of: int = 1,
+                    tolerance: float = TOLERANCE) -> ModelConfig:
     """A dense model whose every FFN is widened so that its total parameters equal moe_twin(...)'s."""
-    target = count_params(moe_twin(base, num_experts, top_k, layers=layers, seq_len=seq_len)).total
+    target = count_params(moe_twin(base, num_experts, top_k, shared=shared, layers=layers, seq_len=seq_len)).total
     dense = dense_base(base)
 
     def params(d_ff: float) -> int:
@@ -145,7 +161,7 @@ def dense_wide_twin(base: ModelConfig, num_experts: int, top_k: int, *, layers: 
     wide = dense.replace(d_ff=d_ff)
     got = count_params(wide).total
     if _rel(got, target) > tolerance:
-        raise ValueError(f"dense_wide_e{num_experts}_k{top_k}: d_ff={d_ff} gives {got:,} parameters, not "
+        raise ValueError(f"{TwinSpec('dense_wide', num_experts, top_k, shared or 0).name}: d_ff={d_ff} gives {got:,} parameters, not "
                          f"{target:,} within {tolerance:.0%}")
     return wide
 
@@ -160,14 +176,15 @@ def build_twin(base: ModelConfig, name: str, *, layers: Optional[str] = None, se
     if spec.kind == "dense":
         return dense_base(base)
     build = moe_twin if spec.kind == "moe" else dense_wide_twin
-    return build(base, spec.num_experts, spec.top_k, layers=layers, seq_len=seq_len, multiple_of=multiple_of)
+    return build(base, spec.num_experts, spec.top_k, shared=spec.shared or None, layers=layers, seq_len=seq_len,
+                 multiple_of=multiple_of)
 
 
 def describe_twin(cfg: ModelConfig, seq_len: Optional[int] = None) -> dict[str, Any]:
     """Plain numbers for a table: sizes and training FLOPs per token of one model."""
     p, f = count_params(cfg), flops_per_token(cfg, seq_len)
     return {"experts": cfg.moe.num_experts if cfg.is_moe else 0, "top_k": cfg.moe.router.top_k if cfg.is_moe else 0,
-            "d_ff": cfg.d_ff, "expert_hidden": cfg.expert_hidden if cfg.is_moe else None,
+            "shared": cfg.moe.num_shared_experts if cfg.is_moe else 0, "d_ff": cfg.d_ff, "expert_hidden": cfg.expert_hidden if cfg.is_moe else None,
             "params_total": p.total, "params_active": p.active, "training_flops_per_token": f.training,
             "router_flops_per_token": f.router}
 
@@ -183,10 +200,66 @@ def twin_table(base: ModelConfig, names: Iterable[str], seq_len: Optional[int] =
     return rows
 
 
-if __name__ == "__main__":  # python -m experiments.twins: the default sweep's twins of tiny_dense
-    from moe.presets import get_preset
+def data_vocab_size(data: Any) -> int:
+    """The vocabulary the trainer will size the model to for the DataConfig `data`, without tokenizing anything:
+    the byte tokenizer's 257, the requested BPE size, or a token corpus's data.vocab_size."""
+    from experiments.data import DEFAULT_BPE_VOCAB  # late: experiments.data imports numpy and torch
+    from experiments.tokenizer import ByteTokenizer
 
-    for r in twin_table(get_preset("tiny_dense"), twin_names(), seq_len=128):
-        print(f"{r['twin']:>18}  f={r['expert_hidden'] or r['d_ff']:>5}  total {r['params_total']:>11,}  "
-              f"active {r['params_active']:>9,}  {r['training_flops_per_token']:.4g} FLOPs/token "
-              f"({r['flops_vs_dense']:.4f} x dense)")
+    if data.source != "tokens" and data.tokenizer == "byte":
+        return ByteTokenizer.vocab_size
+    return data.vocab_size or DEFAULT_BPE_VOCAB
+
+
+def composed_table(overrides: list[str]) -> tuple[str, list[dict]]:
+    """The twins table of the run that `python -m experiments.train OVERRIDES` would start: the same Hydra
+    composition (conf/train.yaml, found by path), its model as the base, sized to its data's vocabulary and
+    trainer.seq_len. Rows: the default sweep's twins, then the experiment's own sweep (hydra.sweeper.params.twin)
+    and the run's twin= when they are not among them. Returns a heading and the rows."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from experiments.config import TrainConfig
+    from experiments.hydra_conf import CONFIG_DIR, register_configs
+    from experiments.typed_config import from_mapping
+
+    register_configs()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
+    sweep = OmegaConf.select(cfg, "hydra.sweeper.params.twin")
+    d = OmegaConf.to_container(cfg, resolve=False)
+    d.pop("hydra", None)
+    train = from_mapping(TrainConfig, OmegaConf.to_container(OmegaConf.create(d), resolve=True))
+    base = train.model.replace(vocab_size=data_vocab_size(train.data))
+    seq_len = min(train.trainer.seq_len, base.max_seq_len)
+    names = twin_names()
+    extra = [n.strip() for n in str(sweep).split(",")] if sweep is not None else []
+    names += [n for n in extra + ([train.twin] if train.twin else []) if n not in names]
+    heading = (f"twins of model (vocabulary {base.vocab_size}, d_model {base.d_model}, d_ff {base.d_ff}, "
+               f"{base.n_layer} layers) at seq_len {seq_len}")
+    return heading, twin_table(base, names, seq_len=seq_len)
+
+
+def format_row(r: dict) -> str:
+    return (f"{r['twin']:>18}  f={r['expert_hidden'] or r['d_ff']:>5}  total {r['params_total']:>11,}  "
+            f"active {r['params_active']:>9,}  {r['training_flops_per_token']:.4g} FLOPs/token "
+            f"({r['flops_vs_dense']:.4f} x dense)")
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """python -m experiments.twins [OVERRIDES...]: the overrides of experiments.train (e.g. experiment=demo)."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in args):
+        print("python -m experiments.twins [OVERRIDES...]: the FLOP-matched twins of the model that "
+              "`python -m experiments.train OVERRIDES` trains (e.g. experiment=demo, model=tiny_dense data.tokenizer=byte)")
+        return
+    heading, rows = composed_table(args)
+    print(heading)
+    for r in rows:
+        print(format_row(r))
+
+
+if __name__ == "__main__":
+    main()

@@ -161,3 +161,72 @@ def test_sweep_experiments_share_everything_but_the_twin(experiment, tmp_path):
         assert (run.data, run.trainer, run.optim, run.seed) == (runs[0].data, runs[0].trainer, runs[0].optim, runs[0].seed)
         if not run.twin.startswith("dense_wide"):
             assert abs(flops_per_token(run.model, run.trainer.seq_len).training - ref) / ref < 0.01
+
+
+# ------------------------------------------------------------ shared experts plus fine-grained routed experts
+
+
+@pytest.mark.parametrize("base", sorted(BASES))
+@pytest.mark.parametrize("e, k, s", [(16, 2, 1), (64, 8, 1), (64, 6, 2), (256, 8, 1)])
+def test_shared_expert_twin_matches_training_flops(base, e, k, s):
+    dense = BASES[base]
+    twin = moe_twin(dense, e, k, shared=s, seq_len=64)
+    assert (twin.moe.num_experts, twin.moe.router.top_k, twin.moe.num_shared_experts) == (e, k, s)
+    assert twin.moe.shared_hidden is None  # the shared experts are as narrow as the routed ones
+    assert abs(training(twin) - training(dense)) / training(dense) < 0.01
+    # k + s experts of width f_e per token cost what one dense FFN costs, less the router's 2*d*E
+    proj = 3 if dense.glu else 2
+    assert abs((k + s) * proj * twin.moe.expert_hidden + e - proj * dense.d_ff) <= (k + s) * proj
+
+
+def test_fine_grained_twin_widths_and_names():
+    base = get_preset("tiny_dense")  # f_e = (3*384 - E) / (3*(k + s))
+    assert build_twin(base, "moe_e64_k8_s1").moe.expert_hidden == 40  # (1152 - 64) / 27 = 40.3
+    assert build_twin(base, "moe_e16_k2_s1").moe.expert_hidden == 126  # (1152 - 16) / 9 = 126.2
+    assert build_twin(base, "moe_e256_k8_s1").moe.expert_hidden == 33  # (1152 - 256) / 27 = 33.2
+    spec = parse_twin("moe_e64_k8_s1")
+    assert (spec.kind, spec.num_experts, spec.top_k, spec.shared, spec.name) == ("moe", 64, 8, 1, "moe_e64_k8_s1")
+    assert parse_twin("moe_e8_k2").shared == 0 and parse_twin("moe_e8_k2").name == "moe_e8_k2"
+    assert "moe_e64_k8_s1" in twin_names()
+    # Built and counted alike: the shared experts' parameters are in the model and in count_params.
+    cfg = build_twin(BASES["gelu_nobias"], "moe_e16_k2_s1")
+    model = Transformer(cfg)
+    assert sum(p.numel() for p in model.parameters()) == count_params(cfg).total
+    wide = build_twin(base, "dense_wide_e16_k2_s1")
+    assert abs(count_params(wide).total - count_params(build_twin(base, "moe_e16_k2_s1")).total) < 0.01 * count_params(wide).total
+
+
+def test_bad_shared_twin_name():
+    with pytest.raises(ValueError, match="drop _s0"):
+        parse_twin("moe_e8_k2_s0")
+    with pytest.raises(ValueError, match="is not a twin name"):
+        parse_twin("moe_e8_s1")
+
+
+# ------------------------------------------------------------------- python -m experiments.twins OVERRIDES
+
+
+def test_twins_command_composes_the_train_config():
+    from experiments.twins import composed_table
+
+    heading, rows = composed_table(["experiment=demo"])
+    assert "vocabulary 257" in heading and "seq_len 128" in heading  # the demo's byte model, not BPE's 4096
+    by_name = {r["twin"]: r for r in rows}
+    assert {"moe_e8_k2", "moe_e16_k2"} <= set(by_name)  # the demo sweep's twins
+    demo = get_preset("tiny_dense").replace(vocab_size=257)
+    assert by_name["moe_e8_k2"]["params_total"] == count_params(moe_twin(demo, 8, 2, seq_len=128)).total
+    assert by_name["dense"]["params_total"] == count_params(demo).total
+    # Any override of train applies: a wider base gives wider twins; the run's own twin= gets a row.
+    heading, rows = composed_table(["experiment=demo", "model.d_ff=768", "twin=moe_e32_k4", "trainer.seq_len=64"])
+    by_name = {r["twin"]: r for r in rows}
+    assert "seq_len 64" in heading and by_name["moe_e8_k1"]["expert_hidden"] == (3 * 768 - 8) // 3
+    assert by_name["moe_e32_k4"]["top_k"] == 4
+    assert all(abs(r["flops_vs_dense"] - 1) < 0.01 for r in rows if not r["twin"].startswith("dense_wide"))
+
+
+def test_twins_command_prints_the_table(capsys):
+    from experiments.twins import main
+
+    main(["model=tiny_dense", "data.tokenizer=byte"])
+    out = capsys.readouterr().out.splitlines()
+    assert "vocabulary 257" in out[0] and any(line.split()[0] == "moe_e64_k8_s1" for line in out[1:])
