@@ -33,7 +33,7 @@ from experiments.data import PreparedData, describe, prepare
 from experiments.engines import build_engine
 from experiments.engines.deepspeed_ops import announce_build
 from experiments.engines.full_size import use_bf16
-from experiments.engines.ranks import quiet_dependencies
+from experiments.engines.ranks import quiet_dependencies, rank_0_prints
 from experiments.metrics import METRICS_FILE, MetricsLogger, NullLogger, flatten_stats, routing_summary
 from experiments.optim import lr_at
 from experiments.peak_flops import peak_flops
@@ -66,7 +66,8 @@ class Trainer:
         tc = cfg.trainer
         quiet_dependencies()  # before the engine imports DeepSpeed: ranks other than 0 keep their warnings to themselves
         building, t0 = announce_build(tc.kind, tc.device), time.perf_counter()  # DeepSpeed's silent first-use compile
-        self.engine = build_engine(cfg)  # checks the settings, then (torchrun) joins the process group
+        with rank_0_prints():
+            self.engine = build_engine(cfg)  # checks the settings, then (torchrun) joins the process group
         if building:
             print(f"DeepSpeed set up in {time.perf_counter() - t0:.1f} s", flush=True)
         self.ranks = ranks = self.engine.ranks

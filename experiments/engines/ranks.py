@@ -15,6 +15,7 @@ trainer.collective_timeout_s raises MoECollectiveError naming this rank, the wor
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
@@ -201,6 +202,20 @@ def quiet_dependencies(rank: Optional[int] = None) -> None:
         for old in [f for f in logger.filters if isinstance(f, _AtLeast)]:
             logger.removeFilter(old)
         logger.addFilter(_AtLeast(keep))  # stays when the library resets the level (DeepSpeed's own logger)
+
+
+@contextlib.contextmanager
+def rank_0_prints(rank: Optional[int] = None):
+    """Inside the block, Python-level prints of ranks other than 0 go nowhere: DeepSpeed prints "... op built
+    successfully" on every rank while the engine joins its group (a print, which no logging filter reaches).
+    Errors still raise and stderr is untouched. rank: None reads the launcher's RANK."""
+    if rank is None:
+        rank = int(os.environ.get("RANK", "0") or 0)
+    if rank == 0:
+        yield
+        return
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+        yield
 
 
 def launch_env(kind: str, how: str, launchers: str = "torchrun") -> tuple[int, int, int]:

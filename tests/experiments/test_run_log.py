@@ -331,3 +331,11 @@ def test_tokenizing_a_corpus_says_so_before_and_after(tmp_path, text_corpus, cap
     assert lines[1].startswith(f"tokenized into {len(data.train):,} train / {len(data.val):,} val tokens in ")
     prepare(cfg)  # cached: silent
     assert capsys.readouterr().out == ""
+
+
+def test_only_rank_0_prints_while_the_engine_is_built(capsys):
+    with ranks_mod.rank_0_prints(1):
+        print("DeepSpeed op built successfully")
+    with ranks_mod.rank_0_prints(0):
+        print("rank 0 says")
+    assert capsys.readouterr().out == "rank 0 says\n"
