@@ -81,7 +81,7 @@ def test_router_config_errors(bad, field):
 @pytest.mark.parametrize("bad,field", [
     (dict(activation="tanh"), "model.activation"),
     (dict(norm="batchnorm"), "model.norm"),
-    (dict(position="alibi"), "model.position"),
+    (dict(position="xpos"), "model.position"),
     (dict(attn_bias="some"), "model.attn_bias"),
     (dict(dropout=1.0), "model.dropout"),
     (dict(d_model=0), "model.d_model"),

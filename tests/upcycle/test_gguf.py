@@ -95,7 +95,7 @@ def test_gguf_tokenizer(tmp_path):
 def test_bad_gguf_inputs(tmp_path):
     hf = make_hf("llama", tmp_path / "hf")
     write_gguf(tmp_path / "arch.gguf", hf, arch="falcon")
-    with pytest.raises(ValueError, match=r"general\.architecture='falcon'.*supported: \['llama', 'qwen2'\]"):
+    with pytest.raises(ValueError, match=r"general\.architecture='falcon'.*supported: \['bloom', 'gemma', 'gemma2', 'gemma3', 'llama', 'qwen2'\]"):
         read_dense(tmp_path / "arch.gguf")
     write_gguf(tmp_path / "missing.gguf", hf, drop=("blk.2.ffn_gate.weight",))
     with pytest.raises(ValueError, match=r"no tensor 'blk\.2\.ffn_gate\.weight'"):
