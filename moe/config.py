@@ -125,7 +125,8 @@ class ModelConfig:
     attention_pattern: str = "G"
     sliding_window: Optional[int] = None  # local blocks: a query sees itself and the window - 1 tokens before it
     rope_local_theta: Optional[float] = None  # RoPE base of local blocks (Gemma 3: 1e4); None: rope_theta
-    attn_scale: Optional[float] = None  # factor on q.k scores; None: 1/sqrt(head width). Gemma: 1/sqrt(query_pre_attn_scalar), GPT-Neo 1
+    # factor on the q.k scores; None: 1/sqrt(head width). Gemma: query_pre_attn_scalar^-1/2, GPT-Neo: 1 (unscaled)
+    attn_scale: Optional[float] = None
     attn_softcap: Optional[float] = None  # scores -> c * tanh(scores / c) before the mask (Gemma 2: 50)
     logit_softcap: Optional[float] = None  # output logits -> c * tanh(logits / c) (Gemma 2: 30)
     moe: MoEConfig = field(default_factory=MoEConfig)  # which FFN slots are sparse and how they route

@@ -107,7 +107,9 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_embed = nn.Embedding(cfg.max_seq_len + cfg.position_offset, cfg.d_model) if cfg.position == "learned" else None
-        self.embed_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.norm_unit_offset) if cfg.embed_norm else None
+        # BLOOM's word_embeddings_layernorm; None elsewhere
+        self.embed_norm = (make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.norm_unit_offset) if cfg.embed_norm
+                           else None)
         self.rotary, self.rotary_local = rotary_tables(cfg)
         sparse = set(cfg.sparse_layers)
         self.blocks = nn.ModuleList(Block(cfg, i in sparse, i) for i in range(cfg.n_layer))

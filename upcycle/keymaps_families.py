@@ -26,22 +26,28 @@ GEMMA2 = KeyMap(  # Gemma 2 and Gemma 3 text models (Gemma2ForCausalLM, Gemma3Fo
     ),
 )
 
-BLOOM = KeyMap(  # BloomForCausalLM: fused query_key_value interleaved per head, LayerNorm on the embeddings
-    "bloom",
-    tuple(
-        [_r("embed.weight", "word_embeddings.weight")]
-        + _norm_rules("embed_norm", "word_embeddings_layernorm")
-        + _norm_rules("blocks.{i}.attn_norm", "h.{i}.input_layernorm")
-        + [_r(f"blocks.{{i}}.attn.{p}_proj.{w}", f"h.{{i}}.self_attention.query_key_value.{w}", f"headthird:{n}")
-           for n, p in enumerate("qkv") for w in ("weight", "bias")]
-        + _linear_rules("blocks.{i}.attn.o_proj", "h.{i}.self_attention.dense")
-        + _norm_rules("blocks.{i}.ffn_norm", "h.{i}.post_attention_layernorm")
-        + _linear_rules("blocks.{i}.ffn.up", "h.{i}.mlp.dense_h_to_4h")
-        + _linear_rules("blocks.{i}.ffn.down", "h.{i}.mlp.dense_4h_to_h")
-        + _norm_rules("norm", "ln_f")
-        + [_r("lm_head.weight", "lm_head.weight")]
-    ),
-)
+def _bloom(family: str, names: dict[str, str], qkv_op: str) -> KeyMap:
+    """BLOOM's layout under either naming: `names` maps our parts to theirs, `qkv_op` splits the fused q/k/v."""
+    n = names
+    return KeyMap(family, tuple(
+        [_r("embed.weight", n["embed"] + ".weight")]
+        + _norm_rules("embed_norm", n["embed_norm"])
+        + _norm_rules("blocks.{i}.attn_norm", n["attn_norm"])
+        + [_r(f"blocks.{{i}}.attn.{p}_proj.{w}", f"{n['qkv']}.{w}", f"{qkv_op}:{k}")
+           for k, p in enumerate("qkv") for w in ("weight", "bias")]
+        + [rule for ours in ("attn.o_proj", "ffn.up", "ffn.down") for rule in _linear_rules(f"blocks.{{i}}.{ours}", n[ours])]
+        + _norm_rules("blocks.{i}.ffn_norm", n["ffn_norm"])
+        + _norm_rules("norm", n["norm"])
+        + [_r("lm_head.weight", n["head"])]
+    ))
+
+
+# BloomForCausalLM: fused query_key_value interleaved per head, LayerNorm on the embeddings
+BLOOM = _bloom("bloom", {
+    "embed": "word_embeddings", "embed_norm": "word_embeddings_layernorm", "attn_norm": "h.{i}.input_layernorm",
+    "qkv": "h.{i}.self_attention.query_key_value", "attn.o_proj": "h.{i}.self_attention.dense",
+    "ffn_norm": "h.{i}.post_attention_layernorm", "ffn.up": "h.{i}.mlp.dense_h_to_4h",
+    "ffn.down": "h.{i}.mlp.dense_4h_to_h", "norm": "ln_f", "head": "lm_head.weight"}, "headthird")
 
 GPT_NEO = KeyMap(  # GPTNeoForCausalLM: nn.Linear projections (not GPT-2's Conv1D), a bias on out_proj only
     "gpt_neo",
@@ -75,19 +81,8 @@ GGUF_GEMMA = _gguf_gemma("gguf gemma", (("attn_norm", "attn_norm"), ("ffn_norm",
 GGUF_GEMMA2 = _gguf_gemma("gguf gemma2", (("attn_norm", "attn_norm"), ("attn_post_norm", "post_attention_norm"),
                                           ("ffn_norm", "ffn_norm"), ("ffn_post_norm", "post_ffw_norm")))
 
-GGUF_BLOOM = KeyMap(  # llama.cpp's bloom: attn_qkv holds q, k, v one after the other (the converter un-interleaves)
-    "gguf bloom",
-    tuple(
-        [_r("embed.weight", "token_embd.weight")]
-        + _norm_rules("embed_norm", "token_embd_norm")
-        + _norm_rules("blocks.{i}.attn_norm", "blk.{i}.attn_norm")
-        + [_r(f"blocks.{{i}}.attn.{p}_proj.{w}", f"blk.{{i}}.attn_qkv.{w}", f"third:{n}")
-           for n, p in enumerate("qkv") for w in ("weight", "bias")]
-        + _linear_rules("blocks.{i}.attn.o_proj", "blk.{i}.attn_output")
-        + _norm_rules("blocks.{i}.ffn_norm", "blk.{i}.ffn_norm")
-        + _linear_rules("blocks.{i}.ffn.up", "blk.{i}.ffn_up")
-        + _linear_rules("blocks.{i}.ffn.down", "blk.{i}.ffn_down")
-        + _norm_rules("norm", "output_norm")
-        + [_r("lm_head.weight", "output.weight")]
-    ),
-)
+# llama.cpp's bloom: attn_qkv holds q, k, v one after the other (the converter un-interleaves them)
+GGUF_BLOOM = _bloom("gguf bloom", {
+    "embed": "token_embd", "embed_norm": "token_embd_norm", "attn_norm": "blk.{i}.attn_norm", "qkv": "blk.{i}.attn_qkv",
+    "attn.o_proj": "blk.{i}.attn_output", "ffn_norm": "blk.{i}.ffn_norm", "ffn.up": "blk.{i}.ffn_up",
+    "ffn.down": "blk.{i}.ffn_down", "norm": "output_norm", "head": "output.weight"}, "third")

@@ -1,4 +1,4 @@
-"""Tiny random Gemma 2, Gemma 3, BLOOM and GPT-Neo models built with transformers (configs in code, no hub)."""
+"""Tiny random Gemma 1/2/3, BLOOM and GPT-Neo models built with transformers (configs in code, no hub)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,7 +15,10 @@ def family_config(kind: str, **overrides):
 
     common = dict(vocab_size=V, hidden_size=D, intermediate_size=FF, num_hidden_layers=LAYERS,
                   num_attention_heads=HEADS, max_position_embeddings=SEQ)
-    if kind == "gemma2":
+    if kind == "gemma":  # Gemma 1: no post-branch norms, no windows, no caps
+        cfg = transformers.GemmaConfig(**common, num_key_value_heads=1, head_dim=16, pad_token_id=0,
+                                       rope_parameters={"rope_type": "default", "rope_theta": 3000.0})
+    elif kind == "gemma2":
         # head_dim 16 != D / HEADS, query_pre_attn_scalar != head_dim, caps small enough to bite on random weights
         cfg = transformers.Gemma2Config(**common, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=24,
                                         sliding_window=5, attn_logit_softcapping=2.0, final_logit_softcapping=3.0,
@@ -41,13 +44,13 @@ def family_config(kind: str, **overrides):
 
 
 def make_family(kind: str, path: Path, seed: int = 0, **overrides):
-    """A tiny random `kind` model (gemma2, gemma3, bloom, gpt_neo) saved to `path`; returns the transformers model
+    """A tiny random `kind` model (gemma, gemma2, gemma3, bloom, gpt_neo) saved to `path`; returns the transformers model
     in eval mode with the eager attention (the reference arithmetic)."""
     import transformers
 
     torch.manual_seed(seed)
     cfg = family_config(kind, **overrides)
-    cls = {"gemma2": transformers.Gemma2ForCausalLM, "gemma3": transformers.Gemma3ForCausalLM,
+    cls = {"gemma": transformers.GemmaForCausalLM, "gemma2": transformers.Gemma2ForCausalLM, "gemma3": transformers.Gemma3ForCausalLM,
            "bloom": transformers.BloomForCausalLM, "gpt_neo": transformers.GPTNeoForCausalLM}[kind]
     cfg._attn_implementation = "eager"
     model = perturb(cls(cfg), seed, std=0.2)
@@ -58,7 +61,9 @@ def make_family(kind: str, path: Path, seed: int = 0, **overrides):
 # ----------------------------------------------------------------------------------------------- GGUF
 
 
-def _gemma_names(i: int) -> dict[str, str]:
+def _gemma_names(i: int, arch: str) -> dict[str, str]:
+    if arch == "gemma":  # Gemma 1's post_attention_layernorm is the norm before the FFN
+        return {**_gemma_names(i, "gemma2"), f"model.layers.{i}.post_attention_layernorm.weight": f"blk.{i}.ffn_norm.weight"}
     return {f"model.layers.{i}.{ours}": f"blk.{i}.{theirs}" for ours, theirs in (
         ("input_layernorm.weight", "attn_norm.weight"), ("post_attention_layernorm.weight", "post_attention_norm.weight"),
         ("pre_feedforward_layernorm.weight", "ffn_norm.weight"), ("post_feedforward_layernorm.weight", "post_ffw_norm.weight"),
@@ -91,7 +96,7 @@ def _bloom_tensors(sd: dict, c) -> dict[str, torch.Tensor]:
 
 
 def write_family_gguf(path: Path, hf, arch: str, tokenizer: dict | None = None) -> None:
-    """A GGUF of a transformers gemma2 / gemma3 / bloom model as llama.cpp's convert_hf_to_gguf writes it (Gemma's
+    """A GGUF of a transformers gemma / gemma2 / gemma3 / bloom model as llama.cpp's convert_hf_to_gguf writes it (Gemma's
     norm weights + 1, BLOOM's fused q/k/v un-interleaved); tokenizer: {"tokens", "scores", "types", ...}."""
     import gguf
 
@@ -117,18 +122,19 @@ def write_family_gguf(path: Path, hf, arch: str, tokenizer: dict | None = None) 
         w.add_key_length(c.head_dim)
         w.add_value_length(c.head_dim)
         w.add_layer_norm_rms_eps(c.rms_norm_eps)
-        w.add_sliding_window(c.sliding_window)
+        if arch != "gemma":
+            w.add_sliding_window(c.sliding_window)
         theta = c.rope_parameters["full_attention"]["rope_theta"] if arch == "gemma3" else c.rope_parameters["rope_theta"]
         w.add_rope_freq_base(float(theta))
         if arch == "gemma2":
             w.add_attn_logit_softcapping(c.attn_logit_softcapping)
             w.add_final_logit_softcapping(c.final_logit_softcapping)
-        else:  # llama.cpp's gemma3 defaults are a pattern of 6 and a local base of 1e4; a tiny model says its own
+        elif arch == "gemma3":  # llama.cpp's gemma3 defaults are a pattern of 6 and a local base of 1e4; a tiny model says its own
             w.add_sliding_window_pattern([k == "sliding_attention" for k in c.layer_types])
             w.add_rope_freq_base_swa(float(c.rope_parameters["sliding_attention"]["rope_theta"]))
         names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
         for i in range(c.num_hidden_layers):
-            names.update(_gemma_names(i))
+            names.update(_gemma_names(i, arch))
         tensors = {gname: sd[hname] + (1.0 if gname.endswith("norm.weight") else 0.0)
                    for hname, gname in names.items() if hname in sd}
     if tokenizer is not None:

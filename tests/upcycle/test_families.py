@@ -1,4 +1,4 @@
-"""Gemma 2, Gemma 3, BLOOM and GPT-Neo: tiny random transformers models read from their Hugging Face directories
+"""Gemma 1, 2 and 3, BLOOM and GPT-Neo: tiny random transformers models read from their Hugging Face directories
 (and GGUF files as llama.cpp writes them) give transformers' logits (fp32, <= 1e-4), upcycle exactly at step 0,
 and encoders / encoder-decoders are refused as out of scope."""
 from __future__ import annotations
@@ -14,7 +14,7 @@ from upcycle import UpcycleConfig, exactness, read_dense, step0_check, upcycle
 
 transformers = pytest.importorskip("transformers")
 TOL = 1e-4
-FAMILIES = ("gemma2", "gemma3", "bloom", "gpt_neo")
+FAMILIES = ("gemma", "gemma2", "gemma3", "bloom", "gpt_neo")
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,7 @@ def test_each_option_is_exercised(family, kind, change):
     assert diff > 1e-3, f"{kind} without {change}: the test would not notice the option ({diff:.1e})"
 
 
-@pytest.mark.parametrize("kind", ["gemma2", "gemma3", "bloom"])
+@pytest.mark.parametrize("kind", ["gemma", "gemma2", "gemma3", "bloom"])
 def test_gguf_family_equals_transformers(tmp_path, family, kind):
     hf, _ = family(kind)
     write_family_gguf(tmp_path / "m.gguf", hf, kind)
