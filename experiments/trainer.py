@@ -165,21 +165,22 @@ class Trainer:
         lr = lr_at(step, self.cfg.optim, tc.max_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        lm_loss = torch.zeros((), dtype=torch.float64, device=self.device)
+        n = tc.grad_accum
+        lm_loss: Optional[torch.Tensor] = None
         aux: dict[str, torch.Tensor] = {}
         stats: dict[int, dict[str, torch.Tensor]] = {}
-        for micro in range(tc.grad_accum):
+        for micro in range(n):
             # the global batch, whatever the world size; each rank keeps its rows
-            x, y = self.ranks.local_rows(*self.data.get_batch("train", step * tc.grad_accum + micro, tc.batch_size,
+            x, y = self.ranks.local_rows(*self.data.get_batch("train", step * n + micro, tc.batch_size,
                                                               tc.seq_len, self.cfg.seed))
-            out = self.engine.train_micro(x, y, 1.0 / tc.grad_accum, last=micro == tc.grad_accum - 1)
-            lm_loss = lm_loss + out.loss.detach().double() / tc.grad_accum
+            out = self.engine.train_micro(x, y, 1.0 / n, last=micro == n - 1)
+            lm_loss = _mean_term(lm_loss, out.loss.detach().double(), n)
             for name, value in out.aux_losses.items():
-                aux[name] = aux.get(name, 0.0) + value.detach().double() / tc.grad_accum
+                aux[name] = _mean_term(aux.get(name), value.detach().double(), n)
             for layer, values in out.stats.items():  # sum counts over micro-batches, average the rest
-                acc = stats.setdefault(layer, {k: torch.zeros_like(v) for k, v in values.items()})
+                acc = stats.setdefault(layer, {})
                 for k, v in values.items():
-                    acc[k] += v if k == "tokens_per_expert" else v / tc.grad_accum
+                    acc[k] = _mean_term(acc.get(k), v, 1 if k == "tokens_per_expert" else n)
         # Gradients reduced over the ranks, the global norm computed over the shards; a non-finite norm (the same
         # on every rank) updates nothing where the engine can skip the optimizer step.
         grad_norm = float(self.engine.step(self.optimizer, tc.grad_clip))  # clip, update, clear
@@ -406,3 +407,10 @@ def _checkpoint_tokenizer(init_from: Optional[str]):
 def _floats(values: dict[str, torch.Tensor]) -> dict[str, float]:
     """Scalar tensors read on the host (a record's aux losses)."""
     return {name: float(value) for name, value in values.items()}
+
+
+def _mean_term(total: Optional[torch.Tensor], value: torch.Tensor, n: int) -> torch.Tensor:
+    """total + value / n, the running mean over n micro-batches (a sum for n=1 terms); the first term (total None)
+    and n=1 skip an addition of zero and a division by one: exact either way, two tensor ops fewer per value."""
+    term = value / n if n > 1 else value
+    return term if total is None else total + term
