@@ -19,12 +19,19 @@ METRICS_FILE = "metrics.jsonl"
 
 
 def flatten_stats(stats: dict[int, dict[str, torch.Tensor]]) -> dict[str, Any]:
-    """Per-layer routing statistics as flat JSON fields: moe/layer{i}/{name}."""
+    """Per-layer routing statistics as flat JSON fields: moe/layer{i}/{name}. Read from the device in one transfer
+    (every value of every layer concatenated), at a record's step only."""
+    entries = [(f"moe/layer{layer}/{name}", value.detach().float().reshape(-1))
+               for layer, values in stats.items() for name, value in values.items()]
+    if not entries:
+        return {}
+    flat = torch.cat([v for _, v in entries]).cpu().tolist()
     out: dict[str, Any] = {}
-    for layer, values in stats.items():
-        for name, value in values.items():
-            v = value.detach().float().cpu()
-            out[f"moe/layer{layer}/{name}"] = v.tolist() if v.numel() > 1 else round(float(v), 6)
+    i = 0
+    for key, v in entries:
+        n = v.numel()
+        out[key] = flat[i:i + n] if n > 1 else round(flat[i], 6)
+        i += n
     return out
 
 

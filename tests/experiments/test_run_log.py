@@ -14,9 +14,11 @@ import pytest
 import torch
 
 from experiments.engines import ranks as ranks_mod
-from experiments.metrics import read_metrics
+from experiments.metrics import flatten_stats, read_metrics
+from experiments.peak_flops import peak_flops, peak_for_name
 from experiments.run_log import LOG_FILE, RunLog, clock, record_line, si
 from experiments.trainer import Trainer
+from routing.stats import routing_stats
 from tests.experiments.test_train import make_run
 
 REPO = Path(__file__).resolve().parents[2]
@@ -121,10 +123,41 @@ def test_a_redirected_run_prints_one_plain_line_per_record_and_train_log_holds_t
 
 def test_flop_rate_is_flops_per_token_times_tokens_per_second(tmp_path, text_corpus):
     t = Trainer(make_run(tmp_path / "run", text_corpus, "trainer.max_steps=2"))
+    assert t.peak_flops is None  # CPU: no peak to measure against, so no MFU
     t.fit()
     for record in read_metrics(tmp_path / "run"):
         assert record["flops_per_s"] == t.flops_per_token * record["tokens_per_s"] > 0
-        assert "mfu" not in record  # CPU: no peak to measure against
+        assert "mfu" not in record
+    t = Trainer(make_run(tmp_path / "gpu", text_corpus, "trainer.max_steps=2"))
+    t.peak_flops = 1e9  # as peak_flops gives on a GPU of the table
+    t.fit()
+    log = (tmp_path / "gpu" / LOG_FILE).read_text()
+    for record in read_metrics(tmp_path / "gpu"):
+        assert record["mfu"] == record["flops_per_s"] / 1e9 and f"MFU {record['mfu']:.1%}" in log
+
+
+def test_peak_table_matches_the_specific_part_first():
+    assert peak_for_name("NVIDIA H100 80GB HBM3", bf16=True) == 989e12
+    assert peak_for_name("NVIDIA H100 PCIe", bf16=True) == 756e12
+    assert peak_for_name("NVIDIA H200", bf16=False) == 494e12
+    assert peak_for_name("NVIDIA A100-SXM4-80GB", bf16=False) == 156e12
+    assert peak_for_name("NVIDIA A10G", bf16=True) == 70e12 and peak_for_name("NVIDIA L40", bf16=True) == 181e12
+    assert peak_for_name("Tesla T4", bf16=True) is None and peak_flops(torch.device("cpu"), True) is None
+
+
+def test_flattened_statistics_read_in_one_transfer_equal_value_by_value():
+    g = torch.Generator().manual_seed(0)
+    stats = {}
+    for layer, E in ((0, 8), (2, 1), (5, 16)):
+        probs = torch.rand(50, E, generator=g).softmax(-1)
+        stats[layer] = routing_stats(probs, torch.randint(0, 30, (E,), generator=g), torch.rand(50, 2, generator=g) > 0.2)
+    flat = flatten_stats(stats)
+    expected = {}
+    for layer, values in stats.items():  # the per-value reads flatten_stats made before
+        for name, value in values.items():
+            v = value.detach().float().cpu()
+            expected[f"moe/layer{layer}/{name}"] = v.tolist() if v.numel() > 1 else round(float(v), 6)
+    assert flat == expected and list(flat) == list(expected) and flatten_stats({}) == {}
 
 
 # ------------------------------------------------------------------------------------------ host reads
