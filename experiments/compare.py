@@ -161,7 +161,7 @@ def pick_baseline(runs: list[Run], name: Optional[str]) -> tuple[Run, str]:
     its varied overrides (`routing=switch`)."""
     if name is not None:
         for r in runs:
-            if name in (r.name, r.rel) or name in (f"{k}={v}" for k, v in r.varied.items()):
+            if name in (r.name, r.rel, r.folder) or name in (f"{k}={v}" for k, v in r.varied.items()):
                 return r, f"--baseline {name}"
         raise ValueError(f"--baseline {name!r} is not a finished run here; finished runs: {[r.name for r in runs]}")
     twins = [r for r in runs if r.info.get("twin") == "dense"]

@@ -30,7 +30,7 @@ CURVE_KEYS = ("step", "tokens", "flops", "elapsed_s", "val_loss")
 
 @dataclass
 class Run:
-    name: str  # the report's name: the varied overrides, the twin name of a twin sweep, else the directory
+    name: str  # the report's name (name_runs): the varied overrides, the twin name of a twin sweep, else the folder
     path: Path  # the run directory (as found below the sweep: a symlink stays a symlink)
     rel: str  # the directory relative to the sweep directory ('.' for the sweep directory itself)
     info: dict[str, Any]  # run.json ({} when missing)
@@ -42,6 +42,11 @@ class Run:
     varied: dict[str, str] = field(default_factory=dict)  # the sweep's varied keys -> this run's value
     evaluations: list[dict[str, Any]] = field(default_factory=list)  # eval.json records of this run's checkpoints
     evaluation: Optional[dict[str, Any]] = None  # the one in the table (see compare.pick_evaluations)
+
+    @property
+    def folder(self) -> str:
+        """The name its directory gives it: the path below the sweep, or the directory's own name for the sweep's."""
+        return self.path.resolve().name if self.rel == "." else self.rel
 
     @property
     def status(self) -> str:
@@ -137,15 +142,15 @@ def name_runs(runs: list[Run]) -> list[str]:
     for r in runs:
         r.varied = {k: r.overrides.get(k, DEFAULT) for k in keys} if r.overrides is not None else {}
         if keys == ["twin"] and r.varied:
-            r.name = r.varied["twin"] if r.varied["twin"] != DEFAULT else r.rel
+            r.name = r.varied["twin"] if r.varied["twin"] != DEFAULT else r.folder
         elif r.varied:
             r.name = ",".join(f"{k}={v}" for k, v in r.varied.items())
         else:
-            r.name = str(r.info.get("twin") or r.rel)
+            r.name = str(r.info.get("twin") or r.folder)
     names = [r.name for r in runs]
     for r in runs:  # two runs with one name (e.g. two sweeps in one folder): their directories tell them apart
         if names.count(r.name) > 1:
-            r.name = r.rel
+            r.name = r.folder
     return keys
 
 
@@ -161,7 +166,7 @@ def load_run(path: Path, sweep_dir: Path) -> Run:
         problem = f"no {RUN_FILE} (not written by experiments.train, or it died before starting)"
     records, bad = _read_jsonl(path / METRICS_FILE)
     rel = path.relative_to(sweep_dir).as_posix() if path != sweep_dir else "."
-    run = Run(name=str(info.get("twin") or rel), path=path, rel=rel, info=info, records=records,
+    run = Run(name="", path=path, rel=rel, info=info, records=records,
               overrides=read_overrides(path, info))
     last = records[-1]["step"] if records else 0
     if problem is None and run.status != "finished":

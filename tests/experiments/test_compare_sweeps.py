@@ -246,3 +246,10 @@ def test_expert_load_heat_maps_share_one_colour_scale(tmp_path):
     assert fig.axes[0].get_ylabel() == "max expert load / mean"
     heat = meshes[0].get_array().reshape(4, 5)  # [experts, steps]
     assert heat[:, 0].tolist() == pytest.approx([0.4, 0.8, 1.2, 1.6]) and math.isclose(heat[:, 0].sum(), 4.0)
+
+
+def test_one_run_directory_is_named_by_its_folder(tmp_path):
+    run = fake_run(tmp_path, "my_run", DENSE_F, [dense_loss(f) for f in DENSE_F], twin=None)
+    report = build_report(run)
+    assert [r.name for r in report.runs] == ["my_run"] and report.baseline.rel == "."
+    assert build_report(run, baseline="my_run").baseline.name == "my_run"
