@@ -96,10 +96,13 @@ def run_name() -> str:
     """The resolver: this job's name, from Hydra's runtime config of the job."""
     from hydra.core.hydra_config import HydraConfig
 
+    if not HydraConfig.initialized():  # printed outside a job (`--cfg hydra --resolve`): no job to name
+        return "(per job: run_name)"
     hc = HydraConfig.get()
-    params = hc.sweeper.get("params")
+    params = OmegaConf.select(hc, "sweeper.params", default=None)
     swept = swept_values(Path(str(hc.sweep.dir)), OmegaConf.to_container(params) if params else None)
-    return name_from([str(x) for x in hc.overrides.task], swept, str(hc.job.override_dirname), hc.job.get("num"))
+    return name_from([str(x) for x in hc.overrides.task], swept, str(OmegaConf.select(hc, "job.override_dirname",
+                     default="")), OmegaConf.select(hc, "job.num", default=None))
 
 
 if not OmegaConf.has_resolver(RESOLVER):
