@@ -174,7 +174,8 @@ class Transformer(nn.Module):
             x = x + self.pos_embed(positions + self.cfg.position_offset)
         if self.embed_norm is not None:
             x = self.embed_norm(x)
-        ropes = {kind: _rope(table, positions) for kind, table in (("G", self.rotary), ("L", self.rotary_local))}
+        ropes = {"G": _rope(self.rotary, positions)}  # the rotary table of each kind of block
+        ropes["L"] = ropes["G"] if self.rotary_local is self.rotary else _rope(self.rotary_local, positions)
         slopes = alibi_slopes(self.cfg.n_head, idx.device) if self.cfg.position == "alibi" else None
         masks = block_masks(mask, window=self.cfg.sliding_window, slopes=slopes, past=past, new=S, device=idx.device)
         x = self.dropout(x)

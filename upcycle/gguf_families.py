@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from moe.config import ModelConfig
+from upcycle.hf_families import pattern_of
 from upcycle.keymaps import KeyMap
 from upcycle.keymaps_families import GGUF_BLOOM, GGUF_GEMMA, GGUF_GEMMA2
 
@@ -45,7 +46,7 @@ def _pattern(f: "GGUFFile", arch: str, n_layer: int) -> str:
         if len(value) != n_layer:
             raise ValueError(f"{f.path.name}: {arch}.attention.sliding_window_pattern lists {len(value)} flags for "
                              f"{n_layer} blocks")
-        return "".join("L" if v else "G" for v in value)
+        return pattern_of(["L" if v else "G" for v in value])
     n = int(value)
     return "L" if n == 0 else "L" * (n - 1) + "G"  # llama.cpp: block i is local when i % n < n - 1
 

@@ -87,3 +87,20 @@ def test_gemma_gguf_with_spm_tokenizer(tmp_path):
     ids = ids_for(len(tokens), length=20)
     with torch.no_grad():
         assert (src.build_model()(ids).logits - hf_logits(hf, ids)).abs().max() <= 1e-4
+
+
+def test_upcycle_app_on_gemma3_gguf(tmp_path):
+    """experiments.upcycle from a gemma3 GGUF: exact at step 0, and the checkpoint keeps the rebuilt tokenizer."""
+    from experiments.tokenizer import load_tokenizer
+    from experiments.upcycle import run_upcycle
+    from moe.checkpoint import load_model
+    from tests.upcycle.test_app import compose_upcycle
+
+    tokens, scores, types = _vocab()
+    hf = make_family("gemma3", tmp_path / "hf", vocab_size=len(tokens))
+    write_family_gguf(tmp_path / "g.gguf", hf, "gemma3", tokenizer=dict(tokens=tokens, scores=scores, types=types))
+    res = run_upcycle(compose_upcycle(f"source={tmp_path / 'g.gguf'}", f"out={tmp_path / 'moe'}", "num_experts=4"))
+    assert res["report"].max_abs_diff < 1e-5 and res["report"].passed
+    tok, model = load_tokenizer(tmp_path / "moe"), load_model(tmp_path / "moe")
+    assert tok.encode("the lazy fox") == _spm_reference("the lazy fox", tokens, scores, types, False)
+    assert model.cfg.qk_norm and model.cfg.attention_pattern == "LLG" and model.cfg.is_moe
