@@ -10,7 +10,7 @@ import socket
 
 from experiments import provenance
 from experiments.provenance import PROVENANCE_KEY, run_provenance, snapshot
-from experiments.run_names import MAX_NAME, name_from, swept_values
+from experiments.run_names import MAX_NAME, name_from, run_name, swept_values
 
 
 def test_snapshot_fields_are_present_and_typed():
@@ -69,6 +69,7 @@ def test_names_come_from_the_swept_keys_only():
     assert name_from(job, swept, "whatever", 3) == "routing=switch,trainer.max_steps=6"  # command-line order
     assert name_from(job, {}, "whatever", 3) == "3"  # nothing swept: the job number
     assert name_from(job, None, "data.path=/x,routing=switch", 3) == "data.path=_x,routing=switch"  # fallback
+    assert run_name() == "(per job: run_name)"  # outside a Hydra job (`--cfg hydra --resolve`) it does not fail
 
 
 def test_path_values_are_made_path_safe():
