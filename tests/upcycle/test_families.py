@@ -45,6 +45,22 @@ def test_hf_family_equals_transformers(family, kind):
     assert src.origin == f"hf {hf.config.model_type}" and not src.config.is_moe
 
 
+@pytest.mark.parametrize("kind", ["gemma2", "gemma3", "bloom", "gpt_neo"])
+def test_left_padded_rows_equal_transformers(family, kind):
+    """A row left-padded by 5 (our pad=, their attention_mask): windows count slots of real tokens, ALiBi's distances
+    and RoPE / learned positions start at the first real token, as transformers' masks and positions do."""
+    hf, path = family(kind)
+    ids, pad = ids_for(V, length=16), torch.tensor([0, 5])
+    mask = (torch.arange(16)[None] >= pad[:, None]).long()
+    # transformers derives positions from the mask only in generate(); a plain forward is given them
+    positions = {"position_ids": (mask.cumsum(-1) - 1).clamp(min=0)} if kind in ("gpt_neo", "gemma2", "gemma3") else {}
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask, **positions).logits
+        ours = read_dense(path).build_model()(ids, pad=pad).logits
+    diff = (ours - ref)[mask.bool()].abs().max().item()
+    assert diff <= TOL, f"{kind} left-padded: max |Δ logit| {diff:.2e}"
+
+
 def test_family_options_read(family):
     c = read_dense(family("gemma2")[1]).config
     assert (c.attention_pattern, c.sliding_window, c.attn_softcap, c.logit_softcap) == ("LG", 5, 2.0, 3.0)
