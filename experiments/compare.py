@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from experiments.compare_runs import DEFAULT, METRICS_FILE, RUN_FILE, SKIP_DIRS, Run, find_runs
+from experiments.compare_runs import DEFAULT, METRICS_FILE, RUN_FILE, Run, dirs_holding, find_runs
 from experiments.compare_timing import timing_warnings
 from experiments.eval_file import EVAL_FILE, read_eval_file
 
@@ -94,9 +94,7 @@ def read_evaluations(root: Path, runs: list[Run]) -> list[str]:
     else by the checkpoint lying inside the run's directory). Returns a note for each file that cannot be read."""
     notes = []
     by_dir = {r.path.resolve(): r for r in runs}
-    for f in sorted(root.rglob(EVAL_FILE)):
-        if SKIP_DIRS & set(f.relative_to(root).parts[:-1]):
-            continue
+    for f in [d / EVAL_FILE for d in dirs_holding(root, (EVAL_FILE,))]:
         try:
             evaluations = read_eval_file(f)
         except ValueError as e:

@@ -187,10 +187,10 @@ def load_run(path: Path, sweep_dir: Path) -> Run:
     return run
 
 
-def run_dirs(root: Path) -> list[Path]:
-    """Every directory below root (root included) that holds a run.json or a metrics.jsonl, following symlinked
-    directories (each real directory once, so a link back up cannot loop), skipping checkpoints, wandb and Hydra's
-    folders; sorted by path."""
+def dirs_holding(root: Path, names: tuple[str, ...]) -> list[Path]:
+    """Every directory below root (root included) that holds a file named in `names`, following symlinked
+    directories (each real directory once, so a link back up cannot loop), skipping checkpoints, wandb, Hydra's and
+    submitit's folders; sorted by path."""
     found, seen = [], set()
     for here, dirs, files in os.walk(root, followlinks=True):
         real = os.path.realpath(here)
@@ -199,7 +199,7 @@ def run_dirs(root: Path) -> list[Path]:
             continue
         seen.add(real)
         dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS)
-        if RUN_FILE in files or METRICS_FILE in files:
+        if any(n in files for n in names):
             found.append(Path(here))
     return sorted(found)
 
@@ -210,5 +210,5 @@ def find_runs(sweep_dir: str | Path) -> tuple[list[Run], list[str]]:
     if not root.is_dir():
         raise FileNotFoundError(f"sweep directory {str(sweep_dir)!r} does not exist; pass the hydra.sweep.dir of a "
                                 f"`python -m experiments.train -m ...` sweep")
-    runs = [load_run(d, root) for d in run_dirs(root)]
+    runs = [load_run(d, root) for d in dirs_holding(root, (RUN_FILE, METRICS_FILE))]
     return runs, name_runs(runs)

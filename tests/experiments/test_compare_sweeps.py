@@ -12,6 +12,7 @@ import pytest
 
 from experiments.compare import build_report, write_report
 from experiments.compare_runs import parse_overrides
+from experiments.eval_file import write_eval_file
 from tests.experiments.test_compare import DENSE_F, dense_loss, fake_run
 
 COMMON = ["model=tiny_moe", "data.tokenizer=byte", "trainer.max_steps=5", "data.path=/data/corpus.txt"]
@@ -169,8 +170,12 @@ def test_symlinked_run_directories_are_followed_once(tmp_path):
     fake_run(root, "dense", DENSE_F, [dense_loss(f) for f in DENSE_F])
     os.symlink(elsewhere / "moe_e8_k1", root / "moe_e8_k1")
     os.symlink(root, root / "dense" / "loop")  # a link back up must not loop
+    rec = {"checkpoint": str(elsewhere / "moe_e8_k1" / "checkpoints" / "step_5"), "run_dir": str(root / "moe_e8_k1"),
+           "step": 5, "nats_per_token": 1.25, "bits_per_byte": 1.8, "data": {"text_fingerprint": "t", "split": "val"}}
+    write_eval_file(elsewhere / "moe_e8_k1", [rec])  # eval.json inside the linked run is found too
     report = build_report(root)
     assert sorted(r.name for r in report.runs) == ["dense", "moe_e8_k1"]
+    assert {r["run"]: r["eval_nats_per_token"] for r in report.rows} == {"dense": None, "moe_e8_k1": 1.25}
 
 
 def test_init_from_runs_show_their_start(tmp_path):
