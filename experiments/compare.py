@@ -167,13 +167,14 @@ def pick_baseline(runs: list[Run], name: Optional[str]) -> tuple[Run, str]:
         return twins[0], "the run with twin=dense"
     dense = sorted((r for r in runs if not r.is_moe), key=lambda r: (r.info.get("params_total") or 0, r.name))
     if dense:
-        return dense[0], "the dense run (no sparse layers)" + (f", the smallest of {len(dense)}" if len(dense) > 1 else "")
+        return dense[0], ("the run without sparse layers" if len(dense) == 1 else
+                          f"the smallest of the {len(dense)} runs without sparse layers")
     default = [r for r in runs if "routing" in r.varied and r.varied["routing"] in (DEFAULT, "null", "default")]
     if default:
-        return default[0], "no dense run: the run that keeps the model's default router (routing not overridden)"
+        return default[0], "no dense run: the run that keeps the model's default router, routing not overridden"
     first = sorted(runs, key=order)[0]
-    return first, ("no dense run and no default router: the first row in the table's order (fewest experts and "
-                   "top-k); pass --baseline NAME for another")
+    return first, ("no dense run and no default router: the first row in the table's order, fewest experts and "
+                   "top-k first; pass --baseline NAME for another")
 
 
 # ------------------------------------------------------------------------------------------ the report

@@ -102,7 +102,7 @@ def test_baseline_rule_dense_model_then_default_router_then_first(tmp_path):
     fake_run(root, "small", DENSE_F, [4.5] * 5, twin=None, overrides=["model=tiny_dense"])
     report = build_report(root)
     assert report.baseline.name == "model=tiny_dense"
-    assert report.baseline_rule == "the dense run (no sparse layers), the smallest of 2"
+    assert report.baseline_rule == "the smallest of the 2 runs without sparse layers"
 
     root = tmp_path / "b"
     fake_run(root, "0", DENSE_F, [4.0] * 5, moe=True, twin=None, overrides=["routing=switch"])
