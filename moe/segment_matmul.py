@@ -79,6 +79,8 @@ class _SegmentMatmul(torch.autograd.Function):
 def _grouped_mm_ok(x: Tensor, w: Tensor) -> bool:
     if not hasattr(F, "grouped_mm") or x.dtype != w.dtype or not x.is_contiguous() or not w.is_contiguous():
         return False
+    if not x.is_cuda and torch.compiler.is_compiling():
+        return False  # torch 2.13's fake-tensor rule for grouped_mm demands bf16 whatever the device: dynamo fails
     if x.shape[0] == 0:  # no rows (an expert-parallel rank none of whose experts got a token): backward rejects it
         return False
     if x.is_cuda:  # the CUDA kernel is bf16-only on Hopper; other dtypes take the loop
@@ -106,11 +108,15 @@ def grouped_matmul(x: Tensor, w: Tensor, counts: Tensor, impl: str = "auto") -> 
 def _loop(x: Tensor, w: Tensor, counts: Tensor) -> Tensor:
     """The per-expert loop; under torch.compile (moe.compile) it runs eagerly behind a graph break: its split
     sizes are data (a host read of counts), and a traced loop would specialise on them and recompile every step.
-    (torch.compiler.disable as a decorator would import dynamo, and with it triton, with this module.)"""
+    The disabled twin lives in moe.compile: torch.compiler.disable here would import dynamo, and with it triton,
+    with this module."""
     if torch.compiler.is_compiling():
-        return torch._dynamo.disable(_segment_loop)(x, w, counts)  # dynamo is imported whenever this is true
-    return _segment_loop(x, w, counts)
+        from moe.compile import eager_segment_loop  # imported already whenever something is compiling
+
+        return eager_segment_loop(x, w, counts)
+    return segment_loop(x, w, counts)
 
 
-def _segment_loop(x: Tensor, w: Tensor, counts: Tensor) -> Tensor:
+def segment_loop(x: Tensor, w: Tensor, counts: Tensor) -> Tensor:
+    """The per-expert loop as one autograd node: x [N, a], w [E, a, b], counts [E] -> [N, b]."""
     return _SegmentMatmul.apply(x, w, counts.tolist())

@@ -26,6 +26,7 @@ from experiments.engines.full_size import as_full, autocast, full_state, load_fu
 from experiments.engines.ranks import Torchrun, check_batch, init_process_group, launch_env
 from experiments.optim import build_optimizer
 from moe import parallel
+from moe.compile import compile_blocks
 
 HOW = "torchrun --nproc_per_node=N -m experiments.train trainer=ddp model.moe.expert_parallel=N ..."
 
@@ -33,8 +34,9 @@ HOW = "torchrun --nproc_per_node=N -m experiments.train trainer=ddp model.moe.ex
 class DDPEngine:
     skips_non_finite = True
 
-    def __init__(self, ranks: Torchrun, bf16: bool):
+    def __init__(self, ranks: Torchrun, bf16: bool, compile: bool = False):
         self.ranks, self.device = ranks, ranks.device
+        self.compile = compile  # torch.compile every block (moe.compile) before DDP wraps the model
         self.autocast = autocast(self.device, bf16)
         self.model: nn.Module = None  # the Transformer (expert-sharded)
         self.ddp: DistributedDataParallel = None  # what forward calls
@@ -50,10 +52,14 @@ class DDPEngine:
         check_batch(cfg.trainer.batch_size, world)
         device, timeout = init_process_group(cfg.trainer.device, local_rank, world, rank, cfg.trainer.collective_timeout_s)
         groups = parallel.make_groups(ep, mcfg.moe.num_experts, timeout=timeout)
-        return cls(Torchrun(groups, device), use_bf16(cfg.trainer.precision, device))
+        return cls(Torchrun(groups, device), use_bf16(cfg.trainer.precision, device), cfg.trainer.compile)
 
     def wrap(self, model: nn.Module, optim) -> torch.optim.Optimizer:
         self.model = parallel.distribute(model.to(self.device), self.ranks.groups)
+        if self.compile:  # the blocks, not the DDP wrapper: DDP's bucketed all-reduce stays outside the graphs
+            line = compile_blocks(self.model)
+            if self.ranks.is_main:
+                print(line, flush=True)
         experts = [name for name, p in self.model.named_parameters() if parallel.is_expert(p)]
         # DDP's documented hook for parameters it must not reduce: the experts are reduced over their replicas only
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self.model, experts)

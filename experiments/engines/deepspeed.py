@@ -112,6 +112,10 @@ HOW = ("torchrun --nproc_per_node=N -m experiments.train trainer=deepspeed ..., 
 def check_deepspeed(cfg) -> tuple[int, int, int, Any]:
     """Every check that needs no process group, for trainer=deepspeed; returns (world, rank, local_rank, the model
     config: init_from's when set)."""
+    if cfg.trainer.compile:
+        raise ValueError("trainer.compile=true is not supported with trainer=deepspeed (DeepSpeed's engine wraps the "
+                         "model and its hooks; moe.compile compiles blocks for trainer=single, ddp and fsdp); set "
+                         "trainer.compile=false or use trainer=ddp")
     import_deepspeed()
     world, rank, local_rank = launch_env("deepspeed", HOW, "torchrun or the deepspeed launcher")
     if cfg.deepspeed.zero_stage == 0 and use_bf16(cfg.trainer.precision, resolve_device(cfg.trainer.device)):

@@ -46,6 +46,7 @@ from experiments.engines.full_size import autocast, use_bf16
 from experiments.optim import build_optimizer
 from moe import parallel
 from moe.dispatch import resolve_dispatcher
+from moe.compile import compile_blocks
 from moe.experts import Experts
 from moe.parallel import ParallelGroups
 from moe.sharded_checkpoint import MOMENT, flat, read_into, tensor_shapes
@@ -73,8 +74,9 @@ def check_mesh(world: int, replicate: int, ep: int, num_experts: int, is_moe: bo
 class FSDPEngine:
     skips_non_finite = True
 
-    def __init__(self, ranks: Torchrun, mesh: DeviceMesh, bf16: bool):
+    def __init__(self, ranks: Torchrun, mesh: DeviceMesh, bf16: bool, compile: bool = False):
         self.ranks, self.device, self.bf16 = ranks, ranks.device, bf16
+        self.compile = compile  # torch.compile every block (moe.compile) before fully_shard wraps it
         self.autocast = autocast(self.device, bf16)
         R = mesh["replicate"].size()
         self.replicas = R
@@ -112,13 +114,17 @@ class FSDPEngine:
             ep_group=mesh["ep"].get_group() if ep > 1 else None,
             expert_dp_group=experts_dp.get_group() if ep < world else None,
             world_group=dist.group.WORLD, timeout_s=timeout.total_seconds())
-        return cls(Torchrun(groups, device), mesh, use_bf16(cfg.trainer.precision, device))
+        return cls(Torchrun(groups, device), mesh, use_bf16(cfg.trainer.precision, device), cfg.trainer.compile)
 
     # ---------------------------------------------------------------- the model
 
     def wrap(self, model: nn.Module, optim) -> torch.optim.Optimizer:
         """Shards the experts over ep, then fully_shard: each bank of experts, each block, the root."""
         model = parallel.distribute(model.to(self.device), self.ranks.groups)
+        if self.compile:  # before fully_shard (torchtitan's order): FSDP's hooks stay outside the compiled graphs
+            line = compile_blocks(model)
+            if self.ranks.is_main:
+                print(line, flush=True)
         mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if self.bf16
               else MixedPrecisionPolicy())
         for block in model.blocks:

@@ -10,6 +10,7 @@ from experiments.engines import SavedState
 from experiments.engines.full_size import as_full, autocast, full_state, load_full, use_bf16
 from experiments.engines.ranks import OneProcess, resolve_device
 from experiments.optim import build_optimizer
+from moe.compile import compile_blocks
 
 
 class SingleEngine:
@@ -20,9 +21,12 @@ class SingleEngine:
         self.ranks = OneProcess(self.device)
         self.autocast = autocast(self.device, use_bf16(cfg.trainer.precision, self.device))
         self.model: nn.Module = None
+        self.compile = cfg.trainer.compile  # torch.compile every block (moe.compile) when wrapping
 
     def wrap(self, model: nn.Module, optim) -> torch.optim.Optimizer:
         self.model = model.to(self.device)
+        if self.compile:
+            print(compile_blocks(self.model), flush=True)
         return build_optimizer(self.model, optim)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor):

@@ -1,0 +1,39 @@
+"""experiments.bench_step: the twins it times, its ratios, and the split of a profiled step into parts."""
+import pytest
+import torch
+
+from experiments.bench_step import PARTS, StepSetup, make_step, profile_step, ratios, twin_config
+from moe.flops import flops_per_token
+
+
+def test_demo_twins_match_dense_flops_and_the_fine_grained_width():
+    setup = StepSetup()
+    dense = flops_per_token(twin_config("dense", setup), setup.seq_len).training
+    for name, width in (("moe_e64_k2", 181), ("moe_e256_k8", 37)):
+        cfg = twin_config(name, setup)
+        assert cfg.vocab_size == 257 and cfg.expert_hidden == width
+        assert flops_per_token(cfg, setup.seq_len).training == pytest.approx(dense, rel=0.01)
+
+
+def test_ratios_are_min_over_min_and_median_of_pairs():
+    out = ratios({"dense": [0.010, 0.012, 0.011], "moe": [0.012, 0.018, 0.011]})
+    assert out["dense"] == pytest.approx((10.0, 1.0, 1.0))
+    ms, r_min, r_med = out["moe"]
+    assert ms == pytest.approx(11.0) and r_min == pytest.approx(1.1) and r_med == pytest.approx(1.2)
+
+
+def test_profile_split_puts_moe_work_in_its_parts():
+    torch.set_num_threads(1)
+    setup = StepSetup(batch=2, seq_len=16)
+    small = dict(n_layer=1, d_model=32, n_head=2, d_ff=48)
+    parts = {}
+    for name in ("dense", "moe_e8_k2"):
+        step, _ = make_step(twin_config(name, setup).replace(**small), setup)
+        step()
+        parts[name] = profile_step(step)
+    for name, p in parts.items():
+        assert set(PARTS) <= set(p) and all(v >= 0 for v in p.values())
+        assert p["optimizer"] > 0 and p["attention/dense/other"] > 0
+    for part in ("router", "dispatch", "expert GEMMs", "statistics"):
+        assert parts["dense"][part] == 0.0, part  # a dense model has none of them
+        assert parts["moe_e8_k2"][part] > 0.0, part
