@@ -77,7 +77,7 @@ def curves_figure(report: Report, key: str):
     budget = report.budget_flops if key == "flops" else report.budget_s
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     from_zero = any(r.start for r in report.runs)
-    all_x = []
+    all_x, all_y = [], []
     for r in report.runs:
         base = r is report.baseline
         xs, ys = _points(r, key)
@@ -86,6 +86,7 @@ def curves_figure(report: Report, key: str):
         tx, ty = _training(r, key)
         ax.plot(tx, ty, lw=0.8, alpha=0.35, color=line.get_color(), zorder=1)
         all_x += xs
+        all_y += ys
     ax.axhline(report.target_loss, color="grey", ls=":", lw=1)
     ax.axvline(budget, color="grey", ls=":", lw=1)
     start = report.baseline.start
@@ -95,6 +96,9 @@ def curves_figure(report: Report, key: str):
                     xytext=(4, 3), textcoords="offset points", fontsize=7, alpha=0.8)
     ax.annotate(f"L* = {report.target_loss:.3f} (baseline's final)", (0, report.target_loss),
                 xycoords=("axes fraction", "data"), xytext=(4, 3), textcoords="offset points", fontsize=7, color="grey")
+    low, high = min(all_y), max(all_y)
+    pad = 0.06 * (high - low or 1.0)
+    ax.set_ylim(low - pad, high + pad)  # the validation curves set the range: a noisy training loss is cut off
     _x_axis(ax, key, all_x, from_zero)
     ax.set_xlabel(what)
     ax.set_ylabel("loss [nats/token]")
