@@ -6,7 +6,8 @@ logging.Logger to two handlers: the console (stdout, flushed per line, so a Slur
 goes) and RUN_DIR/train.log (appended). The logger is not registered with logging's manager and does not
 propagate, so Hydra's root handlers (which also open train.log) never write a line a second time, two Trainers in
 one process keep apart, and a Trainer built without Hydra still writes train.log. A tqdm bar is drawn only when
-stdout is a terminal and trainer.progress is true: redirected output and joblib sweeps get plain lines only.
+stdout is a terminal, trainer.progress is true and the run is not a job of a Hydra sweep: redirected output and
+joblib sweeps get plain lines only.
 
 metrics.jsonl stays the source of truth; these lines are formatted from the same records.
 """
@@ -78,8 +79,9 @@ class RunLog:
             self._file.info(message)
 
     def start_bar(self, enabled: bool, total: int, initial: int) -> None:
-        """A tqdm bar on stdout when enabled (trainer.progress, rank 0) and stdout is a terminal."""
-        if enabled and self.enabled and sys.stdout.isatty():
+        """A tqdm bar on stdout when enabled (trainer.progress, rank 0), stdout is a terminal and the run is not
+        one job of a Hydra sweep (joblib's workers share the parent's terminal: their bars would interleave)."""
+        if enabled and self.enabled and sys.stdout.isatty() and not in_sweep():
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, leave=False, file=sys.stdout)
@@ -100,6 +102,14 @@ class RunLog:
             self._console.removeHandler(handler)
             self._file.removeHandler(handler)
         self._handlers.clear()
+
+
+def in_sweep() -> bool:
+    """Whether this process runs a job of a Hydra multirun (-m), whatever the launcher."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def record_line(record: dict[str, Any], max_steps: int, wall_s: float, eta_s: Optional[float]) -> str:

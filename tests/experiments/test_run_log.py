@@ -96,6 +96,17 @@ def test_the_bar_only_on_a_terminal(tmp_path, monkeypatch, tty):
     assert log.bar is None
 
 
+def test_no_bar_in_a_sweep_even_on_a_terminal(tmp_path, monkeypatch):
+    from experiments import run_log
+
+    assert not run_log.in_sweep()  # no Hydra job here
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True, raising=False)
+    monkeypatch.setattr(run_log, "in_sweep", lambda: True)
+    log = RunLog(tmp_path, enabled=True)
+    log.start_bar(True, 10, 0)
+    assert log.bar is None
+
+
 # ------------------------------------------------------------------------------------------ a run
 
 
