@@ -11,6 +11,11 @@ newest checkpoint is named and passed over for the newest intact one; a step who
 updates nothing (trainer.max_skipped_steps in a row stop the run, naming the last good checkpoint), and only
 finite weights and optimizer state are written; SIGTERM / SIGUSR1 / submitit's signal finish the step, save it
 and stop (experiments.preemption).
+
+What a step reads on the host: nothing but the engine's gradient norm (the skip decision). Losses, aux losses and
+routing statistics stay device tensors until a record (every trainer.log_interval steps, an evaluation, the end),
+which reads them once, reduces them over the ranks and writes metrics.jsonl and a line (experiments.run_log) to the
+console and RUN_DIR/train.log.
 """
 from __future__ import annotations
 
