@@ -1,6 +1,6 @@
 """The figures of a sweep's report (experiments.compare), each written as PNG and SVG:
 
-  loss_vs_flops   validation loss (markers: every evaluation) and training loss (faint) against training FLOPs
+  loss_vs_flops   validation loss (a marker at every evaluation) against training FLOPs
   loss_vs_time    the same against training seconds (evaluation and checkpointing excluded)
   expert_load     per MoE run: the busiest expert's load over the mean, per sparse layer, over training; and every
                   expert's load over the mean as a heat map, all runs on one colour scale with one colour bar
@@ -50,11 +50,6 @@ def _points(run: Run, key: str) -> tuple[list[float], list[float]]:
     return [p[key] for p in pts], [p["val_loss"] for p in pts]
 
 
-def _training(run: Run, key: str) -> tuple[list[float], list[float]]:
-    recs = [r for r in run.records if r.get("train_loss") is not None and r.get(key) is not None and r["step"] > 0]
-    return [r[key] for r in recs], [r["train_loss"] for r in recs]
-
-
 def _x_axis(ax, key: str, xs: list[float], from_zero: bool) -> None:
     """Linear from 0, or log with 1-2-5 ticks when the values span more than LOG_SPAN; readable tick labels."""
     from matplotlib.ticker import EngFormatter, FuncFormatter, LogLocator, NullFormatter
@@ -81,10 +76,8 @@ def curves_figure(report: Report, key: str):
     for r in report.runs:
         base = r is report.baseline
         xs, ys = _points(r, key)
-        line, = ax.plot(xs, ys, marker="o", ms=3.5, lw=2.2 if base else 1.4, color="black" if base else None,
+        ax.plot(xs, ys, marker="o", ms=3.5, lw=2.2 if base else 1.4, color="black" if base else None,
                         label=r.name + (" (baseline)" if base else ""), zorder=3 if base else 2)
-        tx, ty = _training(r, key)
-        ax.plot(tx, ty, lw=0.8, alpha=0.35, color=line.get_color(), zorder=1)
         all_x += xs
         all_y += ys
     ax.axhline(report.target_loss, color="grey", ls=":", lw=1)
@@ -98,14 +91,14 @@ def curves_figure(report: Report, key: str):
                 xycoords=("axes fraction", "data"), xytext=(4, 3), textcoords="offset points", fontsize=7, color="grey")
     low, high = min(all_y), max(all_y)
     pad = 0.06 * (high - low or 1.0)
-    ax.set_ylim(low - pad, high + pad)  # the validation curves set the range: a noisy training loss is cut off
+    ax.set_ylim(low - pad, high + pad)
     _x_axis(ax, key, all_x, from_zero)
     ax.set_xlabel(what)
     ax.set_ylabel("loss [nats/token]")
     note = "; evaluation time excluded" if key == "elapsed_s" else ""
     ax.set_title(f"{report.sweep_name}: validation loss vs {what.split(' [')[0]}\n{report.setting}{note}", fontsize=10)
     ax.grid(True, which="major", alpha=0.3)
-    ax.legend(fontsize=8, title="markers: evaluations; faint: training loss", title_fontsize=7)
+    ax.legend(fontsize=8, title="markers: evaluations", title_fontsize=7)
     fig.tight_layout()
     return fig, ax
 
