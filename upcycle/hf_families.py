@@ -75,6 +75,15 @@ def _gemma_rope(c: dict, where: str) -> tuple[float, Optional[float]]:
     return glob, (float(local) if local is not None else None)
 
 
+def _default_layer_types(c: dict, kind: str, n_layer: int) -> list[str]:
+    """What transformers assumes when a config predates layer_types: Gemma 2 alternates local and global (local
+    first), Gemma 3 repeats sliding_window_pattern - 1 local blocks and a global one (pattern 6), Gemma 1 is global."""
+    period = {"gemma2": 2, "gemma3_text": int(c.get("sliding_window_pattern") or 6)}.get(kind)
+    if period is None:
+        return ["full_attention"] * n_layer
+    return ["sliding_attention" if (i + 1) % period else "full_attention" for i in range(n_layer)]
+
+
 def gemma_config(c: dict, where: str, activation) -> tuple[ModelConfig, list[str]]:
     """Gemma 1, 2 and 3 (text): `activation` maps a transformers activation name to ours."""
     kind = c.get("model_type")
@@ -85,7 +94,7 @@ def gemma_config(c: dict, where: str, activation) -> tuple[ModelConfig, list[str
     head_dim = c.get("head_dim") or d // heads
     n_layer = _req(c, where, "num_hidden_layers")
     later = kind != "gemma"  # Gemma 2 and 3
-    kinds = c.get("layer_types") or (["full_attention"] * n_layer)
+    kinds = c.get("layer_types") or _default_layer_types(c, kind, n_layer)
     if len(kinds) != n_layer or set(kinds) - {"full_attention", "sliding_attention"}:
         raise ValueError(f"{where}: layer_types={kinds} must list full_attention or sliding_attention for each of "
                          f"the {n_layer} layers")

@@ -61,6 +61,29 @@ def test_left_padded_rows_equal_transformers(family, kind):
     assert diff <= TOL, f"{kind} left-padded: max |Δ logit| {diff:.2e}"
 
 
+@pytest.mark.parametrize("kind", ["gemma2", "gemma3"])
+def test_older_gemma_configs(tmp_path, family, kind):
+    """config.json as the Hub's Gemma 2 / 3 files were written before layer_types and per-layer-type
+    rope_parameters: the pattern and both RoPE bases come from the older fields."""
+    hf, path = family(kind)
+    c = json.loads((path / "config.json").read_text())
+    rope = c.pop("rope_parameters")
+    c.pop("layer_types")
+    if kind == "gemma3":
+        c.update(rope_theta=rope["full_attention"]["rope_theta"], rope_local_base_freq=rope["sliding_attention"]["rope_theta"],
+                 sliding_window_pattern=3, rope_scaling=None)
+    else:
+        c.update(rope_theta=rope["rope_theta"])
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "config.json").write_text(json.dumps(c))
+    (old / "model.safetensors").symlink_to(path / "model.safetensors")
+    src = read_dense(old)
+    assert src.config == read_dense(path).config
+    ids = ids_for(V, length=24)
+    assert (_logits(src.build_model(), ids) - hf_logits(hf, ids)).abs().max() <= TOL
+
+
 def test_family_options_read(family):
     c = read_dense(family("gemma2")[1]).config
     assert (c.attention_pattern, c.sliding_window, c.attn_softcap, c.logit_softcap) == ("LG", 5, 2.0, 3.0)
