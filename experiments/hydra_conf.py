@@ -29,6 +29,7 @@ def register_configs() -> None:
     # Plugins.register), so a source checkout works without installing a plugin package.
     from hydra.core.plugins import Plugins
 
+    import experiments.run_names  # noqa: F401  registers ${run_name:}, which `--cfg hydra --resolve` resolves too
     from experiments.config_source import SwitchyardSearchPath, SwitchyardSource
 
     Plugins.instance().register(SwitchyardSource)
