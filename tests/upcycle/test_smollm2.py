@@ -91,12 +91,20 @@ def test_greedy_generation_is_sensible(source, dense):
 
 
 def test_upcycled_equals_dense(source, dense):
+    """The default N(0, 0.02^2) router (seed 0) spreads the 107 tokens over 8 of 8 experts in 13 of the 15 sparse
+    layers and 7 of 8 in layers 21 and 29, exactly; a zero router sends all of them to experts 0 and 1."""
     cfg = UpcycleConfig(recipe="copy", num_experts=8, layers="every:2")  # top-2, topk_softmax, dropless
     moe = upcycle(dense, cfg)
     assert moe.cfg.sparse_layers == tuple(range(1, 30, 2))
-    report = step0_check(dense, moe, sample_tokens(dense.cfg.vocab_size, source.tokenizer), cfg.recipe, *exactness(cfg))
+    tokens = sample_tokens(dense.cfg.vocab_size, source.tokenizer)
+    report = step0_check(dense, moe, tokens, cfg.recipe, *exactness(cfg))
     print("\n" + report.text())
     assert report.expected_exact and report.max_abs_diff <= 1e-4
+    assert {i: n for i, n in report.experts_used.items() if n < 8} == {21: 7, 29: 7}
+    zero = UpcycleConfig(recipe="copy", num_experts=8, layers="every:2", router_init_std=0.0)
+    collapsed = step0_check(dense, upcycle(dense, zero), tokens, zero.recipe, *exactness(zero))
+    assert collapsed.max_abs_diff <= 1e-4
+    assert all(c == [107, 107, 0, 0, 0, 0, 0, 0] for c in collapsed.tokens_per_expert.values())
 
 
 def test_training_lowers_the_loss(tmp_path, gguf_path):
@@ -109,8 +117,7 @@ def test_training_lowers_the_loss(tmp_path, gguf_path):
     from experiments.upcycle import run_upcycle
 
     out = tmp_path / "smol_moe"
-    run_upcycle({"source": str(gguf_path), "out": str(out), "num_experts": 4, "layers": "last:2", "verify": False,
-                 "router_init_std": 0.02})
+    run_upcycle({"source": str(gguf_path), "out": str(out), "num_experts": 4, "layers": "last:2", "verify": False})
     register_configs()
     with initialize_config_module(config_module="conf", version_base="1.3"):
         cfg = compose("train", overrides=[
