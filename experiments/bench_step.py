@@ -51,9 +51,14 @@ class StepSetup:
 
 
 def twin_config(name: str, setup: StepSetup) -> ModelConfig:
-    """The demo's base (tiny_dense with byte tokens) or one of its twins (experiments.twins.build_twin)."""
+    """The demo's base (tiny_dense with byte tokens) or one of its twins (experiments.twins.build_twin).
+    NAME/mM rounds the expert width to a multiple of M (e.g. moe_e64_k2/m4: f = 180, whose rows are 16-byte
+    aligned, so the grouped GEMM's `auto` takes torch's grouped_mm instead of the per-expert loop)."""
     base = get_preset("tiny_dense").replace(vocab_size=BYTE_VOCAB, max_seq_len=setup.seq_len)
-    return build_twin(base, name, seq_len=setup.seq_len)
+    twin, _, multiple = name.partition("/m")
+    if multiple and not multiple.isdigit():
+        raise ValueError(f"--twins item {name!r}: write NAME/mM with M an integer, e.g. moe_e64_k2/m4")
+    return build_twin(base, twin, seq_len=setup.seq_len, multiple_of=int(multiple or 1))
 
 
 def make_optimizer(model: torch.nn.Module, fused: bool) -> torch.optim.Optimizer:
@@ -120,7 +125,8 @@ def ratios(times: dict[str, list[float]], ref: str = "dense") -> dict[str, tuple
 # (a piece of a Python frame's file path, the part it belongs to), in order. An op's self time goes to the part of
 # the innermost frame of its call stack that contains one of these; a backward op's to the part of the forward op
 # that made its autograd node (same sequence number). So `dispatch` is the dispatcher's own gathers, scatters and
-# weighting, `expert GEMMs` everything inside moe.experts / moe.segment_matmul (matmuls, activation, padding).
+# weighting, `expert GEMMs` everything inside moe.experts / moe.segment_matmul (matmuls, activation, biases), the
+# counterpart of `dense FFN` (moe.ffn) in the dense model.
 PART_RULES: list[tuple[str, str]] = [
     ("routing/stats.py", "statistics"),
     ("routing/", "router"),
@@ -128,11 +134,12 @@ PART_RULES: list[tuple[str, str]] = [
     ("moe/segment_matmul.py", "expert GEMMs"),
     ("moe/experts.py", "expert GEMMs"),
     ("moe/layer.py", "MoE layer (other)"),
+    ("moe/ffn.py", "dense FFN"),
     ("torch/optim/", "optimizer"),
     ("clip_grad", "optimizer"),
     ("moe/", "attention/dense/other"),
 ]
-PARTS = ("attention/dense/other", "router", "dispatch", "expert GEMMs", "statistics", "MoE layer (other)",
+PARTS = ("attention/dense/other", "dense FFN", "router", "dispatch", "expert GEMMs", "statistics", "MoE layer (other)",
          "optimizer", "loop (Python, zero_grad)")
 
 
@@ -175,12 +182,25 @@ def profile_step(step: Callable[[], object]) -> dict[str, float]:
     return split_events(prof.events())
 
 
+def profile_parts(steps: dict[str, Callable[[], object]], rounds: int) -> dict[str, dict[str, float]]:
+    """name -> part -> median ms over `rounds` profiled steps, the models interleaved round-robin as in the
+    timing (one profiled step of a loaded machine is noise; the median of a few is a split)."""
+    if rounds < 1:
+        raise ValueError(f"--profile-rounds={rounds} must be >= 1")
+    runs: dict[str, list[dict[str, float]]] = {n: [] for n in steps}
+    for _ in range(rounds):
+        for n, step in steps.items():
+            runs[n].append(profile_step(step))
+    return {n: {part: statistics.median(r[part] for r in rs) for part in rs[0]} for n, rs in runs.items()}
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--twins", default=DEMO_TWINS, help=f"comma-separated twin names (default {DEMO_TWINS})")
     ap.add_argument("--reps", type=int, default=7, help="timed repetitions (>= 3)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
     ap.add_argument("--profile", action="store_true", help="also split one step of each twin into parts")
+    ap.add_argument("--profile-rounds", type=int, default=3, help="profiled steps per model (median per part)")
     ap.add_argument("--compile", action="store_true", help="compile every block (moe.compile) of every twin")
     ap.add_argument("--fused-adamw", action="store_true",
                     help="AdamW on torch's fused kernel instead of the trainer's foreach one (experiments.optim)")
@@ -211,8 +231,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     for n, (ms, r_min, r_med) in ratios(times).items():
         print(f"| {n} | {ms:.1f} | {r_min:.3f}x | {r_med:.3f}x |")
     if args.profile:
-        table = {n: profile_step(s) for n, s in steps.items()}
-        print("\n| part (ms, self CPU, profiled) | " + " | ".join(names) + " |\n|---|" + "---:|" * len(names))
+        table = profile_parts(steps, args.profile_rounds)
+        print(f"\n| part (ms, self CPU, profiled; median of {args.profile_rounds} interleaved steps) | " + " | ".join(names) + " |\n|---|" + "---:|" * len(names))
         for p in PARTS:
             print(f"| {p} | " + " | ".join(f"{table[n].get(p, 0.0):.1f}" for n in names) + " |")
         print("| total | " + " | ".join(f"{sum(table[n].values()):.1f}" for n in names) + " |")

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from experiments.bench_step import PARTS, StepSetup, make_step, profile_step, ratios, twin_config
+from experiments.bench_step import PARTS, StepSetup, make_step, profile_parts, profile_step, ratios, twin_config
 from moe.flops import flops_per_token
 
 
@@ -37,3 +37,12 @@ def test_profile_split_puts_moe_work_in_its_parts():
     for part in ("router", "dispatch", "expert GEMMs", "statistics"):
         assert parts["dense"][part] == 0.0, part  # a dense model has none of them
         assert parts["moe_e8_k2"][part] > 0.0, part
+
+
+def test_profile_parts_takes_the_median_per_part():
+    setup = StepSetup(batch=1, seq_len=8)
+    step, _ = make_step(twin_config("dense", setup).replace(n_layer=1, d_model=16, n_head=2, d_ff=16), setup)
+    parts = profile_parts({"dense": step}, rounds=3)["dense"]
+    assert set(parts) == set(PARTS) and parts["dense FFN"] > 0
+    with pytest.raises(ValueError, match="--profile-rounds"):
+        profile_parts({"dense": step}, rounds=0)
