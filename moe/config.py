@@ -125,6 +125,8 @@ class ModelConfig:
     attention_pattern: str = "G"
     sliding_window: Optional[int] = None  # local blocks: a query sees itself and the window - 1 tokens before it
     rope_local_theta: Optional[float] = None  # RoPE base of local blocks (Gemma 3: 1e4); None: rope_theta
+    # linear RoPE scaling of the global blocks: positions / factor (transformers' rope_type "linear"; Gemma 3 4B+: 8)
+    rope_linear_factor: Optional[float] = None
     # factor on the q.k scores; None: 1/sqrt(head width). Gemma: query_pre_attn_scalar^-1/2, GPT-Neo: 1 (unscaled)
     attn_scale: Optional[float] = None
     attn_softcap: Optional[float] = None  # scores -> c * tanh(scores / c) before the mask (Gemma 2: 50)
@@ -170,7 +172,8 @@ class ModelConfig:
         if "L" in self.layer_kinds and (self.sliding_window is None or self.sliding_window < 1):
             raise ValueError(f"model.attention_pattern={pattern!r} has local blocks, which need model.sliding_window "
                              f"(a positive window), got {self.sliding_window}")
-        for name in ("sliding_window", "rope_local_theta", "attn_scale", "attn_softcap", "logit_softcap"):
+        for name in ("sliding_window", "rope_local_theta", "rope_linear_factor", "attn_scale", "attn_softcap",
+                     "logit_softcap"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"model.{name}={value} must be positive or null")
@@ -237,6 +240,7 @@ class ModelConfig:
 # The family options' defaults, with which a model is as it was before they existed (family_options).
 _FAMILY_DEFAULTS: dict[str, Any] = dict(embed_scale=False, embed_norm=False, norm_unit_offset=False, qk_norm=False,
                                         post_norms=False, attention_pattern="G", rope_local_theta=None,
+                                        rope_linear_factor=None,
                                         attn_scale=None, attn_softcap=None, logit_softcap=None)
 
 

@@ -208,13 +208,17 @@ class Transformer(nn.Module):
 
 def rotary_tables(cfg: ModelConfig) -> tuple[Optional[RotaryEmbedding], Optional[RotaryEmbedding]]:
     """(global blocks' RoPE table, local blocks' table): None without RoPE; the local one is the global one
-    unless model.rope_local_theta gives local blocks their own base (Gemma 3). Buffers derived from the config,
-    so a model built on the meta device rebuilds them with this."""
+    unless model.rope_local_theta gives local blocks their own base (Gemma 3) or model.rope_linear_factor scales
+    the global blocks' positions only (Gemma 3 4B+). Buffers derived from the config, so a model built on the
+    meta device rebuilds them with this."""
     if cfg.position != "rope":
         return None, None
-    table = RotaryEmbedding(cfg.dim_per_head, cfg.rope_theta)
-    local = cfg.rope_local_theta
-    return table, (RotaryEmbedding(cfg.dim_per_head, local) if local is not None and local != cfg.rope_theta else table)
+    factor = cfg.rope_linear_factor or 1.0
+    table = RotaryEmbedding(cfg.dim_per_head, cfg.rope_theta, factor)
+    local = cfg.rope_local_theta if cfg.rope_local_theta is not None else cfg.rope_theta
+    if local == cfg.rope_theta and factor == 1.0:
+        return table, table
+    return table, RotaryEmbedding(cfg.dim_per_head, local)
 
 
 def _rope(table: Optional[RotaryEmbedding], positions: Tensor) -> Optional[tuple[Tensor, Tensor]]:

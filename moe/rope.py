@@ -8,9 +8,10 @@ from torch import Tensor, nn
 class RotaryEmbedding(nn.Module):
     """RoPE in the Hugging Face Llama layout (the two halves of each head are rotated together)."""
 
-    def __init__(self, head_dim: int, theta: float):
+    def __init__(self, head_dim: int, theta: float, linear_factor: float = 1.0):
         super().__init__()
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+        inv_freq = inv_freq / linear_factor  # linear scaling: position p rotates as p / factor did
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)  # derived from config, not saved
 
     def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:

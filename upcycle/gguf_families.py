@@ -6,6 +6,8 @@ What llama.cpp keeps in code rather than in the file, and how it is taken here (
 - The local/global pattern: gemma2 alternates (local first, "LG"), gemma3 has five local blocks then a global
   one ("LLLLLG"); {arch}.attention.sliding_window_pattern (a period n: n - 1 local then one global; or one
   flag per block, true for local) wins.
+- {arch}.rope.scaling.type linear (Gemma 3 4B+: factor 8) scales the global blocks only; llama.cpp keeps the
+  local blocks unscaled.
 - Gemma 3's local RoPE base: {arch}.rope.freq_base_swa, else llama.cpp's fixed 10000 (rope.freq_base is the
   global blocks').
 - Norm weights are stored as 1 + w (the key map's `minus1`); embeddings are stored unscaled (sqrt(d) at run time).

@@ -130,8 +130,11 @@ def gguf_model_config(f: GGUFFile) -> tuple[ModelConfig, KeyMap, list[str]]:
         raise ValueError(f"{f.path.name}: {a}.rope.dimension_count={rope_dim} rotates part of each head of "
                          f"{head_dim}; only full-head RoPE (dimension_count = head width) is supported")
     scaling = f.field(f"{a}.rope.scaling.type", "none")
-    if scaling not in ("none", None):
-        raise ValueError(f"{f.path.name}: {a}.rope.scaling.type={scaling!r} is not supported; supported: 'none'")
+    if scaling not in ("none", None, "linear"):
+        raise ValueError(f"{f.path.name}: {a}.rope.scaling.type={scaling!r} is not supported; supported: 'none', "
+                         f"'linear'")
+    factor = float(f.field(f"{a}.rope.scaling.factor")) if scaling == "linear" else None
+    factor = factor if factor != 1.0 else None
     embd = f.tensors.get("token_embd.weight")
     if embd is None:
         raise ValueError(f"{f.path.name}: tensor 'token_embd.weight' is missing; every {arch} model needs it")
@@ -141,7 +144,7 @@ def gguf_model_config(f: GGUFFile) -> tuple[ModelConfig, KeyMap, list[str]]:
         base = dict(vocab_size=vocab, n_layer=int(f.field(f"{a}.block_count")), d_model=d, n_head=heads,
                     n_kv_head=kv, head_dim=head_dim if head_dim * heads != d else None,
                     d_ff=int(f.field(f"{a}.feed_forward_length")), max_seq_len=int(f.field(f"{a}.context_length")),
-                    tie_embeddings=tied, moe=MoEConfig(layers="none"))
+                    tie_embeddings=tied, rope_linear_factor=factor, moe=MoEConfig(layers="none"))
         cfg, notes = family_config(f, arch, base)
         return cfg, ARCHITECTURES[arch], notes
     cfg = ModelConfig(
@@ -150,7 +153,7 @@ def gguf_model_config(f: GGUFFile) -> tuple[ModelConfig, KeyMap, list[str]]:
         max_seq_len=int(f.field(f"{a}.context_length")), activation="silu", glu=True, norm="rmsnorm",
         norm_eps=float(f.field(f"{a}.attention.layer_norm_rms_epsilon")), position="rope",
         rope_theta=float(f.field(f"{a}.rope.freq_base", 10000.0)), attn_bias="qkv" if arch == "qwen2" else "none",
-        ffn_bias=False, tie_embeddings=tied, moe=MoEConfig(layers="none"),
+        ffn_bias=False, tie_embeddings=tied, rope_linear_factor=factor, moe=MoEConfig(layers="none"),
     )
     window = f.field(f"{a}.attention.sliding_window", None)
     if window is not None and int(window) < cfg.max_seq_len:

@@ -5,7 +5,7 @@ Supported `model_type`s:
                              learned positions, tied head
   opt                        ReLU, learned positions with offset 2, pre-LayerNorm only (do_layer_norm_before);
                              project_in/out (word_embed_proj_dim != hidden_size) is not supported
-  llama, mistral, qwen2      RMSNorm, RoPE (default type only), SwiGLU (our `up`=up_proj, `gate`=gate_proj,
+  llama, mistral, qwen2      RMSNorm, RoPE (default or linear), SwiGLU (our `up`=up_proj, `gate`=gate_proj,
   (SmolLM, SmolLM2: llama)   `down`=down_proj), grouped-query attention, Qwen2's q/k/v biases -> attn_bias="qkv"
   gemma, gemma2, gemma3_text, bloom, gpt_neo    see upcycle/hf_families.py
 Encoders and encoder-decoders (BERT, T5, ...) are refused as out of scope (upcycle.hf_families.check_decoder_only).
@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from moe.config import ModelConfig, MoEConfig
-from upcycle.hf_families import bloom_config, check_decoder_only, gemma_config, gpt_neo_config
+from upcycle.hf_families import bloom_config, check_decoder_only, gemma_config, gpt_neo_config, rope_of
 from upcycle.keymaps import GPT2, LLAMA, OPT, KeyMap, TensorSource, apply_keymap
 from upcycle.keymaps_families import BLOOM, GEMMA2, GPT_NEO
 from upcycle.source import DenseSource
@@ -117,14 +117,10 @@ def _activation(name: str, where: str, field: str) -> str:
     return ACTIVATIONS[name]
 
 
-def _rope_theta(c: dict, where: str) -> float:
-    params = c.get("rope_parameters") or {}
-    scaling = c.get("rope_scaling") or {}
-    kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    if kind != "default":
-        raise ValueError(f"{where}: RoPE scaling type {kind!r} (rope_parameters / rope_scaling) is not supported; "
-                         f"supported: 'default' (plain RoPE)")
-    return float(params.get("rope_theta") or c.get("rope_theta") or 10000.0)
+def _rope(c: dict, where: str) -> tuple[float, Optional[float]]:
+    """(RoPE base, linear scaling factor or None) from rope_parameters (transformers 5) or rope_scaling."""
+    params = {**(c.get("rope_scaling") or {}), **(c.get("rope_parameters") or {})}
+    return rope_of(params, c.get("rope_theta") or 10000.0, where, "rope_parameters / rope_scaling")
 
 
 def gpt2_config(c: dict, where: str) -> tuple[ModelConfig, list[str]]:
@@ -184,12 +180,14 @@ def llama_config(c: dict, where: str) -> tuple[ModelConfig, list[str]]:
         attn_bias = "qkv"  # Qwen2: biases on q/k/v, none on o
     else:
         attn_bias = "all" if c.get("attention_bias", False) else "none"
+    theta, factor = _rope(c, where)
     cfg = ModelConfig(
         vocab_size=_get(c, "vocab_size", where), n_layer=_get(c, "num_hidden_layers", where), d_model=d,
         n_head=heads, n_kv_head=c.get("num_key_value_heads") or heads,
         head_dim=head_dim if head_dim != d // heads or d % heads else None,
         d_ff=_get(c, "intermediate_size", where), max_seq_len=max_len, activation=act, glu=True,
-        norm="rmsnorm", norm_eps=float(c.get("rms_norm_eps", 1e-6)), position="rope", rope_theta=_rope_theta(c, where),
+        norm="rmsnorm", norm_eps=float(c.get("rms_norm_eps", 1e-6)), position="rope", rope_theta=theta,
+        rope_linear_factor=factor,
         attn_bias=attn_bias, ffn_bias=bool(c.get("mlp_bias", False)),
         tie_embeddings=bool(c.get("tie_word_embeddings", False)), moe=MoEConfig(layers="none"),
     )

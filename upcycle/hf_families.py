@@ -54,25 +54,30 @@ def pattern_of(kinds: list[str]) -> str:
     return s
 
 
-def _theta(params: dict, default: float, where: str, what: str) -> float:
+def rope_of(params: dict, default: float, where: str, what: str, linear_ok: bool = True) -> tuple[float, Optional[float]]:
+    """(RoPE base, linear scaling factor or None) of one rope_parameters / rope_scaling dict."""
     kind = params.get("rope_type") or params.get("type") or "default"
-    if kind != "default":
-        raise ValueError(f"{where}: RoPE type {kind!r} of {what} is not supported; supported: 'default' (plain RoPE)")
-    return float(params.get("rope_theta") or default)
+    if kind not in ("default", "linear") or (kind == "linear" and not linear_ok):
+        supported = "'default' (plain RoPE) and 'linear'" if linear_ok else "'default' (plain RoPE)"
+        raise ValueError(f"{where}: RoPE type {kind!r} of {what} is not supported; supported: {supported}")
+    factor = float(params["factor"]) if kind == "linear" else None
+    return float(params.get("rope_theta") or default), (factor if factor != 1.0 else None)
 
 
-def _gemma_rope(c: dict, where: str) -> tuple[float, Optional[float]]:
-    """(global RoPE base, local base or None) from transformers 5's per-layer-type rope_parameters or the older
-    rope_theta / rope_local_base_freq / rope_scaling fields."""
+def _gemma_rope(c: dict, where: str) -> tuple[float, Optional[float], Optional[float]]:
+    """(global RoPE base, local base or None, the global blocks' linear factor or None) from transformers 5's
+    per-layer-type rope_parameters or the older rope_theta / rope_local_base_freq / rope_scaling fields
+    (rope_scaling applies to the global blocks, as transformers reads it)."""
     params = c.get("rope_parameters") or {}
     if "full_attention" in params or "sliding_attention" in params:
-        glob = _theta(params.get("full_attention") or {}, c.get("rope_theta") or 1e6, where, "full_attention")
-        local = _theta(params.get("sliding_attention") or {}, c.get("rope_local_base_freq") or 1e4, where,
-                       "sliding_attention")
-        return glob, local
-    glob = _theta({**(c.get("rope_scaling") or {}), **params}, c.get("rope_theta") or 10000.0, where, "the model")
+        glob, factor = rope_of(params.get("full_attention") or {}, c.get("rope_theta") or 1e6, where, "full_attention")
+        local, _ = rope_of(params.get("sliding_attention") or {}, c.get("rope_local_base_freq") or 1e4, where,
+                           "sliding_attention", linear_ok=False)
+        return glob, local, factor
+    glob, factor = rope_of({**(c.get("rope_scaling") or {}), **params}, c.get("rope_theta") or 10000.0, where,
+                           "the model")
     local = c.get("rope_local_base_freq")
-    return glob, (float(local) if local is not None else None)
+    return glob, (float(local) if local is not None else None), factor
 
 
 def _default_layer_types(c: dict, kind: str, n_layer: int) -> list[str]:
@@ -99,7 +104,7 @@ def gemma_config(c: dict, where: str, activation) -> tuple[ModelConfig, list[str
         raise ValueError(f"{where}: layer_types={kinds} must list full_attention or sliding_attention for each of "
                          f"the {n_layer} layers")
     pattern = pattern_of(["L" if k == "sliding_attention" else "G" for k in kinds])
-    glob, local = _gemma_rope(c, where)
+    glob, local, factor = _gemma_rope(c, where)
     act_name = c.get("hidden_activation") or c.get("hidden_act") or "gelu_pytorch_tanh"
     scalar = c.get("query_pre_attn_scalar")
     cfg = ModelConfig(
@@ -113,6 +118,7 @@ def gemma_config(c: dict, where: str, activation) -> tuple[ModelConfig, list[str
         qk_norm=kind == "gemma3_text", post_norms=later, attention_pattern=pattern,
         sliding_window=c.get("sliding_window") if "L" in pattern else None,
         rope_local_theta=local if "L" in pattern and local is not None and local != glob else None,
+        rope_linear_factor=factor,
         attn_scale=float(scalar) ** -0.5 if later and scalar is not None else None,
         attn_softcap=c.get("attn_logit_softcapping") if later else None,
         logit_softcap=c.get("final_logit_softcapping") if later else None,

@@ -132,6 +132,9 @@ def write_family_gguf(path: Path, hf, arch: str, tokenizer: dict | None = None) 
         elif arch == "gemma3":  # llama.cpp's gemma3 defaults are a pattern of 6 and a local base of 1e4; a tiny model says its own
             w.add_sliding_window_pattern([k == "sliding_attention" for k in c.layer_types])
             w.add_rope_freq_base_swa(float(c.rope_parameters["sliding_attention"]["rope_theta"]))
+            if c.rope_parameters["full_attention"].get("rope_type") == "linear":
+                w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+                w.add_rope_scaling_factor(float(c.rope_parameters["full_attention"]["factor"]))
         names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
         for i in range(c.num_hidden_layers):
             names.update(_gemma_names(i, arch))

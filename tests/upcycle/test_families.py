@@ -84,6 +84,29 @@ def test_older_gemma_configs(tmp_path, family, kind):
     assert (_logits(src.build_model(), ids) - hf_logits(hf, ids)).abs().max() <= TOL
 
 
+LINEAR = {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 50000.0},
+          "sliding_attention": {"rope_type": "default", "rope_theta": 500.0}}
+
+
+def test_linear_rope_scaling_of_global_blocks(tmp_path):
+    """Gemma 3 4B+ scale the global blocks' RoPE linearly (factor 8), HF and GGUF alike; Llama's rope_type linear
+    scales every block."""
+    from tests.upcycle.conftest import make_hf
+
+    hf = make_family("gemma3", tmp_path / "g", rope_parameters=LINEAR)
+    write_family_gguf(tmp_path / "g.gguf", hf, "gemma3")
+    ids = ids_for(V, length=40)  # positions well past 8, where position / 8 differs
+    for source in (tmp_path / "g", tmp_path / "g.gguf"):
+        src = read_dense(source)
+        assert (src.config.rope_linear_factor, src.config.rope_local_theta) == (8.0, 500.0)
+        assert (_logits(src.build_model(), ids) - hf_logits(hf, ids)).abs().max() <= TOL
+    hf = make_hf("llama", tmp_path / "l", rope_parameters={"rope_type": "linear", "factor": 4.0, "rope_theta": 5e4})
+    src = read_dense(tmp_path / "l")
+    assert src.config.rope_linear_factor == 4.0 and src.config.family_options() == ["model.rope_linear_factor=4.0"]
+    ids = ids_for(96, length=40)
+    assert (_logits(src.build_model(), ids) - hf_logits(hf, ids)).abs().max() <= TOL
+
+
 def test_family_options_read(family):
     c = read_dense(family("gemma2")[1]).config
     assert (c.attention_pattern, c.sliding_window, c.attn_softcap, c.logit_softcap) == ("LG", 5, 2.0, 3.0)

@@ -110,7 +110,7 @@ def test_bad_hf_inputs(tmp_path):
     with pytest.raises(ValueError, match=r"model_type='falcon'.*supported"):
         read_dense(m)
     _edit_config(m, model_type="llama", rope_parameters={"rope_type": "llama3", "rope_theta": 5e5})
-    with pytest.raises(ValueError, match="RoPE scaling type 'llama3'"):
+    with pytest.raises(ValueError, match="RoPE type 'llama3' of rope_parameters / rope_scaling is not supported"):
         read_dense(m)
     _edit_config(m, rope_parameters={"rope_type": "default", "rope_theta": 5e4}, num_hidden_layers=5)
     with pytest.raises(ValueError, match=r"no tensor 'model\.layers\.4\.input_layernorm\.weight'"):
