@@ -71,7 +71,7 @@ class TrainerConfig:
     device: str = "auto"  # auto (cuda if available), cpu, cuda, cuda:N
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16
     threads: int = 0  # torch intra-op threads on CPU; 0 keeps torch's default
-    progress: bool = True  # a progress bar with loss and tokens/s
+    progress: bool = True  # a progress bar, drawn only on a terminal; the log lines are printed either way
     collective_timeout_s: float = 600.0  # trainer=ddp|deepspeed: a collective waiting longer fails
     # Steps in a row whose gradient norm is not finite that are skipped (no update, counted and logged) before the
     # run stops; 0 stops at the first. A spike of NaNs passes; a diverged run stops with its last good checkpoint named.
