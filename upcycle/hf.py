@@ -26,12 +26,14 @@ import torch
 from torch import Tensor
 
 from moe.config import ModelConfig, MoEConfig
-from upcycle.hf_families import bloom_config, check_decoder_only, gemma_config, gpt_neo_config, rope_of
+from upcycle.hf_families import (bloom_config, check_decoder_only, gemma3_text_config, gemma_config, gpt_neo_config,
+                                 rope_of)
 from upcycle.keymaps import GPT2, LLAMA, OPT, KeyMap, TensorSource, apply_keymap
 from upcycle.keymaps_families import BLOOM, GEMMA2, GPT_NEO
 from upcycle.source import DenseSource
 
-SUPPORTED = ("gpt2", "opt", "llama", "mistral", "qwen2", "gemma", "gemma2", "gemma3_text", "bloom", "gpt_neo")
+SUPPORTED = ("gpt2", "opt", "llama", "mistral", "qwen2", "gemma", "gemma2", "gemma3_text", "gemma3", "bloom",
+             "gpt_neo")
 ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
                "gelu": "gelu", "relu": "relu", "silu": "silu", "swish": "silu"}
 
@@ -98,6 +100,25 @@ class HFWeights:
             with safe_open(str(f), framework="pt") as h:
                 return h.get_tensor(name)
         return self._load_bin(f)[name]
+
+
+class TextPart:
+    """The text model's tensors of a multimodal checkpoint: those under `prefix`, and its head (the Hub's
+    language_model.lm_head.weight, or lm_head.weight) as lm_head.weight; the rest (vision) is hidden."""
+
+    def __init__(self, weights: TensorSource, prefix: str):
+        self._w = weights
+        self._names = {k: k for k in weights.keys() if k.startswith(prefix)}
+        for head in ("lm_head.weight", prefix.split(".")[0] + ".lm_head.weight"):
+            if head in weights.keys():
+                self._names["lm_head.weight"] = head
+        self.left_out = len(weights.keys()) - len(self._names)
+
+    def keys(self) -> list[str]:
+        return list(self._names)
+
+    def get(self, name: str) -> Tensor:
+        return self._w.get(self._names[name])
 
 
 # ---------------------------------------------------------------------------------------------- configs
@@ -204,6 +225,9 @@ FAMILIES: dict[str, tuple[Any, KeyMap, tuple[str, ...]]] = {
     "gemma": (lambda c, w: gemma_config(c, w, _activation), LLAMA, ("model.", "")),
     "gemma2": (lambda c, w: gemma_config(c, w, _activation), GEMMA2, ("model.", "")),
     "gemma3_text": (lambda c, w: gemma_config(c, w, _activation), GEMMA2, ("model.", "")),
+    # multimodal Gemma 3: the text model's tensors, under the Hub's or transformers 5's in-memory names
+    "gemma3": (lambda c, w: gemma_config(gemma3_text_config(c, w), w, _activation), GEMMA2,
+               ("language_model.model.", "model.language_model.")),
     "bloom": (bloom_config, BLOOM, ("transformer.", "")),
     "gpt_neo": (lambda c, w: gpt_neo_config(c, w, _activation), GPT_NEO, ("transformer.", "")),
 }
@@ -231,9 +255,6 @@ def hf_model_config(c: dict, where: str = "config.json") -> tuple[ModelConfig, K
     kind = c.get("model_type")
     check_dense(c, where)
     check_decoder_only(c, where, list(SUPPORTED))
-    if kind == "gemma3":
-        raise ValueError(f"{where}: model_type='gemma3' is the multimodal Gemma 3 (vision tower + text model); only "
-                         f"the text model (model_type='gemma3_text', Gemma3ForCausalLM) is read")
     if kind not in FAMILIES:
         raise ValueError(f"{where}: model_type={kind!r} is not supported; supported: {list(SUPPORTED)}")
     reader, keymap, prefixes = FAMILIES[kind]
@@ -290,6 +311,10 @@ def read_hf(path: str | Path, dtype: torch.dtype = torch.float32) -> DenseSource
     if prefix is None:
         raise ValueError(f"{path}: no tensor named {[p + probe for p in prefixes]}; these weights are not a "
                          f"{c.get('model_type')} checkpoint in the Hugging Face layout")
+    if c.get("model_type") == "gemma3":  # the text model of a multimodal checkpoint
+        weights = TextPart(weights, prefix)
+        notes.append(f"multimodal Gemma 3: the text model is read; {weights.left_out} tensors of the vision tower "
+                     f"and projector are left out")
     state = apply_keymap(keymap, weights, cfg, prefix=prefix, dtype=dtype, where=str(path))
     tok, special, template = hf_tokenizer(path, c)
     return DenseSource(config=cfg, state=state, tokenizer=tok, special_tokens=special, chat_template=template,

@@ -4,8 +4,9 @@
   gemma2                + post-attention and post-FFN norms, alternating local (sliding_window) and global blocks
                           (layer_types), soft-capped scores and logits, scores x query_pre_attn_scalar^-1/2
   gemma3_text           + QK-norm, a RoPE base per block kind (rope_parameters per layer type, or rope_theta and
-                          rope_local_base_freq), no soft-capping by default (Gemma3ForCausalLM; the multimodal
-                          "gemma3" directory is refused: read its text model)
+                          rope_local_base_freq), linear RoPE scaling of the global blocks (4B+), no soft-capping
+  gemma3                the multimodal Gemma3ForConditionalGeneration: its text model only (text_config, the
+                          language_model.* tensors); the vision tower and projector are left out
   bloom                 ALiBi, LayerNorm on the embeddings, fused query_key_value interleaved per head
   gpt_neo               learned positions, alternating global/local blocks (attention_layers, window_size),
                           unscaled scores (GPT-Neo multiplies q.k by nothing), a bias on out_proj only
@@ -78,6 +79,19 @@ def _gemma_rope(c: dict, where: str) -> tuple[float, Optional[float], Optional[f
                            "the model")
     local = c.get("rope_local_base_freq")
     return glob, (float(local) if local is not None else None), factor
+
+
+def gemma3_text_config(c: dict, where: str) -> dict:
+    """The text model's config of a multimodal Gemma 3, completed with Gemma3TextConfig's defaults (the Hub's
+    files spell out only what differs from them, e.g. hidden_size and rope_scaling)."""
+    text = c.get("text_config")
+    if not isinstance(text, dict):
+        raise ValueError(f"{where}: model_type='gemma3' needs a text_config (the language model's config)")
+    try:
+        import transformers
+    except ImportError:  # pragma: no cover - transformers is in the upcycle extra
+        return {"model_type": "gemma3_text", **text}
+    return transformers.Gemma3TextConfig(**{k: v for k, v in text.items() if k != "model_type"}).to_dict()
 
 
 def _default_layer_types(c: dict, kind: str, n_layer: int) -> list[str]:
