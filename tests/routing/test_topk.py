@@ -290,3 +290,38 @@ def test_registry_and_check_experts():
         TopKRouter(D, 2, RouterConfig(top_k=3))
     with pytest.raises(ValueError, match="model.moe.router.name"):
         RouterConfig(name="nope")
+
+
+# ---------------------------------------------------------------- kernels: an explicit argument, nothing installed
+
+def test_kernels_passed_to_forward_are_the_ones_that_run():
+    """RouterKernels reach the router per call: a stand-in gating and a stand-in sort (torch's own, counted) give
+    the default plan, run once per dropless forward, and leave nothing behind on the router."""
+    from routing.capacity import assign
+    from routing.router import RouterKernels
+
+    calls = {"topk": 0, "sort": 0}
+
+    def topk(*args):
+        calls["topk"] += 1
+        return topk_gating(*args)
+
+    def sort(expert_idx, num_experts):  # the contract: order, token_index, expert_index, counts
+        calls["sort"] += 1
+        T, k = expert_idx.shape
+        flat = expert_idx.t().reshape(-1)
+        order = torch.argsort(flat * T * k + torch.arange(T * k), stable=True)
+        return order, torch.arange(T).repeat(k)[order], flat[order], torch.bincount(flat, minlength=num_experts)
+
+    router = _router(top_k=2)
+    x = _x()
+    want, got = router(x), router(x, kernels=RouterKernels(topk=topk, sort=sort))
+    assert calls == {"topk": 1, "sort": 1}
+    for name in ("token_index", "expert_index", "weight", "counts", "kept"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+    cfg = router.cfg
+    _, weight, idx = topk_gating(router.logits(x), 2, cfg.order, cfg.renormalize)
+    rows = assign(idx, weight, E, None, "position")  # routing's own dropless rows
+    assert torch.equal(got.token_index, rows[0]) and torch.equal(got.counts, rows[3])
+    router(x)  # the next call without kernels runs the torch code again
+    assert calls == {"topk": 1, "sort": 1} and not {"topk", "sort", "topk_impl", "sort_impl"} & set(vars(router))
