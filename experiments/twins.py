@@ -24,9 +24,19 @@ gives f_e=40, nine experts of width 40 per token). The solve uses
 flops_per_token itself (FLOPs are affine in f_e), so shared experts or other FFN variants are matched too;
 the result is checked and a twin that cannot be matched within `tolerance` is refused with ValueError.
 
-Top-1 twins gate with the chosen expert's softmax probability (order=softmax_topk, the Switch Transformer's):
-with the default topk_softmax order one chosen logit always gets weight 1 and the router learns only from the
-balancing loss. Top-2 and wider twins keep the base router's order.
+Which router a twin uses (twin_router; docs/routing_defaults.md has the measurements behind it):
+- the base's router is the library default (RouterConfig(), e.g. tiny_dense, whose dense FFNs never route, and
+  tiny_moe): the twin gets TWIN_ROUTERS' choice for its k. Top-1 twins route with BASE layers (a balanced
+  assignment in training, routing=base): at the demo's learning rate the tiny model's FFN inputs become nearly
+  the same vector for every token for tens of steps (the unigram phase; cosine ~1 after the norm), no learned
+  softmax router can split identical inputs, and the balancing loss then only moves all tokens from one expert
+  to the next: moe_e8_k1 lost 5-7 of 8 experts by step 25, moe_e64_k1 63 of 64. Wider twins keep top-k
+  routing with a balancing coefficient of TWIN_AUX_LOSS_COEF instead of 0.01.
+- any other router (routing=switch, model.moe.router.aux_loss_coef=..., ...) is the user's choice and is
+  kept, with k set; top-1 then gates with the chosen expert's softmax probability (order=softmax_topk, the
+  Switch Transformer's), since under topk_softmax one chosen logit always gets weight 1 and the router would
+  learn only from the balancing loss. routing=topk equals the default; to train a top-1 twin with the plain
+  top-k router, change any of its fields (e.g. model.moe.router.z_loss_coef=0.0011).
 
 Which slots are sparse: `layers` ("all" by default; "every:2" for GShard/GLaM-style interleaving). Everything
 else (attention, embeddings, norms, the router's options such as capacity or the aux-loss coefficient) is the
@@ -41,11 +51,21 @@ from typing import Any, Iterable, Optional
 
 from moe.config import ModelConfig
 from moe.flops import count_params, flops_per_token
+from routing.config import RouterConfig
 
 TOLERANCE = 0.01  # relative mismatch allowed between a twin's training FLOPs (or total parameters) and its target
 _NAME = re.compile(r"^(?:(dense)|(moe|dense_wide)_e(\d+)_k(\d+)(?:_s(\d+))?)$")
 DEFAULT_EXPERTS = (4, 8, 16, 32, 64)
 DEFAULT_TOP_K = (1, 2)
+TWIN_AUX_LOSS_COEF = 0.1  # balancing coefficient of top-k >= 2 twins of the default router (the default's 0.01 left
+# moe_e64_k2 at max/mean load 2.1-3.2 after 500 steps)
+# The routers of twins whose base has the library-default router, by k (1, or 2 for every k >= 2):
+# BASE layers' balanced assignment for top-1 (routing=base: no balancing loss, no z-loss), top-k with a
+# stronger balancing loss otherwise.
+TWIN_ROUTERS = {
+    1: lambda k: RouterConfig(name="base", top_k=1, aux_loss_coef=0.0, z_loss_coef=0.0),
+    2: lambda k: RouterConfig(top_k=k, aux_loss_coef=TWIN_AUX_LOSS_COEF),
+}
 # DeepSeekMoE-style (E routed, k chosen, s shared): each token reaches k + s experts of width ~d_ff / (k + s)
 DEFAULT_FINE_GRAINED = ((16, 2, 1), (64, 8, 1))
 
@@ -112,6 +132,18 @@ def _round(x: float, multiple_of: int) -> int:
     return max(multiple_of, int(round(x / multiple_of)) * multiple_of)
 
 
+def twin_router(router: RouterConfig, top_k: int) -> RouterConfig:
+    """The router of a top-k twin whose base has `router` (see the module docstring)."""
+    if router == RouterConfig():
+        return TWIN_ROUTERS[min(top_k, 2)](top_k)
+    router = dataclasses.replace(router, top_k=top_k)
+    if top_k == 1 and router.order == "topk_softmax":
+        # A softmax over one chosen logit is 1: the router would get no gradient from the LM loss (it learnt
+        # nothing in the demo's first try). Top-1 twins gate with the chosen expert's probability, as Switch does.
+        router = dataclasses.replace(router, order="softmax_topk")
+    return router
+
+
 def moe_twin(base: ModelConfig, num_experts: int, top_k: int, *, shared: Optional[int] = None, layers: str = "all",
              seq_len: Optional[int] = None, multiple_of: int = 1, tolerance: float = TOLERANCE) -> ModelConfig:
     """An MoE with E=num_experts routed experts, top-k routing, and the training FLOPs per token of the dense
@@ -120,12 +152,8 @@ def moe_twin(base: ModelConfig, num_experts: int, top_k: int, *, shared: Optiona
     dense = dense_base(base)
     if str(layers).strip() == "none":
         raise ValueError("an MoE twin needs sparse layers; use layers=all, every:K, last:N or a list")
-    router = dataclasses.replace(base.moe.router, top_k=top_k)
-    if top_k == 1 and router.order == "topk_softmax":
-        # A softmax over one chosen logit is 1: the router would get no gradient from the LM loss (it learnt
-        # nothing in the demo's first try). Top-1 twins gate with the chosen expert's probability, as Switch does.
-        router = dataclasses.replace(router, order="softmax_topk")
-    moe = dataclasses.replace(base.moe, layers=layers, num_experts=num_experts, router=router)
+    moe = dataclasses.replace(base.moe, layers=layers, num_experts=num_experts,
+                              router=twin_router(base.moe.router, top_k))
     if shared is not None:  # fine-grained segmentation: the shared experts are as narrow as the routed ones
         moe = dataclasses.replace(moe, num_shared_experts=shared, shared_hidden=None)
     if not moe.sparse_layers(base.n_layer):

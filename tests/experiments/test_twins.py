@@ -2,6 +2,8 @@
 equal total parameters for the wide dense twin, names, and the `twin=` key resolved at the config boundary."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from hydra import compose, initialize_config_module
@@ -15,6 +17,7 @@ from moe.config import ModelConfig
 from moe.flops import count_params, flops_per_token
 from moe.model import Transformer
 from moe.presets import get_preset
+from routing.config import RouterConfig
 
 register_configs()
 
@@ -64,11 +67,15 @@ def test_match_holds_at_the_data_vocabulary_and_seq_len():
 
 
 def test_top1_twins_gate_with_the_probability():
-    base = get_preset("tiny_dense")  # router order topk_softmax: a softmax over one logit would always be 1
-    assert base.moe.router.order == "topk_softmax"
+    # A chosen top-k router (not the library default, which gives top-1 twins BASE layers, test_twin_balance.py)
+    # with order topk_softmax: a softmax over one logit would always be 1.
+    chosen = RouterConfig(order="topk_softmax", z_loss_coef=0.0)
+    base = get_preset("tiny_dense")
+    base = base.replace(moe=dataclasses.replace(base.moe, router=chosen))
     assert moe_twin(base, 8, 1).moe.router.order == "softmax_topk"
     assert moe_twin(base, 8, 2).moe.router.order == "topk_softmax"  # top-2 keeps the base's order
-    model = Transformer(moe_twin(BASES["gelu_nobias"], 4, 1))
+    gelu = BASES["gelu_nobias"].replace(moe=dataclasses.replace(BASES["gelu_nobias"].moe, router=chosen))
+    model = Transformer(moe_twin(gelu, 4, 1))
     x = torch.randint(0, 500, (2, 8))
     model(x, x).loss.backward()  # the LM loss alone (no aux) reaches the router
     gate = [p for n, p in model.named_parameters() if "router" in n]
