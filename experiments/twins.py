@@ -30,17 +30,16 @@ Which router a twin uses (twin_router; docs/routing_defaults.md has the measurem
   assignment in training, routing=base): at the demo's learning rate the tiny model's FFN inputs become nearly
   the same vector for every token for tens of steps (the unigram phase; cosine ~1 after the norm), no learned
   softmax router can split identical inputs, and the balancing loss then only moves all tokens from one expert
-  to the next: moe_e8_k1 lost 5-7 of 8 experts by step 25, moe_e64_k1 63 of 64. Wider twins keep top-k
+  to the next: moe_e8_k1 had 6-7 of 8 experts dead per layer at steps 30-50, moe_e64_k1 63 of 64 at step 40. Wider twins keep top-k
   routing with a balancing coefficient of TWIN_AUX_LOSS_COEF instead of 0.01.
 - any other router (routing=switch, model.moe.router.aux_loss_coef=..., ...) is the user's choice and is
   kept, with k set; top-1 then gates with the chosen expert's softmax probability (order=softmax_topk, the
   Switch Transformer's), since under topk_softmax one chosen logit always gets weight 1 and the router would
-  learn only from the balancing loss. routing=topk equals the default; to train a top-1 twin with the plain
-  top-k router, change any of its fields (e.g. model.moe.router.z_loss_coef=0.0011).
+  learn only from the balancing loss. routing=topk equals the default; to train a twin with the old plain
+  top-k router, change any of its fields (e.g. model.moe.router.z_loss_coef=0.0010001).
 
 Which slots are sparse: `layers` ("all" by default; "every:2" for GShard/GLaM-style interleaving). Everything
-else (attention, embeddings, norms, the router's options such as capacity or the aux-loss coefficient) is the
-base's. Library code: no Hydra, no wandb; experiments.config resolves `twin=NAME` through `build_twin`.
+else (attention, embeddings, norms, the MoE options but the router's as above) is the base's. Library code: no Hydra, no wandb; experiments.config resolves `twin=NAME` through `build_twin`.
 """
 from __future__ import annotations
 
