@@ -9,6 +9,11 @@ Two implementations, chosen by `impl`:
   grad-weight alike), so no split/cat/stack copies appear in forward or backward. It needs the split sizes on
   the host (a sync on CUDA, free on CPU), and takes every shape and dtype.
 "auto" takes grouped_mm where it applies and the loop everywhere else.
+
+Not taken, by measurement at the demo twins' small widths (docs/benchmarks.md, the bare training step): a padded
+batched matmul over [E, C_max, a] (0.8-1.4x the loop's time: the padding to the busiest expert), and grouped_mm on
+weights padded on the fly to an aligned width (0.93-1.1x the loop, copies included). Under torch.compile the loop
+runs eagerly behind a graph break (see _loop) and grouped_mm is left out on CPU.
 """
 from __future__ import annotations
 
