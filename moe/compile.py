@@ -16,14 +16,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 from torch import nn
-
-from moe.segment_matmul import segment_loop
-
-# The grouped matmul's per-expert loop, left to eager behind a graph break (moe.segment_matmul._loop calls it while
-# compiling). Made once here, where importing dynamo costs nothing more: moe.compile is imported to compile.
-eager_segment_loop = torch.compiler.disable(segment_loop)
 
 
 def compile_blocks(model: nn.Module, *, backend: str = "inductor", mode: Optional[str] = None,

@@ -112,16 +112,17 @@ def grouped_matmul(x: Tensor, w: Tensor, counts: Tensor, impl: str = "auto") -> 
 
 def _loop(x: Tensor, w: Tensor, counts: Tensor) -> Tensor:
     """The per-expert loop; under torch.compile (moe.compile) it runs eagerly behind a graph break: its split
-    sizes are data (a host read of counts), and a traced loop would specialise on them and recompile every step.
-    The disabled twin lives in moe.compile: torch.compiler.disable here would import dynamo, and with it triton,
-    with this module."""
+    sizes are data (a host read of counts), and a traced loop would specialise on them and recompile every step."""
     if torch.compiler.is_compiling():
-        from moe.compile import eager_segment_loop  # imported already whenever something is compiling
-
-        return eager_segment_loop(x, w, counts)
+        return _eager_segment_loop(x, w, counts)
     return segment_loop(x, w, counts)
 
 
 def segment_loop(x: Tensor, w: Tensor, counts: Tensor) -> Tensor:
     """The per-expert loop as one autograd node: x [N, a], w [E, a, b], counts [E] -> [N, b]."""
     return _SegmentMatmul.apply(x, w, counts.tolist())
+
+
+# dynamo-disabled, with dynamo imported on the first call (torch's own lazy form of torch.compiler.disable, which
+# as a decorator would import dynamo, and with it triton, with this module); called only while compiling.
+_eager_segment_loop = torch._disable_dynamo(segment_loop)
