@@ -7,10 +7,11 @@ compile in seconds on a CPU, and identical blocks share one compiled code (dynam
 The routing plan's data-dependent sizes: a dropless top-k plan has N = T * k rows whatever the routing, so
 its shapes are static; what is data is the per-expert split of those rows. The grouped matmul's per-expert loop
 (moe.segment_matmul) reads the splits on the host and therefore runs eagerly behind a graph break, so a step never
-specialises on them; torch's grouped_mm takes the offsets as a tensor and is traced on CUDA (on CPU, torch 2.13's
-fake-tensor rule for it demands bf16, so compiled CPU code takes the loop). Plans whose N is data (capacity
-drops, expert choice, random second choices) recompile once with dynamic sizes (dynamo's automatic dynamic shapes) and then stay put. tests/moe/test_compile.py checks that N further
-steps after warm-up add no compilation and that losses equal eager ones within fp32 round-off.
+specialises on them; torch's grouped_mm takes the offsets as a tensor and is traced on CUDA (on CPU, torch
+2.13's fake-tensor rule for it demands bf16, so compiled CPU code takes the loop). Plans whose N is data
+(capacity drops, expert choice, random second choices) recompile once with dynamic sizes (dynamo's automatic
+dynamic shapes) and then stay put. tests/moe/test_compile.py checks that further steps after warm-up add no
+compilation and that losses equal eager ones within fp32 round-off.
 """
 from __future__ import annotations
 
