@@ -232,7 +232,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         print(f"| {n} | {ms:.1f} | {r_min:.3f}x | {r_med:.3f}x |")
     if args.profile:
         table = profile_parts(steps, args.profile_rounds)
-        print(f"\n| part (ms, self CPU, profiled; median of {args.profile_rounds} interleaved steps) | " + " | ".join(names) + " |\n|---|" + "---:|" * len(names))
+        head = f"part (ms, self CPU, profiled; median of {args.profile_rounds} interleaved steps)"
+        print(f"\n| {head} | " + " | ".join(names) + " |\n|---|" + "---:|" * len(names))
         for p in PARTS:
             print(f"| {p} | " + " | ".join(f"{table[n].get(p, 0.0):.1f}" for n in names) + " |")
         print("| total | " + " | ".join(f"{sum(table[n].values()):.1f}" for n in names) + " |")

@@ -36,5 +36,6 @@ def compile_blocks(model: nn.Module, *, backend: str = "inductor", mode: Optiona
     for block in blocks:
         block.compile(backend=backend, mode=mode, dynamic=dynamic)  # nn.Module.compile: in place, state_dict unchanged
     sparse = sum(isinstance(b.ffn, MoELayer) for b in blocks)
-    return (f"torch.compile: {len(blocks)} blocks ({sparse} sparse, {len(blocks) - sparse} dense) with backend={backend}"
+    dense = len(blocks) - sparse
+    return (f"torch.compile: {len(blocks)} blocks ({sparse} sparse, {dense} dense) with backend={backend}"
             f"{f', mode={mode}' if mode else ''}, dynamic={dynamic}; the expert loop runs eagerly between graphs")

@@ -90,7 +90,8 @@ class Experts(nn.Module):
         cast = (lambda w: None if w is None else w.to(dtype)) if self.w_up.dtype != dtype else (lambda w: w)
         return cast(self.w_up), cast(self.w_gate), cast(self.w_down)
 
-    def forward_sorted(self, x: Tensor, expert_index: Tensor, counts: Tensor, row_scale: Optional[Tensor] = None) -> Tensor:
+    def forward_sorted(self, x: Tensor, expert_index: Tensor, counts: Tensor,
+                       row_scale: Optional[Tensor] = None) -> Tensor:
         """x [N, d] rows grouped by expert (counts [E] rows each, expert_index [N]) -> [N, d].
 
         row_scale [N]: each output row times its number (the dispatcher's combine weight), applied to the hidden
