@@ -30,6 +30,10 @@ class OptimConfig:
     beta1: float = 0.9  # AdamW first-moment decay
     beta2: float = 0.95  # AdamW second-moment decay
     eps: float = 1e-8  # AdamW epsilon
+    # torch's fused AdamW: the whole update in one kernel. Its cost grows with total parameters, so it matters most
+    # for MoE models with many experts (5-7x faster than the default foreach update at E=64 on CPU, docs/
+    # benchmarks.md); equal to the foreach update within fp32 round-off, not bitwise. trainer=single, ddp or fsdp.
+    fused: bool = False
 
     def __post_init__(self) -> None:
         check_finite(self, "optim")
@@ -227,6 +231,9 @@ class RunConfig(TrainConfig):
                 if self.deepspeed is None else
                 f"deepspeed settings were given but trainer.kind={self.trainer.kind!r}; use trainer=deepspeed"
             )
+        if self.optim.fused and self.trainer.kind == "deepspeed":
+            raise ValueError("optim.fused=true is not supported with trainer=deepspeed: the DeepSpeed engine steps the "
+                             "optimizer over its own flat partitions; set optim.fused=false (or use trainer=fsdp)")
         ep = self.model.moe.expert_parallel
         if self.deepspeed is not None and ep > 1 and not self.deepspeed.contiguous_gradients:
             raise ValueError(

@@ -22,9 +22,10 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    # foreach: one kernel per op over every tensor; fused: one kernel for the whole update (opt-in, optim.fused).
+    impl = {"fused": True} if cfg.fused else {"foreach": True}
     return torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-        foreach=True,
+        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **impl,
     )
 
 

@@ -258,10 +258,11 @@ def test_forced_unknown_field_is_refused(tmp_path):
         ("logger.kind=tensorboard", r"logger.kind='tensorboard'"),
         ("resume=always", r"resume='always'"),
         ("data.tokenizer=words", r"data.tokenizer='words'"),
+        ("optim.fused=true trainer=deepspeed", r"optim.fused=true is not supported with trainer=deepspeed"),
     ],
 )
 def test_bad_values_raise_at_the_boundary(override, match, tmp_path):
-    cfg = compose_cfg([override])  # Hydra checks types (tests/experiments/test_typed_config.py); dataclasses values
+    cfg = compose_cfg(override.split())  # Hydra checks types (tests/experiments/test_typed_config.py); dataclasses values
     with pytest.raises(ValueError, match=match):
         to_run(cfg, tmp_path)
 
