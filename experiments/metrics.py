@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import warnings
 from pathlib import Path
 from typing import Any, Optional
@@ -14,6 +13,7 @@ from typing import Any, Optional
 import torch
 
 from experiments.config import LoggerConfig
+from moe.atomic import write_text
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -72,9 +72,7 @@ def truncate_metrics(run_dir: str | Path, last_step: int) -> None:
     if not path.is_file():
         return
     kept = [json.dumps(r) for r in read_metrics(run_dir) if r.get("step", 0) <= last_step]
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    write_text(path, "".join(line + "\n" for line in kept))
 
 
 class MetricsLogger:

@@ -47,6 +47,7 @@ from experiments.provenance import run_provenance
 from experiments.run_log import RunLog, record_line
 from experiments.tokenizer import load_tokenizer
 from experiments.trainer_state import TrainState, rng_state, set_rng_state
+from moe.atomic import write_text
 from moe.checkpoint import load_config, load_weights
 from moe.dispatch import describe_dispatch
 from moe.flops import count_params, flops_per_token
@@ -397,9 +398,7 @@ class Trainer:
                 "twin": self.cfg.twin, "group": self.cfg.logger.group,
                 "config": {**self.cfg.to_dict(), "model": self.model_cfg.to_dict()}, "summary": summary,
                 "provenance": run_provenance(self.run_dir, status)}  # launcher, host, load, commit, versions
-        tmp = self.run_dir / f"{RUN_FILE}.tmp-{self.ranks.rank}"
-        tmp.write_text(json.dumps(info, indent=2))
-        tmp.replace(self.run_dir / RUN_FILE)
+        write_text(self.run_dir / RUN_FILE, json.dumps(info, indent=2))  # a temporary name per process, renamed
 
 
 def _checkpoint_tokenizer(init_from: Optional[str]):
