@@ -91,7 +91,10 @@ def test_sharded_checkpoint_holds_the_single_run_weights_and_moments(runs, name)
     ref = load_file(str(ref_dir / "model.safetensors"))
     assert weights.keys() == ref.keys()
     for k in ref:
-        torch.testing.assert_close(weights[k], ref[k], rtol=1e-5, atol=1e-6, msg=lambda m: f"{k}: {m}")
+        # 2e-6: where experts are sharded, the combine weight scales the expert outputs on the token's rank, while
+        # the single run's sorted dispatch scales the narrower hidden rows (Experts.forward_sorted): (s h) W
+        # against s (h W), fp32 reassociation; one value of 8,192 moved 1.24e-6 in 3 steps.
+        torch.testing.assert_close(weights[k], ref[k], rtol=1e-5, atol=2e-6, msg=lambda m: f"{k}: {m}")
     ref_moments = load_file(str(ref_dir / "trainer_state.safetensors"))
     for key, t in ref_moments.items():
         if key.startswith("optimizer/") and not key.endswith("/step"):
