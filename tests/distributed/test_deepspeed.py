@@ -218,7 +218,6 @@ def test_missing_deepspeed_names_the_extra(tmp_path, text_corpus, monkeypatch):
     (["trainer=deepspeed", "deepspeed.offload_optimizer=cpu"], r"deepspeed.offload_optimizer='cpu' is not supported"),
     (["trainer=deepspeed", "deepspeed.contiguous_gradients=false", "model.moe.expert_parallel=2"],
      r"deepspeed.contiguous_gradients=false with model.moe.expert_parallel=2"),
-    (["trainer.kind=deepspeed"], r"select both with trainer=deepspeed"),
     (["deepspeed=zero2"], r"deepspeed settings were given but trainer.kind='single'"),
 ])
 def test_bad_deepspeed_config(overrides, match, tmp_path, text_corpus):

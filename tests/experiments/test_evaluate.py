@@ -279,7 +279,7 @@ def test_conf_keys_are_the_config_fields():
     assert set(plain) | {"checkpoints", "data"} == fields | {"checkpoint"} and "data" not in plain
     assert eval_config_from_dict(plain) == EvalConfig(["x"])
     cfg = eval_config_from_dict(text)
-    assert cfg.checkpoints == ["x", "y"] and cfg.data == DataConfig(source="text", path="f.txt", vocab_size=4096)
+    assert cfg.checkpoints == ["x", "y"] and cfg.data == DataConfig(source="text", path="f.txt")
 
 
 def test_checkpoint_without_recorded_data_needs_data(sweep, tmp_path):
