@@ -32,7 +32,7 @@ import torch
 from experiments.config import OptimConfig
 from experiments import allocator
 from experiments.optim import build_optimizer, param_groups
-from experiments.twins import build_twin
+from moe.twins import build_twin
 from moe.config import ModelConfig
 from moe.model import Transformer
 from moe.presets import get_preset

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from experiments.data_config import DataConfig
-from experiments.twins import build_twin
 from experiments.typed_config import from_mapping
 from moe.config import ModelConfig
+from moe.twins import ROUTER_CHOICES, build_twin
 from routing.config import check_finite
 
 
@@ -207,9 +207,13 @@ class TrainConfig:
     seed: int = 0  # seeds initialisation, batches, dropout and router noise
     resume: str = "never"  # never, or auto: continue from the newest complete checkpoint in run_dir
     init_from: Optional[str] = None  # checkpoint directory whose config and weights start this run
-    # A twin of `model` (experiments.twins): dense, moe_e{E}_k{k} (same training FLOPs per token) or
-    # dense_wide_e{E}_k{k} (same total parameters as that MoE); `model` then holds the resolved twin.
+    # A twin of `model` (moe/twins.py): dense, moe_e{E}_k{k} (same training FLOPs per token), moe_e{E}_k{k}_s{s}
+    # (s shared experts too) or dense_wide_e{E}_k{k} (same total parameters as that MoE); `model` then holds it.
     twin: Optional[str] = None
+    # The twin's router: auto (the balanced defaults of docs/routing_defaults.md, BASE layers for top-1 and top-k
+    # with a stronger balancing loss, when the model's router is the library default; any other router is kept),
+    # balanced (those defaults always) or keep (the model's router as composed, e.g. routing=topk, with k set).
+    twin_router: str = "auto"
 
 
 @dataclass
@@ -272,8 +276,11 @@ def run_config(train: TrainConfig, run_dir: str) -> RunConfig:
     """The composed config as one checked run. The twin is resolved here, at the boundary: the trainer sees a
     plain model, and run.json records the model that was trained beside the twin's name."""
     model, kind = train.model, train.trainer.kind
+    if train.twin_router not in ROUTER_CHOICES:
+        raise ValueError(f"twin_router={train.twin_router!r} must be one of {list(ROUTER_CHOICES)}")
     if train.twin is not None and not train.init_from:
-        model = build_twin(model, train.twin, seq_len=min(train.trainer.seq_len, model.max_seq_len))
+        model = build_twin(model, train.twin, seq_len=min(train.trainer.seq_len, model.max_seq_len),
+                           routers=train.twin_router)
     if kind != "deepspeed" and train.deepspeed != DeepSpeedConfig():
         raise ValueError(f"deepspeed settings were given but trainer.kind={kind!r}; use trainer=deepspeed (or drop them)")
     fields = {f.name: getattr(train, f.name) for f in dataclasses.fields(TrainConfig)}

@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from experiments.config import run_config_from_dict
 from experiments.hydra_conf import CONFIG_MODULE, register_configs
 from experiments.trainer import Trainer
-from experiments.twins import TWIN_AUX_LOSS_COEF
+from moe.twins import TWIN_AUX_LOSS_COEF
 from routing.config import RouterConfig
 from routing.stats import CollapseMonitor
 
@@ -86,7 +86,7 @@ def test_twins_keep_every_expert_alive_where_the_old_router_collapsed(twin, k, t
 
 
 def test_the_twins_routers():
-    from experiments.twins import build_twin
+    from moe.twins import build_twin
     from moe.presets import get_preset
 
     base = get_preset("tiny_dense")

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from experiments.config import run_config_from_dict
 from experiments.hydra_conf import CONFIG_MODULE, register_configs
-from experiments.twins import (build_twin, dense_base, dense_wide_twin, moe_twin, parse_twin, twin_names,
+from moe.twins import (build_twin, dense_base, dense_wide_twin, moe_twin, parse_twin, twin_names,
                                twin_table)
 from moe.config import ModelConfig
 from moe.flops import count_params, flops_per_token
@@ -237,3 +237,19 @@ def test_twins_command_prints_the_table(capsys):
     main(["model=tiny_dense", "data.tokenizer=byte"])
     out = capsys.readouterr().out.splitlines()
     assert "vocabulary 257" in out[0] and any(line.split()[0] == "moe_e64_k8_s1" for line in out[1:])
+
+
+def test_twin_router_picks_balanced_defaults_or_keeps_the_composed_router(tmp_path):
+    """auto: the default router becomes the balanced twin routers (BASE for top-1, aux 0.1 for top-2); keep: the
+    composed router as it is (routing=topk equals the default, so only keep trains plain top-k); balanced: always."""
+    def router(*overrides):
+        return compose_run(["model=tiny_dense", *overrides], tmp_path).model.moe.router
+
+    assert router("twin=moe_e8_k1").name == "base"
+    assert router("twin=moe_e8_k2").aux_loss_coef == 0.1
+    kept = router("routing=topk", "twin=moe_e8_k1", "twin_router=keep")
+    assert kept == dataclasses.replace(RouterConfig(), top_k=1, order="softmax_topk")
+    assert router("routing=switch", "twin=moe_e8_k1").capacity_factor == 1.25  # a chosen router is kept under auto
+    assert router("routing=switch", "twin=moe_e8_k1", "twin_router=balanced").name == "base"
+    with pytest.raises(ValueError, match=r"twin_router='some' must be one of \['auto', 'balanced', 'keep'\]"):
+        router("twin=moe_e8_k1", "twin_router=some")
