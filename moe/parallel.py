@@ -65,7 +65,10 @@ class ParallelGroups:
     ep_group: Any  # its expert-parallel group (all-to-all, norm of expert shards); None when ep_size == 1
     expert_dp_group: Any  # the replicas of its expert shard (expert gradients are summed over it)
     world_group: Any  # every rank (non-expert gradients, the load-balancing fractions)
-    timeout_s: Optional[float] = None  # of the groups' collectives (trainer.collective_timeout_s), named in errors
+    timeout_s: Optional[float] = None  # of the groups' collectives, named in errors
+    # What the caller calls that timeout, for the errors: the library's own name by default; an application passes
+    # the key its users set (the trainer: "trainer.collective_timeout_s").
+    timeout_setting: str = "the process groups' timeout"
 
     @property
     def dp_size(self) -> int:
@@ -73,7 +76,8 @@ class ParallelGroups:
         return self.world_size // self.ep_size
 
 
-def make_groups(expert_parallel: int, num_experts: int, timeout: Optional[datetime.timedelta] = None) -> ParallelGroups:
+def make_groups(expert_parallel: int, num_experts: int, timeout: Optional[datetime.timedelta] = None,
+                timeout_setting: str = "the process groups' timeout") -> ParallelGroups:
     """Builds the expert-parallel and expert-data-parallel groups; every rank must call it, in the same order.
 
     timeout: of the new groups' collectives; give the one of init_process_group (new groups do not inherit it,
@@ -97,7 +101,7 @@ def make_groups(expert_parallel: int, num_experts: int, timeout: Optional[dateti
                 if rank % ep == s:
                     expert_dp = g
     return ParallelGroups(W, rank, ep, rank % ep, ep_group, expert_dp, world,
-                          timeout.total_seconds() if timeout is not None else None)
+                          timeout.total_seconds() if timeout is not None else None, timeout_setting)
 
 
 # ---------------------------------------------------------------- naming failed collectives
@@ -109,12 +113,12 @@ Names = Optional[Callable[[], Iterable[tuple[str, Tensor]]]]  # e.g. model.named
 def describe_collective(phase: str, groups: Optional[ParallelGroups] = None, detail: str = "") -> str:
     """The report of a failed collective outside an MoE layer: which rank of how many, which phase, what it held."""
     if groups is not None:
-        rank, world, timeout = groups.rank, groups.world_size, groups.timeout_s
+        rank, world, timeout, setting = groups.rank, groups.world_size, groups.timeout_s, groups.timeout_setting
     else:
         init = dist.is_available() and dist.is_initialized()
         rank, world = (dist.get_rank(), dist.get_world_size()) if init else (0, 1)
-        timeout = None
-    setting = "trainer.collective_timeout_s" + (f", now {timeout:g} s" if timeout is not None else "")
+        timeout, setting = None, "init_process_group(timeout=...)"
+    setting += f", now {timeout:g} s" if timeout is not None else ""
     return (f"collective failed on rank {rank} (world size {world}) during the {phase}"
             + (f": {detail}" if detail else "")
             + ". A process-group timeout here usually means another rank never reached this collective (it was "

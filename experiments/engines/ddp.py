@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from experiments.engines import SavedState, checked_model_config
 from experiments.engines.full_size import as_full, autocast, full_state, load_full, use_bf16
-from experiments.engines.ranks import Torchrun, check_batch, init_process_group, launch_env
+from experiments.engines.ranks import TIMEOUT_KEY, Torchrun, check_batch, init_process_group, launch_env
 from experiments.optim import build_optimizer
 from moe import parallel
 from moe.compile import compile_blocks
@@ -51,7 +51,7 @@ class DDPEngine:
             parallel.check_parallel(mcfg.moe.num_experts, ep, world)
         check_batch(cfg.trainer.batch_size, world)
         device, timeout = init_process_group(cfg.trainer.device, local_rank, world, rank, cfg.trainer.collective_timeout_s)
-        groups = parallel.make_groups(ep, mcfg.moe.num_experts, timeout=timeout)
+        groups = parallel.make_groups(ep, mcfg.moe.num_experts, timeout=timeout, timeout_setting=TIMEOUT_KEY)
         return cls(Torchrun(groups, device), use_bf16(cfg.trainer.precision, device), cfg.trainer.compile)
 
     def wrap(self, model: nn.Module, optim) -> torch.optim.Optimizer:

@@ -55,7 +55,7 @@ from torch import nn
 from experiments.engines import FullState, SavedState, checked_model_config
 from experiments.engines.full_size import (as_full, autocast, full_optimizer_state, load_full_optimizer_state,
                                            use_bf16)
-from experiments.engines.ranks import Torchrun, check_batch, init_process_group, launch_env, resolve_device
+from experiments.engines.ranks import TIMEOUT_KEY, Torchrun, check_batch, init_process_group, launch_env, resolve_device
 from experiments.optim import build_optimizer
 from moe import parallel
 from moe.checkpoint import model_state
@@ -150,7 +150,7 @@ def expert_groups(ep: int) -> ParallelGroups:
         world_size=W, rank=rank, ep_size=ep, ep_rank=rank % ep,
         ep_group=ds_groups._get_expert_parallel_group(name) if ep > 1 else None,
         expert_dp_group=ds_groups._get_expert_data_parallel_group(name) if ep < W else None,
-        world_group=dist.group.WORLD,
+        world_group=dist.group.WORLD, timeout_setting=TIMEOUT_KEY,
     )
 
 

@@ -41,7 +41,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_f
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 from experiments.engines import FullState, SavedState, ShardedSource, ShardedState, checked_model_config
-from experiments.engines.ranks import Torchrun, check_batch, init_process_group, launch_env, resolve_device
+from experiments.engines.ranks import TIMEOUT_KEY, Torchrun, check_batch, init_process_group, launch_env, resolve_device
 from experiments.engines.full_size import autocast, use_bf16
 from experiments.optim import build_optimizer
 from moe import parallel
@@ -113,7 +113,7 @@ class FSDPEngine:
             world_size=world, rank=rank, ep_size=ep, ep_rank=mesh["ep"].get_local_rank(),
             ep_group=mesh["ep"].get_group() if ep > 1 else None,
             expert_dp_group=experts_dp.get_group() if ep < world else None,
-            world_group=dist.group.WORLD, timeout_s=timeout.total_seconds())
+            world_group=dist.group.WORLD, timeout_s=timeout.total_seconds(), timeout_setting=TIMEOUT_KEY)
         return cls(Torchrun(groups, device), mesh, use_bf16(cfg.trainer.precision, device), cfg.trainer.compile)
 
     # ---------------------------------------------------------------- the model

@@ -33,6 +33,8 @@ TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"
 CHECKPOINT_BARRIER = "checkpoint barrier (rank 0 writes the checkpoint while the others wait)"
 Stats = dict[int, dict[str, torch.Tensor]]  # sparse layer index -> routing statistics
 
+TIMEOUT_KEY = "trainer.collective_timeout_s"  # the setting a timed-out collective's error tells the user to raise
+
 
 def resolve_device(name: str, key: str = "trainer.device") -> torch.device:
     """A device setting (`key`, named in the error): auto is cuda when available, else cpu; cuda without CUDA is
