@@ -100,7 +100,7 @@ class CollapseMonitor:
                     messages.append(
                         f"step {step}: MoE layer {layer} has collapsed: expert {e} took {float(counts[e]) / total:.0%} of "
                         f"the tokens for {streaks[layer]} steps; raise model.moe.router.aux_loss_coef, add router jitter, or "
-                        f"lower optim.lr"
+                        f"lower the learning rate"
                     )
                 else:
                     dead = (counts == 0).nonzero().flatten().tolist()
