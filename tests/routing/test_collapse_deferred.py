@@ -50,6 +50,6 @@ def test_the_message_names_the_step_it_happened_not_the_report():
         mon.observe(step, 0, hot, num_tokens=100)
     assert mon.report() == [
         "step 2: MoE layer 0 has collapsed: expert 0 took 90% of the tokens for 2 steps; raise "
-        "model.moe.router.aux_loss_coef, add router jitter, or lower optim.lr",
+        "model.moe.router.aux_loss_coef, add router jitter, or lower the learning rate",
         "step 2: MoE layer 0 has dead experts [3] (no tokens for 2 steps)",
     ]
