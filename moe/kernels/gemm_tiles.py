@@ -14,7 +14,8 @@ How the kernels are laid out, and why:
 - No atomics anywhere: rows reach their tokens through a token-major slot and a fixed-order segmented sum
   (moe.kernels.combine), so forward and backward are bitwise reproducible on CUDA.
 - Products accumulate in fp32; outputs come back in the activation dtype. fp32 inputs use IEEE fp32 dot
-  products unless torch allows TF32 (torch.backends.cuda.matmul.allow_tf32), matching torch's own matmuls.
+  products unless torch allows TF32 for its own matmuls (`tf32_allowed`: torch.backends.cuda.matmul.fp32_precision,
+  or allow_tf32 on torch < 2.9).
   Weights in another dtype (fp32 masters under autocast) are cast to the activation dtype before the call
   (`cast_weight`).
 
@@ -77,10 +78,24 @@ def check_device(t: Tensor) -> None:
                          "the Triton interpreter: set TRITON_INTERPRET=1 before triton is first imported")
 
 
+def tf32_allowed() -> bool:
+    """Whether torch lets its own fp32 CUDA matmuls use TF32.
+
+    torch >= 2.9 has `torch.backends.cuda.matmul.fp32_precision` ("tf32" / "ieee"; "none" inherits from
+    torch.backends.fp32_precision and reads back resolved), and reading the legacy `allow_tf32` raises once anything
+    has set the new API; older torch has only `allow_tf32`. The new attribute is read wherever it exists (the legacy
+    setter and torch.set_float32_matmul_precision update it too), the old one only where it is the only one."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision is not None:
+        return precision == "tf32"
+    return bool(matmul.allow_tf32)
+
+
 def _precision(dtype: torch.dtype) -> str:
     """tl.dot input precision: fp32 operands get TF32 only where torch allows it for its own matmuls; for bf16 /
     fp16 operands Triton ignores the setting, and "tf32" is its default, so they keep the default."""
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+    if dtype == torch.float32 and not tf32_allowed():
         return "ieee"
     return "tf32"
 
