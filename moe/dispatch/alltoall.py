@@ -15,7 +15,10 @@ expert, so the rows bound for one rank are contiguous), M rows this rank receive
                 copies the results back; `triton` reads them through the permutation inside its first grouped
                 GEMM and writes each result straight to its arrival slot from its second (no copies).
     5. return:  results back to the ranks of their tokens, [M, d] -> [N, d] (the same Function, reversed splits).
-    6. combine: y[t] = sum of weight[r] * out[r] over the rows r of token t (weighted index_add), as `sorted`.
+    6. combine: y[t] = sum of weight[r] * out[r] over the rows r of token t, in fp32 and in a fixed order
+                (moe.dispatch.token_rows: no index_add_, whose atomics on CUDA make the sum differ between runs);
+                the backward of step 3's gather is the same fixed-order sum, so forward and backward are bitwise
+                repeatable. The order's K (most rows of any token) rides along in step 2's synchronisation.
 
 Everything but step 2 stays on the device (the per-expert loop of grouped_matmul's fallback syncs too, as it
 does for `sorted`). Every rank runs every collective of every layer in the same order, forward and backward,
@@ -31,6 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from moe.dispatch.token_rows import TokenSlots, combine_rows, gather_rows
 from routing.plan import RoutingPlan
 
 
@@ -123,15 +127,18 @@ def alltoall_dispatch(x: Tensor, plan: RoutingPlan, experts, local_dispatcher: s
     recv_counts = torch.empty_like(counts)
     _all_to_all(recv_counts, counts, None, None, group, where, "exchange of per-expert counts")
 
-    # 2. the one host synchronisation: split sizes (and the counts, kept for error reports).
-    host = torch.cat([counts, recv_counts]).tolist()
-    where.host_counts, where.recv_counts = host[:E], host[E:]
+    # 2. the one host synchronisation: split sizes (and the counts, kept for error reports), and K of the
+    # token-major order that steps 3 and 6 reduce in.
+    tokens = TokenSlots.build(plan.token_index, x.shape[0])
+    host = torch.cat([counts, recv_counts, tokens.max_rows().view(1)]).tolist()
+    where.host_counts, where.recv_counts = host[:E], host[E:2 * E]
+    tokens.set_max_rows(host[2 * E])
     send = [sum(host[p * E_l:(p + 1) * E_l]) for p in range(P)]
     recv = [sum(host[E + p * E_l:E + (p + 1) * E_l]) for p in range(P)]
     M = sum(recv)
 
     # 3. rows to the ranks owning their experts.
-    rows = x[plan.token_index]  # [N, d] in expert order: rank p's rows are the p-th contiguous block
+    rows = gather_rows(x, tokens)  # [N, d] in expert order: rank p's rows are the p-th contiguous block
     got = _Exchange.apply(rows, send, recv, group, where, "exchange of token rows")  # [M, d]
 
     # 4. regroup by local expert (stable: source-rank order within an expert) and run the local experts.
@@ -149,8 +156,7 @@ def alltoall_dispatch(x: Tensor, plan: RoutingPlan, experts, local_dispatcher: s
 
     # 5. results back to the ranks of their tokens, 6. weighted combine.
     back = _Exchange.apply(out, recv, send, group, where, "return exchange of expert outputs")  # [N, d]
-    back = back * plan.weight.to(back.dtype)[:, None]
-    return x.new_zeros(x.shape).index_add_(0, plan.token_index, back.to(x.dtype))
+    return combine_rows(back.to(x.dtype), plan.weight, tokens)  # [T, d]; weight and k-sum in fp32
 
 
 def _triton_local(got: Tensor, order: Tensor, local_counts: Tensor, experts) -> Tensor:
