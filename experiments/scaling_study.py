@@ -1,16 +1,28 @@
 """python -m experiments.scaling_study run|report: the scaling study (docs/scaling/).
 
-  run [--root runs/scaling] [--jobs 2] [--twins a,b,...] [OVERRIDES...]
-      trains the twins of conf/experiment/scaling.yaml (or --twins), `jobs` processes at a time, each
-      `python -m experiments.train experiment=scaling twin=NAME hydra.run.dir=ROOT/NAME OVERRIDES`, logging to
-      ROOT/NAME.log; a twin whose run.json says finished is skipped, so a second call continues a sweep.
+  run [--root runs/scaling] [--jobs 2] [--twins a,b,...] [--steps 250,500,1000] [OVERRIDES...]
+      trains the twins of conf/experiment/scaling.yaml (or --twins), `jobs` processes at a time: every twin to the
+      first of --steps, then every twin on to the next (run_sweep), each `python -m experiments.train
+      experiment=scaling twin=NAME hydra.run.dir=ROOT/NAME trainer.max_steps=N resume=auto OVERRIDES`, logging to
+      ROOT/NAME.log; a twin already trained that far is skipped, so a second call continues a sweep.
+  report ROOT [--out DIR] [--budgets 250,500,1000] [--bench FILE] [--no-plots]
+      reads the sweep (experiments.compare_runs) and writes DIR/tables.md and DIR/study.csv: per budget N and twin
+      the validation loss at step N, the FLOP and time multipliers against dense's loss at step N (experiments.compare's
+      definitions), the routing statistics of the steps (N/2, N] and the rows each expert receives; the multipliers
+      at every evaluation (the growth with steps), and, where no twin reaches 2x, the budget a log-linear trend
+      of the best twin's multiplier says it would need; with --bench (experiments.bench_step's table of the same
+      twins) the bare-step time ratios and the time multipliers they imply; and the figures (experiments/scaling_plots.py).
+
+Budgets below a run's length are read off the run itself: valid only when the learning rate does not depend on
+trainer.max_steps (optim.schedule=constant, as in experiment=scaling; batches depend only on seed, split and step),
+so a run with a decaying schedule is read only at its own length and any other budget is refused.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -34,41 +46,50 @@ def sweep_twins(experiment: str = EXPERIMENT) -> list[str]:
     return [t.strip() for t in str(params["twin"]).split(",") if t.strip()]
 
 
-def finished(run_dir: Path) -> bool:
-    """Whether run_dir holds a run that experiments.train marked finished in its run.json."""
-    f = run_dir / "run.json"
-    try:
-        return json.loads(f.read_text()).get("status") == "finished"
-    except (FileNotFoundError, json.JSONDecodeError):
-        return False
+def trained_steps(run_dir: Path) -> int:
+    """The step of run_dir's newest checkpoint (what resume=auto continues from); 0 without one."""
+    steps = [int(p.name.removeprefix("step_")) for p in (run_dir / "checkpoints").glob("step_*")
+             if p.name.removeprefix("step_").isdigit()]
+    return max(steps, default=0)
 
 
-def train_command(twin: str, run_dir: Path, experiment: str, overrides: Sequence[str]) -> list[str]:
+def train_command(twin: str, run_dir: Path, steps: int, experiment: str, overrides: Sequence[str]) -> list[str]:
     return [sys.executable, "-m", "experiments.train", f"experiment={experiment}", f"twin={twin}",
-            f"hydra.run.dir={run_dir}", "trainer.progress=false", *overrides]
+            f"hydra.run.dir={run_dir}", f"trainer.max_steps={steps}", "resume=auto", "trainer.progress=false",
+            *overrides]
 
 
-def run_sweep(root: Path, twins: Sequence[str], jobs: int = 2, experiment: str = EXPERIMENT,
-              overrides: Sequence[str] = (), cwd: Optional[Path] = None) -> dict[str, int]:
-    """Trains every twin not yet finished below root, `jobs` at a time in the order given (a worker takes the next
-    twin when its run ends). Returns twin -> exit status (0 for the skipped, already finished ones)."""
+def run_sweep(root: Path, twins: Sequence[str], steps: Sequence[int], jobs: int = 2, experiment: str = EXPERIMENT,
+              overrides: Sequence[str] = (), cwd: Optional[Path] = None) -> dict[tuple[str, int], int]:
+    """Trains every twin to each of `steps` in turn (every twin to steps[0], then every twin on to steps[1], ...),
+    `jobs` processes at a time, each continuing the twin's run from its newest checkpoint (resume=auto). With a
+    constant learning rate the continued run equals one uninterrupted run (batches depend only on the step; on CPU
+    a resumed run reproduces the losses bit for bit, experiments/trainer.py), so the sweep can be stopped at any
+    phase (or SIGTERM: the trainer saves the step it is on) and still holds every twin at the shorter budgets.
+    Returns (twin, steps) -> exit status (0 where the run was already that far)."""
     if jobs < 1:
         raise ValueError(f"--jobs={jobs} must be at least 1")
+    if list(steps) != sorted(set(steps)) or not steps or steps[0] < 1:
+        raise ValueError(f"--steps {','.join(map(str, steps))}: give increasing positive step counts, e.g. 250,500,1000")
     root.mkdir(parents=True, exist_ok=True)
+    locks = {t: threading.Lock() for t in twins}  # one twin's phases never overlap
 
-    def one(twin: str) -> int:
-        run_dir = root / twin
-        if finished(run_dir):
-            return 0
-        with open(root / f"{twin}.log", "w") as log:
-            t0 = time.time()
-            rc = subprocess.call(train_command(twin, run_dir.resolve(), experiment, overrides), stdout=log,
-                                 stderr=subprocess.STDOUT, cwd=cwd)
-            print(f"{twin}: exit {rc} after {time.time() - t0:.0f} s", flush=True)
-        return rc
+    def one(item: tuple[str, int]) -> int:
+        twin, target = item
+        with locks[twin]:
+            run_dir = (root / twin).resolve()
+            if trained_steps(run_dir) >= target:
+                return 0
+            with open(root / f"{twin}.log", "a") as log:
+                t0 = time.time()
+                rc = subprocess.call(train_command(twin, run_dir, target, experiment, overrides), stdout=log,
+                                     stderr=subprocess.STDOUT, cwd=cwd)
+            print(f"{twin} to {target} steps: exit {rc} after {time.time() - t0:.0f} s", flush=True)
+            return rc
 
+    items = [(t, n) for n in steps for t in twins]
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        return dict(zip(twins, pool.map(one, twins)))
+        return dict(zip(items, pool.map(one, items)))
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -79,12 +100,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     run.add_argument("--jobs", type=int, default=2, help="training processes at a time")
     run.add_argument("--experiment", default=EXPERIMENT, help="conf/experiment/NAME.yaml")
     run.add_argument("--twins", default=None, help="comma-separated twins (default: the experiment's sweep)")
+    run.add_argument("--steps", default="250,500,1000", help="the phases: every twin trained to each in turn")
     run.add_argument("overrides", nargs="*", help="more experiments.train overrides, e.g. trainer.max_steps=500")
     args = ap.parse_args(argv)
     if args.cmd == "run":
         twins = [t for t in args.twins.split(",") if t] if args.twins else sweep_twins(args.experiment)
-        codes = run_sweep(Path(args.root), twins, args.jobs, args.experiment, args.overrides)
-        failed = [t for t, rc in codes.items() if rc]
+        steps = [int(x) for x in args.steps.split(",") if x.strip()]
+        codes = run_sweep(Path(args.root), twins, steps, args.jobs, args.experiment, args.overrides)
+        failed = [f"{t} to {n}" for (t, n), rc in codes.items() if rc]
         if failed:
             print(f"failed: {', '.join(failed)} (see ROOT/NAME.log)", file=sys.stderr)
         return 1 if failed else 0
