@@ -39,3 +39,23 @@ bench: setup allocator
 
 clean:
 	rm -rf $(VENV) runs outputs multirun
+
+# The prepared GPU check (issue 18, docs/gpu_check.md). It does not depend on `setup`: the GPU machine has no .venv
+# and runs it with its own python3 (PYTHON=python3). DRY_RUN=1 runs the same plumbing here on CPU with tiny
+# shapes; OUT=DIR is where the log and results.json go (on the GPU machine the device tool's $$OUT is picked up).
+GPU_WHEELS ?= gpu_wheels
+.PHONY: gpu-check gpu-wheels
+gpu-check:
+	$(PYTHON) -m experiments.gpu_check $(if $(filter 1 yes true,$(DRY_RUN)),--dry-run) $(if $(OUT),--out "$(OUT)") --wheels "$(GPU_WHEELS)"
+
+# What the GPU machine lacks, as wheels to carry with the working tree (fetched here, where PyPI is reachable):
+# Hydra for the apps, and DeepSpeed (built here into a pure-python wheel, no ops) with the deps the machine lacks.
+# Sizes: docs/gpu_check.md.
+GPU_WHEEL_PINS := hydra-core==1.3.8 omegaconf==2.3.1 hjson==3.1.0 pydantic==2.14.4 annotated-types==0.8.0 typing-inspection==0.4.5
+gpu-wheels: setup
+	rm -rf "$(GPU_WHEELS)" && mkdir -p "$(GPU_WHEELS)"
+	$(PIP) download -q --no-deps --only-binary=:all: -d "$(GPU_WHEELS)" $(GPU_WHEEL_PINS)
+	$(PIP) download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_17_x86_64 -d "$(GPU_WHEELS)" pydantic-core==2.50.5
+	DS_BUILD_OPS=0 $(PIP) wheel -q --no-deps --no-build-isolation -w "$(GPU_WHEELS)" antlr4-python3-runtime==4.9.3 deepspeed==0.19.8
+	du -ab "$(GPU_WHEELS)" | sort -n

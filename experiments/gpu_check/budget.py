@@ -1,0 +1,54 @@
+"""The GPU check's steps, in the order they run, with the time box of each: the budget table.
+
+The GPU window is about 15 minutes with the machine's start-up; the check must leave room to run once more after
+a fix, so the boxes add up to at most TOTAL_BUDGET_S (8.5 minutes). A step's box is also cut to what is left of
+the total, so the check never overruns however the steps go. `dry` says what `--dry-run` does with a step on a
+machine without CUDA: "run" launches it with tiny shapes (the kernels under TRITON_INTERPRET=1), "skip" reports
+"skipped: no CUDA" (only CUDA makes sense of it).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+TOTAL_BUDGET_S = 510  # 8.5 minutes for everything, the wheel install included
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str  # key in results.json and the log's prefix
+    title: str  # what it measures, one line
+    budget_s: int  # time box on the GPU machine
+    module: str  # python -m MODULE --json PATH [--dry-run] [args]
+    args: tuple[str, ...] = ()  # extra arguments on the GPU
+    dry_args: tuple[str, ...] = ()  # extra arguments in a dry run (tiny shapes)
+    dry: str = "run"  # in a dry run without CUDA: "run" (tiny shapes) or "skip" ("skipped: no CUDA")
+    dry_budget_s: int = 60  # time box of the dry run's launch
+
+
+STEPS: tuple[Step, ...] = (
+    Step("device", "device, versions, datasheet peaks, a measured bf16 GEMM and a device copy",
+         25, "experiments.gpu_check.device_info"),
+    Step("a_probe", "correctness probe: bf16 T=4099 d=1000 f=1400 E=64 (5 empty, one at 30%), k=2 and 8, "
+         "against fp32, forward and backward, twice for bitwise equality", 75, "experiments.gpu_check.probe"),
+    Step("b_gpu_tests", "the gpu-marked tests at real sizes (pytest -m gpu)", 100, "experiments.gpu_check.gpu_tests"),
+    Step("c_kernel_info", "registers, spills, shared memory, wgmma and async copies of every compiled kernel",
+         30, "experiments.gpu_check.kernel_info"),
+    Step("d_kernel_bench", "per-kernel throughput table (experiments.bench_kernels)", 50,
+         "experiments.gpu_check.external", ("--module", "experiments.bench_kernels", "--", "--device", "cuda"),
+         ("--module", "experiments.bench_kernels", "--", "--quick"), dry_budget_s=90),
+    Step("d_tile_sweep", "tile sweep of the grouped GEMMs (the autotune entry point of moe.kernels)", 40,
+         "experiments.gpu_check.external", ("--module", "moe.kernels.autotune", "--", "--device", "cuda"),
+         dry="skip"),
+    Step("e_layer_bench", "the layer benchmark on CUDA, bf16, T >= 16k: dense, sorted, triton, Mixtral-style "
+         "loop, DeepSpeed MoE, experts only", 70, "experiments.gpu_check.layer_bench"),
+    Step("f_train_twins", "50 training steps of a ~100M dense model and its FLOP-matched MoE twin: tokens/s, MFU, "
+         "no host sync in a dropless step", 65, "experiments.gpu_check.train_twins"),
+    Step("g_large_shape", "a large shape and an int32-overflow probe (N*f > 2^31 elements)", 35,
+         "experiments.gpu_check.large_shape"),
+)
+WHEELS_BUDGET_S = 20  # the carried wheels' install, before the steps
+assert WHEELS_BUDGET_S + sum(s.budget_s for s in STEPS) <= TOTAL_BUDGET_S, "the budget table overruns 8.5 minutes"
+
+
+def step_names() -> list[str]:
+    return [s.name for s in STEPS]

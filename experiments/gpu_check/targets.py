@@ -1,0 +1,86 @@
+"""Issue 18's targets (and issue 20's checks) read off the steps' numbers: met, missed, or unmeasured.
+
+Each target names the step its number comes from and how the number was taken. A target whose step did not run
+(skipped, timed out before the number, a dry run on CPU) is "unmeasured", never guessed. Step numbers are those
+the step modules write (experiments.gpu_check.layer_bench, train_twins, probe, kernel_info, large_shape).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+BIG_T = 16384  # the layer targets hold at T >= 16k tokens
+
+
+def _target(name: str, target: str, value: Optional[float], ok: Optional[bool], source: str, how: str) -> dict:
+    status = "unmeasured" if value is None or ok is None else ("met" if ok else "missed")
+    return {"name": name, "target": target, "value": value, "status": status, "from": source, "how": how}
+
+
+def _numbers(steps: dict, name: str) -> dict:
+    s = steps.get(name) or {}
+    return s.get("numbers") or {} if s.get("status") in ("ok", "failed", "timeout") else {}
+
+
+def _big_shapes(layer: dict) -> list[dict]:
+    return [s for s in (layer.get("shapes") or {}).values() if s.get("T", 0) >= BIG_T]
+
+
+def _worst(shapes: list[dict], get: Callable[[dict], Optional[float]], worst: Callable) -> Optional[float]:
+    vals = [v for v in (get(s) for s in shapes) if v is not None]
+    return worst(vals) if vals else None
+
+
+def _row(shape: dict, impl: str, key: str = "ratio_median_pairs") -> Optional[float]:
+    return ((shape.get("rows") or {}).get(impl) or {}).get(key)
+
+
+def _check(steps: dict, step: str, check: str, name: str, target: str) -> dict:
+    c = (_numbers(steps, step).get("checks") or {}).get(check)
+    if c is None:
+        return _target(name, target, None, None, step, "not reached")
+    return _target(name, target, 1.0 if c["ok"] else 0.0, c["ok"], step, c["detail"])
+
+
+def evaluate(steps: dict[str, dict[str, Any]]) -> list[dict]:
+    """steps: name -> the runner's record of that step -> the list of targets for results.json."""
+    layer = _numbers(steps, "e_layer_bench")
+    big = _big_shapes(layer) if not layer.get("dry_run") else []
+    out = []
+    v = _worst(big, lambda s: _row(s, "triton"), max)
+    out.append(_target("triton_vs_dense", "triton <= 1.15x dense FFN time at T >= 16k", v,
+                       None if v is None else v <= 1.15, "e_layer_bench",
+                       "median over repetitions of triton / dense FFN (forward + backward), worst shape"))
+    v = _worst(big, lambda s: s.get("grouped_gemm_vs_dense"), min)
+    out.append(_target("grouped_gemm_vs_dense", "grouped GEMM >= 85% of dense GEMM TFLOP/s", v,
+                       None if v is None else v >= 0.85, "e_layer_bench",
+                       "bench.py's forward up-projection GEMM (torch grouped_mm or the loop, the faster) over one "
+                       "dense GEMM of equal FLOPs, worst shape; our kernels' own rows are d_kernel_bench's table"))
+    for key, label in (("permute", "permute (gather)"), ("combine", "combine (weighted index_add)")):
+        v = _worst(big, lambda s, k=key: s.get(f"{k}_vs_peak"), min)
+        out.append(_target(f"{key}_bandwidth", f"{key} >= 70% of the device's peak memory bandwidth", v,
+                           None if v is None else v >= 0.70, "e_layer_bench",
+                           f"bench.py's {label} GB/s over the peak from the memory clock and bus width, worst shape"))
+    for peer, impl in (("deepspeed", "DeepSpeed MoE"), ("mixtral", "Mixtral-style loop (transformers)")):
+        v = _worst(big, lambda s, i=impl: _triton_over(s, i), max)
+        out.append(_target(f"triton_vs_{peer}", f"triton faster than {impl}", v, None if v is None else v < 1.0,
+                           "e_layer_bench", f"triton time / {impl} time (median of pairs), worst shape"))
+    train = _numbers(steps, "f_train_twins")
+    v = None if train.get("dry_run") else train.get("moe_vs_dense_tokens_per_s")
+    out.append(_target("twin_tokens_per_s", "MoE twin tokens/s >= 0.85x dense in training", v,
+                       None if v is None else v >= 0.85, "f_train_twins",
+                       "tokens/s of the twin over the dense model's, bf16 autocast, dispatcher=auto"))
+    out.append(_check(steps, "f_train_twins", "no_host_sync", "dropless_step_no_sync",
+                      "a dropless MoE training step makes no host synchronisation"))
+    for check in ("k2_accuracy", "k8_accuracy", "k2_bitwise", "k8_bitwise"):
+        out.append(_check(steps, "a_probe", check, f"probe_{check}",
+                          "probe within bf16 tolerance of fp32" if "accuracy" in check else "probe bitwise repeatable"))
+    out.append(_check(steps, "c_kernel_info", "gemms_use_wgmma", "gemms_use_wgmma",
+                      "the grouped GEMMs compile to warp-group MMA (wgmma) on Hopper"))
+    out.append(_check(steps, "g_large_shape", "int32_overflow", "int32_overflow",
+                      "rows past 2^31 elements of [N, f] are right (int64 addressing)"))
+    return out
+
+
+def _triton_over(shape: dict, impl: str) -> Optional[float]:
+    t, peer = _row(shape, "triton", "median_ms"), _row(shape, impl, "median_ms")
+    return None if t is None or not peer else t / peer
