@@ -46,7 +46,7 @@ clean:
 GPU_WHEELS ?= gpu_wheels
 .PHONY: gpu-check gpu-wheels
 gpu-check:
-	$(PYTHON) -m experiments.gpu_check $(if $(filter 1 yes true,$(DRY_RUN)),--dry-run) $(if $(OUT),--out "$(OUT)") --wheels "$(GPU_WHEELS)"
+	$(PYTHON) -m experiments.gpu_check $(if $(filter 1 yes true,$(DRY_RUN)),--dry-run) $(if $(OUT),--out "$(OUT)") $(if $(ONLY),--only $(ONLY)) --wheels "$(GPU_WHEELS)"
 
 # What the GPU machine lacks, as wheels to carry with the working tree (fetched here, where PyPI is reachable):
 # Hydra for the apps, and DeepSpeed (built here into a pure-python wheel, no ops) with the deps the machine lacks.

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 TOTAL_BUDGET_S = 510  # 8.5 minutes for everything, the wheel install included
+OUT_ENV = "GPU_CHECK_OUT"  # the steps learn the output folder from it (for files that must come back)
 
 
 @dataclass(frozen=True)
@@ -23,24 +24,31 @@ class Step:
     dry_args: tuple[str, ...] = ()  # extra arguments in a dry run (tiny shapes)
     dry: str = "run"  # in a dry run without CUDA: "run" (tiny shapes) or "skip" ("skipped: no CUDA")
     dry_budget_s: int = 60  # time box of the dry run's launch
+    interpreter: bool = True  # dry run on CPU: under TRITON_INTERPRET=1 (False: compiles for sm_90 without a GPU)
+    exports: str = ""  # an environment variable the later steps get, set to the table file this step wrote
 
 
+BIG = "16384:1024:2048:8:2"  # issue 20's reference layer (T >= 16k)
 STEPS: tuple[Step, ...] = (
     Step("device", "device, versions, datasheet peaks, a measured bf16 GEMM and a device copy",
          25, "experiments.gpu_check.device_info"),
     Step("a_probe", "correctness probe: bf16 T=4099 d=1000 f=1400 E=64 (5 empty, one at 30%), k=2 and 8, "
-         "against fp32, forward and backward, twice for bitwise equality", 75, "experiments.gpu_check.probe"),
-    Step("b_gpu_tests", "the gpu-marked tests at real sizes (pytest -m gpu)", 100, "experiments.gpu_check.gpu_tests"),
+         "against fp32, forward and backward, twice for bitwise equality", 70, "experiments.gpu_check.probe"),
+    Step("b_gpu_tests", "the gpu-marked tests at real sizes (pytest -m gpu)", 95, "experiments.gpu_check.gpu_tests"),
     Step("c_kernel_info", "registers, spills, shared memory, wgmma and async copies of every compiled kernel",
-         30, "experiments.gpu_check.kernel_info"),
-    Step("d_kernel_bench", "per-kernel throughput table (experiments.bench_kernels)", 50,
-         "experiments.gpu_check.external", ("--module", "experiments.bench_kernels", "--", "--device", "cuda"),
-         ("--module", "experiments.bench_kernels", "--", "--quick"), dry_budget_s=90),
-    Step("d_tile_sweep", "tile sweep of the grouped GEMMs (the autotune entry point of moe.kernels)", 40,
-         "experiments.gpu_check.external", ("--module", "moe.kernels.autotune", "--", "--device", "cuda"),
-         dry="skip"),
+         25, "experiments.gpu_check.kernel_info", interpreter=False),
+    Step("d_kernel_bench", "per-kernel throughput table (experiments.bench_kernels)", 45,
+         "experiments.gpu_check.external",
+         ("--module", "experiments.bench_kernels", "--", "--shape", BIG, "--dtype", "bf16", "--json", "{table}"),
+         ("--module", "experiments.bench_kernels", "--", "--quick", "--json", "{table}"), dry_budget_s=120),
+    Step("d_tile_sweep", "tile sweep of the forward grouped GEMMs (moe.kernels.autotune); later steps use its table",
+         55, "experiments.gpu_check.external",
+         ("--module", "moe.kernels.autotune", "--table", "tuned_configs.json", "--", "--out", "{table}", "--quick",
+          "--shape", BIG, "--kernels", "up_glu,down"),
+         ("--module", "moe.kernels.autotune", "--table", "tuned_configs.json", "--", "--out", "{table}", "--quick"),
+         dry_budget_s=90, exports="SWITCHYARD_TUNED_CONFIGS"),
     Step("e_layer_bench", "the layer benchmark on CUDA, bf16, T >= 16k: dense, sorted, triton, Mixtral-style "
-         "loop, DeepSpeed MoE, experts only", 70, "experiments.gpu_check.layer_bench"),
+         "loop, DeepSpeed MoE, experts only", 65, "experiments.gpu_check.layer_bench"),
     Step("f_train_twins", "50 training steps of a ~100M dense model and its FLOP-matched MoE twin: tokens/s, MFU, "
          "no host sync in a dropless step", 65, "experiments.gpu_check.train_twins"),
     Step("g_large_shape", "a large shape and an int32-overflow probe (N*f > 2^31 elements)", 35,

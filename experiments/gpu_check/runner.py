@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from experiments.gpu_check.budget import STEPS, TOTAL_BUDGET_S, WHEELS_BUDGET_S, Step
+from experiments.gpu_check.budget import OUT_ENV, STEPS, TOTAL_BUDGET_S, WHEELS_BUDGET_S, Step
 from experiments.gpu_check.targets import evaluate
 from experiments.gpu_check.wheels import install_wheels
 
@@ -155,7 +155,7 @@ def run_check(out: Optional[Path], dry_run: bool, wheel_dir: Path, only: Optiona
         wheels = install_wheels(Path(wheel_dir), work / "site", WHEELS_BUDGET_S, log)
         results["steps"].append(wheels)
         save()
-        env = _step_env(work, site_ok=wheels["status"] == "ok")
+        env = _step_env(work, site_ok=wheels["status"] == "ok", out=out)
         cuda = None  # known after the device step
         for step in STEPS:
             left = TOTAL_BUDGET_S - (time.perf_counter() - log.t0)
@@ -173,8 +173,15 @@ def run_check(out: Optional[Path], dry_run: bool, wheel_dir: Path, only: Optiona
                 json_path = work / f"{step.name}.json"
                 cmd = [python, "-m", step.module, "--json", str(json_path)]
                 cmd += (["--dry-run"] + list(step.dry_args)) if dry_run else list(step.args)
-                record = run_step(step, cmd, env, box, log, json_path)
+                step_env = dict(env)
+                if not step.interpreter:
+                    step_env.pop("TRITON_INTERPRET", None)
+                record = run_step(step, cmd, step_env, box, log, json_path)
             results["steps"].append(record)
+            table = record.get("numbers", {}).get("table_file")
+            if step.exports and record["status"] == "ok" and table:
+                env[step.exports] = table  # e.g. the tuned tiles, for the benchmarks and the training that follow
+                log(f"{step.exports}={table} for the steps that follow")
             if step.name == "device":
                 results["device"] = record.get("numbers", {})
                 cuda = bool(results["device"].get("cuda", False))
@@ -191,8 +198,9 @@ def run_check(out: Optional[Path], dry_run: bool, wheel_dir: Path, only: Optiona
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _step_env(work: Path, site_ok: bool) -> dict:
+def _step_env(work: Path, site_ok: bool, out: Path) -> dict:
     env = dict(os.environ)
+    env[OUT_ENV] = str(out)  # where a step writes a file that must come back (experiments.gpu_check.external)
     paths = ([str(work / "site")] if site_ok else []) + [str(REPO_ROOT)]
     if env.get("PYTHONPATH"):
         paths.append(env["PYTHONPATH"])
