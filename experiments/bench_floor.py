@@ -1,0 +1,264 @@
+"""python -m experiments.bench_floor [--twins ...] [--reps 5] [--batches 16,64,256] [--fused-adamw]
+
+Where the bare training step's time goes (forward, backward, clip, optimizer step, zero_grad) for the demo's dense
+base and its FLOP-matched twins, side by side in one process, and each model's physical floor on this CPU: its
+FLOPs at the measured GEMM rate plus the bytes its optimizer phase must move at the measured memory bandwidth.
+
+Shape legend: T tokens per step (batch x seq_len), d model width, f expert width, E experts, k choices, P parameters.
+
+The floor (`floor_ms`), a lower bound for one step of a model:
+
+    FLOPs / rate  +  optimizer-phase bytes / bandwidth(working set)
+
+- FLOPs: moe.flops.flops_per_token(cfg).training x T (the twins match dense within 1%, the router included).
+- rate: FLOP/s of one fp32 GEMM at the dense FFN's shapes ([T, d] x [d, d_ff], forward and both backward
+  products), the best this BLAS does on this machine at these widths (`gemm_rate`).
+- optimizer-phase bytes: gradient clipping reads every gradient for the norm, then reads and writes it to scale
+  it (`CLIP_BYTES_PER_PARAM` = 12 B, over a working set of the gradients, 4 B x P); AdamW reads parameter,
+  gradient and both moments and writes parameter and moments (`ADAMW_BYTES_PER_PARAM` = 28 B, over 16 B x P).
+  These phases run after backward, memory-bound, so they add to the GEMM time.
+- bandwidth: a copy (`copy_bandwidth`, read + write bytes over seconds) whose two buffers together are the
+  phase's working set, since a small one stays in cache (this machine reports a 300 MiB L3).
+Weight reads in forward and backward and the gradient writes (12 B x P) can overlap with the GEMMs, so they are
+reported beside the floor (`weight_ms`), not in it; the router's sort and the two row permutations are small.
+
+Protocol as experiments.bench_step: models interleaved round-robin per repetition (the starting one rotating),
+one warm-up, `--reps` timed; min and median per phase. The clock (`--clock`) is this thread's CPU time by default
+(time.thread_time: with one torch thread all the step's work runs on it), so the time another process holds the
+core is not counted: on a machine shared with other jobs (load 10 on 2 cores) wall-clock minima of a few steps
+scatter by 2x, CPU-time minima much less; they still pay for shared caches and memory bandwidth. `--clock wall`
+is experiments.bench_step's perf_counter.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from experiments import allocator
+from experiments.bench_step import DEMO_TWINS, StepSetup, make_optimizer, twin_config
+from moe.config import ModelConfig
+from moe.flops import count_params, flops_per_token
+from moe.model import Transformer
+
+PHASES = ("forward", "backward", "clip", "optimizer", "zero_grad")
+CLIP_BYTES_PER_PARAM = 12  # clip_grad_norm_: read g (the norm), read and write g (the scale)
+ADAMW_BYTES_PER_PARAM = 28  # AdamW: read p, g, m, v; write p, m, v
+WEIGHT_BYTES_PER_PARAM = 12  # forward reads w, backward reads w (grad-input) and writes its gradient
+CLOCKS: dict[str, Callable[[], float]] = {"cpu": time.thread_time, "wall": time.perf_counter}
+
+
+@dataclass
+class Floor:
+    """One model's lower bound for a step, and its parts (ms)."""
+    params: int  # total parameters P
+    flops: int  # training FLOPs per step
+    gemm_ms: float  # flops / the measured GEMM rate
+    opt_ms: float  # (CLIP_ + ADAMW_BYTES_PER_PARAM) x P at the bandwidth of each phase's working set
+    weight_ms: float  # WEIGHT_BYTES_PER_PARAM x P / bandwidth: may overlap the GEMMs, so not in floor_ms
+
+    @property
+    def floor_ms(self) -> float:
+        return self.gemm_ms + self.opt_ms
+
+
+def copy_bandwidth(nbytes: int, reps: int = 5, clock: Callable[[], float] = time.thread_time) -> float:
+    """Bytes per second of dst.copy_(src) for two buffers of nbytes together, counting the read and the write
+    (best of reps, after one untimed copy that faults the pages in)."""
+    if nbytes < 4096:
+        raise ValueError(f"copy_bandwidth needs at least 4096 bytes, got {nbytes}")
+    src = torch.ones(nbytes // 8)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = clock()
+        dst.copy_(src)
+        best = min(best, clock() - t0)
+    return 2 * src.numel() * 4 / best
+
+
+def gemm_rate(tokens: int, d: int, width: int, reps: int = 5, clock: Callable[[], float] = time.thread_time) -> float:
+    """FLOP/s of the dense FFN's three products at [tokens, d] x [d, width]: forward x @ w, grad-input g @ w.T,
+    grad-weight x.T @ g (best of reps, one warm-up)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(tokens, d, generator=g)
+    w = torch.randn(d, width, generator=g)
+    gy = torch.randn(tokens, width, generator=g)
+    y, gx, gw = torch.empty(tokens, width), torch.empty(tokens, d), torch.empty(d, width)
+
+    def run() -> None:
+        torch.mm(x, w, out=y)
+        torch.mm(gy, w.t(), out=gx)
+        torch.mm(x.t(), gy, out=gw)
+
+    run()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = clock()
+        run()
+        best = min(best, clock() - t0)
+    return 3 * 2 * tokens * d * width / best
+
+
+def floor_of(cfg: ModelConfig, tokens: int, seq_len: int, rate: float,
+             bandwidth: Callable[[int], float]) -> Floor:
+    """The floor of one step of `cfg` at `tokens` per step; bandwidth(nbytes) -> B/s for a working set of nbytes."""
+    params = count_params(cfg).total
+    flops = flops_per_token(cfg, seq_len).training * tokens
+    clip_s = CLIP_BYTES_PER_PARAM * params / bandwidth(4 * params)  # the gradients
+    adamw_s = ADAMW_BYTES_PER_PARAM * params / bandwidth(16 * params)  # parameters, gradients, two moments
+    weight_s = WEIGHT_BYTES_PER_PARAM * params / bandwidth(8 * params)  # weights and their gradients
+    return Floor(params=params, flops=flops, gemm_ms=1e3 * flops / rate, opt_ms=1e3 * (clip_s + adamw_s),
+                 weight_ms=1e3 * weight_s)
+
+
+def floor_ratio(twin: Floor, dense: Floor, dense_ms: float) -> tuple[float, float]:
+    """(floor(twin) / floor(dense): both at their floors; (dense_ms + floor(twin) - floor(dense)) / dense_ms: the
+    twin doing all dense does at dense's measured speed plus only its own unavoidable extra work). The second is
+    the lower, the most lenient bound against a target measured as twin / dense."""
+    return twin.floor_ms / dense.floor_ms, (dense_ms + twin.floor_ms - dense.floor_ms) / dense_ms
+
+
+def make_phased_step(cfg: ModelConfig, setup: StepSetup, fused_adamw: bool = False,
+                     clock: Callable[[], float] = time.thread_time) -> tuple[Callable[[], dict[str, float]], Transformer]:
+    """A closure running one bare step (as experiments.bench_step.make_step) that returns seconds per phase."""
+    torch.manual_seed(setup.seed)
+    model = Transformer(cfg)
+    model.train()
+    optimizer = make_optimizer(model, fused_adamw)
+    g = torch.Generator().manual_seed(setup.seed)
+    x = torch.randint(0, cfg.vocab_size, (setup.batch, setup.seq_len), generator=g)
+    y = torch.randint(0, cfg.vocab_size, (setup.batch, setup.seq_len), generator=g)
+    params = list(model.parameters())
+
+    def step() -> dict[str, float]:
+        t0 = clock()
+        loss = model(x, y).total_loss
+        t1 = clock()
+        loss.backward()
+        t2 = clock()
+        torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], setup.max_norm)
+        t3 = clock()
+        optimizer.step()
+        t4 = clock()
+        optimizer.zero_grad(set_to_none=True)
+        t5 = clock()
+        return dict(zip(PHASES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)))
+
+    return step, model
+
+
+def interleaved_phases(steps: dict[str, Callable[[], dict[str, float]]], reps: int, warmup: int = 1
+                       ) -> dict[str, list[dict[str, float]]]:
+    """name -> one {phase: seconds} per timed repetition, models round-robin with a rotating start."""
+    names = list(steps)
+    out: dict[str, list[dict[str, float]]] = {n: [] for n in names}
+    for r in range(warmup + reps):
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            phases = steps[n]()
+            if r >= warmup:
+                out[n].append(phases)
+    return out
+
+
+def summarise(runs: list[dict[str, float]]) -> dict[str, tuple[float, float]]:
+    """phase (and "step", their sum) -> (min ms, median ms) over repetitions."""
+    table = {p: [1e3 * r[p] for r in runs] for p in PHASES}
+    table["step"] = [1e3 * sum(r.values()) for r in runs]
+    return {p: (min(v), statistics.median(v)) for p, v in table.items()}
+
+
+def step_ratios(runs: dict[str, list[dict[str, float]]], ref: str = "dense") -> dict[str, tuple[float, float]]:
+    """name -> (min step / min ref step, median of the per-repetition step ratios)."""
+    totals = {n: [sum(r.values()) for r in rs] for n, rs in runs.items()}
+    return {n: (min(ts) / min(totals[ref]), statistics.median(t / d for t, d in zip(ts, totals[ref])))
+            for n, ts in totals.items()}
+
+
+def _cached(fn: Callable[[int], float]) -> Callable[[int], float]:
+    """Bandwidth per power-of-two size bucket (the working set rounded down: the faster, so the lower floor),
+    measured once (a copy per model would cost as much as a step)."""
+    memo: dict[int, float] = {}
+
+    def at(nbytes: int) -> float:
+        key = max(1 << 20, 1 << (nbytes.bit_length() - 1))
+        if key not in memo:
+            memo[key] = fn(key)
+        return memo[key]
+
+    return at
+
+
+def run_batch(names: list[str], setup: StepSetup, reps: int, fused_adamw: bool, rate: float,
+              bandwidth: Callable[[int], float], clock: Callable[[], float]) -> None:
+    """Prints the phase table, the floors and the ratios of one batch size."""
+    tokens = setup.batch * setup.seq_len
+    cfgs = {n: twin_config(n, setup) for n in names}
+    steps = {n: make_phased_step(cfgs[n], setup, fused_adamw, clock)[0] for n in names}
+    runs = interleaved_phases(steps, reps)
+    phases = {n: summarise(rs) for n, rs in runs.items()}
+    ratio = step_ratios(runs)
+    floors = {n: floor_of(cfgs[n], tokens, setup.seq_len, rate, bandwidth) for n in names}
+    dense_ms = phases["dense"]["step"][0]
+    print(f"\n## T = {tokens} tokens per step ({setup.batch} x {setup.seq_len}), load {os.getloadavg()[0]:.2f}, "
+          f"{datetime.datetime.now().isoformat(timespec='minutes')}\n")
+    print("| model | params | " + " | ".join(f"{p} ms" for p in PHASES) + " | step ms (min / median) | "
+          "vs dense (min; median of pairs) | floor ms (GEMM + opt; weights) | floor ratio (both at floor; "
+          "dense as measured) |")
+    print("|---|---:|" + "---:|" * (len(PHASES) + 4))
+    for n in names:
+        f = floors[n]
+        both, lenient = floor_ratio(f, floors["dense"], dense_ms)
+        cells = " | ".join(f"{phases[n][p][0]:.1f} / {phases[n][p][1]:.1f}" for p in PHASES)
+        print(f"| {n} | {f.params / 1e6:.2f}M | {cells} | {phases[n]['step'][0]:.1f} / {phases[n]['step'][1]:.1f} | "
+              f"{ratio[n][0]:.3f}x ({ratio[n][1]:.3f}x) | {f.floor_ms:.1f} ({f.gemm_ms:.1f} + {f.opt_ms:.1f}; "
+              f"{f.weight_ms:.1f}) | {both:.3f}x / {lenient:.3f}x |")
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--twins", default=DEMO_TWINS, help=f"comma-separated twin names (default {DEMO_TWINS})")
+    ap.add_argument("--reps", type=int, default=5, help="timed repetitions per batch size (>= 3)")
+    ap.add_argument("--batches", default="16", help="comma-separated sequences per step (demo 16; 64, 256 = 4x, 16x)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads")
+    ap.add_argument("--clock", default="cpu", choices=tuple(CLOCKS), help="cpu: this thread's CPU time; wall: perf_counter")
+    ap.add_argument("--fused-adamw", action="store_true", help="torch's fused AdamW instead of the trainer's foreach")
+    ap.add_argument("--allocator", default="auto", choices=allocator.CHOICES,
+                    help="re-run once with this allocator (experiments.allocator)")
+    args = ap.parse_args(argv)
+    if args.allocator != "system":
+        allocator.reexec("experiments.bench_floor", list(argv if argv is not None else sys.argv[1:]), args.allocator)
+    if args.reps < 3:
+        raise ValueError(f"--reps={args.reps} must be >= 3 for a median")
+    try:
+        batches = [int(b) for b in args.batches.split(",") if b.strip()]
+    except ValueError:
+        raise ValueError(f"--batches={args.batches!r}: write comma-separated integers, e.g. 16,64,256") from None
+    torch.set_num_threads(args.threads)
+    names = [n.strip() for n in args.twins.split(",") if n.strip()]
+    if "dense" not in names:
+        names.insert(0, "dense")
+    clock = CLOCKS[args.clock]
+    bandwidth = _cached(lambda nbytes: copy_bandwidth(nbytes, clock=clock))
+    print(f"# bare step by phase, tiny_dense twins, {args.threads} thread(s), torch {torch.__version__}, "
+          f"AdamW {'fused' if args.fused_adamw else 'foreach'}, clock {args.clock}, allocator: {allocator.current()}")
+    print("copy bandwidth (read + write), GB/s: " + ", ".join(
+        f"{mb} MiB {bandwidth(mb << 20) / 1e9:.1f}" for mb in (4, 32, 256, 1024)))
+    for b in batches:
+        setup = StepSetup(batch=b)
+        base = twin_config("dense", setup)
+        rate = gemm_rate(b * setup.seq_len, base.d_model, base.d_ff, clock=clock)
+        print(f"\ndense FFN GEMM rate at T = {b * setup.seq_len}: {rate / 1e9:.1f} GFLOP/s")
+        run_batch(names, setup, args.reps, args.fused_adamw, rate, bandwidth, clock)
+
+
+if __name__ == "__main__":
+    main()
