@@ -92,6 +92,26 @@ def run_sweep(root: Path, twins: Sequence[str], steps: Sequence[int], jobs: int 
         return dict(zip(items, pool.map(one, items)))
 
 
+def report(args: argparse.Namespace) -> int:
+    from experiments.scaling_report import write_report
+    from experiments.scaling_tables import build_study
+
+    try:
+        budgets = [int(x) for x in args.budgets.split(",") if x.strip()] if args.budgets else None
+    except ValueError:
+        print(f"scaling_study: --budgets {args.budgets!r} must be step counts, e.g. 250,500,1000", file=sys.stderr)
+        return 2
+    try:
+        study = build_study(args.root, budgets, Path(args.bench) if args.bench else None)
+        paths = write_report(study, Path(args.out or args.root), plots=not args.no_plots)
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        print(f"scaling_study: {e}", file=sys.stderr)
+        return 2
+    for name, p in paths.items():
+        print(f"{name + ':':<26} {p}")
+    return 0
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m experiments.scaling_study", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -101,8 +121,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     run.add_argument("--experiment", default=EXPERIMENT, help="conf/experiment/NAME.yaml")
     run.add_argument("--twins", default=None, help="comma-separated twins (default: the experiment's sweep)")
     run.add_argument("--steps", default="250,500,1000", help="the phases: every twin trained to each in turn")
-    run.add_argument("overrides", nargs="*", help="more experiments.train overrides, e.g. trainer.max_steps=500")
+    run.add_argument("overrides", nargs="*", help="more experiments.train overrides, e.g. optim.lr=1e-3")
+    rep = sub.add_parser("report", help="write the study's tables and figures")
+    rep.add_argument("root", metavar="ROOT", help="the sweep directory (runs/scaling)")
+    rep.add_argument("--out", default=None, help="where to write (default: ROOT)")
+    rep.add_argument("--budgets", default=None, help="steps to read the runs at, e.g. 250,500,1000 (default: dense's length)")
+    rep.add_argument("--bench", default=None, help="a saved `python -m experiments.bench_step --twins ...` output")
+    rep.add_argument("--no-plots", action="store_true", help="only tables.md and study.csv")
     args = ap.parse_args(argv)
+    if args.cmd == "report":
+        return report(args)
     if args.cmd == "run":
         twins = [t for t in args.twins.split(",") if t] if args.twins else sweep_twins(args.experiment)
         steps = [int(x) for x in args.steps.split(",") if x.strip()]
