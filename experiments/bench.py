@@ -13,9 +13,11 @@ process against a dense FFN with the same active parameters (dense hidden = k * 
   MegaBlocks' dMoE only when importable (GPU; reported as not installed otherwise).
 - The lower bound: the experts alone on pre-sorted rows (`Experts.forward_sorted`), so that sorted / experts-only
   is the dispatch overhead.
-- The grouped GEMM's GFLOP/s (x[N,d] @ w_up[E,d,f] over expert segments, forward) against one dense GEMM
-  [N,d] @ [d,f] of the same FLOPs, and the permute (gather x[token_index]) and combine (weighted index_add)
-  bandwidth against a plain tensor copy of the same bytes (the practical memory ceiling of this machine).
+- torch's building blocks of `sorted` (not our Triton kernels: those are timed one by one, against torch.mm
+  and a copy, by `python -m experiments.bench_kernels`): the grouped GEMM's GFLOP/s through
+  moe.segment_matmul (torch's grouped_mm, or its per-expert loop; x[N,d] @ w_up[E,d,f], forward) against one
+  dense GEMM [N,d] @ [d,f] of the same FLOPs, and the bandwidth of torch's permute (x[token_index]) and
+  combine (weighted index_add_) against a plain tensor copy of the same bytes (the practical memory ceiling).
 
 Protocol: implementations interleaved round-robin within each repetition (the starting one rotates), a warm-up
 repetition, then `--reps` (>= 7) timed ones; ratios are MoE time / dense time as min-over-min and the median of
@@ -331,6 +333,7 @@ def bench_shape(s: Shape, reps: int, peers: bool, seed: int = 0, device: str = "
 
 
 def gemm_throughput(rows: Tensor, w: Tensor, counts: Tensor, reps: int) -> dict:
+    """GFLOP/s of torch's grouped GEMMs (moe.segment_matmul) vs one dense GEMM of the same FLOPs."""
     from moe.segment_matmul import grouped_matmul
 
     N, d = rows.shape
@@ -347,7 +350,7 @@ def gemm_throughput(rows: Tensor, w: Tensor, counts: Tensor, reps: int) -> dict:
 
 
 def permute_bandwidth(x: Tensor, plan, reps: int) -> dict:
-    """GB/s of the gather and of the weighted combine (bytes read + written) vs a copy of the rows."""
+    """GB/s of torch's gather and weighted index_add_ combine (bytes read + written) vs a copy of the rows."""
     ti, w = plan.token_index, plan.weight.to(x.dtype)
     N, d = ti.numel(), x.shape[1]
     rows = x[ti].contiguous()
@@ -396,11 +399,13 @@ def to_markdown(results: list[ShapeResult], header: list[str]) -> str:
         out.append("")
         g = r.gemm
         best = max(g["grouped_mm"], g["loop"])
-        out.append(f"grouped GEMM forward (x[N,d] @ w_up over expert segments): torch grouped_mm {g['grouped_mm']:.1f} "
+        out.append(f"torch's grouped GEMM forward (x[N,d] @ w_up over expert segments; our Triton kernels: "
+                   f"experiments.bench_kernels): torch grouped_mm {g['grouped_mm']:.1f} "
                    f"GFLOP/s, per-expert loop {g['loop']:.1f} GFLOP/s, one dense GEMM of the same FLOPs "
                    f"{g['dense GEMM']:.1f} GFLOP/s (the faster grouped one at {best / g['dense GEMM']:.0%} of dense).  ")
         bw = r.bandwidth
-        out.append(f"permute {bw['permute (gather)']:.1f} GB/s, combine {bw['combine (weighted index_add)']:.1f} GB/s, "
+        out.append(f"torch's permute (x[token_index]) {bw['permute (gather)']:.1f} GB/s, combine (weighted index_add_) "
+                   f"{bw['combine (weighted index_add)']:.1f} GB/s, "
                    f"row copy {bw['copy of the rows']:.1f} GB/s (reference)"
                    + (f"; device peak {r.peak_gbs:.0f} GB/s: permute at {bw['permute (gather)'] / r.peak_gbs:.0%}, "
                       f"combine at {bw['combine (weighted index_add)'] / r.peak_gbs:.0%}" if r.peak_gbs else "") + ".  ")

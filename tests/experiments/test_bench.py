@@ -25,6 +25,9 @@ def test_quick_run(tmp_path, capsys):
     assert "load average" in printed and "allocator" in printed and "MegaBlocks" in printed
     md = out.read_text()
     assert md.count("#### T=64 d=32 f=48") == 2
+    # the GEMM and bandwidth lines time torch's building blocks, and say so (ours: experiments.bench_kernels)
+    assert md.count("torch's grouped GEMM forward") == 2 and md.count("combine (weighted index_add_)") == 2
+    assert "experiments.bench_kernels" in md
 
     results, _ = bench.run(bench.parse_shapes("64:32:48:4:2"), reps=2, log=lambda s: None)
     rows = results[0].rows
