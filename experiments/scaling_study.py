@@ -20,6 +20,8 @@ so a run with a decaying schedule is read only at its own length and any other b
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import subprocess
 import sys
 import threading
@@ -53,6 +55,24 @@ def trained_steps(run_dir: Path) -> int:
     return max(steps, default=0)
 
 
+def busy(run_dir: Path) -> bool:
+    """Whether a live process is training run_dir (run.json says running and its recorded pid exists)."""
+    try:
+        info = json.loads((run_dir / "run.json").read_text())
+        pid = int((info.get("provenance") or {}).get("pid") or 0)
+    except (FileNotFoundError, json.JSONDecodeError, ValueError):
+        return False
+    if info.get("status") != "running" or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def train_command(twin: str, run_dir: Path, steps: int, experiment: str, overrides: Sequence[str]) -> list[str]:
     return [sys.executable, "-m", "experiments.train", f"experiment={experiment}", f"twin={twin}",
             f"hydra.run.dir={run_dir}", f"trainer.max_steps={steps}", "resume=auto", "trainer.progress=false",
@@ -79,6 +99,9 @@ def run_sweep(root: Path, twins: Sequence[str], steps: Sequence[int], jobs: int 
         with locks[twin]:
             run_dir = (root / twin).resolve()
             if trained_steps(run_dir) >= target:
+                return 0
+            if busy(run_dir):  # another sweep's process is on it: leave it to that one
+                print(f"{twin}: already being trained by another process; skipped", flush=True)
                 return 0
             with open(root / f"{twin}.log", "a") as log:
                 t0 = time.time()
