@@ -387,11 +387,16 @@ def markdown(report: Report, plots: Sequence[Path] = ()) -> str:
 
 
 def write_csv(report: Report, path: Path) -> None:
-    keys = list(report.rows[0])
+    write_rows_csv(report.rows, path)
+
+
+def write_rows_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    """Rows of one set of keys as CSV: floats unrounded (repr), None as an empty cell (also the scaling study's)."""
+    keys = list(rows[0])
     with path.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
-        for row in report.rows:
+        for row in rows:
             w.writerow({k: ("" if v is None else repr(v) if isinstance(v, float) else v) for k, v in row.items()})
 
 

@@ -8,11 +8,11 @@ budget and, where none reaches 2x, the budget the best twin's trend needs.
 """
 from __future__ import annotations
 
-import csv
 import math
 from pathlib import Path
 from typing import Any, Optional
 
+from experiments.compare import write_rows_csv
 from experiments.compare_timing import timing_warnings
 from experiments.scaling_tables import TARGET, Study, trend_to
 
@@ -147,9 +147,10 @@ def markdown(study: Study, plots: list[Path]) -> str:
     b = study.base
     out = [f"# Scaling study: {study.root.name}", "",
            f"Dense base and FLOP-matched twins (moe/twins.py), {b.tokens_per_step:,} tokens per step, "
-           f"optim.schedule={b.schedule}; budgets {', '.join(map(str, study.budgets))} steps, each read off the same "
-           f"runs (a constant-LR run's first N steps are an N-step run). Baseline **{b.name}**: every multiplier is "
-           f"against its validation loss at the budget (experiments.compare's definitions).", ""]
+           f"optim.schedule={b.schedule}; budgets {', '.join(map(str, study.budgets))} steps"
+           + (", each read off the same runs (a constant-LR run's first N steps are an N-step run)" if b.schedule == "constant"
+              else "") + f". Baseline **{b.name}**: every multiplier is against its validation loss at the budget "
+           f"(experiments.compare's definitions).", ""]
     out += provenance(study)
     if study.bench_header:
         out += [f"- bare-step ratios ²: {study.bench_header}"]
@@ -180,15 +181,6 @@ def markdown(study: Study, plots: list[Path]) -> str:
     return "\n".join(out) + "\n"
 
 
-def write_csv(study: Study, path: Path) -> None:
-    keys = list(study.rows[0]) if study.rows else ["budget_steps"]
-    with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        for row in study.rows:
-            w.writerow({k: ("" if v is None else repr(v) if isinstance(v, float) else v) for k, v in row.items()})
-
-
 def write_report(study: Study, out: Path, plots: bool = True) -> dict[str, Path]:
     """tables.md, study.csv and (with plots) the figures (experiments/scaling_plots.py); their paths by name."""
     out.mkdir(parents=True, exist_ok=True)
@@ -197,7 +189,9 @@ def write_report(study: Study, out: Path, plots: bool = True) -> dict[str, Path]
         from experiments.scaling_plots import plot_study
 
         paths.update({p.name: p for p in plot_study(study, out)})
-    write_csv(study, out / "study.csv")
+    if not study.rows:
+        raise ValueError(f"no run of {study.root} reaches the budgets {study.budgets}; pass smaller --budgets")
+    write_rows_csv(study.rows, out / "study.csv")
     paths["study.csv"] = out / "study.csv"
     (out / "tables.md").write_text(markdown(study, [p for p in paths.values() if p.suffix in (".png", ".svg")]))
     paths["tables.md"] = out / "tables.md"
