@@ -278,12 +278,14 @@ def test_stats_schema():
     assert plan.stats["top1_prob"].item() == pytest.approx(probs.max(-1).values.mean().item(), rel=1e-5)
 
 
-def test_top_k_must_be_one():
-    with pytest.raises(ValueError, match="model.moe.router.top_k=2"):
-        RouterConfig(name="base", top_k=2)
-    cfg = RouterConfig(name="base", top_k=1)
+def test_top_k_above_one_needs_the_auction():
+    """k > 1 is the balanced top-k of routing/balanced_topk.py (tests/routing/test_balanced_topk.py); the
+    Sinkhorn solver assigns one expert per token, so it is refused there, also when set after validation."""
+    with pytest.raises(ValueError, match="base_solver='sinkhorn'"):
+        RouterConfig(name="base", top_k=2, base_solver="sinkhorn")
+    cfg = RouterConfig(name="base", top_k=1, base_solver="sinkhorn")
     cfg.top_k = 3  # changed after validation: the router refuses it too
-    with pytest.raises(ValueError, match="model.moe.router.top_k=3"):
+    with pytest.raises(ValueError, match="top_k=3"):
         BaseRouter(D, E, cfg)
 
 

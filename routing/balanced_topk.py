@@ -1,0 +1,259 @@
+"""Balanced top-k assignment: every token to k distinct experts, every expert exactly its share of the T*k choices.
+
+Shape legend: T tokens, E experts, k choices per token, C = ceil(T*k / E) slots per expert, F free tokens.
+
+The b-matching behind BASE layers with k slots per token (routing/base_layers.py):
+    maximise sum_{t,e} s[t,e] x[t,e]   subject to   sum_e x[t,e] = k,   sum_t x[t,e] = cap[e],   x in {0, 1}.
+Its LP dual over expert prices p is D(p) = sum_t topk_sum(s[t] - p) + sum_e cap[e] p[e] (a token's best k
+experts at the prices), so an assignment where every token holds k experts each within eps of its best
+non-held one under p, and every expert is full, is within T*k*eps of the optimum (the gap is
+sum_t topk_sum(s[t] - p) - sum_{held} (s - p) <= k * eps per token). For k = 1 this is the transportation
+problem routing.assignment.auction_assignment solves; this solver handles any k and is the faster one there too.
+
+Two parts, both pure functions of the scores (no state between calls, so resumption stays bit-exact):
+1. a warm start: damped Jacobi coordinate descent on D(p). For each expert alone, the price that gives it
+   exactly cap[e] tokens is between the cap[e]-th and (cap[e]+1)-th largest margin s[t,e] - theta_t(-e) (theta:
+   the token's k-th best value among the other experts); all experts move there at once (damped after the
+   first steps). Where all
+   tokens look alike (the unigram phase, docs/routing_defaults.md) the old auction spent hundreds of rounds of
+   price war finding these prices; a few of these steps find them to a fraction of the token spread.
+2. Bertsekas' auction from those prices with eps scaling. Free tokens bid once a round for their best
+   non-held expert at s[t,e] - (second best non-held value) + eps (Jacobi rounds while many are free, serial
+   bids on per-expert heaps for the short end of a phase). A token evicted from an expert it held while
+   it bid for another can leave that other bid eps-stale, so a phase ends only when a re-bid of every holder
+   against its expert's price (the complementary-slackness check) frees nobody.
+"""
+from __future__ import annotations
+
+import heapq
+import math
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+AUCTION_REL_EPS = 1e-4  # final eps, as a fraction of the logit spread (routing.assignment's default)
+EPS_FACTOR = 16.0  # eps scaling: each phase divides eps by this
+WARM_ITERS = 8  # Jacobi steps of the dual warm start
+WARM_FULL_STEPS = 2  # the first steps go all the way to each expert's own balancing price (far from the optimum)
+WARM_DAMPING = 0.6  # later steps go this fraction of the way (a full step oscillates near the optimum; measured in
+# docs/routing_defaults.md: 8 steps leave 7-22 of 4,096 choices over capacity at E = 64-256)
+SERIAL_BELOW = 32  # free tokens below which bids go one at a time (cheaper than a vectorised round)
+MAX_ROUNDS = 100_000  # a safety net per phase; real phases take tens of rounds
+CHECK_SLACK = 0.125  # fraction of eps by which a holder's re-bid may miss its price (rounding; see _Auction.rebid)
+NEG_INF = float("-inf")
+
+
+def topk_capacity(num_tokens: int, num_experts: int, k: int, device: Optional[torch.device] = None) -> Tensor:
+    """[E] long slot counts summing to T*k: floor(T*k/E) each, plus one for the first (T*k mod E) experts."""
+    base, extra = divmod(num_tokens * k, num_experts)
+    return base + (torch.arange(num_experts, device=device) < extra).long()
+
+
+def _kth_margin(v: Tensor, k: int) -> Tensor:
+    """v [T, E] values s - p -> [T, E] theta_t(-e): the token's k-th best value among the experts other than e."""
+    top = v.topk(k + 1, dim=1).values  # [T, k+1]
+    in_topk = v >= top[:, k - 1 : k]  # e is among t's k best (ties: counted in, a bound either way)
+    return torch.where(in_topk, top[:, k : k + 1], top[:, k - 1 : k])
+
+
+def warm_prices(s: Tensor, k: int, cap: Tensor, iters: int = WARM_ITERS) -> Tensor:
+    """[E] prices near a minimiser of the dual D(p) (see the module docstring); s [T, E] fp32, 1 <= cap[e] < T."""
+    T, E = s.shape
+    p = torch.zeros(E, dtype=s.dtype, device=s.device)
+    cols = torch.arange(E, device=s.device)
+    depth = min(int(cap.max()) + 1, T)
+    hi_rank, lo_rank = (cap - 1).clamp(max=depth - 1), cap.clamp(max=depth - 1)  # the cap-th and (cap+1)-th largest
+    for i in range(iters):
+        margin = s - _kth_margin(s - p, k)  # [T, E]: t takes e iff p[e] < margin[t, e]
+        ranked = margin.topk(depth, dim=0).values  # [depth, E], descending
+        target = 0.5 * (ranked[hi_rank, cols] + ranked[lo_rank, cols])
+        p = p + (1.0 if i < WARM_FULL_STEPS else WARM_DAMPING) * (target - p)
+    return p - p.mean()  # only differences matter
+
+
+class _Auction:
+    """The auction's state over the L experts that have slots; methods advance it at a given eps."""
+
+    def __init__(self, s: Tensor, k: int, cap: Tensor, prices: Tensor):
+        self.s, self.k, self.cap = s, k, cap
+        T, L = s.shape
+        C = int(cap.max())
+        dev = s.device
+        self.exists = torch.arange(C, device=dev)[None, :] < cap[:, None]  # [L, C] real slots
+        self.empty = torch.where(self.exists, NEG_INF, float("inf"))  # an empty slot -inf, past capacity +inf
+        self.prices = prices.clone()  # [L]
+        self.slot_bid = self.empty.clone()  # [L, C] bids of each expert's holders
+        self.slot_tok = torch.full((L, C), -1, dtype=torch.long, device=dev)  # [L, C] the holders (-1 empty)
+        self.held = torch.zeros(T, L, dtype=torch.bool, device=dev)  # [T, L] whether t holds a slot of e
+        self.need = torch.full((T,), k, dtype=torch.long, device=dev)  # [T] choices still to place
+        self.s_np: Optional[np.ndarray] = None  # the scores as numpy, for the serial bidder (made on first use)
+
+    def _set_prices(self) -> None:
+        # A full expert's price is its lowest held bid; one with an empty slot keeps the price it had.
+        self.prices = torch.where(self.slot_bid[:, 0] > NEG_INF, self.slot_bid[:, 0], self.prices)
+
+    def rounds(self, eps: float) -> None:
+        """Jacobi rounds: every token with a choice to place bids for its best non-held expert."""
+        s, dev = self.s, self.s.device
+        L, C = self.slot_bid.shape
+        cols = torch.arange(C, device=dev)
+        for _ in range(MAX_ROUNDS):
+            free = (self.need > 0).nonzero().flatten()
+            F = free.numel()
+            if F <= SERIAL_BELOW:
+                return
+            top = (s[free] - self.prices).masked_fill(self.held[free], NEG_INF).topk(2, dim=1)  # [F, 2]
+            best = top.indices[:, 0]
+            bid = s[free, best] - top.values[:, 1] + eps  # price + (v1 - v2) + eps
+            order = torch.argsort(best, stable=True)
+            best, bid, tok = best[order], bid[order], free[order]
+            m = torch.bincount(best, minlength=L)  # [L] new bids per expert
+            M = int(m.max())
+            pos = torch.arange(F, device=dev) - (torch.cumsum(m, 0) - m)[best]
+            new_bid = torch.full((L, M), float("inf"), device=dev).index_put_((best, pos), bid)
+            new_tok = torch.full((L, M), -1, dtype=torch.long, device=dev).index_put_((best, pos), tok)
+            # Each expert keeps its cap[e] highest bids among holders and newcomers: the m_e lowest of the row
+            # go (an empty slot, -inf, goes first and releases nobody).
+            all_bid, idx = torch.cat([self.slot_bid, new_bid], 1).sort(dim=1, stable=True)
+            all_tok = torch.cat([self.slot_tok, new_tok], 1).gather(1, idx)
+            keep = cols[None, :] + m[:, None]
+            self.slot_bid, self.slot_tok = all_bid.gather(1, keep), all_tok.gather(1, keep)
+            self._set_prices()
+            self.held[tok, best] = True
+            self.need[tok] -= 1
+            gone = (torch.arange(M, device=dev)[None, :] < m[:, None]) & (all_tok[:, :M] >= 0)  # [L, M] released
+            out_e, out_j = gone.nonzero(as_tuple=True)
+            out_t = all_tok[out_e, out_j]
+            self.held[out_t, out_e] = False
+            self.need.index_add_(0, out_t, torch.ones_like(out_t))
+        raise RuntimeError(f"balanced top-k auction did not converge in {MAX_ROUNDS} rounds (eps={eps:g})")
+
+    def serial(self, eps: float) -> None:
+        """Gauss-Seidel bids, one at a time, on min-heaps of the experts' held bids, until nothing is free.
+
+        The end of a phase is a chain of single evictions; one bid here is a handful of numpy operations on an
+        [L] row (microseconds) where a vectorised round costs a dozen tensor operations."""
+        waiting = (self.need > 0).nonzero().flatten()
+        queue = [t for t, n in zip(waiting.tolist(), self.need[waiting].tolist()) for _ in range(n)]
+        if not queue:
+            return
+        cap = self.cap.tolist()
+        if self.s_np is None:
+            self.s_np = self.s.cpu().numpy()
+        s = self.s_np
+        price = self.prices.cpu().numpy().astype(np.float64)
+        touched = set(queue)  # tokens whose held set may change, written back at the end
+        held = self.held.cpu().numpy()  # [T, L] bool, a copy: updated in place here
+        heaps: dict[int, list[tuple[float, int]]] = {}
+        for _ in range(MAX_ROUNDS):
+            if not queue:
+                break
+            t = queue.pop()
+            v = s[t] - price
+            v[held[t]] = NEG_INF
+            e1 = int(v.argmax())
+            v[e1] = NEG_INF
+            v2 = v.max()
+            heap = heaps.get(e1)
+            if heap is None:
+                heap = heaps[e1] = list(zip(self.slot_bid[e1, : cap[e1]].tolist(), self.slot_tok[e1, : cap[e1]].tolist()))
+                heapq.heapify(heap)  # the lowest held bid (an empty slot's -inf first) is what a newcomer displaces
+            _, out = heapq.heappushpop(heap, (float(s[t, e1] - v2 + eps), t))  # beats the lowest
+            held[t, e1] = True
+            if heap[0][0] > NEG_INF:
+                price[e1] = heap[0][0]
+            if out >= 0:
+                held[out, e1] = False
+                touched.add(out)
+                queue.append(out)
+        else:
+            raise RuntimeError(f"balanced top-k auction did not converge in {MAX_ROUNDS} serial bids (eps={eps:g})")
+        self.slot_bid, self.slot_tok = self.slot_bid.clone(), self.slot_tok.clone()
+        for e, heap in heaps.items():  # write back the experts that received bids (heap order: rows need no order)
+            held_bid, held_tok = zip(*heap)
+            self.slot_bid[e, : cap[e]] = torch.tensor(held_bid, dtype=self.s.dtype)
+            self.slot_tok[e, : cap[e]] = torch.tensor(held_tok, dtype=torch.long)
+        rows = torch.tensor(sorted(touched), dtype=torch.long)
+        self.held[rows] = torch.from_numpy(held[rows.numpy()]).to(self.held.device)
+        self.need.zero_()
+        self.prices = torch.tensor(price, dtype=self.s.dtype, device=self.s.device)
+
+    def rebid(self, eps: float) -> int:
+        """Every holder bids again at eps against its expert's price, competing with its non-held experts; those
+        whose bid still reaches the price keep their slot at the new bid, the rest are freed. Returns how many."""
+        L = self.prices.shape[0]
+        tok = self.slot_tok.clamp(min=0)  # [L, C]
+        value = (self.s[tok] - self.prices).masked_fill(self.held[tok], NEG_INF)  # [L, C, L]: non-held values
+        other = value.amax(-1)
+        expert = torch.arange(L, device=self.s.device)[:, None].expand_as(tok)
+        again = self.s[tok, expert] - other + eps  # [L, C]
+        # The serial bids are Python floats stored in fp32: a holder whose bid was exact may miss the price by
+        # rounding, which would free it again and again. CHECK_SLACK of eps absorbs that (the bound grows by it).
+        ok = self.exists & (again >= self.prices[:, None] - CHECK_SLACK * eps)
+        lost = self.exists & ~ok
+        self.held[self.slot_tok[lost], expert[lost]] = False
+        self.need.index_add_(0, self.slot_tok[lost], torch.ones_like(self.slot_tok[lost]))
+        self.slot_bid, idx = torch.where(ok, again, self.empty).sort(dim=1, stable=True)
+        self.slot_tok = torch.where(ok, self.slot_tok, -1).gather(1, idx)
+        self._set_prices()
+        return int(lost.sum())
+
+    def solve_phase(self, eps: float) -> None:
+        for _ in range(MAX_ROUNDS):
+            self.rounds(eps)
+            self.serial(eps)
+            if self.rebid(eps) == 0:
+                return
+        raise RuntimeError(f"balanced top-k auction did not settle (eps={eps:g})")
+
+
+@torch.no_grad()
+def balanced_topk_assignment(scores: Tensor, k: int, capacity: Tensor, eps: Optional[float] = None,
+                             warm_iters: int = WARM_ITERS) -> tuple[Tensor, Tensor]:
+    """The b-matching of the module docstring: scores [T, E] (any float dtype; solved in fp32), capacity [E] long
+    summing to T*k (topk_capacity). Returns (expert [T, k] long, each row k distinct experts in descending score
+    order, every expert e in exactly capacity[e] rows; prices [E] fp32, +inf for an expert without slots). The
+    total score is within T*k*eps of the optimum; eps defaults to AUCTION_REL_EPS times the score spread."""
+    T, E = scores.shape
+    if not 1 <= k <= E:
+        raise ValueError(f"model.moe.router.top_k={k} must be between 1 and the {E} experts")
+    if int(capacity.sum()) != T * k:
+        raise ValueError(f"expert capacities sum to {int(capacity.sum())}, not to the {T} tokens x k={k}")
+    if capacity.numel() and int(capacity.max()) > T:
+        raise ValueError(f"an expert capacity of {int(capacity.max())} exceeds the {T} tokens (each token once)")
+    device = scores.device
+    prices = torch.full((E,), float("inf"), device=device)
+    live = (capacity > 0).nonzero().flatten()  # experts without a slot take no part
+    s = scores.detach().float()[:, live]
+    L = live.numel()
+    if T == 0 or L == k:  # every token takes every live expert
+        prices[live] = 0.0
+        return live[None, :].expand(T, k).contiguous(), prices
+    spread = float(s.max() - s.min())
+    if not math.isfinite(spread):
+        raise FloatingPointError("BASE routing got non-finite router logits (the router diverged): lower the learning "
+                                 "rate or clip the gradients")
+    cap = capacity[live]
+    if spread == 0.0:  # every balanced assignment is optimal: deal the choices out round-robin
+        flat = live.repeat_interleave(cap)  # [T*k], each expert's cap[e] copies together
+        expert = flat.view(k, T).t()  # token t gets flat[t], flat[T + t], ...: distinct since cap[e] <= T
+        prices[live] = 0.0
+        return expert.contiguous(), prices
+    eps_final = eps if eps is not None else AUCTION_REL_EPS * spread
+    p0 = warm_prices(s, k, cap, warm_iters) if warm_iters > 0 else torch.zeros(L, device=device)
+    auction = _Auction(s, k, cap, p0)
+    # A coarse eps first, relative to what the warm start leaves: the token-dependent spread of s - p.
+    residual = float(((s - p0).amax(1) - (s - p0).amin(1)).max())
+    cur = max(min(spread, residual) / EPS_FACTOR, eps_final)
+    while True:
+        auction.solve_phase(cur)
+        if cur <= eps_final:
+            break
+        cur = max(cur / EPS_FACTOR, eps_final)
+    held = auction.held  # [T, L], exactly k per row and cap[e] per column
+    assert bool((held.sum(1) == k).all()) and bool((held.sum(0) == cap).all()), "auction left choices unplaced"
+    order = s.masked_fill(~held, NEG_INF).topk(k, dim=1).indices  # [T, k] the held experts, best score first
+    prices[live] = auction.prices
+    return live[order], prices
