@@ -14,12 +14,29 @@ from pathlib import Path
 from typing import Callable
 
 
+def fits_here(wheel: Path) -> bool:
+    """Whether pip would install this wheel on this interpreter (gpu_wheels/ holds cp312 builds for the GPU
+    machine; a dry run elsewhere installs the rest). Without `packaging` every wheel is tried."""
+    try:
+        from packaging.tags import sys_tags
+        from packaging.utils import parse_wheel_filename
+    except ImportError:
+        return True
+    try:
+        tags = parse_wheel_filename(wheel.name)[3]
+    except ValueError:
+        return False
+    return not tags.isdisjoint(set(sys_tags()))
+
+
 def install_wheels(wheel_dir: Path, target: Path, timeout_s: float, log: Callable[[str], None]) -> dict:
     """pip install every wheel in wheel_dir into target; -> the wheels step's record (status, seconds, wheels)."""
     t0 = time.perf_counter()
-    wheels = sorted(wheel_dir.glob("*.whl")) if wheel_dir.is_dir() else []
+    found = sorted(wheel_dir.glob("*.whl")) if wheel_dir.is_dir() else []
+    wheels = [w for w in found if fits_here(w)]
     record: dict = {"name": "wheels", "title": f"install the carried wheels of {wheel_dir}", "budget_s": timeout_s,
                     "numbers": {"wheels": [w.name for w in wheels], "bytes": sum(w.stat().st_size for w in wheels),
+                                "not_for_this_interpreter": [w.name for w in found if w not in wheels],
                                 "target": str(target)}}
     if not wheels:
         record.update(status="skipped", why=f"no wheels in {wheel_dir} (make gpu-wheels fills it on a machine with "
