@@ -173,7 +173,10 @@ def main(argv=None) -> None:
     if "nvidia" not in backends:
         rec.skip("this triton build has no NVIDIA backend")
         return
-    control = describe(compile_control())
+    try:
+        control = describe(compile_control())
+    except Exception as e:  # noqa: BLE001 - another triton's compile API: the library kernels still get read
+        control = {"error": f"{type(e).__name__}: {e}", "wgmma": None, "registers": None}
     rec.put("control_dot_128x128x64_8warps", control)
     print(f"control dot kernel: {control}", flush=True)
     if not torch.cuda.is_available():
