@@ -46,7 +46,11 @@ def describe(kernel: Any) -> dict:
     """A compiled kernel (triton's CompiledKernel) -> its resources and the instructions that matter on Hopper."""
     md, asm = kernel.metadata, kernel.asm
     ptx, ttgir = asm.get("ptx", ""), asm.get("ttgir", "")
+    signature = getattr(getattr(kernel, "src", None), "signature", None) or {}
+    pointers = [str(t)[1:] for t in signature.values() if str(t).startswith("*")]
     out = {"name": getattr(md, "name", "?"), "num_warps": md.num_warps, "num_stages": md.num_stages,
+           # the first pointer's element type (bf16, fp32, ...), else what the TTGIR's operands say
+           "operands": pointers[0] if pointers else ("bf16" if "xbf16" in ttgir else "?"),
            "shared_bytes": getattr(md, "shared", None),
            "dot": "tt.dot" in ttgir or "warp_group_dot" in ttgir,  # a GEMM, whatever its name
            "wgmma": "wgmma.mma_async" in ptx,  # Hopper's warp-group MMA
@@ -125,6 +129,7 @@ def compiled_kernels(prefix: str = "moe.kernels") -> dict[str, list]:
     JITFunctions keep them per device in `device_caches` (triton 3.x; `cache` in 2.x); autotuners and
     heuristics wrap a JITFunction in `.fn`."""
     found: dict[str, list] = {}
+    seen: set[int] = set()  # a kernel imported into another module is the same object: read it once
     for mod_name, mod in list(sys.modules.items()):
         if not mod_name.startswith(prefix) or mod is None:
             continue
@@ -133,14 +138,16 @@ def compiled_kernels(prefix: str = "moe.kernels") -> dict[str, list]:
             while hasattr(fn, "fn") and not hasattr(fn, "device_caches") and depth < 4:
                 fn, depth = fn.fn, depth + 1
             caches = getattr(fn, "device_caches", None) or getattr(fn, "cache", None)
-            if not isinstance(caches, dict) or not callable(getattr(fn, "run", None)):
+            if not isinstance(caches, dict) or not callable(getattr(fn, "run", None)) or id(fn) in seen:
                 continue
+            seen.add(id(fn))
+            home = getattr(getattr(fn, "fn", None), "__module__", mod_name)  # the module that defines it
             kernels = []
             for entry in caches.values():
                 table = entry[0] if isinstance(entry, tuple) else entry
                 kernels += [k for k in table.values() if hasattr(k, "asm")]
             if kernels:
-                found.setdefault(f"{mod_name.split('.')[-1]}.{getattr(fn, '__name__', attr)}", []).extend(kernels)
+                found.setdefault(f"{home.split('.')[-1]}.{getattr(fn, '__name__', attr)}", []).extend(kernels)
     return found
 
 
@@ -157,10 +164,13 @@ def exercise_kernels() -> None:
         bank = expert_bank(8, 1024, 2048, dtype, dev, seed=0)
         x = torch.randn(4096, 1024, device=dev, dtype=dtype)
         forward_backward(triton_dispatch, x, plan, bank, torch.randn_like(x))
-    logits = torch.randn(4096, 64, device=dev, requires_grad=True)
-    _, w, idx = fused_topk_gating(logits, 2, "softmax_topk", True)
-    w.sum().backward()
-    sort_by_expert(idx, 64, use_triton=True)
+    try:  # the router's kernels, through their public functions (a changed signature is reported, not fatal)
+        logits = torch.randn(4096, 64, device=dev, requires_grad=True)
+        _, w, idx = fused_topk_gating(logits, 2, "softmax_topk", True)
+        w.sum().backward()
+        sort_by_expert(idx, 64, use_triton=True)
+    except Exception as e:  # noqa: BLE001
+        print(f"gating / sort kernels not exercised: {type(e).__name__}: {e}", flush=True)
     torch.cuda.synchronize()
 
 
@@ -193,10 +203,11 @@ def main(argv=None) -> None:
             print(f"{name:40s} warps {v['num_warps']} stages {v['num_stages']} regs {v['registers']} spills "
                   f"{v['spills']} smem {v['shared_bytes']} wgmma {v['wgmma']} cp.async {v['cp_async']} tma {v['tma']}",
                   flush=True)
-    gemms = {n: [v for v in vs if v["dot"]] for n, vs in table.items() if any(v["dot"] for v in vs)}
-    rec.check("gemms_use_wgmma", bool(gemms) and all(v["wgmma"] for vs in gemms.values() for v in vs),
-              f"{sum(v['wgmma'] for vs in gemms.values() for v in vs)} of {sum(len(vs) for vs in gemms.values())} "
-              f"GEMM variants use wgmma (control: {control['wgmma']})")
+    # 16-bit GEMM variants: fp32 ones without TF32 run IEEE dots on the FMA units by design (no wgmma there)
+    gemms = [v for vs in table.values() for v in vs if v["dot"] and v["operands"] in ("bf16", "fp16")]
+    rec.check("gemms_use_wgmma", bool(gemms) and all(v["wgmma"] for v in gemms),
+              f"{sum(v['wgmma'] for v in gemms)} of {len(gemms)} bf16 GEMM variants use wgmma "
+              f"(control: {control['wgmma']})")
     spilling = [n for n, vs in table.items() if any((v["spills"] or 0) > 0 for v in vs)]
     rec.put("kernels_that_spill", spilling)
     rec.finish()

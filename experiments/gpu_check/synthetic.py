@@ -54,10 +54,11 @@ def expert_bank(E: int, d: int, f: int, dtype: torch.dtype, device: torch.device
 
 def as_dtype(bank: Experts, dtype: torch.dtype) -> Experts:
     """A copy of the bank in another dtype (the fp32 reference holds the bf16 bank's values exactly)."""
-    twin = Experts(bank.num_experts, bank.w_up.shape[1], bank.w_up.shape[2], bank.activation,
-                   bank.w_gate is not None, bank.b_up is not None)
+    with torch.device(bank.w_up.device):
+        twin = Experts(bank.num_experts, bank.w_up.shape[1], bank.w_up.shape[2], bank.activation,
+                       bank.w_gate is not None, bank.b_up is not None)
     twin.load_state_dict({n: p.detach().to(dtype) for n, p in bank.state_dict().items()})
-    return twin.to(bank.w_up.device)
+    return twin
 
 
 def forward_backward(dispatch: Callable, x: Tensor, plan: RoutingPlan, bank: Experts, gy: Tensor) -> dict[str, Tensor]:

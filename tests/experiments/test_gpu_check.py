@@ -191,3 +191,42 @@ def test_dry_run_of_the_kernel_steps_under_the_interpreter(tmp_path):
     flops = train["moe_e8_k2_training_flops_per_token"] / train["dense_training_flops_per_token"]
     assert abs(flops - 1) < 0.01  # the FLOP-matched twin
     assert by["g_large_shape"]["numbers"]["overflow_size"]["overflow_reached"] is False
+
+
+def test_kernel_info_finds_each_compiled_kernel_once_and_reads_its_resources(monkeypatch):
+    """The walk over moe.kernels' modules and the reading of one compiled kernel, with stand-ins for triton's
+    JITFunction (device_caches), an autotuner around it (.fn) and a CompiledKernel (metadata, asm, n_regs)."""
+    import types
+
+    from experiments.gpu_check.kernel_info import compiled_kernels, describe
+
+    def gemm_kernel():  # the Python function a JITFunction wraps; its module names the kernel's home
+        pass
+
+    gemm_kernel.__module__ = "moe.kernels.fake_gemm"
+    md = types.SimpleNamespace(name="gemm_kernel", num_warps=8, num_stages=4, shared=98304, arch="sm90")
+    compiled = types.SimpleNamespace(
+        metadata=md, src=types.SimpleNamespace(signature={"a_ptr": "*bf16", "n": "i32"}), n_regs=168, n_spills=0,
+        asm={"ptx": "wgmma.mma_async.sync.aligned ... cp.async.cg.shared.global ...", "ttgir": "ttng.warp_group_dot"})
+
+    class FakeJIT:
+        __name__ = "gemm_kernel"
+        fn = gemm_kernel
+        device_caches = {0: ({"key": compiled}, {}, "target", "backend", "binder")}  # triton 3.x's layout
+
+        def run(self):
+            pass
+
+    jit = FakeJIT()
+    home = types.ModuleType("moe.kernels.fake_gemm")
+    home.gemm_kernel, home.tuned = jit, types.SimpleNamespace(fn=jit)  # an autotuner wraps it
+    user = types.ModuleType("moe.kernels.fake_user")
+    user.gemm_kernel = jit  # imported from its home: the same kernel
+    monkeypatch.setitem(sys.modules, "moe.kernels.fake_gemm", home)
+    monkeypatch.setitem(sys.modules, "moe.kernels.fake_user", user)
+    found = {n: ks for n, ks in compiled_kernels().items() if "fake" in n}
+    assert found == {"fake_gemm.gemm_kernel": [compiled]}
+    info = describe(compiled)
+    assert (info["registers"], info["spills"], info["shared_bytes"], info["num_warps"]) == (168, 0, 98304, 8)
+    assert info["operands"] == "bf16" and info["dot"] and info["wgmma"] and info["cp_async"] and not info["tma"]
+    assert info["from"] == "driver (loaded binary)"
