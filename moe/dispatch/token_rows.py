@@ -65,14 +65,26 @@ class TokenSlots:
         self.slots = torch.where(j < self.per_token[None, :], gathered, pad)
         return self
 
-    def sum_rows(self, rows: Tensor) -> Tensor:
-        """rows [N, d] fp32 -> [T, d] fp32: y[t] = sum of t's rows, added in slot order (no atomics)."""
+    def padded(self, width: int, device: torch.device) -> Tensor:
+        """An fp32 [N + 1, width] buffer whose last row (index N, the padding slot) is zero; callers write the
+        N rows into [:N] directly (one pass, no separate cast and concatenation)."""
+        N = self.token_index.numel()
+        buf = torch.empty(N + 1, width, device=device, dtype=torch.float32)
+        buf[N].zero_()
+        return buf
+
+    def sum_rows(self, padded: Tensor) -> Tensor:
+        """padded [N + 1, d] fp32 (see `padded`) -> [T, d] fp32: y[t] = sum of t's rows, added in slot order."""
         if self.slots is None:
             raise RuntimeError("TokenSlots.sum_rows before set_max_rows: the slot table needs K (max_rows())")
-        padded = torch.cat([rows, rows.new_zeros(1, rows.shape[1])])  # row N: the zero padding row
-        out = rows.new_zeros(self.num_tokens, rows.shape[1])
-        for j in range(self.slots.shape[0]):  # K passes of T rows each, in a fixed order
-            out += padded.index_select(0, self.slots[j])
+        K = self.slots.shape[0]
+        if K == 0:
+            return padded.new_zeros(self.num_tokens, padded.shape[1])
+        out = padded.index_select(0, self.slots[0])  # [T, d]: every token's first row (or the zero row)
+        if K > 1:
+            tmp = torch.empty_like(out)
+            for j in range(1, K):  # in a fixed order: ((r_0 + r_1) + r_2) + ...
+                out += torch.index_select(padded, 0, self.slots[j], out=tmp)
         return out
 
 
@@ -90,15 +102,17 @@ class _Combine(torch.autograd.Function):
     def forward(ctx, rows: Tensor, weight: Tensor, slots: TokenSlots) -> Tensor:
         ctx.save_for_backward(rows, weight)
         ctx.slots = slots
-        return slots.sum_rows(rows.float() * weight.float()[:, None]).to(rows.dtype)
+        padded = slots.padded(rows.shape[1], rows.device)
+        torch.mul(rows, weight.float()[:, None], out=padded[:-1])  # the product in fp32, written in place
+        return slots.sum_rows(padded).to(rows.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y: Tensor):
         rows, weight = ctx.saved_tensors
-        g = grad_y.float().index_select(0, ctx.slots.token_index)  # [N, d] each row's token gradient: a gather
+        g = grad_y.index_select(0, ctx.slots.token_index).float()  # [N, d] each row's token gradient: a gather
         grad_rows = (g * weight.float()[:, None]).to(rows.dtype)
-        grad_weight = (g * rows.float()).sum(1).to(weight.dtype)  # a per-row dot product, no cross-row sum
+        grad_weight = g.mul_(rows).sum(1).to(weight.dtype)  # a per-row dot product in fp32, no cross-row sum
         return grad_rows, grad_weight, None
 
 
@@ -113,7 +127,9 @@ class _Gather(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_rows: Tensor):
-        return ctx.slots.sum_rows(grad_rows.float()).to(ctx.dtype), None
+        padded = ctx.slots.padded(grad_rows.shape[1], grad_rows.device)
+        padded[:-1].copy_(grad_rows)
+        return ctx.slots.sum_rows(padded).to(ctx.dtype), None
 
 
 def combine_rows(rows: Tensor, weight: Tensor, slots: TokenSlots) -> Tensor:

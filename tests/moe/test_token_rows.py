@@ -31,8 +31,9 @@ def test_slot_table_known_values():
     order = token_slots(token_index, 4)
     assert order.slots.tolist() == [[1, 6, 0, 2], [6, 6, 3, 4], [6, 6, 5, 6]]  # 6 = N: the zero padding row
     assert order.per_token.tolist() == [1, 0, 3, 2]
-    rows = torch.arange(6.0)[:, None].repeat(1, 2)
-    assert order.sum_rows(rows).tolist() == [[1, 1], [0, 0], [8, 8], [6, 6]]
+    padded = order.padded(2, torch.device("cpu"))
+    padded[:-1] = torch.arange(6.0)[:, None]
+    assert order.sum_rows(padded).tolist() == [[1, 1], [0, 0], [8, 8], [6, 6]]
 
 
 def test_fp32_bitwise_equal_to_index_add_and_gradients():
@@ -97,7 +98,7 @@ def test_shape_mismatch_is_named():
     with pytest.raises(ValueError, match="one entry per plan row"):
         combine_rows(torch.zeros(3, 4), torch.zeros(3), order)
     with pytest.raises(RuntimeError, match="set_max_rows"):
-        TokenSlots.build(torch.tensor([0, 1]), 2).sum_rows(torch.zeros(2, 4))
+        TokenSlots.build(torch.tensor([0, 1]), 2).sum_rows(torch.zeros(3, 4))
 
 
 @pytest.mark.gpu
