@@ -28,28 +28,30 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from moe.kernels.combine import TokenOrder, round_to, segment_sum
-from moe.kernels.gemm_tiles import (GemmBlocks, blocks_for, cast_weight, check_device, expert_tile, launch_opts, mma,
-                                    pow2, row_grid)
+from moe.kernels.gemm_tiles import (GemmBlocks, cast_weight, check_device, col_offsets, expert_tile, load_rows,
+                                    load_weight, mma, row_launch, swizzle)
+from moe.kernels.tile_configs import elementwise_block, tiles_for
 from moe.kernels.weight_grad import grouped_wgrad
 
 
 @triton.jit
 def rows_to_slots_kernel(
     a1_ptr, a2_ptr, offsets_ptr, w1_ptr, w2_ptr, bias_ptr, scale_ptr, slot_ptr, out_ptr,
-    E, K, NOUT,
+    E, K, NOUT, M_TILES,
     stride_am, stride_we, stride_wk, stride_wn, stride_be, stride_om,
     TWO: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
-    PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, E_POW2: tl.constexpr,
+    PRECISION: tl.constexpr, INTERPRETED: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
+    EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, E_POW2: tl.constexpr,
 ):
     """out[slot[r], cols] = scale[r] * (a1[r] @ w1[e] (+ a2[r] @ w2[e]) + bias[e]) in fp32.
     Forward down projection + combine: a1 = h, w1 = w_down, scale = row_weight.
     Backward of the up projection: a1, a2 = grad of the up / gate pre-activations, w1, w2 = w_up, w_gate read
     transposed through their strides (no transposed copy)."""
-    e, row_start, row_end = expert_tile(tl.program_id(0), offsets_ptr, E, BLOCK_M, E_POW2)
+    pid_m, pid_n = swizzle(tl.program_id(0), M_TILES, tl.cdiv(NOUT, BLOCK_N), GROUP_M)
+    e, row_start, row_end = expert_tile(pid_m, offsets_ptr, E, BLOCK_M, E_POW2)
     rows = row_start + tl.arange(0, BLOCK_M)
     row_mask = rows < row_end
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = col_offsets(pid_n, BLOCK_N)
     col_mask = cols < NOUT
     k_stop = tl.where(row_start < row_end, K, 0)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -57,15 +59,12 @@ def rows_to_slots_kernel(
     w_off = e.to(tl.int64) * stride_we + cols[None, :] * stride_wn
     for k0 in range(0, k_stop, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        k_mask = ks < K
-        a_mask = row_mask[:, None] & k_mask[None, :]
-        w_mask = k_mask[:, None] & col_mask[None, :]
-        a = tl.load(a1_ptr + a_off + ks[None, :], mask=a_mask, other=0.0)
-        w = tl.load(w1_ptr + w_off + ks[:, None] * stride_wk, mask=w_mask, other=0.0)
+        a = load_rows(a1_ptr + a_off + ks[None, :], row_mask, ks, K, EVEN_K)
+        w = load_weight(w1_ptr + w_off + ks[:, None] * stride_wk, ks, K, cols, NOUT, EVEN_K, EVEN_N)
         acc = mma(a, w, acc, PRECISION, INTERPRETED)
         if TWO:  # GLU backward: both products land in the same accumulator (grad x = gu wu^T + gg wg^T)
-            a = tl.load(a2_ptr + a_off + ks[None, :], mask=a_mask, other=0.0)
-            w = tl.load(w2_ptr + w_off + ks[:, None] * stride_wk, mask=w_mask, other=0.0)
+            a = load_rows(a2_ptr + a_off + ks[None, :], row_mask, ks, K, EVEN_K)
+            w = load_weight(w2_ptr + w_off + ks[:, None] * stride_wk, ks, K, cols, NOUT, EVEN_K, EVEN_N)
             acc = mma(a, w, acc, PRECISION, INTERPRETED)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + e * stride_be + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
@@ -79,19 +78,20 @@ def rows_to_slots_kernel(
 @triton.jit
 def _down_grad_h_kernel(
     gy_ptr, row_token_ptr, offsets_ptr, w_ptr, b_ptr, h_ptr, rw_ptr, gh_ptr, part_ptr,
-    E, D, F,
+    E, D, F, M_TILES,
     stride_gt, stride_we, stride_wf, stride_wd, stride_be, stride_hn, stride_pn,
-    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
+    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr, GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, E_POW2: tl.constexpr,
 ):
     """g = grad_y[t_r] @ w_down[e]^T for one (row tile, f tile); writes grad h = row_weight * g and the partial
     grad of row_weight <g, h[r]> (+ <grad_y[t_r], b_down[e]> in column tile 0) into part[r, column tile]."""
-    pid_n = tl.program_id(1)
-    e, row_start, row_end = expert_tile(tl.program_id(0), offsets_ptr, E, BLOCK_M, E_POW2)
+    pid_m, pid_n = swizzle(tl.program_id(0), M_TILES, tl.cdiv(F, BLOCK_N), GROUP_M)
+    e, row_start, row_end = expert_tile(pid_m, offsets_ptr, E, BLOCK_M, E_POW2)
     rows = row_start + tl.arange(0, BLOCK_M)
     row_mask = rows < row_end
     tok = tl.load(row_token_ptr + rows, mask=row_mask, other=0).to(tl.int64)  # gather grad_y rows via row_token
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # columns of f
+    cols = col_offsets(pid_n, BLOCK_N)  # columns of f
     col_mask = cols < F
     k_stop = tl.where(row_start < row_end, D, 0)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -99,13 +99,11 @@ def _down_grad_h_kernel(
     w_off = e.to(tl.int64) * stride_we + cols[None, :] * stride_wf
     for k0 in range(0, k_stop, BLOCK_K):  # reduce over d
         ks = k0 + tl.arange(0, BLOCK_K)
-        k_mask = ks < D
-        g = tl.load(gy_ptr + tok[:, None] * stride_gt + ks[None, :],
-                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        w = tl.load(w_ptr + w_off + ks[:, None] * stride_wd, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        g = load_rows(gy_ptr + tok[:, None] * stride_gt + ks[None, :], row_mask, ks, D, EVEN_K)
+        w = load_weight(w_ptr + w_off + ks[:, None] * stride_wd, ks, D, cols, F, EVEN_K, EVEN_N)
         acc = mma(g, w, acc, PRECISION, INTERPRETED)  # w_down[e] read transposed: [d chunk, f tile]
         if HAS_BIAS:
-            b = tl.load(b_ptr + e * stride_be + ks, mask=k_mask, other=0.0).to(tl.float32)
+            b = tl.load(b_ptr + e * stride_be + ks, mask=ks < D, other=0.0).to(tl.float32)
             bias_dot += tl.sum(g.to(tl.float32) * b[None, :], 1)
     out_mask = row_mask[:, None] & col_mask[None, :]
     h = tl.load(h_ptr + rows.to(tl.int64)[:, None] * stride_hn + cols[None, :], mask=out_mask, other=0.0)
@@ -118,22 +116,48 @@ def _down_grad_h_kernel(
              round_to(acc * rw[:, None], gh_ptr.dtype.element_ty, INTERPRETED), mask=out_mask)
 
 
+def launch_down(h: Tensor, w_down: Tensor, b_down: Optional[Tensor], offsets: Tensor, row_weight: Tensor,
+                slot: Tensor, blocks: Optional[GemmBlocks] = None) -> Tensor:
+    """The down kernel alone: rows [N, d] fp32, row r = row_weight[r] (h[r] @ w_down[e] + b_down[e]) written to
+    slot[r] (token-major; moe.kernels.combine.segment_sum then sums each token's rows)."""
+    (N, f), (E, _, d) = h.shape, w_down.shape
+    blocks = tiles_for("down", blocks, h, N, f, d)
+    # Token-major rows in fp32: a token's k contributions are added before the one rounding to h's dtype.
+    rows = torch.empty(N, d, device=h.device, dtype=torch.float32)
+    if N > 0:
+        grid, tiles = row_launch(h, blocks, N, E, f, d)
+        rows_to_slots_kernel[grid](
+            h, h, offsets, w_down, w_down, rows if b_down is None else b_down, row_weight, slot, rows,
+            E, f, d, tiles.pop("M_TILES"),
+            h.stride(0), w_down.stride(0), w_down.stride(1), w_down.stride(2), d, rows.stride(0),
+            TWO=False, HAS_BIAS=b_down is not None, HAS_SCALE=True, **tiles)
+    return rows
+
+
+def launch_grad_h(grad_y: Tensor, row_token: Tensor, offsets: Tensor, w_down: Tensor, b_down: Optional[Tensor],
+                  h: Tensor, row_weight: Tensor, blocks: Optional[GemmBlocks] = None) -> tuple[Tensor, Tensor]:
+    """The grad-h kernel alone: grad h [N, f] and grad row_weight [N] fp32 (a fixed-order sum over f tiles)."""
+    (N, f), (E, _, d) = h.shape, w_down.shape
+    blocks = tiles_for("grad_h", blocks, h, N, d, f)
+    grad_h = torch.empty_like(h)
+    partial = torch.zeros(N, triton.cdiv(f, blocks.block_n), device=h.device, dtype=torch.float32)  # per f tile
+    if N > 0:
+        grid, tiles = row_launch(h, blocks, N, E, d, f)
+        _down_grad_h_kernel[grid](
+            grad_y, row_token, offsets, w_down, h if b_down is None else b_down, h, row_weight, grad_h, partial,
+            E, d, f, tiles.pop("M_TILES"),
+            grad_y.stride(0), w_down.stride(0), w_down.stride(1), w_down.stride(2), d, h.stride(0),
+            partial.stride(0), HAS_BIAS=b_down is not None, **tiles)
+    return grad_h, partial.sum(1)
+
+
 class _GroupedDownCombine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: Tensor, w_down: Tensor, b_down: Optional[Tensor], offsets: Tensor, row_weight: Tensor,
-                row_token: Tensor, num_tokens: int, blocks: GemmBlocks) -> Tensor:
-        (N, f), (E, _, d) = h.shape, w_down.shape
+                row_token: Tensor, num_tokens: int, blocks: Optional[GemmBlocks]) -> Tensor:
         order = TokenOrder.build(row_token, num_tokens)
-        # Token-major rows in fp32: a token's k contributions are added before the one rounding to h's dtype.
-        rows = torch.empty(N, d, device=h.device, dtype=torch.float32)
-        if N > 0:
-            rows_to_slots_kernel[row_grid(N, E, d, blocks)](
-                h, h, offsets, w_down, w_down, rows if b_down is None else b_down, row_weight, order.slot, rows,
-                E, f, d, h.stride(0), w_down.stride(0), w_down.stride(1), w_down.stride(2), d, rows.stride(0),
-                TWO=False, HAS_BIAS=b_down is not None, HAS_SCALE=True,
-                BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n, BLOCK_K=blocks.block_k, E_POW2=pow2(E),
-                **launch_opts(h, blocks))
-        y = segment_sum(rows, order.token_offsets, h.dtype, blocks.block_elementwise)
+        rows = launch_down(h, w_down, b_down, offsets, row_weight, order.slot, blocks)
+        y = segment_sum(rows, order.token_offsets, h.dtype, elementwise_block(blocks, h.dtype))
         ctx.save_for_backward(h, w_down, b_down, offsets, row_weight, row_token)
         ctx.blocks = blocks
         return y
@@ -142,33 +166,23 @@ class _GroupedDownCombine(torch.autograd.Function):
     @once_differentiable  # the backward kernels are not themselves differentiated
     def backward(ctx, grad_y: Tensor):
         h, w_down, b_down, offsets, row_weight, row_token = ctx.saved_tensors
-        blocks = ctx.blocks
-        (N, f), (E, _, d) = h.shape, w_down.shape
+        blocks, E = ctx.blocks, w_down.shape[0]
         grad_y = grad_y.contiguous()
-        grad_h = torch.empty_like(h)
-        n_ftiles = triton.cdiv(f, blocks.block_n)
-        partial = torch.zeros(N, n_ftiles, device=h.device, dtype=torch.float32)  # per f tile grad row_weight
-        if N > 0:
-            _down_grad_h_kernel[row_grid(N, E, f, blocks)](
-                grad_y, row_token, offsets, w_down, h if b_down is None else b_down, h, row_weight, grad_h, partial,
-                E, d, f, grad_y.stride(0), w_down.stride(0), w_down.stride(1), w_down.stride(2), d, h.stride(0),
-                partial.stride(0), HAS_BIAS=b_down is not None,
-                BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n, BLOCK_K=blocks.block_k, E_POW2=pow2(E),
-                **launch_opts(h, blocks))
-        grad_weight = partial.sum(1).to(row_weight.dtype)  # fixed-order reduction over f tiles
+        grad_h, grad_weight = launch_grad_h(grad_y, row_token, offsets, w_down, b_down, h, row_weight, blocks)
         grad_w = grad_b = None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             grad_w, _, grad_b, _ = grouped_wgrad(h, None, grad_y, None, row_token, row_weight, offsets, E,
-                                          b_down is not None, blocks)
-        return grad_h, grad_w, grad_b, None, grad_weight, None, None, None
+                                                 b_down is not None, blocks)
+        return grad_h, grad_w, grad_b, None, grad_weight.to(row_weight.dtype), None, None, None
 
 
 def grouped_down_combine(h: Tensor, w_down: Tensor, b_down: Optional[Tensor], offsets: Tensor, row_weight: Tensor,
                          row_token: Tensor, num_tokens: int, *, blocks: Optional[GemmBlocks] = None) -> Tensor:
     """h [N, f], w_down [E, f, d], b_down [E, d], offsets [E+1], row_weight [N] fp32, row_token [N] -> y [T, d]
-    in h's dtype. Differentiable in h, w_down, b_down and row_weight."""
+    in h's dtype. Differentiable in h, w_down, b_down and row_weight. blocks: the tiles of every kernel of the
+    call (default: each kernel's tuned or default tiles, moe.kernels.tile_configs)."""
     check_device(h)
     dt = h.dtype
-    return _GroupedDownCombine.apply(h.contiguous(), cast_weight(w_down, dt), cast_weight(b_down, dt), offsets.contiguous(),
-                                     row_weight.contiguous(), row_token.contiguous(), num_tokens,
-                                     blocks_for(blocks, dt))
+    return _GroupedDownCombine.apply(h.contiguous(), cast_weight(w_down, dt), cast_weight(b_down, dt),
+                                     offsets.contiguous(), row_weight.contiguous(), row_token.contiguous(), num_tokens,
+                                     blocks)

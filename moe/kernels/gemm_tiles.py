@@ -1,30 +1,41 @@
-"""What the Triton grouped GEMMs share: tile sizes, the row tile -> expert map, the product, launch options.
+"""What the Triton grouped GEMMs share: tile sizes, the launch order, the row tile -> expert map, masked loads.
 
-Shape legend: N plan rows sorted by expert (the segment of expert e is rows offsets[e]:offsets[e+1]), E experts.
+Shape legend: N plan rows sorted by expert (the segment of expert e is rows offsets[e]:offsets[e+1]), E experts,
+K the reduction width, NOUT the output width of a row-tiled GEMM.
 The GEMMs themselves: moe.kernels.up_projection (gather + up projection + activation), moe.kernels.down_combine
-(down projection + weighted combine), moe.kernels.weight_grad (the weight gradients of both).
+(down projection + weighted combine), moe.kernels.weight_grad (the weight gradients of both). Which tile sizes a
+kernel runs with: moe.kernels.tile_configs (defaults, the candidate list, the tuned table); how they are tuned:
+moe.kernels.autotune.
 
 How the kernels are laid out, and why:
-- Row-tiled kernels (the up GEMM, the down GEMM, their input-gradient GEMMs) launch one program per (row tile,
-  column tile). Each expert's segment is cut into cdiv(n_e, BLOCK_M) tiles numbered expert after expert, and a
-  program finds its expert by a prefix sum over `offsets` inside the kernel (`expert_tile`). A tile therefore
-  never straddles two experts, and the grid is the fixed upper bound cdiv(N, BLOCK_M) + E - 1 programs, known
-  from shapes alone (`row_grid`): nothing waits for per-expert counts to reach the host. Spare programs find an
-  empty row range and do nothing.
+- Row-tiled kernels (the up GEMM, the down GEMM, their input-gradient GEMMs) cut each expert's segment into
+  cdiv(n_e, BLOCK_M) row tiles numbered expert after expert; a program finds its expert by a prefix sum over
+  `offsets` inside the kernel (`expert_tile`). A row tile therefore never straddles two experts: its tl.dot uses
+  one expert's weights, where a straddling tile would run the K loop once per expert it touches, masked (more
+  MMA work for the same rows, and a loop whose trip count depends on data). The row tile count has the fixed upper
+  bound M_TILES = cdiv(N, BLOCK_M) + E - 1, known from shapes alone: nothing waits for per-expert counts to reach
+  the host. Spare row tiles find an empty row range and skip their K loop.
+- The grid is 1D over (row tile, column tile) in GROUP_M-swizzled order (`swizzle`, as in Triton's matmul
+  tutorial): consecutive programs walk the column tiles of GROUP_M row tiles before moving on, so a group's
+  gathered input rows and its experts' weight columns are re-read from L2 instead of HBM. (Row tiles varying
+  fastest over the whole grid re-read every input row once per column tile.) Row tiles are numbered expert after
+  expert, so a group's tiles mostly share one expert's weights.
+- EVEN_K / EVEN_N (K % BLOCK_K == 0, NOUT % BLOCK_N == 0, decided by the launcher) drop the masks along the
+  reduction and output columns (`load_rows`, `load_weight`), so the contiguous dimension loads without
+  predicates; rows keep their mask (segments end anywhere). Column offsets carry `tl.multiple_of` /
+  `tl.max_contiguous` hints (they start at a multiple of the block and run contiguously); integer arguments
+  divisible by 16 (strides, widths) are specialised by Triton itself.
 - No atomics anywhere: rows reach their tokens through a token-major slot and a fixed-order segmented sum
   (moe.kernels.combine), so forward and backward are bitwise reproducible on CUDA.
 - Products accumulate in fp32; outputs come back in the activation dtype. fp32 inputs use IEEE fp32 dot
   products unless torch allows TF32 for its own matmuls (`tf32_allowed`: torch.backends.cuda.matmul.fp32_precision,
-  or allow_tf32 on torch < 2.9).
-  Weights in another dtype (fp32 masters under autocast) are cast to the activation dtype before the call
-  (`cast_weight`).
+  or allow_tf32 on torch < 2.9). Weights in another dtype (fp32 masters under autocast) are cast to the activation
+  dtype before the call (`cast_weight`).
 
-Block sizes are a `GemmBlocks` argument: GPU defaults are fixed (not autotuned: autotuning benchmarks every
-config on the first call of each shape, and with no GPU in CI its configs could not be tested here); the
-Triton interpreter (TRITON_INTERPRET=1, CPU tensors, used by the tests) gets large blocks because its cost
-grows with the number of program instances, not with their size. The interpreter also needs two workarounds
-(see `mma` and moe.kernels.combine.round_to): its bf16 dot multiplies the raw bits, and its fp32 -> bf16
-cast truncates instead of rounding.
+Block sizes are a `GemmBlocks` argument. The Triton interpreter (TRITON_INTERPRET=1, CPU tensors, used by the
+tests) gets large blocks because its cost grows with the number of program instances, not with their size. The
+interpreter also needs two workarounds (see `mma` and moe.kernels.combine.round_to): its bf16 dot multiplies the
+raw bits, and its fp32 -> bf16 cast truncates instead of rounding.
 """
 from __future__ import annotations
 
@@ -51,6 +62,16 @@ class GemmBlocks:
     block_elementwise: int = 1024  # elements per program of the activation-gradient kernel and the token sum
     num_warps: int = 4
     num_stages: int = 3  # software pipelining depth of the K loop (GPU only)
+    group_m: int = 8  # row tiles per swizzle group of the 1D launch order (row-tiled kernels)
+
+    def __post_init__(self):
+        for name in ("block_m", "block_n", "block_k", "block_elementwise", "num_warps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1 or value & (value - 1):
+                raise ValueError(f"GemmBlocks.{name} must be a power of two >= 1, got {value!r}")
+        for name in ("num_stages", "group_m"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"GemmBlocks.{name} must be an integer >= 1, got {getattr(self, name)!r}")
 
 
 GPU_BLOCKS = GemmBlocks()
@@ -60,15 +81,6 @@ GPU_BLOCKS_FP32 = GemmBlocks(block_k=32)
 # The interpreter runs program instances one after another in numpy: few large tiles are fastest.
 INTERPRETER_BLOCKS = GemmBlocks(block_m=64, block_n=64, block_k=64, block_elementwise=1 << 16,
                                 num_warps=1, num_stages=1)
-
-
-def blocks_for(blocks: Optional[GemmBlocks], dtype: torch.dtype) -> GemmBlocks:
-    """The caller's blocks, else the defaults of where the kernels run (interpreter, GPU fp32, GPU 16-bit)."""
-    if blocks is not None:
-        return blocks
-    if INTERPRETED:
-        return INTERPRETER_BLOCKS
-    return GPU_BLOCKS_FP32 if dtype == torch.float32 else GPU_BLOCKS
 
 
 def check_device(t: Tensor) -> None:
@@ -108,6 +120,46 @@ def pow2(n: int) -> int:
 
 
 @triton.jit
+def swizzle(pid, M_TILES, N_TILES, GROUP_M: tl.constexpr):
+    """Program `pid` of the 1D grid -> (row tile, column tile): GROUP_M row tiles share a group, and the group's
+    programs take its column tiles one after another, cycling through the group's row tiles fastest."""
+    per_group = GROUP_M * N_TILES
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(M_TILES - first_m, GROUP_M)  # the last group may be short
+    return first_m + (pid % per_group) % group_rows, (pid % per_group) // group_rows
+
+
+@triton.jit
+def col_offsets(pid_n, BLOCK_N: tl.constexpr):
+    """The BLOCK_N output columns of column tile pid_n: contiguous, starting at a multiple of BLOCK_N."""
+    return tl.max_contiguous(tl.multiple_of(pid_n * BLOCK_N + tl.arange(0, BLOCK_N), BLOCK_N), BLOCK_N)
+
+
+@triton.jit
+def load_rows(ptrs, row_mask, ks, K, EVEN_K: tl.constexpr):
+    """An A tile [rows, K chunk]: masked rows (and, unless EVEN_K, columns past K) read 0."""
+    if EVEN_K:
+        tile = tl.load(ptrs, mask=row_mask[:, None], other=0.0)
+    else:
+        tile = tl.load(ptrs, mask=row_mask[:, None] & (ks < K)[None, :], other=0.0)
+    return tile
+
+
+@triton.jit
+def load_weight(ptrs, ks, K, cols, NOUT, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr):
+    """A weight tile [K chunk, columns]; what lies past K or NOUT reads 0, with no mask where the sizes divide."""
+    if EVEN_K and EVEN_N:
+        tile = tl.load(ptrs)
+    elif EVEN_K:
+        tile = tl.load(ptrs, mask=(cols < NOUT)[None, :], other=0.0)
+    elif EVEN_N:
+        tile = tl.load(ptrs, mask=(ks < K)[:, None], other=0.0)
+    else:
+        tile = tl.load(ptrs, mask=(ks < K)[:, None] & (cols < NOUT)[None, :], other=0.0)
+    return tile
+
+
+@triton.jit
 def expert_tile(pid, offsets_ptr, E, BLOCK_M: tl.constexpr, E_POW2: tl.constexpr):
     """Row tile `pid` -> (expert e, first row, end of e's segment). Tiles are numbered expert after expert,
     cdiv(n_e, BLOCK_M) per expert; a pid past the last tile gets an empty range (first row >= end)."""
@@ -137,9 +189,14 @@ def mma(a, b, acc, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
 # ---------------------------------------------------------------------------------------------- launchers
 
 
-def row_grid(n_rows: int, num_experts: int, n_cols: int, blocks: GemmBlocks) -> tuple[int, int]:
+def row_launch(x: Tensor, blocks: GemmBlocks, n_rows: int, num_experts: int, k: int, n_out: int) -> tuple[tuple, dict]:
+    """Grid and launch arguments of a row-tiled kernel over n_rows plan rows, reduction width k, n_out columns."""
     # sum_e cdiv(n_e, BLOCK_M) <= cdiv(N, BLOCK_M) + E - 1: a bound from shapes alone (no host sync).
-    return triton.cdiv(n_rows, blocks.block_m) + num_experts - 1, triton.cdiv(n_cols, blocks.block_n)
+    m_tiles = triton.cdiv(n_rows, blocks.block_m) + num_experts - 1
+    grid = (m_tiles * triton.cdiv(n_out, blocks.block_n),)
+    return grid, dict(M_TILES=m_tiles, GROUP_M=blocks.group_m, EVEN_K=k % blocks.block_k == 0,
+                      EVEN_N=n_out % blocks.block_n == 0, BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n,
+                      BLOCK_K=blocks.block_k, E_POW2=pow2(num_experts), **launch_opts(x, blocks))
 
 
 def launch_opts(x: Tensor, blocks: GemmBlocks) -> dict:

@@ -28,8 +28,9 @@ from torch.autograd.function import once_differentiable
 
 from moe.kernels.combine import INTERPRETED, TokenOrder, round_to, segment_sum
 from moe.kernels.down_combine import rows_to_slots_kernel
-from moe.kernels.gemm_tiles import (GemmBlocks, blocks_for, cast_weight, check_device, expert_tile, launch_opts, mma,
-                                    pow2, row_grid)
+from moe.kernels.gemm_tiles import (GemmBlocks, cast_weight, check_device, col_offsets, expert_tile, load_rows,
+                                    load_weight, mma, row_launch, swizzle)
+from moe.kernels.tile_configs import elementwise_block, tiles_for
 from moe.kernels.weight_grad import grouped_wgrad
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
@@ -70,18 +71,19 @@ def _act_grad(z, ACT: tl.constexpr):
 @triton.jit
 def _gather_up_kernel(
     x_ptr, row_token_ptr, offsets_ptr, wu_ptr, wg_ptr, bu_ptr, bg_ptr, h_ptr, pu_ptr, pg_ptr,
-    E, D, F,
+    E, D, F, M_TILES,
     stride_xt, stride_xd, stride_we, stride_wd, stride_wf, stride_be, stride_hn,
     GLU: tl.constexpr, HAS_BU: tl.constexpr, HAS_BG: tl.constexpr, ACT: tl.constexpr, SAVE_PRE: tl.constexpr,
-    PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, E_POW2: tl.constexpr,
+    PRECISION: tl.constexpr, INTERPRETED: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
+    EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, E_POW2: tl.constexpr,
 ):
     """h[r, cols] = act(x[t_r] @ wg[e] + bg) * (x[t_r] @ wu[e] + bu) for one (row tile, column tile)."""
-    e, row_start, row_end = expert_tile(tl.program_id(0), offsets_ptr, E, BLOCK_M, E_POW2)
+    pid_m, pid_n = swizzle(tl.program_id(0), M_TILES, tl.cdiv(F, BLOCK_N), GROUP_M)
+    e, row_start, row_end = expert_tile(pid_m, offsets_ptr, E, BLOCK_M, E_POW2)
     rows = row_start + tl.arange(0, BLOCK_M)
     row_mask = rows < row_end
     tok = tl.load(row_token_ptr + rows, mask=row_mask, other=0).to(tl.int64)  # the gather: x rows via row_token
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = col_offsets(pid_n, BLOCK_N)
     col_mask = cols < F
     k_stop = tl.where(row_start < row_end, D, 0)  # an empty tile skips the K loop entirely
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -89,14 +91,11 @@ def _gather_up_kernel(
     w_off = e.to(tl.int64) * stride_we + cols[None, :] * stride_wf
     for k0 in range(0, k_stop, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        k_mask = ks < D
-        a = tl.load(x_ptr + tok[:, None] * stride_xt + ks[None, :] * stride_xd,
-                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        w_mask = k_mask[:, None] & col_mask[None, :]
-        wu = tl.load(wu_ptr + w_off + ks[:, None] * stride_wd, mask=w_mask, other=0.0)
+        a = load_rows(x_ptr + tok[:, None] * stride_xt + ks[None, :] * stride_xd, row_mask, ks, D, EVEN_K)
+        wu = load_weight(wu_ptr + w_off + ks[:, None] * stride_wd, ks, D, cols, F, EVEN_K, EVEN_N)
         acc_u = mma(a, wu, acc_u, PRECISION, INTERPRETED)
         if GLU:  # the gate shares the x tile: one load of x feeds both products
-            wg = tl.load(wg_ptr + w_off + ks[:, None] * stride_wd, mask=w_mask, other=0.0)
+            wg = load_weight(wg_ptr + w_off + ks[:, None] * stride_wd, ks, D, cols, F, EVEN_K, EVEN_N)
             acc_g = mma(a, wg, acc_g, PRECISION, INTERPRETED)
     # Epilogue: bias, activation, GLU product, all in fp32.
     if HAS_BU:
@@ -133,25 +132,69 @@ def _act_backward_kernel(gh_ptr, pu_ptr, pg_ptr, gu_ptr, gg_ptr, numel,
         tl.store(gu_ptr + offs, round_to(gh * _act_grad(u, ACT), gu_ptr.dtype.element_ty, INTERPRETED), mask=mask)
 
 
+def launch_up(x: Tensor, row_token: Tensor, offsets: Tensor, w_up: Tensor, w_gate: Optional[Tensor],
+              b_up: Optional[Tensor], b_gate: Optional[Tensor], activation: str, save_pre: bool,
+              blocks: Optional[GemmBlocks] = None) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    """The up kernel alone (contiguous operands in one dtype): h [N, f], and when save_pre the pre-activations
+    u, g [N, f] (g None without GLU)."""
+    (_, d), (E, _, f), N = x.shape, w_up.shape, row_token.numel()
+    glu = w_gate is not None
+    blocks = tiles_for("up_glu" if glu else "up", blocks, x, N, d, f)
+    h = x.new_empty(N, f)
+    pre_u = x.new_empty(N, f) if save_pre else None  # pre-activations kept for backward
+    pre_g = x.new_empty(N, f) if save_pre and glu else None
+    if N > 0:
+        grid, tiles = row_launch(x, blocks, N, E, d, f)
+        _gather_up_kernel[grid](
+            x, row_token, offsets, w_up, w_up if w_gate is None else w_gate,
+            h if b_up is None else b_up, h if b_gate is None else b_gate,
+            h, h if pre_u is None else pre_u, h if pre_g is None else pre_g,
+            E, d, f, tiles.pop("M_TILES"),
+            x.stride(0), x.stride(1), w_up.stride(0), w_up.stride(1), w_up.stride(2), f, h.stride(0),
+            GLU=glu, HAS_BU=b_up is not None, HAS_BG=b_gate is not None, ACT=activation, SAVE_PRE=save_pre, **tiles)
+    return h, pre_u, pre_g
+
+
+def launch_act_backward(grad_h: Tensor, pre_u: Tensor, pre_g: Optional[Tensor], activation: str,
+                        blocks: Optional[GemmBlocks] = None) -> tuple[Tensor, Optional[Tensor]]:
+    """The activation backward alone: grad_h, u, g [N, f] -> gradients of the pre-activations u, g [N, f]."""
+    numel = grad_h.numel()
+    grad_u = torch.empty_like(pre_u)
+    grad_g = torch.empty_like(pre_g) if pre_g is not None else None
+    if numel > 0:
+        block = min(elementwise_block(blocks, grad_h.dtype), triton.next_power_of_2(numel))
+        _act_backward_kernel[(triton.cdiv(numel, block),)](
+            grad_h, pre_u, pre_u if pre_g is None else pre_g, grad_u, grad_u if grad_g is None else grad_g,
+            numel, GLU=pre_g is not None, ACT=activation, INTERPRETED=INTERPRETED, BLOCK=block,
+            num_warps=4)
+    return grad_u, grad_g
+
+
+def launch_grad_x(grad_u: Tensor, grad_g: Optional[Tensor], offsets: Tensor, w_up: Tensor, w_gate: Optional[Tensor],
+                  slot: Tensor, blocks: Optional[GemmBlocks] = None) -> Tensor:
+    """The input-gradient GEMM alone: rows [N, d] fp32 = gu @ w_up[e]^T (+ gg @ w_gate[e]^T), row r written to
+    slot[r] (the token-major order; moe.kernels.combine.segment_sum then sums each token's rows)."""
+    (N, f), (E, d, _) = grad_u.shape, w_up.shape
+    glu = grad_g is not None
+    blocks = tiles_for("grad_x_glu" if glu else "grad_x", blocks, grad_u, N, f, d)
+    rows = torch.empty(N, d, device=grad_u.device, dtype=torch.float32)
+    if N > 0:
+        grid, tiles = row_launch(grad_u, blocks, N, E, f, d)
+        rows_to_slots_kernel[grid](
+            grad_u, grad_u if grad_g is None else grad_g, offsets, w_up, w_up if w_gate is None else w_gate,
+            rows, rows, slot, rows, E, f, d, tiles.pop("M_TILES"),
+            grad_u.stride(0), w_up.stride(0), w_up.stride(2), w_up.stride(1), 0, rows.stride(0),
+            TWO=glu, HAS_BIAS=False, HAS_SCALE=False, **tiles)
+    return rows
+
+
 class _GatherGroupedUp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, row_token: Tensor, offsets: Tensor, w_up: Tensor, w_gate: Optional[Tensor],
-                b_up: Optional[Tensor], b_gate: Optional[Tensor], activation: str, blocks: GemmBlocks) -> Tensor:
-        (_, d), (E, _, f), N = x.shape, w_up.shape, row_token.numel()
-        glu = w_gate is not None
-        save_pre = any(ctx.needs_input_grad)
-        h = x.new_empty(N, f)
-        pre_u = x.new_empty(N, f) if save_pre else None  # pre-activations kept for backward
-        pre_g = x.new_empty(N, f) if save_pre and glu else None
-        if N > 0:
-            _gather_up_kernel[row_grid(N, E, f, blocks)](
-                x, row_token, offsets, w_up, w_up if w_gate is None else w_gate,
-                h if b_up is None else b_up, h if b_gate is None else b_gate,
-                h, h if pre_u is None else pre_u, h if pre_g is None else pre_g,
-                E, d, f, x.stride(0), x.stride(1), w_up.stride(0), w_up.stride(1), w_up.stride(2), f, h.stride(0),
-                GLU=glu, HAS_BU=b_up is not None, HAS_BG=b_gate is not None, ACT=activation, SAVE_PRE=save_pre,
-                BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n, BLOCK_K=blocks.block_k, E_POW2=pow2(E),
-                **launch_opts(x, blocks))
+                b_up: Optional[Tensor], b_gate: Optional[Tensor], activation: str,
+                blocks: Optional[GemmBlocks]) -> Tensor:
+        h, pre_u, pre_g = launch_up(x, row_token, offsets, w_up, w_gate, b_up, b_gate, activation,
+                                    any(ctx.needs_input_grad), blocks)
         ctx.save_for_backward(x, row_token, offsets, w_up, w_gate, pre_u, pre_g)
         ctx.activation, ctx.blocks = activation, blocks
         ctx.has_bias = (b_up is not None, b_gate is not None)
@@ -161,38 +204,22 @@ class _GatherGroupedUp(torch.autograd.Function):
     @once_differentiable  # the backward kernels are not themselves differentiated
     def backward(ctx, grad_h: Tensor):
         x, row_token, offsets, w_up, w_gate, pre_u, pre_g = ctx.saved_tensors
-        blocks, glu = ctx.blocks, w_gate is not None
-        (T, d), (E, _, f), N = x.shape, w_up.shape, row_token.numel()
+        blocks, E = ctx.blocks, w_up.shape[0]
         grad_h = grad_h.contiguous()  # a reduction's gradient arrives expanded (stride 0)
         # Gradients of the pre-activations, elementwise: [N, f] each, in the activation dtype.
-        grad_u = torch.empty_like(pre_u)
-        grad_g = torch.empty_like(pre_g) if glu else None
-        if N > 0:
-            block = min(blocks.block_elementwise, triton.next_power_of_2(N * f))
-            _act_backward_kernel[(triton.cdiv(N * f, block),)](
-                grad_h, pre_u, pre_u if pre_g is None else pre_g, grad_u, grad_u if grad_g is None else grad_g,
-                N * f, GLU=glu, ACT=ctx.activation, INTERPRETED=INTERPRETED, BLOCK=block,
-                num_warps=blocks.num_warps)
+        grad_u, grad_g = launch_act_backward(grad_h, pre_u, pre_g, ctx.activation, blocks)
         grad_x = None
         if ctx.needs_input_grad[0]:
             # grad rows [N, d] = gu @ w_up[e]^T (+ gg @ w_gate[e]^T), written token-major in fp32 and summed per
             # token in a fixed order: deterministic, no atomics.
-            order = TokenOrder.build(row_token, T)
-            rows = torch.empty(N, d, device=x.device, dtype=torch.float32)
-            if N > 0:
-                rows_to_slots_kernel[row_grid(N, E, d, blocks)](
-                    grad_u, grad_u if grad_g is None else grad_g, offsets, w_up, w_up if w_gate is None else w_gate,
-                    rows, rows, order.slot, rows,
-                    E, f, d, grad_u.stride(0), w_up.stride(0), w_up.stride(2), w_up.stride(1), 0, rows.stride(0),
-                    TWO=glu, HAS_BIAS=False, HAS_SCALE=False,
-                    BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n, BLOCK_K=blocks.block_k, E_POW2=pow2(E),
-                    **launch_opts(x, blocks))
-            grad_x = segment_sum(rows, order.token_offsets, x.dtype, blocks.block_elementwise)
+            order = TokenOrder.build(row_token, x.shape[0])
+            rows = launch_grad_x(grad_u, grad_g, offsets, w_up, w_gate, order.slot, blocks)
+            grad_x = segment_sum(rows, order.token_offsets, x.dtype, elementwise_block(blocks, x.dtype))
         grad_wu = grad_wg = grad_bu = grad_bg = None
         if any(ctx.needs_input_grad[3:7]):
             with_bias = any(ctx.has_bias)
             grad_wu, grad_wg, grad_bu, grad_bg = grouped_wgrad(x, row_token, grad_u, grad_g, None, None, offsets, E,
-                                                        with_bias, blocks)
+                                                               with_bias, blocks)
             grad_bu = grad_bu if ctx.has_bias[0] else None
             grad_bg = grad_bg if ctx.has_bias[1] else None
         return grad_x, None, None, grad_wu, grad_wg, grad_bu, grad_bg, None, None
@@ -202,11 +229,12 @@ def gather_grouped_up(x: Tensor, row_token: Tensor, offsets: Tensor, w_up: Tenso
                       b_up: Optional[Tensor], b_gate: Optional[Tensor], activation: str, *,
                       blocks: Optional[GemmBlocks] = None) -> Tensor:
     """x [T, d], row_token [N], offsets [E+1], w_up/w_gate [E, d, f], b_up/b_gate [E, f] -> h [N, f] in x's
-    dtype (w_gate None: no GLU). Differentiable in x, the weights and the biases."""
+    dtype (w_gate None: no GLU). Differentiable in x, the weights and the biases. blocks: the tiles of every
+    kernel of the call (default: each kernel's tuned or default tiles, moe.kernels.tile_configs)."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}: the Triton kernels support {ACTIVATIONS}")
     check_device(x)
     dt = x.dtype
     return _GatherGroupedUp.apply(x.contiguous(), row_token.contiguous(), offsets.contiguous(), cast_weight(w_up, dt),
                                   cast_weight(w_gate, dt), cast_weight(b_up, dt), cast_weight(b_gate, dt), activation,
-                                  blocks_for(blocks, dt))
+                                  blocks)

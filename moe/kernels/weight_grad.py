@@ -18,6 +18,7 @@ from torch import Tensor
 
 from moe.kernels.combine import round_to
 from moe.kernels.gemm_tiles import GemmBlocks, launch_opts, mma
+from moe.kernels.tile_configs import tiles_for
 
 
 @triton.jit
@@ -89,10 +90,16 @@ def _grouped_wgrad_kernel(
 
 
 def grouped_wgrad(a: Tensor, a_index: Optional[Tensor], b1: Tensor, b2: Optional[Tensor], b_index: Optional[Tensor],
-           scale: Optional[Tensor], offsets: Tensor, num_experts: int, with_bias: bool,
-           blocks: GemmBlocks) -> tuple[Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
-    """dw1[e] = a[rows of e]^T @ (s b1)[rows of e] (and dw2 from b2), db = column sums: [E, P, Q], [E, Q]."""
+                  scale: Optional[Tensor], offsets: Tensor, num_experts: int, with_bias: bool,
+                  blocks: Optional[GemmBlocks] = None
+                  ) -> tuple[Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """dw1[e] = a[rows of e]^T @ (s b1)[rows of e] (and dw2 from b2), db = column sums: [E, P, Q], [E, Q].
+    Tiles (block_m × block_n of the weight, block_k plan rows per iteration): the caller's, else tuned/default."""
     P, Q, E = a.shape[1], b1.shape[1], num_experts
+    kernel = "wgrad_up_glu" if b2 is not None else "wgrad_up" if a_index is not None else "wgrad_down"
+    index = a_index if a_index is not None else b_index
+    n_rows = index.numel() if index is not None else a.shape[0]  # plan rows N (gathered operands have T rows)
+    blocks = tiles_for(kernel, blocks, a, n_rows, P, Q)
     dw1 = a.new_empty(E, P, Q)
     dw2 = a.new_empty(E, P, Q) if b2 is not None else None
     db1 = a.new_empty(E, Q) if with_bias else None

@@ -240,6 +240,7 @@ def test_unknown_activation_raises():
 # Compiles every kernel for sm_90 (Triton front end, MLIR passes, ptxas) in a process where triton is not
 # interpreted: the interpreter accepts code the compiler rejects (types, masks, constexpr use), and CI has no GPU.
 COMPILE_SCRIPT = textwrap.dedent("""
+    import torch
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -247,29 +248,44 @@ COMPILE_SCRIPT = textwrap.dedent("""
     import moe.kernels.down_combine as down
     import moe.kernels.up_projection as upk
     import moe.kernels.weight_grad as wg
+    from moe.kernels.tile_configs import candidates
 
     def build(fn, types, consts, **opts):
         sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}  # ints: i32
         triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32), options=opts)
 
-    for dt, prec, bk in (("*bf16", "tf32", 64), ("*fp32", "ieee", 32)):
+    def row_tiles(kernel, dtype, prec):
+        # The default tiles with every mask (EVEN_K = EVEN_N = False); for 16-bit also the largest candidate that
+        # fits (8 warps, 128x128 at 4 stages or 128x256 at 3) without them (both True).
+        tiles = candidates(kernel, dtype)
+        for b, even in [(tiles[0], False)] + ([(tiles[-1], True)] if dtype != torch.float32 else []):
+            yield (dict(PRECISION=prec, INTERPRETED=False, GROUP_M=b.group_m, EVEN_K=even, EVEN_N=even,
+                        BLOCK_M=b.block_m, BLOCK_N=b.block_n, BLOCK_K=b.block_k, E_POW2=8),
+                   dict(num_warps=b.num_warps, num_stages=b.num_stages))
+
+    for dt, dtype, prec in (("*bf16", torch.bfloat16, "tf32"), ("*fp32", torch.float32, "ieee")):
         p = lambda *names, t=dt: {n: t for n in names}
-        tiles = dict(PRECISION=prec, INTERPRETED=False, BLOCK_M=64, BLOCK_N=128, BLOCK_K=bk, E_POW2=8)
-        build(upk._gather_up_kernel, {**p("x_ptr", "wu_ptr", "wg_ptr", "bu_ptr", "bg_ptr", "h_ptr", "pu_ptr", "pg_ptr"),
-              **p("row_token_ptr", "offsets_ptr", t="*i64")},
-              dict(GLU=True, HAS_BU=True, HAS_BG=True, ACT="gelu", SAVE_PRE=True, **tiles), num_warps=4, num_stages=3)
-        build(down.rows_to_slots_kernel, {**p("a1_ptr", "a2_ptr", "w1_ptr", "w2_ptr", "bias_ptr"),
-              **p("offsets_ptr", t="*i32"), **p("slot_ptr", t="*i64"), **p("scale_ptr", "out_ptr", t="*fp32")},
-              dict(TWO=True, HAS_BIAS=True, HAS_SCALE=True, **tiles), num_warps=4, num_stages=3)
-        build(down._down_grad_h_kernel, {**p("gy_ptr", "w_ptr", "b_ptr", "h_ptr", "gh_ptr"),
-              **p("row_token_ptr", "offsets_ptr", t="*i64"), **p("rw_ptr", "part_ptr", t="*fp32")},
-              dict(HAS_BIAS=True, **tiles), num_warps=4, num_stages=3)
+        for tiles, opts in row_tiles("up_glu", dtype, prec):
+            build(upk._gather_up_kernel, {**p("x_ptr", "wu_ptr", "wg_ptr", "bu_ptr", "bg_ptr", "h_ptr", "pu_ptr",
+                  "pg_ptr"), **p("row_token_ptr", "offsets_ptr", t="*i64")},
+                  dict(GLU=True, HAS_BU=True, HAS_BG=True, ACT="gelu", SAVE_PRE=True, **tiles), **opts)
+        for kernel in ("down", "grad_x_glu"):
+            for tiles, opts in row_tiles(kernel, dtype, prec):
+                build(down.rows_to_slots_kernel, {**p("a1_ptr", "a2_ptr", "w1_ptr", "w2_ptr", "bias_ptr"),
+                      **p("offsets_ptr", t="*i32"), **p("slot_ptr", t="*i64"), **p("scale_ptr", "out_ptr", t="*fp32")},
+                      dict(TWO=kernel == "grad_x_glu", HAS_BIAS=True, HAS_SCALE=True, **tiles), **opts)
+        for tiles, opts in row_tiles("grad_h", dtype, prec):
+            build(down._down_grad_h_kernel, {**p("gy_ptr", "w_ptr", "b_ptr", "h_ptr", "gh_ptr"),
+                  **p("row_token_ptr", "offsets_ptr", t="*i64"), **p("rw_ptr", "part_ptr", t="*fp32")},
+                  dict(HAS_BIAS=True, **tiles), **opts)
         for up in (True, False):
+            b = candidates("wgrad_up_glu" if up else "wgrad_down", dtype)[-1]  # the largest tiles that fit
             build(wg._grouped_wgrad_kernel, {**p("a_ptr", "b1_ptr", "b2_ptr", "dw1_ptr", "dw2_ptr"),
                   **p("db1_ptr", "db2_ptr"), **p("a_index_ptr", "b_index_ptr", "offsets_ptr", t="*i64"),
                   **p("scale_ptr", t="*fp32")},
                   dict(A_GATHER=up, B_GATHER=not up, HAS_SCALE=not up, TWO=up, HAS_BIAS=True, PRECISION=prec,
-                       INTERPRETED=False, BLOCK_P=64, BLOCK_Q=128, BLOCK_R=bk), num_warps=4, num_stages=3)
+                       INTERPRETED=False, BLOCK_P=b.block_m, BLOCK_Q=b.block_n, BLOCK_R=b.block_k),
+                  num_warps=b.num_warps, num_stages=b.num_stages)
         for act in ("gelu", "gelu_tanh", "relu", "silu"):
             build(upk._act_backward_kernel, {**p("gh_ptr", "pu_ptr", "pg_ptr", "gu_ptr", "gg_ptr"), "numel": "i64"},
                   dict(GLU=act != "relu", ACT=act, INTERPRETED=False, BLOCK=1024), num_warps=4)

@@ -17,7 +17,8 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton", reason="the Triton kernels need the triton extra (pip install switchyard-moe[triton])")
 
 import moe.kernels.gemm_tiles as tiles  # noqa: E402
-from tests.moe.kernels.test_grouped_gemm import CUDA, INTERPRETED, check, default_plan, make_params, T, D, FF, E  # noqa: E402
+from tests.moe.kernels.test_grouped_gemm import (CUDA, FF, INTERPRETED, D, E, T, check,  # noqa: E402
+                                                 default_plan, make_params)
 
 if not CUDA and not INTERPRETED:
     pytest.skip("CPU runs need the Triton interpreter: TRITON_INTERPRET=1 before moe.kernels is first imported",

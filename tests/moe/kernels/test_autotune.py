@@ -1,0 +1,79 @@
+"""`python -m moe.kernels.autotune` (issue 20, item 1): without a GPU, --quick checks the plumbing under the
+interpreter; the table it writes is the one the kernels look up, bucket for bucket."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of triton
+
+pytest.importorskip("triton", reason="the Triton kernels need the triton extra (pip install switchyard-moe[triton])")
+
+import moe.kernels.down_combine as down  # noqa: E402
+import moe.kernels.tile_configs as tc  # noqa: E402
+import moe.kernels.up_projection as upk  # noqa: E402
+import moe.kernels.weight_grad as wg  # noqa: E402
+from moe.kernels.autotune import QUICK_INTERPRETER_SHAPE, Shape, main  # noqa: E402
+from tests.moe.kernels.test_grouped_gemm import CUDA, INTERPRETED  # noqa: E402
+
+if CUDA or not INTERPRETED:
+    pytest.skip("the plumbing check runs without a GPU, under TRITON_INTERPRET=1", allow_module_level=True)
+
+
+def keys(doc):
+    return {(e["kernel"], e["rows"], e["k"], e["n"]) for e in doc["entries"]}
+
+
+def test_quick_writes_a_table_the_launchers_look_up(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "tuned.json"
+    assert main(["--out", str(out), "--quick"]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["format"] == 1 and {e["device"] for e in doc["entries"]} == {"interpreter"}
+    assert {e["kernel"] for e in doc["entries"]} == {"up_glu", "down", "grad_h", "grad_x_glu", "wgrad_up_glu",
+                                                      "wgrad_down"}
+    assert all(e["tried"] == 2 and e["ms"] > 0 for e in doc["entries"])  # defaults + one candidate, both agreed
+    assert "wrote 6 entries" in capsys.readouterr().out
+    tc.load_table.cache_clear()
+    assert len(tc.load_table(out)) == 6
+
+    # The public functions at the quick shape ask for exactly the buckets that were written.
+    asked = []
+    real = tc.tiles_for
+
+    def spy(kernel, blocks, like, rows, k, n):
+        asked.append((kernel, tc.rows_bucket(rows), k, n))
+        return real(kernel, blocks, like, rows, k, n)
+
+    for module in (upk, down, wg):
+        monkeypatch.setattr(module, "tiles_for", spy)
+    s = Shape.parse(QUICK_INTERPRETER_SHAPE)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(s.tokens, s.d, generator=g, requires_grad=True)
+    w_up, w_gate = (torch.randn(s.experts, s.d, s.f, generator=g, requires_grad=True) for _ in range(2))
+    w_down = torch.randn(s.experts, s.f, s.d, generator=g, requires_grad=True)
+    row_token = torch.arange(s.tokens * s.k) % s.tokens
+    offsets = torch.linspace(0, s.tokens * s.k, s.experts + 1).long()
+    rw = torch.rand(s.tokens * s.k, requires_grad=True)
+    h = upk.gather_grouped_up(x, row_token, offsets, w_up, w_gate, None, None, "silu")
+    down.grouped_down_combine(h, w_down, None, offsets, rw, row_token, s.tokens).sum().backward()
+    assert set(asked) == keys(doc)
+
+
+def test_merge_keeps_other_entries_and_bad_arguments_exit_2(tmp_path, capsys):
+    out = tmp_path / "tuned.json"
+    assert main(["--out", str(out), "--quick", "--kernels", "down"]) == 0
+    assert main(["--out", str(out), "--quick", "--kernels", "grad_h,down"]) == 0
+    doc = json.loads(out.read_text())
+    assert sorted(e["kernel"] for e in doc["entries"]) == ["down", "grad_h"]  # down replaced, not doubled
+    assert main(["--out", str(out), "--quick", "--kernels", "up"]) == 2  # GLU is the default: up_glu applies
+    assert "do not apply here" in capsys.readouterr().err
+    assert main(["--out", str(out)]) == 2  # no GPU and no --quick: nothing to time
+    assert "--quick" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="T:d:f:E:k"):
+        Shape.parse("16:32:48")
+    with pytest.raises(ValueError, match="k <= E"):
+        Shape.parse("16:32:48:2:4")
