@@ -31,12 +31,12 @@ class Step:
 BIG = "16384:1024:2048:8:2"  # issue 20's reference layer (T >= 16k)
 STEPS: tuple[Step, ...] = (
     Step("device", "device, versions, datasheet peaks, a measured bf16 GEMM and a device copy",
-         25, "experiments.gpu_check.device_info"),
+         20, "experiments.gpu_check.device_info"),
     Step("a_probe", "correctness probe: bf16 T=4099 d=1000 f=1400 E=64 (5 empty, one at 30%), k=2 and 8, "
          "against fp32, forward and backward, twice for bitwise equality", 70, "experiments.gpu_check.probe"),
     Step("b_gpu_tests", "the gpu-marked tests at real sizes (pytest -m gpu)", 95, "experiments.gpu_check.gpu_tests"),
     Step("c_kernel_info", "registers, spills, shared memory, wgmma and async copies of every compiled kernel",
-         25, "experiments.gpu_check.kernel_info", interpreter=False),
+         35, "experiments.gpu_check.kernel_info", interpreter=False),
     Step("d_kernel_bench", "per-kernel throughput table (experiments.bench_kernels)", 45,
          "experiments.gpu_check.external",
          ("--module", "experiments.bench_kernels", "--", "--shape", BIG, "--dtype", "bf16", "--json", "{table}"),
@@ -48,7 +48,7 @@ STEPS: tuple[Step, ...] = (
          ("--module", "moe.kernels.autotune", "--table", "tuned_configs.json", "--", "--out", "{table}", "--quick"),
          dry_budget_s=90, exports="SWITCHYARD_TUNED_CONFIGS"),
     Step("e_layer_bench", "the layer benchmark on CUDA, bf16, T >= 16k: dense, sorted, triton, Mixtral-style "
-         "loop, DeepSpeed MoE, experts only", 65, "experiments.gpu_check.layer_bench"),
+         "loop, DeepSpeed MoE, experts only", 60, "experiments.gpu_check.layer_bench"),
     Step("f_train_twins", "50 training steps of a ~100M dense model and its FLOP-matched MoE twin: tokens/s, MFU, "
          "no host sync in a dropless step", 65, "experiments.gpu_check.train_twins"),
     Step("g_large_shape", "a large shape and an int32-overflow probe (N*f > 2^31 elements)", 35,

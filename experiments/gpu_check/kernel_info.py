@@ -151,6 +151,11 @@ def compiled_kernels(prefix: str = "moe.kernels") -> dict[str, list]:
     return found
 
 
+# (dtype, T, d, f, E, empty experts): the probe's bf16 layer and test_gpu_sizes' fp32 einsum case, so that the
+# kernels come from the shared Triton cache (a variant is compiled per E and per size divisibility) within the box
+EXERCISE = ((torch.bfloat16, 4099, 1000, 1400, 64, (1, 17, 33, 48, 63)), (torch.float32, 4096, 1024, 1024, 16, (3, 15)))
+
+
 def exercise_kernels() -> None:
     """Forward and backward of the triton dispatcher in bf16 and fp32, so that every kernel is compiled."""
     from experiments.gpu_check.synthetic import expert_bank, forward_backward, skewed_plan
@@ -159,10 +164,10 @@ def exercise_kernels() -> None:
     from moe.kernels.sort import sort_by_expert
 
     dev = torch.device("cuda")
-    for dtype in (torch.bfloat16, torch.float32):
-        plan = skewed_plan(4096, 8, 2, (7,), 0.3, seed=0, device=dev)
-        bank = expert_bank(8, 1024, 2048, dtype, dev, seed=0)
-        x = torch.randn(4096, 1024, device=dev, dtype=dtype)
+    for dtype, T, d, f, E, empty in EXERCISE:
+        plan = skewed_plan(T, E, 2, empty, 0.3, seed=0, device=dev)
+        bank = expert_bank(E, d, f, dtype, dev, seed=0)
+        x = torch.randn(T, d, device=dev, dtype=dtype)
         forward_backward(triton_dispatch, x, plan, bank, torch.randn_like(x))
     try:  # the router's kernels, through their public functions (a changed signature is reported, not fatal)
         logits = torch.randn(4096, 64, device=dev, requires_grad=True)

@@ -55,6 +55,13 @@ def evaluate(steps: dict[str, dict[str, Any]]) -> list[dict]:
                        None if v is None else v >= 0.85, "e_layer_bench",
                        "bench.py's forward up-projection GEMM (torch grouped_mm or the loop, the faster) over one "
                        "dense GEMM of equal FLOPs, worst shape; our kernels' own rows are d_kernel_bench's table"))
+    table = _numbers(steps, "d_kernel_bench").get("table") or {}
+    shares = [r["pct_dense"] / 100 for r in table.get("rows", []) if r.get("pct_dense")]
+    v = min(shares) if shares and not table.get("interpreted", True) else None
+    out.append(_target("kernel_gemms_vs_dense", "each of our grouped GEMM kernels >= 85% of torch.mm of equal FLOPs",
+                       v, None if v is None else v >= 0.85, "d_kernel_bench",
+                       "experiments.bench_kernels' '% of dense' (torch.mm on pre-gathered rows / our kernel), the "
+                       "worst kernel"))
     for key, label in (("permute", "permute (gather)"), ("combine", "combine (weighted index_add)")):
         v = _worst(big, lambda s, k=key: s.get(f"{k}_vs_peak"), min)
         out.append(_target(f"{key}_bandwidth", f"{key} >= 70% of the device's peak memory bandwidth", v,

@@ -128,11 +128,15 @@ def test_targets_take_the_worst_big_shape_and_ignore_small_ones():
     steps = {"e_layer_bench": {"status": "ok", "numbers": layer},
              "f_train_twins": {"status": "ok", "numbers": {"moe_vs_dense_tokens_per_s": 0.9,
                                                            "checks": {"no_host_sync": {"ok": False, "detail": "x"}}}},
+             "d_kernel_bench": {"status": "ok", "numbers": {"table": {"interpreted": False, "rows": [
+                 {"kernel": "up", "pct_dense": 91.0}, {"kernel": "down", "pct_dense": 78.0},
+                 {"kernel": "segment sum", "pct_dense": None}]}}},
              "a_probe": {"status": "failed", "numbers": {"checks": {"k2_accuracy": {"ok": True, "detail": "y"}}}},
              "g_large_shape": {"status": "skipped", "numbers": {"checks": {"int32_overflow": {"ok": True}}}}}
     t = {x["name"]: x for x in evaluate(steps)}
     assert (t["triton_vs_dense"]["value"], t["triton_vs_dense"]["status"]) == (1.20, "missed")
     assert (t["grouped_gemm_vs_dense"]["value"], t["grouped_gemm_vs_dense"]["status"]) == (0.86, "met")
+    assert (t["kernel_gemms_vs_dense"]["value"], t["kernel_gemms_vs_dense"]["status"]) == (0.78, "missed")
     assert (t["permute_bandwidth"]["value"], t["permute_bandwidth"]["status"]) == (0.60, "missed")
     assert (t["combine_bandwidth"]["value"], t["combine_bandwidth"]["status"]) == (0.71, "met")
     assert (t["triton_vs_deepspeed"]["value"], t["triton_vs_deepspeed"]["status"]) == (0.5, "met")
