@@ -30,20 +30,23 @@ def make(T: int, d: int, k: int, E: int, dtype: torch.dtype, device: str):
     return token_index, x, out, weight, gy
 
 
-def step(kind: str, token_index, x, out, weight, gy) -> Callable[[], None]:
+def step(kind: str, token_index, x, out, weight, gy) -> Callable[[], tuple]:
+    """One forward + backward of the gather and the combine; returns the gradients of x, out and weight."""
     T = x.shape[0]
-    xg, og, wg = (t.detach().requires_grad_(True) for t in (x, out, weight))
+    leaves = [t.detach().requires_grad_(True) for t in (x, out, weight)]
+    xg, og, wg = leaves
+    grad_rows = torch.ones(token_index.numel(), x.shape[1], dtype=x.dtype, device=x.device)
 
-    def old():  # what alltoall_dispatch did: x[token_index] (backward: accumulating index_put), weighted index_add_
+    def old() -> tuple:  # what alltoall_dispatch did: x[token_index] (backward: accumulating index_put), index_add_
         rows = xg[token_index]
         y = xg.new_zeros(x.shape).index_add_(0, token_index, og * wg.to(og.dtype)[:, None])
-        torch.autograd.backward([y, rows], [gy, rows.detach()])
+        return torch.autograd.grad([y, rows], leaves, [gy, grad_rows])
 
-    def new():
+    def new() -> tuple:
         order = token_slots(token_index, T)  # includes its one host read of K (alltoall folds it into its sync)
         rows = gather_rows(xg, order)
         y = combine_rows(og, wg, order)
-        torch.autograd.backward([y, rows], [gy, rows.detach()])
+        return torch.autograd.grad([y, rows], leaves, [gy, grad_rows])
 
     return old if kind == "index_add_" else new
 

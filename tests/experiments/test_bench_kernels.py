@@ -59,3 +59,15 @@ def test_full_run_refused_under_the_interpreter():
         bench_kernels.run("64:32:48:4:2", quick=False, log=lambda s: None)
     with pytest.raises(ValueError, match="k=5 must be between 1 and E=4"):
         bench_kernels.make_problem(8, 16, 16, 4, 5, bench_kernels.torch.float32, bench_kernels.torch.device("cpu"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not bench_kernels.torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_table_has_peaks_and_sane_shares():
+    result = bench_kernels.run("4096:512:1024:8:2", "bf16", reps=2, log=lambda s: None)
+    for r in result["rows"]:
+        assert r["pct_copy"] > 0, r
+        if r["pct_peak_bw"] is not None:
+            assert 0 < r["pct_peak_bw"] < 100, r
+        if r["tflops"] is not None and result["peak_tflops"] is not None:
+            assert 0 < r["pct_peak_flops"] < 100, r  # above the datasheet peak would mean a wrong FLOP count
