@@ -97,13 +97,15 @@ def make_problem(T: int, d: int, f: int, E: int, k: int, dtype: torch.dtype, dev
     counts = torch.bincount(expert, minlength=E)
     n = T * k
 
+    gd = torch.Generator(device=device).manual_seed(seed + 1)  # operands drawn where they live (GB at full size)
+
     def rnd(*shape, scale=1.0, dt=dtype):
-        return (torch.randn(*shape, generator=g) * scale).to(device, dt)
+        return (torch.randn(*shape, generator=gd, device=device) * scale).to(dt)
 
     t = dict(
         x=rnd(T, d), row_token=row_token.to(device), offsets=torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(device),
         w_up=rnd(E, d, f, scale=d ** -0.5), w_gate=rnd(E, d, f, scale=d ** -0.5) if glu else None,
-        w_down=rnd(E, f, d, scale=f ** -0.5), h=rnd(n, f), row_weight=torch.rand(n, generator=g).to(device),
+        w_down=rnd(E, f, d, scale=f ** -0.5), h=rnd(n, f), row_weight=torch.rand(n, generator=gd, device=device),
         grad_y=rnd(T, d), grad_h=rnd(n, f), grad_u=rnd(n, f), grad_g=rnd(n, f) if glu else None,
         rows_fp32=rnd(n, d, dt=torch.float32))
     return Problem(T, d, f, E, k, glu, t)
@@ -116,8 +118,8 @@ def make_problem(T: int, d: int, f: int, E: int, k: int, dtype: torch.dtype, dev
 class Case:
     kernel: Callable[[], object]  # one call of our kernel(s)
     dense: Optional[Callable[[], object]]  # torch.mm of the same FLOPs
-    flops: float
-    bytes: float
+    flops: float  # 2 x multiply-adds of the GEMM(s); 0 for a kernel without a GEMM
+    bytes: float  # minimal bytes moved (see cases)
 
 
 def cases(p: Problem) -> dict[str, Case]:
