@@ -27,6 +27,7 @@ def triton_dispatch(x: Tensor, plan: RoutingPlan, experts) -> Tensor:
     ok, why = triton_status(x.device)
     if not ok:
         raise ValueError(f"model.moe.dispatcher=triton cannot run here: {why}; set model.moe.dispatcher=auto or sorted")
+    from moe.kernels.combine import TokenOrder
     from moe.kernels.down_combine import grouped_down_combine
     from moe.kernels.up_projection import gather_grouped_up
 
@@ -37,8 +38,10 @@ def triton_dispatch(x: Tensor, plan: RoutingPlan, experts) -> Tensor:
         return None if b is None else b.to(x.dtype)  # forward_sorted adds biases in the activations' dtype
 
     offsets = plan.offsets  # [E+1] on the device: cumsum of plan.counts, no host sync
+    # One token-major order per layer: the combine's forward and grad x's per-token sum use the same.
+    order = TokenOrder.build(plan.token_index, plan.num_tokens)
     h = gather_grouped_up(x, plan.token_index, offsets, w_up, w_gate, bias(experts.b_up), bias(experts.b_gate),
-                          experts.activation)  # [N, f]
+                          experts.activation, token_order=order)  # [N, f]
     y = grouped_down_combine(h, w_down, bias(experts.b_down), offsets, plan.weight.float(), plan.token_index,
-                             plan.num_tokens)  # [T, d]
+                             plan.num_tokens, token_order=order)  # [T, d]
     return y if y.dtype == x.dtype else y.to(x.dtype)

@@ -12,6 +12,7 @@ the host (the launch grid depends only on T and D, never on how many rows a toke
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import triton
@@ -37,6 +38,14 @@ class TokenOrder:
         # First slot whose token is >= t; token_offsets[T] = N because every row's token is < T.
         token_offsets = torch.searchsorted(sorted_token, tokens)
         return TokenOrder(slot=slot, token_offsets=token_offsets)
+
+    def astuple(self) -> tuple[Tensor, Tensor]:
+        return self.slot, self.token_offsets
+
+    @staticmethod
+    def unpack(order: Optional["TokenOrder"]) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        """(slot, token_offsets), or (None, None): the tensors an autograd Function takes in place of the order."""
+        return (None, None) if order is None else order.astuple()
 
 
 @triton.jit

@@ -14,7 +14,8 @@ Shape legend: T tokens, d model width, f expert hidden width, E experts, N plan 
   <grad_y[t_r], b_down[e]>. The first factor is exactly the un-scaled grad of h, so the grad-h kernel's
   epilogue produces it with no extra GEMM: each column tile writes its partial dot product to a
   [N, column tiles] buffer that is summed afterwards (a fixed-order sum, not an atomic).
-- Not fused: the token-major order (a stable torch.sort, a scatter and a searchsorted) and the per-token sum.
+- Not fused: the token-major order (a stable torch.sort, a scatter and a searchsorted; built once per layer when
+  the caller passes `token_order`, as moe.dispatch.triton does, else here) and the per-token sum.
 Tiles, precision and block sizes: moe.kernels.gemm_tiles.
 """
 from __future__ import annotations
@@ -154,10 +155,12 @@ def launch_grad_h(grad_y: Tensor, row_token: Tensor, offsets: Tensor, w_down: Te
 class _GroupedDownCombine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: Tensor, w_down: Tensor, b_down: Optional[Tensor], offsets: Tensor, row_weight: Tensor,
-                row_token: Tensor, num_tokens: int, blocks: Optional[GemmBlocks]) -> Tensor:
-        order = TokenOrder.build(row_token, num_tokens)
-        rows = launch_down(h, w_down, b_down, offsets, row_weight, order.slot, blocks)
-        y = segment_sum(rows, order.token_offsets, h.dtype, elementwise_block(blocks, h.dtype))
+                row_token: Tensor, num_tokens: int, blocks: Optional[GemmBlocks], slot: Optional[Tensor],
+                token_offsets: Optional[Tensor]) -> Tensor:
+        if slot is None:  # no order shared by the caller: build it (a sort, a scatter, a search)
+            slot, token_offsets = TokenOrder.build(row_token, num_tokens).astuple()
+        rows = launch_down(h, w_down, b_down, offsets, row_weight, slot, blocks)
+        y = segment_sum(rows, token_offsets, h.dtype, elementwise_block(blocks, h.dtype))
         ctx.save_for_backward(h, w_down, b_down, offsets, row_weight, row_token)
         ctx.blocks = blocks
         return y
@@ -173,16 +176,18 @@ class _GroupedDownCombine(torch.autograd.Function):
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             grad_w, _, grad_b, _ = grouped_wgrad(h, None, grad_y, None, row_token, row_weight, offsets, E,
                                                  b_down is not None, blocks)
-        return grad_h, grad_w, grad_b, None, grad_weight.to(row_weight.dtype), None, None, None
+        return grad_h, grad_w, grad_b, None, grad_weight.to(row_weight.dtype), None, None, None, None, None
 
 
 def grouped_down_combine(h: Tensor, w_down: Tensor, b_down: Optional[Tensor], offsets: Tensor, row_weight: Tensor,
-                         row_token: Tensor, num_tokens: int, *, blocks: Optional[GemmBlocks] = None) -> Tensor:
+                         row_token: Tensor, num_tokens: int, *, blocks: Optional[GemmBlocks] = None,
+                         token_order: Optional[TokenOrder] = None) -> Tensor:
     """h [N, f], w_down [E, f, d], b_down [E, d], offsets [E+1], row_weight [N] fp32, row_token [N] -> y [T, d]
     in h's dtype. Differentiable in h, w_down, b_down and row_weight. blocks: the tiles of every kernel of the
-    call (default: each kernel's tuned or default tiles, moe.kernels.tile_configs)."""
+    call (default: each kernel's tuned or default tiles, moe.kernels.tile_configs). token_order:
+    TokenOrder.build(row_token, num_tokens) when the caller has it (shared with gather_grouped_up's backward)."""
     check_device(h)
     dt = h.dtype
     return _GroupedDownCombine.apply(h.contiguous(), cast_weight(w_down, dt), cast_weight(b_down, dt),
                                      offsets.contiguous(), row_weight.contiguous(), row_token.contiguous(), num_tokens,
-                                     blocks)
+                                     blocks, *TokenOrder.unpack(token_order))

@@ -192,10 +192,10 @@ class _GatherGroupedUp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, row_token: Tensor, offsets: Tensor, w_up: Tensor, w_gate: Optional[Tensor],
                 b_up: Optional[Tensor], b_gate: Optional[Tensor], activation: str,
-                blocks: Optional[GemmBlocks]) -> Tensor:
+                blocks: Optional[GemmBlocks], slot: Optional[Tensor], token_offsets: Optional[Tensor]) -> Tensor:
         h, pre_u, pre_g = launch_up(x, row_token, offsets, w_up, w_gate, b_up, b_gate, activation,
                                     any(ctx.needs_input_grad), blocks)
-        ctx.save_for_backward(x, row_token, offsets, w_up, w_gate, pre_u, pre_g)
+        ctx.save_for_backward(x, row_token, offsets, w_up, w_gate, pre_u, pre_g, slot, token_offsets)
         ctx.activation, ctx.blocks = activation, blocks
         ctx.has_bias = (b_up is not None, b_gate is not None)
         return h
@@ -203,7 +203,7 @@ class _GatherGroupedUp(torch.autograd.Function):
     @staticmethod
     @once_differentiable  # the backward kernels are not themselves differentiated
     def backward(ctx, grad_h: Tensor):
-        x, row_token, offsets, w_up, w_gate, pre_u, pre_g = ctx.saved_tensors
+        x, row_token, offsets, w_up, w_gate, pre_u, pre_g, slot, token_offsets = ctx.saved_tensors
         blocks, E = ctx.blocks, w_up.shape[0]
         grad_h = grad_h.contiguous()  # a reduction's gradient arrives expanded (stride 0)
         # Gradients of the pre-activations, elementwise: [N, f] each, in the activation dtype.
@@ -212,9 +212,10 @@ class _GatherGroupedUp(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             # grad rows [N, d] = gu @ w_up[e]^T (+ gg @ w_gate[e]^T), written token-major in fp32 and summed per
             # token in a fixed order: deterministic, no atomics.
-            order = TokenOrder.build(row_token, x.shape[0])
-            rows = launch_grad_x(grad_u, grad_g, offsets, w_up, w_gate, order.slot, blocks)
-            grad_x = segment_sum(rows, order.token_offsets, x.dtype, elementwise_block(blocks, x.dtype))
+            if slot is None:  # no order shared by the caller: build it (a sort, a scatter, a search)
+                slot, token_offsets = TokenOrder.build(row_token, x.shape[0]).astuple()
+            rows = launch_grad_x(grad_u, grad_g, offsets, w_up, w_gate, slot, blocks)
+            grad_x = segment_sum(rows, token_offsets, x.dtype, elementwise_block(blocks, x.dtype))
         grad_wu = grad_wg = grad_bu = grad_bg = None
         if any(ctx.needs_input_grad[3:7]):
             with_bias = any(ctx.has_bias)
@@ -222,19 +223,21 @@ class _GatherGroupedUp(torch.autograd.Function):
                                                                with_bias, blocks)
             grad_bu = grad_bu if ctx.has_bias[0] else None
             grad_bg = grad_bg if ctx.has_bias[1] else None
-        return grad_x, None, None, grad_wu, grad_wg, grad_bu, grad_bg, None, None
+        return grad_x, None, None, grad_wu, grad_wg, grad_bu, grad_bg, None, None, None, None
 
 
 def gather_grouped_up(x: Tensor, row_token: Tensor, offsets: Tensor, w_up: Tensor, w_gate: Optional[Tensor],
                       b_up: Optional[Tensor], b_gate: Optional[Tensor], activation: str, *,
-                      blocks: Optional[GemmBlocks] = None) -> Tensor:
+                      blocks: Optional[GemmBlocks] = None, token_order: Optional[TokenOrder] = None) -> Tensor:
     """x [T, d], row_token [N], offsets [E+1], w_up/w_gate [E, d, f], b_up/b_gate [E, f] -> h [N, f] in x's
     dtype (w_gate None: no GLU). Differentiable in x, the weights and the biases. blocks: the tiles of every
-    kernel of the call (default: each kernel's tuned or default tiles, moe.kernels.tile_configs)."""
+    kernel of the call (default: each kernel's tuned or default tiles, moe.kernels.tile_configs). token_order:
+    TokenOrder.build(row_token, T) when the caller has it (the combine needs the same one): grad x reuses it
+    instead of building it again."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}: the Triton kernels support {ACTIVATIONS}")
     check_device(x)
     dt = x.dtype
     return _GatherGroupedUp.apply(x.contiguous(), row_token.contiguous(), offsets.contiguous(), cast_weight(w_up, dt),
                                   cast_weight(w_gate, dt), cast_weight(b_up, dt), cast_weight(b_gate, dt), activation,
-                                  blocks)
+                                  blocks, *TokenOrder.unpack(token_order))
