@@ -5,8 +5,9 @@ Shape legend: T tokens, d row width, N plan rows (sorted by expert), K the most 
 dropless top-k plan; up to E for expert choice), token_index [N] the token each row carries.
 
 Why: `index_add_` (and the backward of `x[token_index]`, an accumulating `index_put_`) add a token's k rows with
-atomics on CUDA, so which row lands first changes from run to run and the last bits of the sum with it (for k >= 3
-in bf16 the order is visible; in fp32 too). Here the rows of each token get fixed slots instead:
+atomics on CUDA, so which row lands first changes from run to run, and for k >= 3 the last bits of the sum with it
+(two adds onto zero commute; three do not associate), in bf16 and fp32 alike. Here each token's rows get fixed
+slots instead:
 
     slots [K, T]:  slots[j, t] = the j-th row of token t in row order (a stable sort of token_index keeps the
                    plan's expert order within a token), or N (a padding row of zeros) where t has fewer than j+1.
@@ -14,8 +15,9 @@ in bf16 the order is visible; in fp32 too). Here the rows of each token get fixe
                    rounded once to the output dtype: the same order as moe.kernels.combine.segment_sum's loop.
 
 Every step is a sort, a search, a gather or an elementwise add, none of them atomic, so the result depends on the
-plan alone, on CUDA as on CPU. The backward of the combine is a gather (no reduction at all). K is a host integer;
-alltoall_dispatch reads it in the one host synchronisation it already has, so nothing here waits on the device.
+plan alone, on CUDA as on CPU. The backward of the combine is a gather (no reduction at all). K is a host integer:
+alltoall_dispatch reads it in the one host synchronisation it already has (`token_slots`, for other callers, reads
+it on its own).
 """
 from __future__ import annotations
 
