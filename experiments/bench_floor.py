@@ -13,12 +13,15 @@ The floor (`floor_ms`), a lower bound for one step of a model:
 - FLOPs: moe.flops.flops_per_token(cfg).training x T (the twins match dense within 1%, the router included).
 - rate: FLOP/s of one fp32 GEMM at the dense FFN's shapes ([T, d] x [d, d_ff], forward and both backward
   products), the best this BLAS does on this machine at these widths (`gemm_rate`).
-- optimizer-phase bytes: gradient clipping reads every gradient for the norm, then reads and writes it to scale
-  it (`CLIP_BYTES_PER_PARAM` = 12 B, over a working set of the gradients, 4 B x P); AdamW reads parameter,
-  gradient and both moments and writes parameter and moments (`ADAMW_BYTES_PER_PARAM` = 28 B, over 16 B x P).
-  These phases run after backward, memory-bound, so they add to the GEMM time.
-- bandwidth: a copy (`copy_bandwidth`, read + write bytes over seconds) whose two buffers together are the
-  phase's working set, since a small one stays in cache (this machine reports a 300 MiB L3).
+- optimizer-phase bytes: gradient clipping must read every gradient once for the global norm
+  (`CLIP_BYTES_PER_PARAM` = 4 B; torch's clip_grad_norm_ also reads and writes each gradient to scale it, 8 B more,
+  which a fused update could take as its grad_scale), and AdamW reads parameter, gradient and both moments and
+  writes parameter and moments (`ADAMW_BYTES_PER_PARAM` = 28 B). These phases run after backward and are
+  memory-bound, so they add to the GEMM time.
+- bandwidth: what torch's fused AdamW kernel (one pass over exactly those 28 B) achieves on one flat parameter
+  of the model's size (`update_bandwidth`), standing alone and so as warm in cache as it can be: a plain copy
+  runs slower than such an in-place update (the write to a buffer not read first costs a read for ownership)
+  and would not bound it, and this machine reports a 300 MiB L3, which holds most of an E = 64 bank's state.
 Weight reads in forward and backward and the gradient writes (12 B x P) can overlap with the GEMMs, so they are
 reported beside the floor (`weight_ms`), not in it; the router's sort and the two row permutations are small.
 
@@ -49,7 +52,7 @@ from moe.flops import count_params, flops_per_token
 from moe.model import Transformer
 
 PHASES = ("forward", "backward", "clip", "optimizer", "zero_grad")
-CLIP_BYTES_PER_PARAM = 12  # clip_grad_norm_: read g (the norm), read and write g (the scale)
+CLIP_BYTES_PER_PARAM = 4  # the global norm reads every gradient once
 ADAMW_BYTES_PER_PARAM = 28  # AdamW: read p, g, m, v; write p, m, v
 WEIGHT_BYTES_PER_PARAM = 12  # forward reads w, backward reads w (grad-input) and writes its gradient
 CLOCKS: dict[str, Callable[[], float]] = {"cpu": time.thread_time, "wall": time.perf_counter}
@@ -61,7 +64,7 @@ class Floor:
     params: int  # total parameters P
     flops: int  # training FLOPs per step
     gemm_ms: float  # flops / the measured GEMM rate
-    opt_ms: float  # (CLIP_ + ADAMW_BYTES_PER_PARAM) x P at the bandwidth of each phase's working set
+    opt_ms: float  # (CLIP_ + ADAMW_BYTES_PER_PARAM) x P at the update's bandwidth
     weight_ms: float  # WEIGHT_BYTES_PER_PARAM x P / bandwidth: may overlap the GEMMs, so not in floor_ms
 
     @property
@@ -69,20 +72,21 @@ class Floor:
         return self.gemm_ms + self.opt_ms
 
 
-def copy_bandwidth(nbytes: int, reps: int = 5, clock: Callable[[], float] = time.thread_time) -> float:
-    """Bytes per second of dst.copy_(src) for two buffers of nbytes together, counting the read and the write
-    (best of reps, after one untimed copy that faults the pages in)."""
-    if nbytes < 4096:
-        raise ValueError(f"copy_bandwidth needs at least 4096 bytes, got {nbytes}")
-    src = torch.ones(nbytes // 8)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
+def update_bandwidth(nparams: int, reps: int = 3, clock: Callable[[], float] = time.thread_time) -> float:
+    """Bytes per second that torch's fused AdamW moves updating one flat fp32 parameter of nparams elements
+    (ADAMW_BYTES_PER_PARAM per element; best of reps after one untimed step that allocates the moments)."""
+    if nparams < 1024:
+        raise ValueError(f"update_bandwidth needs at least 1024 parameters, got {nparams}")
+    p = torch.nn.Parameter(torch.zeros(nparams))
+    p.grad = torch.full_like(p, 1e-3)
+    opt = torch.optim.AdamW([p], lr=1e-3, fused=True)
+    opt.step()
     best = float("inf")
     for _ in range(reps):
         t0 = clock()
-        dst.copy_(src)
+        opt.step()
         best = min(best, clock() - t0)
-    return 2 * src.numel() * 4 / best
+    return ADAMW_BYTES_PER_PARAM * nparams / best
 
 
 def gemm_rate(tokens: int, d: int, width: int, reps: int = 5, clock: Callable[[], float] = time.thread_time) -> float:
@@ -110,14 +114,13 @@ def gemm_rate(tokens: int, d: int, width: int, reps: int = 5, clock: Callable[[]
 
 def floor_of(cfg: ModelConfig, tokens: int, seq_len: int, rate: float,
              bandwidth: Callable[[int], float]) -> Floor:
-    """The floor of one step of `cfg` at `tokens` per step; bandwidth(nbytes) -> B/s for a working set of nbytes."""
+    """The floor of one step of `cfg` at `tokens` per step; bandwidth(P) -> B/s of an update of P parameters."""
     params = count_params(cfg).total
     flops = flops_per_token(cfg, seq_len).training * tokens
-    clip_s = CLIP_BYTES_PER_PARAM * params / bandwidth(4 * params)  # the gradients
-    adamw_s = ADAMW_BYTES_PER_PARAM * params / bandwidth(16 * params)  # parameters, gradients, two moments
-    weight_s = WEIGHT_BYTES_PER_PARAM * params / bandwidth(8 * params)  # weights and their gradients
-    return Floor(params=params, flops=flops, gemm_ms=1e3 * flops / rate, opt_ms=1e3 * (clip_s + adamw_s),
-                 weight_ms=1e3 * weight_s)
+    bw = bandwidth(params)
+    return Floor(params=params, flops=flops, gemm_ms=1e3 * flops / rate,
+                 opt_ms=1e3 * (CLIP_BYTES_PER_PARAM + ADAMW_BYTES_PER_PARAM) * params / bw,
+                 weight_ms=1e3 * WEIGHT_BYTES_PER_PARAM * params / bw)
 
 
 def floor_ratio(twin: Floor, dense: Floor, dense_ms: float) -> tuple[float, float]:
@@ -184,12 +187,12 @@ def step_ratios(runs: dict[str, list[dict[str, float]]], ref: str = "dense") -> 
 
 
 def _cached(fn: Callable[[int], float]) -> Callable[[int], float]:
-    """Bandwidth per power-of-two size bucket (the working set rounded down: the faster, so the lower floor),
-    measured once (a copy per model would cost as much as a step)."""
+    """Bandwidth per power-of-two size bucket (the size rounded down: the faster, so the lower floor), measured
+    once per bucket."""
     memo: dict[int, float] = {}
 
-    def at(nbytes: int) -> float:
-        key = max(1 << 20, 1 << (nbytes.bit_length() - 1))
+    def at(n: int) -> float:
+        key = max(1 << 20, 1 << (n.bit_length() - 1))
         if key not in memo:
             memo[key] = fn(key)
         return memo[key]
@@ -223,12 +226,77 @@ def run_batch(names: list[str], setup: StepSetup, reps: int, fused_adamw: bool, 
               f"{f.weight_ms:.1f}) | {both:.3f}x / {lenient:.3f}x |")
 
 
+def print_floors(names: list[str], setup: StepSetup, rate: float, bandwidth: Callable[[int], float]) -> None:
+    """The floor of each model at one batch size, and floor(twin) / floor(dense)."""
+    tokens = setup.batch * setup.seq_len
+    floors = {n: floor_of(twin_config(n, setup), tokens, setup.seq_len, rate, bandwidth) for n in names}
+    print(f"\n| model (T = {tokens}) | params | floor ms | GEMM ms | optimizer ms | weights ms (overlappable) | "
+          f"floor / dense floor |\n|---|---:|---:|---:|---:|---:|---:|")
+    for n, f in floors.items():
+        print(f"| {n} | {f.params / 1e6:.2f}M | {f.floor_ms:.1f} | {f.gemm_ms:.1f} | {f.opt_ms:.1f} | {f.weight_ms:.1f} | "
+              f"{f.floor_ms / floors['dense'].floor_ms:.3f}x |")
+
+
+def layer_parts(names: list[str], tokens: int, clock: Callable[[], float], reps: int = 5) -> dict[str, dict[str, float]]:
+    """ms (forward + backward, min of reps) of one FFN slot's parts at `tokens` rows of width d: the dense FFN, and
+    for each twin its router (gate, top-k, sort, balancing losses), its experts alone on rows already in expert
+    order (the grouped matmuls, activation, combine weight), and its whole MoE layer (router, gather, experts,
+    scatter). The models' calls are interleaved as in the step timing."""
+    from moe.ffn import DenseFFN
+    from moe.layer import MoELayer
+
+    setup = StepSetup()
+    base = twin_config("dense", setup)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(tokens, base.d_model, generator=gen, requires_grad=True)
+    g = torch.randn(tokens, base.d_model, generator=gen)
+    fns: dict[tuple[str, str], Callable[[], None]] = {}
+    torch.manual_seed(0)
+    dense = DenseFFN(base.d_model, base.d_ff, base.activation, base.glu, base.ffn_bias)
+    fns[("dense", "dense FFN")] = lambda: (dense(x) * g).sum().backward()
+    for n in names:
+        if n == "dense":
+            continue
+        layer = MoELayer(twin_config(n, setup))
+        with torch.no_grad():
+            plan = layer.router(x)
+        rows = x.detach().index_select(0, plan.token_index).requires_grad_(True)
+        g_rows = torch.randn(rows.shape, generator=gen)
+
+        def router(layer=layer):
+            p = layer.router(x)
+            (p.weight.sum() + sum(p.aux_losses.values())).backward()
+
+        def experts(layer=layer, plan=plan, rows=rows, g_rows=g_rows):
+            y = layer.experts.forward_sorted(rows, plan.expert_index, plan.counts, row_scale=plan.weight)
+            (y * g_rows).sum().backward()
+
+        def whole(layer=layer):
+            y, p = layer(x)
+            ((y * g).sum() + sum(p.aux_losses.values())).backward()
+
+        fns.update({(n, "router"): router, (n, "experts"): experts, (n, "MoE layer"): whole})
+    best: dict[tuple[str, str], float] = {key: float("inf") for key in fns}
+    for r in range(reps + 1):
+        for key, fn in fns.items():
+            t0 = clock()
+            fn()
+            if r:
+                best[key] = min(best[key], clock() - t0)
+    out: dict[str, dict[str, float]] = {}
+    for (n, part), t in best.items():
+        out.setdefault(n, {})[part] = 1e3 * t
+    return out
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--twins", default=DEMO_TWINS, help=f"comma-separated twin names (default {DEMO_TWINS})")
     ap.add_argument("--reps", type=int, default=5, help="timed repetitions per batch size (>= 3)")
     ap.add_argument("--batches", default="16", help="comma-separated sequences per step (demo 16; 64, 256 = 4x, 16x)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
+    ap.add_argument("--floor-only", action="store_true", help="print the floors (and rates) without timing steps")
+    ap.add_argument("--layers", action="store_true", help="also time one FFN slot's parts (layer_parts)")
     ap.add_argument("--clock", default="cpu", choices=tuple(CLOCKS), help="cpu: this thread's CPU time; wall: perf_counter")
     ap.add_argument("--fused-adamw", action="store_true", help="torch's fused AdamW instead of the trainer's foreach")
     ap.add_argument("--allocator", default="auto", choices=allocator.CHOICES,
@@ -247,17 +315,27 @@ def main(argv: Optional[list[str]] = None) -> None:
     if "dense" not in names:
         names.insert(0, "dense")
     clock = CLOCKS[args.clock]
-    bandwidth = _cached(lambda nbytes: copy_bandwidth(nbytes, clock=clock))
+    bandwidth = _cached(lambda n: update_bandwidth(n, clock=clock))
     print(f"# bare step by phase, tiny_dense twins, {args.threads} thread(s), torch {torch.__version__}, "
           f"AdamW {'fused' if args.fused_adamw else 'foreach'}, clock {args.clock}, allocator: {allocator.current()}")
-    print("copy bandwidth (read + write), GB/s: " + ", ".join(
-        f"{mb} MiB {bandwidth(mb << 20) / 1e9:.1f}" for mb in (4, 32, 256, 1024)))
+    print("fused AdamW update bandwidth, GB/s: " + ", ".join(
+        f"{m}M parameters {bandwidth(m << 20) / 1e9:.1f}" for m in (1, 2, 4, 8, 16)))
     for b in batches:
         setup = StepSetup(batch=b)
         base = twin_config("dense", setup)
         rate = gemm_rate(b * setup.seq_len, base.d_model, base.d_ff, clock=clock)
         print(f"\ndense FFN GEMM rate at T = {b * setup.seq_len}: {rate / 1e9:.1f} GFLOP/s")
-        run_batch(names, setup, args.reps, args.fused_adamw, rate, bandwidth, clock)
+        if args.layers:
+            parts = layer_parts(names, b * setup.seq_len, clock)
+            print(f"\n| FFN slot, forward + backward, T = {b * setup.seq_len} (ms, min of 5) | dense FFN | router | "
+                  f"experts (rows in order) | whole MoE layer |\n|---|---:|---:|---:|---:|")
+            for n, p in parts.items():
+                print(f"| {n} | " + " | ".join(f"{p[k]:.2f}" if k in p else "" for k in
+                                               ("dense FFN", "router", "experts", "MoE layer")) + " |")
+        if args.floor_only:
+            print_floors(names, setup, rate, bandwidth)
+        else:
+            run_batch(names, setup, args.reps, args.fused_adamw, rate, bandwidth, clock)
 
 
 if __name__ == "__main__":

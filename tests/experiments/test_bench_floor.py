@@ -1,11 +1,14 @@
 """experiments.bench_floor: the floor's arithmetic (FLOPs at a rate plus optimizer bytes at a bandwidth), the
 phases of a step, and that timing a step by phase runs the same step as experiments.bench_step."""
+import time
+
 import pytest
 import torch
 
 from experiments.bench_floor import (ADAMW_BYTES_PER_PARAM, CLIP_BYTES_PER_PARAM, PHASES, WEIGHT_BYTES_PER_PARAM,
-                                     Floor, _cached, copy_bandwidth, floor_of, floor_ratio, gemm_rate,
-                                     interleaved_phases, make_phased_step, step_ratios, summarise)
+                                     Floor, _cached, floor_of, floor_ratio, gemm_rate,
+                                     interleaved_phases, layer_parts, make_phased_step, step_ratios, summarise,
+                                     update_bandwidth)
 from experiments.bench_step import StepSetup, make_step, twin_config
 from moe.flops import count_params, flops_per_token
 
@@ -17,8 +20,8 @@ def test_floor_is_flops_at_the_rate_plus_optimizer_bytes_at_the_bandwidth():
     cfg = twin_config("moe_e64_k2", setup)
     seen = []
 
-    def bandwidth(nbytes):  # 10 GB/s whatever the size; records the working sets asked for
-        seen.append(nbytes)
+    def bandwidth(n):  # 10 GB/s whatever the size; records the sizes asked for
+        seen.append(n)
         return 1e10
 
     f = floor_of(cfg, tokens=2048, seq_len=128, rate=1e11, bandwidth=bandwidth)
@@ -28,7 +31,7 @@ def test_floor_is_flops_at_the_rate_plus_optimizer_bytes_at_the_bandwidth():
     assert f.opt_ms == pytest.approx(1e3 * (CLIP_BYTES_PER_PARAM + ADAMW_BYTES_PER_PARAM) * P / 1e10)
     assert f.weight_ms == pytest.approx(1e3 * WEIGHT_BYTES_PER_PARAM * P / 1e10)
     assert f.floor_ms == pytest.approx(f.gemm_ms + f.opt_ms)
-    assert sorted(seen) == [4 * P, 8 * P, 16 * P]  # gradients; weights and gradients; AdamW's four tensors
+    assert seen == [P]  # the update's bandwidth at the model's size
 
 
 def test_floor_ratio_known_values():
@@ -40,10 +43,10 @@ def test_floor_ratio_known_values():
 
 
 def test_bandwidth_and_gemm_rate_are_positive_and_checked():
-    assert copy_bandwidth(1 << 20, reps=2) > 1e8  # any machine copies faster than 100 MB/s
+    assert update_bandwidth(1 << 16, reps=2) > 1e8  # any machine moves more than 100 MB/s
     assert gemm_rate(64, 32, 48, reps=2) > 1e7
-    with pytest.raises(ValueError, match="4096 bytes"):
-        copy_bandwidth(100)
+    with pytest.raises(ValueError, match="1024 parameters"):
+        update_bandwidth(100)
 
 
 def test_cached_bandwidth_rounds_down_to_a_power_of_two_and_measures_once():
@@ -83,3 +86,10 @@ def test_interleaving_skips_the_warmup_and_rotates():
     steps = {n: (lambda n=n: order.append(n) or dict.fromkeys(PHASES, 0.0)) for n in ("a", "b")}
     runs = interleaved_phases(steps, reps=2, warmup=1)
     assert order == ["a", "b", "b", "a", "a", "b"] and all(len(v) == 2 for v in runs.values())
+
+
+def test_layer_parts_times_each_part_of_each_slot():
+    parts = layer_parts(["dense", "moe_e8_k2"], tokens=32, clock=time.thread_time, reps=1)
+    assert set(parts) == {"dense", "moe_e8_k2"}
+    assert set(parts["dense"]) == {"dense FFN"} and set(parts["moe_e8_k2"]) == {"router", "experts", "MoE layer"}
+    assert all(t > 0 for p in parts.values() for t in p.values())
