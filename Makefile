@@ -44,9 +44,11 @@ clean:
 # and runs it with its own python3 (PYTHON=python3). DRY_RUN=1 runs the same plumbing here on CPU with tiny
 # shapes; OUT=DIR is where the log and results.json go (on the GPU machine the device tool's $$OUT is picked up).
 GPU_WHEELS ?= gpu_wheels
+# .venv's python where there is one (a dry run here), else $(PYTHON) (the GPU machine: .venv never travels)
+GPU_PYTHON ?= $(if $(wildcard $(PY)),$(PY),$(PYTHON))
 .PHONY: gpu-check gpu-wheels
 gpu-check:
-	$(PYTHON) -m experiments.gpu_check $(if $(filter 1 yes true,$(DRY_RUN)),--dry-run) $(if $(OUT),--out "$(OUT)") $(if $(ONLY),--only $(ONLY)) --wheels "$(GPU_WHEELS)"
+	$(GPU_PYTHON) -m experiments.gpu_check $(if $(filter 1 yes true,$(DRY_RUN)),--dry-run) $(if $(OUT),--out "$(OUT)") $(if $(ONLY),--only $(ONLY)) --wheels "$(GPU_WHEELS)"
 
 # What the GPU machine lacks, as wheels to carry with the working tree (fetched here, where PyPI is reachable):
 # Hydra for the apps, and DeepSpeed (built here into a pure-python wheel, no ops) with the deps the machine lacks.
