@@ -93,6 +93,41 @@ def test_repeatable_bitwise_with_empty_tokens_and_no_rows():
     assert torch.equal(combine_rows(torch.zeros(0, 8), torch.zeros(0), empty), torch.zeros(3, 8))
 
 
+def test_no_atomic_op_forward_or_backward():
+    """What makes CUDA runs repeatable, checked here: no aten op that accumulates with atomics on CUDA runs in
+    the slot table, the gather, the combine or their backward (recorded under a dispatch mode)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            name = func.overloadpacket.__name__  # e.g. "index_put_" for aten.index_put_.default
+            accumulate = "index_put" in name and (kwargs.get("accumulate") or (len(args) > 3 and args[3]))
+            self.ops.append((name, bool(accumulate)))
+            return func(*args, **kwargs)
+
+    token_index, _ = _plan(20, 3, 8, seed=9)
+    g = torch.Generator().manual_seed(10)
+    x = torch.randn(20, 8, generator=g, requires_grad=True)
+    rows = torch.randn(60, 8, generator=g, requires_grad=True)
+    weight = torch.rand(60, generator=g, requires_grad=True)
+    with Record() as rec:
+        order = token_slots(token_index, 20)
+        y = combine_rows(rows, weight, order)
+        r = gather_rows(x, order)
+        torch.autograd.backward([y, r], [torch.ones_like(y), torch.ones_like(r)])
+    names = {name for name, _ in rec.ops}
+    atomic = {"index_add", "index_add_", "scatter_add", "scatter_add_", "scatter_reduce", "scatter_reduce_",
+              "bincount", "index_reduce", "index_reduce_", "_index_put_impl_"}
+    assert not names & atomic, names & atomic
+    assert not any(acc for _, acc in rec.ops)  # no accumulating index_put either
+    assert "index_select" in names and "sort" in names  # it did record the dispatch
+
+
 def test_shape_mismatch_is_named():
     order = token_slots(torch.tensor([0, 1]), 2)
     with pytest.raises(ValueError, match="one entry per plan row"):
