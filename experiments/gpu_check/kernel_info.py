@@ -153,7 +153,7 @@ def compiled_kernels(prefix: str = "moe.kernels") -> dict[str, list]:
 
 # (dtype, T, d, f, E, empty experts): the probe's bf16 layer and test_gpu_sizes' fp32 einsum case, so that the
 # kernels come from the shared Triton cache (a variant is compiled per E and per size divisibility) within the box
-EXERCISE = ((torch.bfloat16, 4099, 1000, 1400, 64, (1, 17, 33, 48, 63)), (torch.float32, 4096, 1024, 1024, 16, (3, 15)))
+EXERCISE = ((torch.bfloat16, 4099, 1000, 1400, 64, (1, 17, 33, 48, 63)), (torch.float32, 4096, 1024, 1024, 8, (3, 7)))
 
 
 def exercise_kernels() -> None:

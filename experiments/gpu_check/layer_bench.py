@@ -44,30 +44,32 @@ def shape_numbers(r) -> dict:
     return out
 
 
-def deepspeed_vs_triton(spec: str, reps: int) -> dict:
-    """DeepSpeed's MoE layer and the triton dispatcher on one shape, bf16 on CUDA, forward + backward interleaved."""
-    os.environ["DS_ACCELERATOR"] = "cuda"  # before deepspeed's import: bench.deepspeed_moe defaults it to cpu
+def deepspeed_vs_triton(spec: str, reps: int, device: str = "cuda", dtype: torch.dtype = torch.bfloat16,
+                        dispatcher: str = "triton") -> dict:
+    """DeepSpeed's MoE layer and our layer (the triton dispatcher; another for a check on CPU) on one shape,
+    forward + backward interleaved, after checking that both compute the same function of the same weights."""
+    os.environ["DS_ACCELERATOR"] = device  # before deepspeed's import: bench.deepspeed_moe defaults it to cpu
     from experiments import bench
 
     s = bench.parse_shapes(spec)[0]
     torch.manual_seed(0)
-    layer = bench.build_layer(s, dispatcher="triton").to("cuda", torch.bfloat16)
+    layer = bench.build_layer(s, dispatcher=dispatcher).to(device, dtype)
     ds, why = bench.deepspeed_moe(layer, s)
     if ds is None:
         return {"status": "skipped", "why": why}
-    ds = ds.cuda()
-    ds.deepspeed_moe.experts.to(torch.bfloat16)  # its gate stays fp32, as ours
+    ds = ds.to(device)
+    ds.deepspeed_moe.experts.to(dtype)  # its gate stays fp32, as ours
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(s.T, s.d, generator=g).to("cuda", torch.bfloat16)
-    gy = torch.randn(s.T, s.d, generator=g).to("cuda", torch.bfloat16)
+    x = torch.randn(s.T, s.d, generator=g).to(device, dtype)
+    gy = torch.randn(s.T, s.d, generator=g).to(device, dtype)
     with torch.no_grad():
         diff = rel_err(ds(x[None])[0][0], layer(x)[0])
-    fns = {"triton": bench.step_fn(lambda h: layer(h)[0], list(layer.parameters()), x, gy),
+    fns = {"ours": bench.step_fn(lambda h: layer(h)[0], list(layer.parameters()), x, gy),
            "DeepSpeed MoE": bench.step_fn(lambda h: ds(h[None])[0][0], list(ds.parameters()), x, gy)}
     times = bench.interleaved(fns, reps)
-    t, d = times["triton"], times["DeepSpeed MoE"]
-    return {"shape": s.name, "rel_diff_vs_triton": diff, "triton_ms": 1e3 * statistics.median(t),
-            "deepspeed_ms": 1e3 * statistics.median(d),
+    t, d = times["ours"], times["DeepSpeed MoE"]
+    return {"shape": s.name, "dispatcher": dispatcher, "rel_diff_vs_ours": diff,
+            "ours_ms": 1e3 * statistics.median(t), "deepspeed_ms": 1e3 * statistics.median(d),
             "triton_over_deepspeed": statistics.median(a / b for a, b in zip(t, d))}
 
 

@@ -19,13 +19,14 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs CUDA (
 # error relative to the reference tensor's largest magnitude: bf16 rounds intermediates at other places
 TOL = {torch.bfloat16: 2e-2, torch.float32: 1e-4}
 
-# (id, T, d, f, E, k, empty experts, dtype, also against einsum)
+# (id, T, d, f, E, k, empty experts, dtype, also against einsum). E is 8 or 64 only: Triton compiles a variant of
+# every kernel per E (and per dtype), and the GPU check runs these tests in a time box.
 CASES = [
     ("16k-d1024-f2048-E8-k2-bf16", 16384, 1024, 2048, 8, 2, (7,), torch.bfloat16, False),
     ("4k-d4096-f14336-E8-k2-bf16", 4096, 4096, 14336, 8, 2, (), torch.bfloat16, False),
     ("8k-d2048-f768-E64-k8-bf16", 8192, 2048, 768, 64, 8, (5, 31, 62, 63), torch.bfloat16, False),
-    ("4k-d1024-f2048-E32-k4-bf16-einsum", 4096, 1024, 2048, 32, 4, (0, 9), torch.bfloat16, True),
-    ("4k-d1024-f1024-E16-k2-fp32-einsum", 4096, 1024, 1024, 16, 2, (3, 15), torch.float32, True),
+    ("4k-d1024-f2048-E64-k4-bf16-einsum", 4096, 1024, 2048, 64, 4, (0, 9), torch.bfloat16, True),
+    ("4k-d1024-f1024-E8-k2-fp32-einsum", 4096, 1024, 1024, 8, 2, (3, 7), torch.float32, True),
     ("16k-d1024-f768-E8-k1-fp32", 16384, 1024, 768, 8, 1, (2,), torch.float32, False),
 ]
 
@@ -108,7 +109,7 @@ def test_triton_layer_is_deterministic_at_real_size():
     from moe.dispatch import triton_dispatch
     from moe.experts import Experts
 
-    T, d, f, E, k = 8192, 1024, 2048, 16, 2
+    T, d, f, E, k = 8192, 1024, 2048, 8, 2
     plan = skewed_topk_plan(T, E, k, (4,), seed=3)
     torch.manual_seed(1)
     with torch.device(DEVICE):
