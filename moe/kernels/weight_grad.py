@@ -4,8 +4,9 @@ Shape legend: E experts, N plan rows sorted by expert, P x Q one expert's weight
 each row.
 
 One program per (expert, weight tile) loops over that expert's rows, gathering x (or grad_y) rows through
-row_token inside the kernel; the bias gradient is the column sum of the same tiles, fused in. An empty expert
-runs zero iterations and writes zeros. Up projection: a = x (gathered), b1, b2 = gradients of the up / gate
+row_token inside the kernel; the bias gradient is the column sum of the same tiles, fused in and computed only by
+the programs of the first P tile (the ones that store it). The combine weight s scales the A side (rows of h),
+which the MMA may take from registers. An empty expert runs zero iterations and writes zeros. Up projection: a = x (gathered), b1, b2 = gradients of the up / gate
 pre-activations. Down projection: a = h, b1 = grad_y (gathered), s = the combine weight.
 """
 from __future__ import annotations
@@ -36,8 +37,10 @@ def _grouped_wgrad_kernel(
     Down projection: a = h, b1 = grad_y (gathered), s = row_weight."""
     e = tl.program_id(1)
     n_q = tl.cdiv(Q, BLOCK_Q)
-    ps = (tl.program_id(0) // n_q) * BLOCK_P + tl.arange(0, BLOCK_P)
-    qs = (tl.program_id(0) % n_q) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    p_tile = tl.program_id(0) // n_q
+    ps = p_tile * BLOCK_P + tl.arange(0, BLOCK_P)
+    qs = tl.max_contiguous(tl.multiple_of((tl.program_id(0) % n_q) * BLOCK_Q + tl.arange(0, BLOCK_Q), BLOCK_Q),
+                           BLOCK_Q)
     p_mask = ps < P
     q_mask = qs < Q
     lo = tl.load(offsets_ptr + e).to(tl.int64)
@@ -59,21 +62,25 @@ def _grouped_wgrad_kernel(
             b_rows = rows
         a = tl.load(a_ptr + a_rows[:, None] * stride_am + ps[None, :], mask=r_mask[:, None] & p_mask[None, :],
                     other=0.0)  # [rows, P tile]
+        if HAS_SCALE:
+            # The combine weight scales the A side (fp32, back to the operand dtype): the MMA's A operand may come
+            # from registers on Hopper, where a scaled B tile would go back through shared memory every iteration.
+            s = tl.load(scale_ptr + rows, mask=r_mask, other=0.0).to(tl.float32)
+            a = round_to(a.to(tl.float32) * s[:, None], a_ptr.dtype.element_ty, INTERPRETED)
         b_mask = r_mask[:, None] & q_mask[None, :]
         b1 = tl.load(b1_ptr + b_rows[:, None] * stride_bm + qs[None, :], mask=b_mask, other=0.0)
-        if HAS_SCALE:  # scale in fp32, then back to the operand dtype for the tensor-core product
-            b1f = b1.to(tl.float32) * tl.load(scale_ptr + rows, mask=r_mask, other=0.0).to(tl.float32)[:, None]
-            b1 = round_to(b1f, b1_ptr.dtype.element_ty, INTERPRETED)
-        else:
-            b1f = b1.to(tl.float32)
-        if HAS_BIAS:
-            db1 += tl.sum(b1f, 0)
         acc1 = mma(tl.trans(a), b1, acc1, PRECISION, INTERPRETED)
         if TWO:  # GLU: the gate's gradient shares the loaded x tile
             b2 = tl.load(b2_ptr + b_rows[:, None] * stride_bm + qs[None, :], mask=b_mask, other=0.0)
-            if HAS_BIAS:
-                db2 += tl.sum(b2.to(tl.float32), 0)
             acc2 = mma(tl.trans(a), b2, acc2, PRECISION, INTERPRETED)
+        if HAS_BIAS:
+            if p_tile == 0:  # only the first P tile's programs store the bias sums, so only they compute them
+                b1f = b1.to(tl.float32)
+                if HAS_SCALE:
+                    b1f = b1f * s[:, None]
+                db1 += tl.sum(b1f, 0)
+                if TWO:
+                    db2 += tl.sum(b2.to(tl.float32), 0)
     w_off = e.to(tl.int64) * stride_we + ps[:, None] * stride_wp + qs[None, :]
     w_mask = p_mask[:, None] & q_mask[None, :]
     tl.store(dw1_ptr + w_off, round_to(acc1, dw1_ptr.dtype.element_ty, INTERPRETED), mask=w_mask)
@@ -81,8 +88,7 @@ def _grouped_wgrad_kernel(
         tl.store(dw2_ptr + w_off, round_to(acc2, dw2_ptr.dtype.element_ty, INTERPRETED), mask=w_mask)
     if HAS_BIAS:
         # Only the first P tile's programs write it (the row-vector form keeps the interpreter's mask boolean).
-        p_tile = tl.zeros((BLOCK_Q,), dtype=tl.int32) + tl.program_id(0) // n_q
-        b_mask = q_mask & (p_tile == 0)
+        b_mask = q_mask & ((tl.zeros((BLOCK_Q,), dtype=tl.int32) + p_tile) == 0)
         tl.store(db1_ptr + e * stride_be + qs, round_to(db1, db1_ptr.dtype.element_ty, INTERPRETED), mask=b_mask)
         if TWO:
             db2 = round_to(db2, db2_ptr.dtype.element_ty, INTERPRETED)

@@ -61,3 +61,34 @@ def test_shared_order_gives_bitwise_the_same_results():
     shared = _pair(params, row_token, offsets, row_weight, TokenOrder.build(row_token, T))
     for a, b in zip(built, shared):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("up", [False, True], ids=["down-scaled", "up-glu"])
+def test_weight_grad_several_p_tiles(up):
+    """grouped_wgrad against per-expert torch products with 3 P tiles × 2 Q tiles: the combine weight scales the
+    A side (down), the gate shares the gathered x tile (up), and the bias sums (computed by the first P tile's
+    programs only) are each expert's column sums."""
+    from moe.kernels.gemm_tiles import GemmBlocks
+    from moe.kernels.weight_grad import grouped_wgrad
+
+    g = torch.Generator().manual_seed(7)
+    row_token, offsets = default_plan()
+    N, P, Q = row_token.numel(), 40, 24
+    blocks = GemmBlocks(block_m=16, block_n=16, block_k=16, num_warps=1, num_stages=1)
+    s = torch.rand(N, generator=g).to(DEVICE)
+    if up:  # a = x [T, P] gathered by row_token, b1, b2 = grad u, grad g [N, Q]
+        a, b1, b2 = torch.randn(T, P, generator=g), torch.randn(N, Q, generator=g), torch.randn(N, Q, generator=g)
+        a, b1, b2 = a.to(DEVICE), b1.to(DEVICE), b2.to(DEVICE)
+        got = grouped_wgrad(a, row_token, b1, b2, None, None, offsets, E, True, blocks)
+        a_rows, b_rows, scale = a[row_token], [b1, b2], torch.ones(N, device=DEVICE)
+    else:  # a = h [N, P], b1 = grad_y [T, Q] gathered by row_token, scaled by s
+        a, b1 = torch.randn(N, P, generator=g).to(DEVICE), torch.randn(T, Q, generator=g).to(DEVICE)
+        got = grouped_wgrad(a, None, b1, None, row_token, s, offsets, E, True, blocks)
+        a_rows, b_rows, scale = a, [b1[row_token]], s
+    for i, b in enumerate(b_rows):
+        for e in range(E):
+            lo, hi = int(offsets[e]), int(offsets[e + 1])
+            sb = scale[lo:hi, None].double() * b[lo:hi].double()
+            torch.testing.assert_close(got[i][e].double(), a_rows[lo:hi].double().T @ sb, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(got[2 + i][e].double(), sb.sum(0), rtol=1e-5, atol=1e-5)
+
