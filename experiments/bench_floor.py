@@ -1,4 +1,5 @@
-"""python -m experiments.bench_floor [--twins ...] [--reps 5] [--batches 16,64,256] [--fused-adamw]
+"""python -m experiments.bench_floor [--twins ...] [--reps 5] [--batches 16,64,256] [--optimizers foreach,fused]
+                                  [--floor-only] [--layers] [--clock cpu|wall]
 
 Where the bare training step's time goes (forward, backward, clip, optimizer step, zero_grad) for the demo's dense
 base and its FLOP-matched twins, side by side in one process, and each model's physical floor on this CPU: its
@@ -200,29 +201,38 @@ def _cached(fn: Callable[[int], float]) -> Callable[[int], float]:
     return at
 
 
-def run_batch(names: list[str], setup: StepSetup, reps: int, fused_adamw: bool, rate: float,
+OPTIMIZERS = ("foreach", "fused")  # experiments.optim's AdamW (the trainer's default) and torch's fused kernel
+
+
+def run_batch(names: list[str], setup: StepSetup, reps: int, optimizers: list[str], rate: float,
               bandwidth: Callable[[int], float], clock: Callable[[], float]) -> None:
-    """Prints the phase table, the floors and the ratios of one batch size."""
+    """Prints the phase table, the floors and the ratios of one batch size; every model with every optimizer,
+    all interleaved in one loop ("NAME+fused": the fused one), each against dense with the same optimizer."""
     tokens = setup.batch * setup.seq_len
     cfgs = {n: twin_config(n, setup) for n in names}
-    steps = {n: make_phased_step(cfgs[n], setup, fused_adamw, clock)[0] for n in names}
+    keys = {(n if o == "foreach" else f"{n}+{o}"): (n, o) for o in optimizers for n in names}
+    steps = {k: make_phased_step(cfgs[n], setup, o == "fused", clock)[0] for k, (n, o) in keys.items()}
     runs = interleaved_phases(steps, reps)
-    phases = {n: summarise(rs) for n, rs in runs.items()}
-    ratio = step_ratios(runs)
+    phases = {k: summarise(rs) for k, rs in runs.items()}
+    ratio = {}
+    for o in optimizers:
+        ref = "dense" if o == "foreach" else f"dense+{o}"
+        mine = {k: rs for k, rs in runs.items() if keys[k][1] == o}
+        ratio.update(step_ratios(mine, ref=ref))
     floors = {n: floor_of(cfgs[n], tokens, setup.seq_len, rate, bandwidth) for n in names}
-    dense_ms = phases["dense"]["step"][0]
     print(f"\n## T = {tokens} tokens per step ({setup.batch} x {setup.seq_len}), load {os.getloadavg()[0]:.2f}, "
           f"{datetime.datetime.now().isoformat(timespec='minutes')}\n")
     print("| model | params | " + " | ".join(f"{p} ms" for p in PHASES) + " | step ms (min / median) | "
           "vs dense (min; median of pairs) | floor ms (GEMM + opt; weights) | floor ratio (both at floor; "
           "dense as measured) |")
     print("|---|---:|" + "---:|" * (len(PHASES) + 4))
-    for n in names:
+    for k, (n, o) in keys.items():
         f = floors[n]
-        both, lenient = floor_ratio(f, floors["dense"], dense_ms)
-        cells = " | ".join(f"{phases[n][p][0]:.1f} / {phases[n][p][1]:.1f}" for p in PHASES)
-        print(f"| {n} | {f.params / 1e6:.2f}M | {cells} | {phases[n]['step'][0]:.1f} / {phases[n]['step'][1]:.1f} | "
-              f"{ratio[n][0]:.3f}x ({ratio[n][1]:.3f}x) | {f.floor_ms:.1f} ({f.gemm_ms:.1f} + {f.opt_ms:.1f}; "
+        ref = "dense" if o == "foreach" else f"dense+{o}"
+        both, lenient = floor_ratio(f, floors["dense"], phases[ref]["step"][0])
+        cells = " | ".join(f"{phases[k][p][0]:.1f} / {phases[k][p][1]:.1f}" for p in PHASES)
+        print(f"| {k} | {f.params / 1e6:.2f}M | {cells} | {phases[k]['step'][0]:.1f} / {phases[k]['step'][1]:.1f} | "
+              f"{ratio[k][0]:.3f}x ({ratio[k][1]:.3f}x) | {f.floor_ms:.1f} ({f.gemm_ms:.1f} + {f.opt_ms:.1f}; "
               f"{f.weight_ms:.1f}) | {both:.3f}x / {lenient:.3f}x |")
 
 
@@ -298,7 +308,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--floor-only", action="store_true", help="print the floors (and rates) without timing steps")
     ap.add_argument("--layers", action="store_true", help="also time one FFN slot's parts (layer_parts)")
     ap.add_argument("--clock", default="cpu", choices=tuple(CLOCKS), help="cpu: this thread's CPU time; wall: perf_counter")
-    ap.add_argument("--fused-adamw", action="store_true", help="torch's fused AdamW instead of the trainer's foreach")
+    ap.add_argument("--optimizers", default="foreach",
+                    help=f"comma-separated AdamW kinds, each model timed with each ({', '.join(OPTIMIZERS)})")
     ap.add_argument("--allocator", default="auto", choices=allocator.CHOICES,
                     help="re-run once with this allocator (experiments.allocator)")
     args = ap.parse_args(argv)
@@ -310,6 +321,11 @@ def main(argv: Optional[list[str]] = None) -> None:
         batches = [int(b) for b in args.batches.split(",") if b.strip()]
     except ValueError:
         raise ValueError(f"--batches={args.batches!r}: write comma-separated integers, e.g. 16,64,256") from None
+    optimizers = [o.strip() for o in args.optimizers.split(",") if o.strip()]
+    if not optimizers or set(optimizers) - set(OPTIMIZERS):
+        raise ValueError(f"--optimizers={args.optimizers!r}: write a comma-separated subset of {OPTIMIZERS}")
+    if args.clock == "cpu" and args.threads != 1:
+        raise ValueError("--clock cpu times the calling thread only: use it with --threads 1 (or --clock wall)")
     torch.set_num_threads(args.threads)
     names = [n.strip() for n in args.twins.split(",") if n.strip()]
     if "dense" not in names:
@@ -317,7 +333,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     clock = CLOCKS[args.clock]
     bandwidth = _cached(lambda n: update_bandwidth(n, clock=clock))
     print(f"# bare step by phase, tiny_dense twins, {args.threads} thread(s), torch {torch.__version__}, "
-          f"AdamW {'fused' if args.fused_adamw else 'foreach'}, clock {args.clock}, allocator: {allocator.current()}")
+          f"AdamW {'+'.join(optimizers)}, clock {args.clock}, allocator: {allocator.current()}")
     print("fused AdamW update bandwidth, GB/s: " + ", ".join(
         f"{m}M parameters {bandwidth(m << 20) / 1e9:.1f}" for m in (1, 2, 4, 8, 16)))
     for b in batches:
@@ -335,7 +351,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         if args.floor_only:
             print_floors(names, setup, rate, bandwidth)
         else:
-            run_batch(names, setup, args.reps, args.fused_adamw, rate, bandwidth, clock)
+            run_batch(names, setup, args.reps, optimizers, rate, bandwidth, clock)
 
 
 if __name__ == "__main__":

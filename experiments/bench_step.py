@@ -1,4 +1,5 @@
 """python -m experiments.bench_step [--twins dense,moe_e8_k2,...] [--reps 7] [--threads 1] [--profile] [--compile]
+                                 [--clock wall|cpu]
 
 The bare training step (forward, backward, clip, AdamW; no trainer, no logging) of the demo's dense base and of
 its FLOP-matched MoE twins, measured side by side in one process, as ratios against dense.
@@ -96,16 +97,17 @@ def make_step(cfg: ModelConfig, setup: StepSetup, wrap: Optional[Callable] = Non
     return step, model
 
 
-def interleaved(fns: dict[str, Callable[[], object]], reps: int, warmup: int = 1) -> dict[str, list[float]]:
-    """Seconds per call of each fn, round-robin within each repetition, rotating the starting fn."""
+def interleaved(fns: dict[str, Callable[[], object]], reps: int, warmup: int = 1,
+                clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
+    """Seconds per call of each fn on `clock`, round-robin within each repetition, rotating the starting fn."""
     names = list(fns)
     times = {n: [] for n in names}
     for r in range(warmup + reps):
         order = names[r % len(names):] + names[:r % len(names)]
         for n in order:
-            t0 = time.perf_counter()
+            t0 = clock()
             fns[n]()
-            dt = time.perf_counter() - t0
+            dt = clock() - t0
             if r >= warmup:
                 times[n].append(dt)
     return times
@@ -204,6 +206,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--compile", action="store_true", help="compile every block (moe.compile) of every twin")
     ap.add_argument("--fused-adamw", action="store_true",
                     help="AdamW on torch's fused kernel instead of the trainer's foreach one (experiments.optim)")
+    ap.add_argument("--clock", default="wall", choices=("wall", "cpu"),
+                    help="wall: perf_counter; cpu: this thread's CPU time (with --threads 1 all the step's work, and "
+                         "not the time other processes hold the core: steadier on a shared machine)")
     ap.add_argument("--allocator", default="auto", choices=allocator.CHOICES,
                     help="re-run once with this allocator (experiments.allocator; system: as the trainer runs)")
     args = ap.parse_args(argv)
@@ -224,9 +229,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     steps = {n: make_step(twin_config(n, setup), setup, wrap, args.fused_adamw)[0] for n in names}
     print(f"# bare step, demo shapes (tiny_dense, byte tokens, {setup.batch}x{setup.seq_len}), "
           f"{args.threads} thread(s), torch {torch.__version__}, compile={args.compile}, "
-          f"AdamW {'fused' if args.fused_adamw else 'foreach'}, allocator: {allocator.current()}, "
+          f"AdamW {'fused' if args.fused_adamw else 'foreach'}, clock {args.clock}, allocator: {allocator.current()}, "
           f"{datetime.datetime.now().isoformat(timespec='minutes')}, load {os.getloadavg()[0]:.2f}")
-    times = interleaved(steps, args.reps)
+    if args.clock == "cpu" and args.threads != 1:
+        raise ValueError("--clock cpu times the calling thread only: use it with --threads 1")
+    times = interleaved(steps, args.reps, clock=time.thread_time if args.clock == "cpu" else time.perf_counter)
     print("| model | min ms | vs dense (min) | vs dense (median of pairs) |\n|---|---:|---:|---:|")
     for n, (ms, r_min, r_med) in ratios(times).items():
         print(f"| {n} | {ms:.1f} | {r_min:.3f}x | {r_med:.3f}x |")

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from experiments.bench_step import PARTS, StepSetup, make_step, profile_parts, profile_step, ratios, twin_config
+from experiments.bench_step import (PARTS, StepSetup, interleaved, make_step, profile_parts, profile_step, ratios,
+                                    twin_config)
 from moe.flops import flops_per_token
 
 
@@ -46,3 +47,13 @@ def test_profile_parts_takes_the_median_per_part():
     assert set(parts) == set(PARTS) and parts["dense FFN"] > 0
     with pytest.raises(ValueError, match="--profile-rounds"):
         profile_parts({"dense": step}, rounds=0)
+
+
+def test_interleaved_reads_the_given_clock():
+    """--clock cpu passes time.thread_time; any clock's differences are what come back, warm-up dropped."""
+    ticks = iter(range(0, 100, 1))
+    calls = []
+    times = interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, reps=2,
+                        clock=lambda: float(next(ticks)))
+    assert calls == ["a", "b", "b", "a", "a", "b"]
+    assert times == {"a": [1.0, 1.0], "b": [1.0, 1.0]}
