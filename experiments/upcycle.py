@@ -1,4 +1,5 @@
 """python -m experiments.upcycle source=PATH out=DIR [recipe=copy] [num_experts=8] [routing=...] [layers=every:2] [verify=true]
+                              [verify_text=...] [+router_init=normal] [router_init_std=0.02]
 
 Reads a dense model (a Switchyard checkpoint directory, a Hugging Face model directory or a .gguf file), turns
 the chosen FFNs into experts with a recipe (upcycle/recipes.py), checks the result against the dense model on a
@@ -11,6 +12,11 @@ text sample (the step-0 check), and writes DIR as a Switchyard checkpoint with t
 
 Nothing is written to DIR unless the conversion succeeded (and, with verify=true, an exact recipe passed the
 check); the directory appears in one rename.
+
+The new routers are N(0, 0.02^2) rows (Komatsuzaki et al.) minus their component along each sparse layer's mean
+router input on the verification text (router_init=mean_free, upcycle/router_init.py), so that the text reaches
+every expert at step 0; pass a sample of the training data as verify_text to calibrate on it. `+router_init=normal`
+keeps the plain normal rows, `router_init_std=0` gives a zero router (every token to the same k experts).
 
 Continue training:  python -m experiments.train init_from=DIR data=shakespeare trainer.seq_len=256 ...
 The corpus is then tokenized with DIR's own tokenizer. Schedules (experiments/optim.py: warmup, then decay):
@@ -37,7 +43,7 @@ from moe.checkpoint import save_checkpoint
 from moe.flops import count_params
 from routing.config import RouterConfig
 
-OPTION_KEYS = ("recipe", "num_experts", "layers", "router_init_std", "shards", "shared_fraction", "shared_gate",
+OPTION_KEYS = ("recipe", "num_experts", "layers", "router_init_std", "router_init", "shards", "shared_fraction", "shared_gate",
                "drop_ratio", "noise_std", "dispatcher", "seed")
 APP_KEYS = ("source", "out", "verify", "verify_text", "verify_tokens", "export_hf", "model")
 
@@ -54,6 +60,17 @@ def tokenizer_writers(src) -> dict:
     if config.get("eos_token"):
         writers["tokenizer_config.json"] = lambda p: Path(p).write_text(json.dumps(config, indent=1) + "\n", encoding="utf-8")
     return writers
+
+
+def router_init_text(ucfg, calibration_tokens: int) -> str:
+    """How the new routers were initialised, in words, for the console and the checkpoint's metadata."""
+    std = ucfg.router_std
+    if std == 0:
+        return "zero (router_init_std=0): every token ties, the lowest-index experts take them all"
+    if ucfg.router_init == "mean_free":
+        return (f"N(0, {std:g}^2) rows minus their component along each layer's mean router input on the "
+                f"{calibration_tokens} verification tokens (router_init=mean_free)")
+    return f"N(0, {std:g}^2) rows (router_init=normal)"
 
 
 def run_upcycle(opts: dict[str, Any]) -> dict[str, Any]:
@@ -73,7 +90,12 @@ def run_upcycle(opts: dict[str, Any]) -> dict[str, Any]:
     src = read_dense(opts["source"])
     dense = src.build_model()
     t1 = time.perf_counter()
-    moe = upcycle(dense, ucfg)
+    # The verification text (verify_text, else the built-in sample) is also the router's calibration sample:
+    # router_init=mean_free removes each layer's mean router input on it (upcycle.router_init).
+    tokens = sample_tokens(dense.cfg.vocab_size, src.tokenizer, text=opts.get("verify_text"),
+                           max_len=min(int(opts.get("verify_tokens") or 128), dense.cfg.max_seq_len))
+    calibration = tokens[:, :-1]  # [1, S - 1]: exactly the positions the step-0 check routes
+    moe = upcycle(dense, ucfg, calibration=calibration)
     t2 = time.perf_counter()
     exact, reason = exactness(ucfg)
     lines = [f"source: {src.origin} ({opts['source']}), read in {t1 - t0:.1f}s"]
@@ -84,11 +106,9 @@ def run_upcycle(opts: dict[str, Any]) -> dict[str, Any]:
     lines.append(f"moe:   recipe={ucfg.recipe}, {ucfg.num_experts} experts (top-{ucfg.router.top_k}, {ucfg.router.order}) on "
                  f"layers {list(moe.cfg.sparse_layers)}; {mp.total:,} parameters, {mp.active:,} active per token; "
                  f"upcycled in {t2 - t1:.1f}s")
+    lines.append(f"router: {router_init_text(ucfg, calibration.numel())}")
     report = None
     if opts.get("verify", True):
-        tokens = sample_tokens(dense.cfg.vocab_size, src.tokenizer, max_len=min(int(opts.get("verify_tokens") or 128),
-                                                                               dense.cfg.max_seq_len),
-                               text=opts.get("verify_text"))
         report = step0_check(dense, moe, tokens, ucfg.recipe, exact, reason)
         lines.append(report.text())
         if not report.passed:
@@ -96,7 +116,8 @@ def run_upcycle(opts: dict[str, Any]) -> dict[str, Any]:
             raise ValueError(f"the step-0 check failed for the exact recipe {ucfg.recipe}: max |Δ logit| "
                              f"{report.max_abs_diff:.3e} > {report.tolerance:.1e}; nothing was written to {out}")
     meta = {
-        "upcycle": {**ucfg.to_dict(), "expected_exact": exact, "reason": reason},
+        "upcycle": {**ucfg.to_dict(), "expected_exact": exact, "reason": reason,
+                    "router_init_text": router_init_text(ucfg, calibration.numel()), "calibration_tokens": calibration.numel()},
         "source": {"path": str(opts["source"]), "origin": src.origin, "notes": src.notes,
                    "dense_model": dense.cfg.to_dict()},
         "step0": report.to_dict() if report is not None else None,

@@ -36,13 +36,16 @@ The down-projection factor that preserves the output (derivation)
     Exact only with router_init_std = 0 (and G = 1); with a random router the report shows the gap.
   Both are what `down_factor` returns; the bias factor is always F / G.
 
-The router (router_init_std)
-  Router weights are drawn from N(0, 0.02^2) by default: Sparse Upcycling (Komatsuzaki et al. 2023) trains a
-  new, randomly initialised router, and its codebase (flaxformer's RouterWeights) draws the kernel from a normal
-  with stddev 2e-2. Under the renormalised orders the output does not depend on the router at step 0 (identical
-  experts, chosen weights summing to s), so a random router keeps the step-0 check exact. A zero router
-  (router_init_std=0, on request only) gives every expert the same logit for every token: the tie rule
-  (lowest index first) then sends every token to the same k experts in every sparse layer, the other E - k
+The router (router_init, router_init_std; upcycle.router_init)
+  Router rows are drawn from N(0, 0.02^2): Sparse Upcycling (Komatsuzaki et al. 2023) trains a new, randomly
+  initialised router, and its codebase (flaxformer's RouterWeights) draws the kernel from a normal with stddev
+  2e-2. Given calibration tokens, the default router_init=mean_free then removes from each row its component
+  along the layer's mean router input (keeping the row's norm): a released model's normed hidden states share a
+  large token-independent component, which otherwise decides the ranking and leaves experts without tokens
+  (upcycle.router_init has the numbers). Under the renormalised orders the output does not depend on the router
+  at step 0 (identical experts, chosen weights summing to s), so any random router keeps the step-0 check exact.
+  A zero router (router_init_std=0, on request only) gives every expert the same logit for every token: the tie
+  rule (lowest index first) then sends every token to the same k experts in every sparse layer, the other E - k
   experts receive nothing and no gradient, and the load-balancing loss cannot tell the experts apart, so
   training only moves the chosen pair around. The only order that needs a zero router is softmax_topk without
   renormalisation (above).
@@ -63,10 +66,10 @@ from moe.ffn import DenseFFN
 from moe.layer import MoELayer
 from moe.model import Transformer
 from routing.config import RouterConfig
+from upcycle.router_init import ROUTER_INIT_STD, ROUTER_INITS, draw_router_rows, router_input_means
 
 RECIPES = ("copy", "noise", "granular", "shared", "drop")
 EXACT_RECIPES = ("copy", "granular", "shared")  # output-preserving by construction (given a fitting router)
-ROUTER_INIT_STD = 0.02  # the default router std: flaxformer's router kernel init, which Sparse Upcycling used
 
 
 @dataclass
@@ -77,6 +80,8 @@ class UpcycleConfig:
     router: RouterConfig = field(default_factory=RouterConfig)  # router family, k, order, capacity, losses
     router_init_std: Optional[float] = None  # router weights ~ N(0, std); 0: a zero router (every token ties);
     #                                          None: ROUTER_INIT_STD (Komatsuzaki et al.'s 0.02)
+    router_init: str = "mean_free"  # mean_free: the normal rows minus their component along the layer's mean
+    #                                 router input on the calibration tokens (plain normal without them); normal
     shards: int = 1  # granular / shared: G shards of the FFN hidden dimension per expert (expert width f/G)
     shared_fraction: float = 0.5  # shared: the part a of the output the shared expert carries at step 0
     shared_gate: bool = False  # shared: a sigmoid gate on the shared expert (Qwen-MoE), zero-initialised
@@ -100,6 +105,9 @@ class UpcycleConfig:
             raise ValueError(f"shards={self.shards} applies to recipe=granular or recipe=shared, not {self.recipe}")
         if self.recipe == "granular" and self.shards < 2:
             raise ValueError("recipe=granular needs shards >= 2 (one shard per expert is recipe=copy)")
+        if self.router_init not in ROUTER_INITS:
+            raise ValueError(f"router_init={self.router_init!r} is not a known router initialisation; choose one of "
+                             f"{list(ROUTER_INITS)}")
         if self.router_init_std is not None and self.router_init_std < 0:
             raise ValueError(f"router_init_std={self.router_init_std} must be non-negative")
         if not 0.0 < self.shared_fraction < 1.0:
@@ -183,8 +191,10 @@ def upcycled_config(dense: ModelConfig, cfg: UpcycleConfig) -> ModelConfig:
 
 
 @torch.no_grad()
-def _fill_routed(layer: MoELayer, ffn: DenseFFN, cfg: UpcycleConfig, scale: float, g: torch.Generator) -> None:
-    """Experts e = group * G + shard: shard s of the FFN hidden units, down weight x F x scale, bias x F/G x scale."""
+def _fill_routed(layer: MoELayer, ffn: DenseFFN, cfg: UpcycleConfig, scale: float, g: torch.Generator,
+                 mean: Optional[torch.Tensor]) -> None:
+    """Experts e = group * G + shard: shard s of the FFN hidden units, down weight x F x scale, bias x F/G x scale;
+    router rows from upcycle.router_init (mean: the layer's [d] mean router input for mean_free, else None)."""
     ex, G, E = layer.experts, cfg.shards, cfg.num_experts
     f = ffn.up.weight.shape[0]
     w = f // G
@@ -202,8 +212,7 @@ def _fill_routed(layer: MoELayer, ffn: DenseFFN, cfg: UpcycleConfig, scale: floa
                 ex.b_gate[e].copy_(ffn.gate.bias[sl])
     gate = getattr(layer.router, "gate", None)
     if gate is not None:
-        std = cfg.router_std
-        rows = torch.randn(E // G, gate.weight.shape[1], generator=g) * std if std > 0 else torch.zeros(E // G, gate.weight.shape[1])
+        rows = draw_router_rows(E // G, gate.weight.shape[1], cfg.router_std, g, mean)  # [E / G, d]
         gate.weight.copy_(rows.repeat_interleave(G, dim=0))  # a virtual group's G experts share one row
 
 
@@ -261,10 +270,17 @@ def _drop_reinit(layer: MoELayer, ffn: DenseFFN, cfg: UpcycleConfig, g: torch.Ge
                 b[e][idx] = torch.randn(n, generator=g) * float(ref.float().std()) + float(ref.float().mean())
 
 
-def upcycle(dense: Transformer, cfg: UpcycleConfig) -> Transformer:
+def upcycle(dense: Transformer, cfg: UpcycleConfig, calibration: Optional[torch.Tensor] = None) -> Transformer:
     """The MoE twin of `dense`: every non-FFN weight copied, each chosen FFN turned into a sparse layer by the
-    recipe. The result is in eval mode (dropout and router jitter off), on the CPU, in fp32."""
+    recipe. The result is in eval mode (dropout and router jitter off), on the CPU, in fp32.
+
+    calibration: token ids [B, S] (a sample of the text the model will route; experiments.upcycle passes the
+    verification text) from which router_init=mean_free estimates each sparse layer's mean router input. Without
+    it, or with router_init=normal or a zero router, the rows are plain N(0, std^2), the paper's init."""
     moe_cfg = upcycled_config(dense.cfg, cfg)
+    means: dict[int, torch.Tensor] = {}
+    if calibration is not None and cfg.router_init == "mean_free" and cfg.router_std > 0:
+        means = router_input_means(dense, calibration, moe_cfg.sparse_layers)
     g = torch.Generator().manual_seed(cfg.seed)
     model = Transformer(moe_cfg)
     sparse = set(moe_cfg.sparse_layers)
@@ -280,7 +296,7 @@ def upcycle(dense: Transformer, cfg: UpcycleConfig) -> Transformer:
             layer, ffn = model.blocks[i].ffn, dense.blocks[i].ffn
             assert isinstance(layer, MoELayer) and isinstance(ffn, DenseFFN)
             routed_scale = 1.0 - cfg.shared_fraction if cfg.recipe == "shared" else 1.0
-            _fill_routed(layer, ffn, cfg, routed_scale, g)
+            _fill_routed(layer, ffn, cfg, routed_scale, g, means.get(i))
             if cfg.recipe == "shared":
                 _fill_shared(layer, ffn, cfg)
             elif cfg.recipe == "noise":

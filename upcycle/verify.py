@@ -2,7 +2,8 @@
 
 It reports max and mean |Δ logit|, both next-token losses, whether the recipe was expected to preserve
 the output exactly (upcycle.recipes.exactness), and the routing at step 0: how many experts of each sparse layer
-receive a token of the sample (a zero router sends every token to the same k experts; see upcycle.recipes). For an exact recipe the difference must be fp32 round-off:
+receive a token of the sample and how uneven the load is (a zero router sends every token to the same k experts;
+see upcycle.recipes and upcycle.router_init). For an exact recipe the difference must be fp32 round-off:
 at most `tolerance` = 1e-5 x max(1, max |dense logit|) (the products and sums of a 30-layer model change
 order when tokens are split over experts, so the bound scales with the logits). An inexact recipe reports its
 gap as it is measured; nothing is rounded or hidden.
@@ -49,6 +50,11 @@ class StepZeroReport:
         return {i: sum(1 for c in counts if c > 0) for i, counts in self.tokens_per_expert.items()}
 
     @property
+    def max_load(self) -> dict[int, float]:
+        """Sparse layer index -> the busiest expert's assignments over the mean per expert (1.0: perfectly even)."""
+        return {i: max(c) * len(c) / max(1, sum(c)) for i, c in self.tokens_per_expert.items()}
+
+    @property
     def all_experts_used(self) -> bool:
         return all(n == len(self.tokens_per_expert[i]) for i, n in self.experts_used.items())
 
@@ -63,17 +69,17 @@ class StepZeroReport:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "within_roundoff": self.within_roundoff, "passed": self.passed,
-                "experts_used": self.experts_used}
+                "experts_used": self.experts_used, "max_load": self.max_load}
 
     def routing_text(self) -> list[str]:
         """One line per sparse layer: experts used and the assignments per expert."""
         if not self.tokens_per_expert:
             return []
-        used = self.experts_used
-        lines = [f"  routing at step 0 (experts used per sparse layer on the {self.tokens} tokens; assignments "
-                 f"per expert):"]
+        used, load = self.experts_used, self.max_load
+        lines = [f"  routing at step 0 (experts used per sparse layer on the {self.tokens} tokens; the busiest "
+                 f"expert's load over the mean; assignments per expert):"]
         for i, counts in sorted(self.tokens_per_expert.items()):
-            lines.append(f"    layer {i:>3}: {used[i]}/{len(counts)}  {counts}")
+            lines.append(f"    layer {i:>3}: {used[i]}/{len(counts)}  max/mean {load[i]:.2f}  {counts}")
         if not self.all_experts_used:
             dead = sum(len(self.tokens_per_expert[i]) - n for i, n in used.items())
             short = sum(1 for i, n in used.items() if n < len(self.tokens_per_expert[i]))

@@ -16,6 +16,8 @@ from experiments.upcycle import run_upcycle
 from moe.checkpoint import load_model, read_metadata
 from tests.upcycle.conftest import make_hf
 from tests.upcycle.test_gguf import _tiny_bpe
+from upcycle import read_dense, sample_tokens
+from upcycle.router_init import router_input_means
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +52,17 @@ def test_app_writes_checkpoint_with_tokenizer(tmp_path, hf_with_tokenizer, capsy
     assert {i: sum(c) for i, c in meta["step0"]["tokens_per_expert"].items()} == {"1": 2 * rep.tokens, "3": 2 * rep.tokens}
     tok = load_tokenizer(out)
     assert isinstance(tok, PretrainedTokenizer) and tok.eos_id == tok._tok.token_to_id("<|im_end|>")
-    assert load_model(out).cfg.moe.num_experts == 4
+    moe = load_model(out)
+    assert moe.cfg.moe.num_experts == 4
+    # The default router is calibrated on the verification text: its rows have no component along each sparse
+    # layer's mean router input there (upcycle.router_init).
+    assert meta["upcycle"]["router_init"] == "mean_free" and meta["upcycle"]["calibration_tokens"] == rep.tokens
+    assert f"mean router input on the {rep.tokens} verification tokens" in printed
+    src = read_dense(hf_with_tokenizer)
+    dense = src.build_model()
+    means = router_input_means(dense, sample_tokens(dense.cfg.vocab_size, src.tokenizer)[:, :-1], (1, 3))
+    for i, m in means.items():
+        assert float((moe.blocks[i].ffn.router.gate.weight.detach() @ (m / m.norm())).abs().max()) < 1e-7
 
 
 def test_failures_write_nothing(tmp_path, hf_with_tokenizer, monkeypatch):
