@@ -39,7 +39,6 @@ import argparse
 import datetime
 import os
 import statistics
-import sys
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -47,7 +46,7 @@ from typing import Callable, Optional
 import torch
 
 from experiments import allocator
-from experiments.bench_step import DEMO_TWINS, StepSetup, make_optimizer, twin_config
+from experiments.bench_step import DEMO_TWINS, StepSetup, make_optimizer, start, twin_config
 from moe.config import ModelConfig
 from moe.flops import count_params, flops_per_token
 from moe.model import Transformer
@@ -313,10 +312,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--allocator", default="auto", choices=allocator.CHOICES,
                     help="re-run once with this allocator (experiments.allocator)")
     args = ap.parse_args(argv)
-    if args.allocator != "system":
-        allocator.reexec("experiments.bench_floor", list(argv if argv is not None else sys.argv[1:]), args.allocator)
-    if args.reps < 3:
-        raise ValueError(f"--reps={args.reps} must be >= 3 for a median")
+    if args.clock == "cpu" and args.threads != 1:
+        raise ValueError("--clock cpu times the calling thread only: use it with --threads 1 (or --clock wall)")
+    names = start("experiments.bench_floor", argv, args)
     try:
         batches = [int(b) for b in args.batches.split(",") if b.strip()]
     except ValueError:
@@ -324,12 +322,6 @@ def main(argv: Optional[list[str]] = None) -> None:
     optimizers = [o.strip() for o in args.optimizers.split(",") if o.strip()]
     if not optimizers or set(optimizers) - set(OPTIMIZERS):
         raise ValueError(f"--optimizers={args.optimizers!r}: write a comma-separated subset of {OPTIMIZERS}")
-    if args.clock == "cpu" and args.threads != 1:
-        raise ValueError("--clock cpu times the calling thread only: use it with --threads 1 (or --clock wall)")
-    torch.set_num_threads(args.threads)
-    names = [n.strip() for n in args.twins.split(",") if n.strip()]
-    if "dense" not in names:
-        names.insert(0, "dense")
     clock = CLOCKS[args.clock]
     bandwidth = _cached(lambda n: update_bandwidth(n, clock=clock))
     print(f"# bare step by phase, tiny_dense twins, {args.threads} thread(s), torch {torch.__version__}, "

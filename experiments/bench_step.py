@@ -196,6 +196,18 @@ def profile_parts(steps: dict[str, Callable[[], object]], rounds: int) -> dict[s
     return {n: {part: statistics.median(r[part] for r in rs) for part in rs[0]} for n, rs in runs.items()}
 
 
+def start(module: str, argv: Optional[list[str]], args: argparse.Namespace) -> list[str]:
+    """What a step benchmark does first with its parsed --allocator, --reps, --threads and --twins: re-run under
+    the allocator, check the repetitions, set the threads; returns the model names, dense first."""
+    if args.allocator != "system":
+        allocator.reexec(module, list(argv if argv is not None else sys.argv[1:]), args.allocator)
+    if args.reps < 3:
+        raise ValueError(f"--reps={args.reps} must be >= 3 for a median of pairs")
+    torch.set_num_threads(args.threads)
+    names = [n.strip() for n in args.twins.split(",") if n.strip()]
+    return names if "dense" in names else ["dense"] + names
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--twins", default=DEMO_TWINS, help=f"comma-separated twin names (default {DEMO_TWINS})")
@@ -212,14 +224,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--allocator", default="auto", choices=allocator.CHOICES,
                     help="re-run once with this allocator (experiments.allocator; system: as the trainer runs)")
     args = ap.parse_args(argv)
-    if args.allocator != "system":
-        allocator.reexec("experiments.bench_step", list(argv if argv is not None else sys.argv[1:]), args.allocator)
-    if args.reps < 3:
-        raise ValueError(f"--reps={args.reps} must be >= 3 for a median of pairs")
-    torch.set_num_threads(args.threads)
-    names = [n.strip() for n in args.twins.split(",") if n.strip()]
-    if "dense" not in names:
-        names.insert(0, "dense")
+    names = start("experiments.bench_step", argv, args)
     setup = StepSetup()
     wrap = None
     if args.compile:

@@ -57,3 +57,13 @@ def test_interleaved_reads_the_given_clock():
                         clock=lambda: float(next(ticks)))
     assert calls == ["a", "b", "b", "a", "a", "b"]
     assert times == {"a": [1.0, 1.0], "b": [1.0, 1.0]}
+
+
+def test_start_puts_dense_first_and_checks_the_repetitions():
+    import argparse
+
+    from experiments.bench_step import start
+    args = argparse.Namespace(allocator="system", reps=3, threads=1, twins="moe_e8_k2, moe_e16_k2")
+    assert start("experiments.bench_step", [], args) == ["dense", "moe_e8_k2", "moe_e16_k2"]
+    with pytest.raises(ValueError, match="--reps=2"):
+        start("experiments.bench_step", [], argparse.Namespace(**{**vars(args), "reps": 2}))
