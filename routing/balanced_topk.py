@@ -39,6 +39,7 @@ WARM_ITERS = 8  # Jacobi steps of the dual warm start
 WARM_FULL_STEPS = 2  # the first steps go all the way to each expert's own balancing price (far from the optimum)
 WARM_DAMPING = 0.6  # later steps go this fraction of the way (a full step oscillates near the optimum; measured in
 # docs/routing_defaults.md: 8 steps leave 7-22 of 4,096 choices over capacity at E = 64-256)
+WARM_GOOD = 0.01  # the warm start stops once at most this fraction of the T*k choices is over capacity
 SERIAL_BELOW = 32  # free tokens below which bids go one at a time (cheaper than a vectorised round)
 MAX_ROUNDS = 100_000  # a safety net per phase; real phases take tens of rounds
 CHECK_SLACK = 0.125  # fraction of eps by which a holder's re-bid may miss its price (rounding; see _Auction.rebid)
@@ -51,22 +52,27 @@ def topk_capacity(num_tokens: int, num_experts: int, k: int, device: Optional[to
     return base + (torch.arange(num_experts, device=device) < extra).long()
 
 
-def _kth_margin(v: Tensor, k: int) -> Tensor:
-    """v [T, E] values s - p -> [T, E] theta_t(-e): the token's k-th best value among the experts other than e."""
+def _kth_margin(v: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """v [T, E] values s - p -> (theta [T, E]: the token's k-th best value among the experts other than e;
+    in_topk [T, E] bool: e is among t's k best, ties counted in)."""
     top = v.topk(k + 1, dim=1).values  # [T, k+1]
-    in_topk = v >= top[:, k - 1 : k]  # e is among t's k best (ties: counted in, a bound either way)
-    return torch.where(in_topk, top[:, k : k + 1], top[:, k - 1 : k])
+    in_topk = v >= top[:, k - 1 : k]
+    return torch.where(in_topk, top[:, k : k + 1], top[:, k - 1 : k]), in_topk
 
 
 def warm_prices(s: Tensor, k: int, cap: Tensor, iters: int = WARM_ITERS) -> Tensor:
-    """[E] prices near a minimiser of the dual D(p) (see the module docstring); s [T, E] fp32, 1 <= cap[e] < T."""
+    """[E] prices near a minimiser of the dual D(p) (see the module docstring); s [T, E] fp32, 1 <= cap[e] < T.
+    Stops early once the greedy top-k under the prices puts at most WARM_GOOD of the choices over capacity."""
     T, E = s.shape
     p = torch.zeros(E, dtype=s.dtype, device=s.device)
     cols = torch.arange(E, device=s.device)
     depth = min(int(cap.max()) + 1, T)
     hi_rank, lo_rank = (cap - 1).clamp(max=depth - 1), cap.clamp(max=depth - 1)  # the cap-th and (cap+1)-th largest
     for i in range(iters):
-        margin = s - _kth_margin(s - p, k)  # [T, E]: t takes e iff p[e] < margin[t, e]
+        theta, in_topk = _kth_margin(s - p, k)
+        if int((in_topk.sum(0) - cap).clamp(min=0).sum()) <= WARM_GOOD * T * k:
+            break
+        margin = s - theta  # [T, E]: t takes e iff p[e] < margin[t, e]
         ranked = margin.topk(depth, dim=0).values  # [depth, E], descending
         target = 0.5 * (ranked[hi_rank, cols] + ranked[lo_rank, cols])
         p = p + (1.0 if i < WARM_FULL_STEPS else WARM_DAMPING) * (target - p)
@@ -145,7 +151,7 @@ class _Auction:
         s = self.s_np
         price = self.prices.cpu().numpy().astype(np.float64)
         touched = set(queue)  # tokens whose held set may change, written back at the end
-        held = self.held.cpu().numpy()  # [T, L] bool, a copy: updated in place here
+        held = self.held.cpu().numpy()  # [T, L] bool (on CPU the tensor's own memory), updated in place
         heaps: dict[int, list[tuple[float, int]]] = {}
         for _ in range(MAX_ROUNDS):
             if not queue:
@@ -181,14 +187,14 @@ class _Auction:
         self.prices = torch.tensor(price, dtype=self.s.dtype, device=self.s.device)
 
     def rebid(self, eps: float) -> int:
-        """Every holder bids again at eps against its expert's price, competing with its non-held experts; those
-        whose bid still reaches the price keep their slot at the new bid, the rest are freed. Returns how many."""
+        """Every holder bids again at eps against its expert's price, competing with its token's best non-held
+        expert; those whose bid still reaches the price keep their slot at the new bid, the rest are freed.
+        Returns how many were freed."""
         L = self.prices.shape[0]
+        best_other = (self.s - self.prices).masked_fill(self.held, NEG_INF).amax(1)  # [T] best non-held value
         tok = self.slot_tok.clamp(min=0)  # [L, C]
-        value = (self.s[tok] - self.prices).masked_fill(self.held[tok], NEG_INF)  # [L, C, L]: non-held values
-        other = value.amax(-1)
         expert = torch.arange(L, device=self.s.device)[:, None].expand_as(tok)
-        again = self.s[tok, expert] - other + eps  # [L, C]
+        again = self.s[tok, expert] - best_other[tok] + eps  # [L, C]
         # The serial bids are Python floats stored in fp32: a holder whose bid was exact may miss the price by
         # rounding, which would free it again and again. CHECK_SLACK of eps absorbs that (the bound grows by it).
         ok = self.exists & (again >= self.prices[:, None] - CHECK_SLACK * eps)
@@ -201,10 +207,13 @@ class _Auction:
         return int(lost.sum())
 
     def solve_phase(self, eps: float) -> None:
+        """Bids until every token holds k experts; for k > 1 then the slackness check (see the module
+        docstring), repeated until it frees nobody. For k = 1 no token holds another expert while it bids, so
+        every holder's slackness holds from its bid on and the check is skipped."""
         for _ in range(MAX_ROUNDS):
             self.rounds(eps)
             self.serial(eps)
-            if self.rebid(eps) == 0:
+            if self.k == 1 or self.rebid(eps) == 0:
                 return
         raise RuntimeError(f"balanced top-k auction did not settle (eps={eps:g})")
 
@@ -246,12 +255,14 @@ def balanced_topk_assignment(scores: Tensor, k: int, capacity: Tensor, eps: Opti
     auction = _Auction(s, k, cap, p0)
     # A coarse eps first, relative to what the warm start leaves: the token-dependent spread of s - p.
     residual = float(((s - p0).amax(1) - (s - p0).amin(1)).max())
-    cur = max(min(spread, residual) / EPS_FACTOR, eps_final)
-    while True:
+    start = max(min(spread, residual) / EPS_FACTOR, eps_final)
+    phases = max(1, math.ceil(math.log(start / eps_final) / math.log(EPS_FACTOR) - 1e-9) + 1)
+    factor = (start / eps_final) ** (1.0 / max(phases - 1, 1))  # <= EPS_FACTOR, equal steps down to eps_final
+    for i in range(phases):
+        cur = eps_final if i == phases - 1 else start / factor**i
+        if i > 0:
+            auction.rebid(cur)  # the holders that still satisfy the finer slackness keep their slots, at a new bid
         auction.solve_phase(cur)
-        if cur <= eps_final:
-            break
-        cur = max(cur / EPS_FACTOR, eps_final)
     held = auction.held  # [T, L], exactly k per row and cap[e] per column
     assert bool((held.sum(1) == k).all()) and bool((held.sum(0) == cap).all()), "auction left choices unplaced"
     order = s.masked_fill(~held, NEG_INF).topk(k, dim=1).indices  # [T, k] the held experts, best score first

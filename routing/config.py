@@ -65,7 +65,7 @@ class RouterConfig:
     sinkhorn_iters: int = 20  # base (sinkhorn solver) and sinkhorn: normalisation iterations
     bias_update_rate: float = 1e-3  # bias_balanced: step of the per-expert bias after each optimizer step (u)
     score_fn: str = "sigmoid"  # bias_balanced: expert scores, "sigmoid" (DeepSeek-V3) or "softmax" (DeepSeek-V2);
-    # base with top_k > 1: gate of each chosen expert, "sigmoid" of its logit or "softmax" over the k chosen logits
+    # base/balanced_topk: gate of each chosen expert, "sigmoid" of its logit or "softmax" over the k chosen logits
 
     def __post_init__(self) -> None:
         from routing.registry import ROUTERS  # late import: the registry imports this module
@@ -105,7 +105,7 @@ class RouterConfig:
         if self.name == "base" and self.top_k != 1 and self.base_solver != "auction":  # routing.base_layers
             raise ValueError(f"model.moe.router.base_solver={self.base_solver!r} sends every token to one expert, but "
                              f"top_k={self.top_k}; use base_solver=auction for top_k > 1 or set top_k=1")
-        if self.name == "base" and self.top_k == 1 and self.score_fn == "softmax":
+        if self.name in ("base", "balanced_topk") and self.top_k == 1 and self.score_fn == "softmax":
             raise ValueError("model.moe.router.score_fn=softmax with top_k=1 gates every token with the constant 1 (a "
                              "softmax over one logit), so the router would never learn; use score_fn=sigmoid")
         if self.random_second and self.top_k != 2:

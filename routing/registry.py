@@ -18,6 +18,7 @@ ROUTERS: dict[str, str] = {
     "expert_choice": "routing.expert_choice:ExpertChoiceRouter",  # Zhou et al. 2022
     "hash": "routing.hash:HashRouter",  # Roller et al. 2021
     "base": "routing.base_layers:BaseRouter",  # BASE layers, Lewis et al. 2021
+    "balanced_topk": "routing.balanced_router:BalancedTopKRouter",  # BASE top-k, evaluated with its learnt prices
     "sinkhorn": "routing.sinkhorn:SinkhornRouter",  # Megatron-LM's Sinkhorn top-k
     "bias_balanced": "routing.bias_balanced:BiasBalancedRouter",  # DeepSeek-V3 aux-loss-free balancing
 }
