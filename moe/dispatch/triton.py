@@ -8,8 +8,9 @@ Shape legend: T tokens, d model width, f expert hidden width, E experts, N plan 
 
 `sorted` materialises x[token_index] [N, d], the expert outputs [N, d] and their weighted copy before an
 index_add_; here the rows are read straight from x inside the first kernel (moe.kernels.up_projection) and the
-second kernel's epilogue scales and reduces them per token, deterministically. The segment offsets are a cumsum of
-plan.counts on the device, so the dispatch itself never waits on the host. Triton is imported only when this runs.
+second kernel's epilogue scales and reduces them per token, deterministically; both run as one autograd function
+(moe.kernels.expert_mlp). The segment offsets (plan.offsets) are a cumsum of plan.counts on the device, so the
+dispatch itself never waits on the host. Triton is imported only when this runs.
 """
 from __future__ import annotations
 
@@ -27,9 +28,7 @@ def triton_dispatch(x: Tensor, plan: RoutingPlan, experts) -> Tensor:
     ok, why = triton_status(x.device)
     if not ok:
         raise ValueError(f"model.moe.dispatcher=triton cannot run here: {why}; set model.moe.dispatcher=auto or sorted")
-    from moe.kernels.combine import TokenOrder
-    from moe.kernels.down_combine import grouped_down_combine
-    from moe.kernels.up_projection import gather_grouped_up
+    from moe.kernels.expert_mlp import grouped_expert_mlp
 
     # Under autocast the activations arrive in bf16 while the master weights stay fp32 (as Experts.forward_sorted).
     w_up, w_gate, w_down = experts._weights(x.dtype)
@@ -37,11 +36,8 @@ def triton_dispatch(x: Tensor, plan: RoutingPlan, experts) -> Tensor:
     def bias(b: Optional[Tensor]) -> Optional[Tensor]:
         return None if b is None else b.to(x.dtype)  # forward_sorted adds biases in the activations' dtype
 
-    offsets = plan.offsets  # [E+1] on the device: cumsum of plan.counts, no host sync
-    # One token-major order per layer: the combine's forward and grad x's per-token sum use the same.
-    order = TokenOrder.build(plan.token_index, plan.num_tokens)
-    h = gather_grouped_up(x, plan.token_index, offsets, w_up, w_gate, bias(experts.b_up), bias(experts.b_gate),
-                          experts.activation, token_order=order)  # [N, f]
-    y = grouped_down_combine(h, w_down, bias(experts.b_down), offsets, plan.weight.float(), plan.token_index,
-                             plan.num_tokens, token_order=order)  # [T, d]
+    # One autograd function for the layer's experts: the token-major order is built once for the combine and
+    # grad x, and the activation backward runs inside the grad-h GEMM (moe.kernels.expert_mlp).
+    y = grouped_expert_mlp(x, plan.token_index, plan.offsets, plan.weight.float(), w_up, w_gate, bias(experts.b_up),
+                           bias(experts.b_gate), w_down, bias(experts.b_down), experts.activation)  # [T, d]
     return y if y.dtype == x.dtype else y.to(x.dtype)

@@ -89,7 +89,7 @@ def make_inputs(shape: Shape, dtype: torch.dtype, device: torch.device, glu: boo
 
 def kernel_runs(inputs: dict, activation: str) -> dict[str, tuple[Callable, tuple[int, int, int]]]:
     """kernel name -> (run(blocks) -> output tensor, its table bucket (rows, k, n) as the launchers look it up)."""
-    from moe.kernels.down_combine import launch_down, launch_grad_h
+    from moe.kernels.down_combine import launch_down, launch_grad_h, launch_grad_h_act
     from moe.kernels.up_projection import launch_grad_x, launch_up
     from moe.kernels.weight_grad import grouped_wgrad
 
@@ -104,6 +104,9 @@ def kernel_runs(inputs: dict, activation: str) -> dict[str, tuple[Callable, tupl
                  (N, f, d)),
         "grad_h": (lambda b: launch_grad_h(p["grad_y"], p["row_token"], p["offsets"], p["w_down"], None, p["h"],
                                            p["row_weight"], b)[0], (N, d, f)),
+        "grad_h_act": (lambda b: launch_grad_h_act(p["grad_y"], p["row_token"], p["offsets"], p["w_down"], None,
+                                                   p["grad_u"], p["grad_g"], p["row_weight"], activation, b)[0],
+                       (N, d, f)),
         "grad_x" + suffix: (lambda b: launch_grad_x(p["grad_u"], p["grad_g"], p["offsets"], p["w_up"], p["w_gate"],
                                                     p["slot"], b), (N, f, d)),
         "wgrad_up" + suffix: (lambda b: grouped_wgrad(p["x"], p["row_token"], p["grad_u"], p["grad_g"], None, None,

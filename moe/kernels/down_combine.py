@@ -7,8 +7,9 @@ Shape legend: T tokens, d model width, f expert hidden width, E experts, N plan 
         y[t] = sum over rows r of token t of row_weight[r] * (h[r] @ w_down[e_r] + b_down[e_r])
 
 - The combine is fused and deterministic: the down kernel's epilogue (`rows_to_slots_kernel`) adds the bias,
-  multiplies by the combine weight in fp32 and writes row r to its token-major slot
-  (moe.kernels.combine.TokenOrder); a segmented sum then adds each token's rows in a fixed order. The up
+  multiplies by the combine weight in fp32 and writes row r, rounded once to the activation dtype, to its
+  token-major slot (moe.kernels.combine.TokenOrder); a segmented sum then adds each token's rows in a fixed order,
+  accumulating in fp32 (one more rounding at the end: y's bf16 is within an ulp or two of an fp32-row sum). The up
   projection's backward reuses the same kernel for the gradient of x (moe.kernels.up_projection).
 - grad of the combine weight: <grad_y[t_r], h[r] @ w_down[e] + b_down[e]> = <grad_y[t_r] @ w_down[e]^T, h[r]> +
   <grad_y[t_r], b_down[e]>. The first factor is exactly the un-scaled grad of h, so the grad-h kernel's
@@ -16,7 +17,9 @@ Shape legend: T tokens, d model width, f expert hidden width, E experts, N plan 
   [N, column tiles] buffer that is summed afterwards (a fixed-order sum, not an atomic).
 - Not fused: the token-major order (a stable torch.sort, a scatter and a searchsorted; built once per layer when
   the caller passes `token_order`, as moe.dispatch.triton does, else here) and the per-token sum.
-Tiles, precision and block sizes: moe.kernels.gemm_tiles.
+- Launchers of their own (launch_down, launch_grad_h, launch_grad_h_act: the grad-h GEMM with the activation
+  backward in its epilogue, used by moe.kernels.expert_mlp) serve benchmarks and moe.kernels.autotune.
+Tiles, precision and block sizes: moe.kernels.gemm_tiles and moe.kernels.tile_configs.
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from moe.kernels.activations import mlp_backward, mlp_value
 from moe.kernels.combine import TokenOrder, round_to, segment_sum
 from moe.kernels.gemm_tiles import (GemmBlocks, cast_weight, check_device, col_offsets, expert_tile, load_rows,
                                     load_weight, mma, row_launch, swizzle)
@@ -78,15 +82,19 @@ def rows_to_slots_kernel(
 
 @triton.jit
 def _down_grad_h_kernel(
-    gy_ptr, row_token_ptr, offsets_ptr, w_ptr, b_ptr, h_ptr, rw_ptr, gh_ptr, part_ptr,
+    gy_ptr, row_token_ptr, offsets_ptr, w_ptr, b_ptr, h_ptr, pg_ptr, rw_ptr, gh_ptr, gg_ptr, part_ptr,
     E, D, F, M_TILES,
     stride_gt, stride_we, stride_wf, stride_wd, stride_be, stride_hn, stride_pn,
-    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr, GROUP_M: tl.constexpr,
+    HAS_BIAS: tl.constexpr, FUSE_ACT: tl.constexpr, GLU: tl.constexpr, ACT: tl.constexpr,
+    PRECISION: tl.constexpr, INTERPRETED: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, E_POW2: tl.constexpr,
 ):
     """g = grad_y[t_r] @ w_down[e]^T for one (row tile, f tile); writes grad h = row_weight * g and the partial
-    grad of row_weight <g, h[r]> (+ <grad_y[t_r], b_down[e]> in column tile 0) into part[r, column tile]."""
+    grad of row_weight <g, h[r]> (+ <grad_y[t_r], b_down[e]> in column tile 0) into part[r, column tile].
+    FUSE_ACT: h_ptr / pg_ptr hold the pre-activations u / g instead of h, h is recomputed from them in fp32, and
+    the activation backward runs in the epilogue: gh_ptr / gg_ptr receive the gradients of u / g (grad h itself
+    is never written)."""
     pid_m, pid_n = swizzle(tl.program_id(0), M_TILES, tl.cdiv(F, BLOCK_N), GROUP_M)
     e, row_start, row_end = expert_tile(pid_m, offsets_ptr, E, BLOCK_M, E_POW2)
     rows = row_start + tl.arange(0, BLOCK_M)
@@ -107,24 +115,39 @@ def _down_grad_h_kernel(
             b = tl.load(b_ptr + e * stride_be + ks, mask=ks < D, other=0.0).to(tl.float32)
             bias_dot += tl.sum(g.to(tl.float32) * b[None, :], 1)
     out_mask = row_mask[:, None] & col_mask[None, :]
-    h = tl.load(h_ptr + rows.to(tl.int64)[:, None] * stride_hn + cols[None, :], mask=out_mask, other=0.0)
-    part = tl.sum(acc * h.to(tl.float32), 1)  # <g, h[r]> over this f tile
+    out_off = rows.to(tl.int64)[:, None] * stride_hn + cols[None, :]
+    h = tl.load(h_ptr + out_off, mask=out_mask, other=0.0).to(tl.float32)  # FUSE_ACT: the pre-activation u
+    if FUSE_ACT:
+        u = h
+        g = u
+        if GLU:
+            g = tl.load(pg_ptr + out_off, mask=out_mask, other=0.0).to(tl.float32)
+        h = mlp_value(u, g, GLU, ACT)
+    part = tl.sum(acc * h, 1)  # <g, h[r]> over this f tile
     if HAS_BIAS:
         part += tl.where(pid_n == 0, bias_dot, 0.0)  # the bias term is counted once, by the first f tile
     tl.store(part_ptr + rows.to(tl.int64) * stride_pn + pid_n, part, mask=row_mask)
     rw = tl.load(rw_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
-    tl.store(gh_ptr + rows.to(tl.int64)[:, None] * stride_hn + cols[None, :],
-             round_to(acc * rw[:, None], gh_ptr.dtype.element_ty, INTERPRETED), mask=out_mask)
+    grad_h = acc * rw[:, None]
+    if FUSE_ACT:  # grad h stays in registers (fp32): straight to the gradients of the pre-activations
+        grad_u, grad_g = mlp_backward(grad_h, u, g, GLU, ACT)
+        tl.store(gh_ptr + out_off, round_to(grad_u, gh_ptr.dtype.element_ty, INTERPRETED), mask=out_mask)
+        if GLU:
+            tl.store(gg_ptr + out_off, round_to(grad_g, gg_ptr.dtype.element_ty, INTERPRETED), mask=out_mask)
+    else:
+        tl.store(gh_ptr + out_off, round_to(grad_h, gh_ptr.dtype.element_ty, INTERPRETED), mask=out_mask)
 
 
 def launch_down(h: Tensor, w_down: Tensor, b_down: Optional[Tensor], offsets: Tensor, row_weight: Tensor,
                 slot: Tensor, blocks: Optional[GemmBlocks] = None) -> Tensor:
-    """The down kernel alone: rows [N, d] fp32, row r = row_weight[r] (h[r] @ w_down[e] + b_down[e]) written to
-    slot[r] (token-major; moe.kernels.combine.segment_sum then sums each token's rows)."""
+    """The down kernel alone: rows [N, d] in h's dtype, row r = row_weight[r] (h[r] @ w_down[e] + b_down[e]) (in
+    fp32, rounded once) written to slot[r] (token-major; moe.kernels.combine.segment_sum then sums each token's
+    rows in fp32)."""
     (N, f), (E, _, d) = h.shape, w_down.shape
     blocks = tiles_for("down", blocks, h, N, f, d)
-    # Token-major rows in fp32: a token's k contributions are added before the one rounding to h's dtype.
-    rows = torch.empty(N, d, device=h.device, dtype=torch.float32)
+    # Token-major rows in h's dtype (bf16: half the traffic of fp32 rows, as ScatterMoE's and TransformerEngine's
+    # unpermute); the k-way sum of a token's rows is then kept in fp32 inside the combine.
+    rows = torch.empty(N, d, device=h.device, dtype=h.dtype)
     if N > 0:
         grid, tiles = row_launch(h, blocks, N, E, f, d)
         rows_to_slots_kernel[grid](
@@ -138,18 +161,35 @@ def launch_down(h: Tensor, w_down: Tensor, b_down: Optional[Tensor], offsets: Te
 def launch_grad_h(grad_y: Tensor, row_token: Tensor, offsets: Tensor, w_down: Tensor, b_down: Optional[Tensor],
                   h: Tensor, row_weight: Tensor, blocks: Optional[GemmBlocks] = None) -> tuple[Tensor, Tensor]:
     """The grad-h kernel alone: grad h [N, f] and grad row_weight [N] fp32 (a fixed-order sum over f tiles)."""
-    (N, f), (E, _, d) = h.shape, w_down.shape
-    blocks = tiles_for("grad_h", blocks, h, N, d, f)
-    grad_h = torch.empty_like(h)
-    partial = torch.zeros(N, triton.cdiv(f, blocks.block_n), device=h.device, dtype=torch.float32)  # per f tile
+    grad_h, _, grad_weight = _grad_h(grad_y, row_token, offsets, w_down, b_down, h, None, row_weight, None, blocks)
+    return grad_h, grad_weight
+
+
+def launch_grad_h_act(grad_y: Tensor, row_token: Tensor, offsets: Tensor, w_down: Tensor, b_down: Optional[Tensor],
+                      pre_u: Tensor, pre_g: Optional[Tensor], row_weight: Tensor, activation: str,
+                      blocks: Optional[GemmBlocks] = None) -> tuple[Tensor, Optional[Tensor], Tensor]:
+    """The grad-h kernel with the activation backward in its epilogue: from the saved pre-activations u, g [N, f]
+    (g None without GLU) straight to their gradients [N, f], and grad row_weight [N] fp32; no grad h round trip."""
+    return _grad_h(grad_y, row_token, offsets, w_down, b_down, pre_u, pre_g, row_weight, activation, blocks)
+
+
+def _grad_h(grad_y, row_token, offsets, w_down, b_down, h_or_u, pre_g, row_weight, activation, blocks):
+    (N, f), (E, _, d) = h_or_u.shape, w_down.shape
+    fuse = activation is not None
+    blocks = tiles_for("grad_h_act" if fuse else "grad_h", blocks, h_or_u, N, d, f)
+    out = torch.empty_like(h_or_u)  # grad h, or (fused) grad u
+    out_g = torch.empty_like(pre_g) if fuse and pre_g is not None else None
+    partial = torch.zeros(N, triton.cdiv(f, blocks.block_n), device=h_or_u.device, dtype=torch.float32)  # per f tile
     if N > 0:
-        grid, tiles = row_launch(h, blocks, N, E, d, f)
+        grid, tiles = row_launch(h_or_u, blocks, N, E, d, f)
         _down_grad_h_kernel[grid](
-            grad_y, row_token, offsets, w_down, h if b_down is None else b_down, h, row_weight, grad_h, partial,
+            grad_y, row_token, offsets, w_down, h_or_u if b_down is None else b_down, h_or_u,
+            h_or_u if pre_g is None else pre_g, row_weight, out, out if out_g is None else out_g, partial,
             E, d, f, tiles.pop("M_TILES"),
-            grad_y.stride(0), w_down.stride(0), w_down.stride(1), w_down.stride(2), d, h.stride(0),
-            partial.stride(0), HAS_BIAS=b_down is not None, **tiles)
-    return grad_h, partial.sum(1)
+            grad_y.stride(0), w_down.stride(0), w_down.stride(1), w_down.stride(2), d, h_or_u.stride(0),
+            partial.stride(0), HAS_BIAS=b_down is not None, FUSE_ACT=fuse, GLU=pre_g is not None,
+            ACT=activation or "silu", **tiles)
+    return out, out_g, partial.sum(1)  # fixed-order reduction over f tiles
 
 
 class _GroupedDownCombine(torch.autograd.Function):

@@ -3,7 +3,8 @@
 Shape legend: N plan rows sorted by expert (the segment of expert e is rows offsets[e]:offsets[e+1]), E experts,
 K the reduction width, NOUT the output width of a row-tiled GEMM.
 The GEMMs themselves: moe.kernels.up_projection (gather + up projection + activation), moe.kernels.down_combine
-(down projection + weighted combine), moe.kernels.weight_grad (the weight gradients of both). Which tile sizes a
+(down projection + weighted combine), moe.kernels.weight_grad (the weight gradients of both), and the two as one
+autograd function, moe.kernels.expert_mlp (what the triton dispatcher runs). Which tile sizes a
 kernel runs with: moe.kernels.tile_configs (defaults, the candidate list, the tuned table); how they are tuned:
 moe.kernels.autotune.
 

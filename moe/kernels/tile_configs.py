@@ -65,6 +65,7 @@ KERNELS = {
     "up_glu": KernelShape(1, 2, 2),  # the gate shares the x tile: two weight tiles, two accumulators
     "down": KernelShape(1, 1, 1),  # h @ w_down, scaled, to token-major slots
     "grad_h": KernelShape(1, 1, 1),  # gathered grad_y @ w_down^T
+    "grad_h_act": KernelShape(1, 1, 1),  # ... with the activation backward in the epilogue (moe.kernels.expert_mlp)
     "grad_x": KernelShape(1, 1, 1),  # grad_u @ w_up^T
     "grad_x_glu": KernelShape(2, 2, 1),  # grad_u @ w_up^T + grad_g @ w_gate^T into one accumulator
     "wgrad_up": KernelShape(1, 1, 1),  # x^T @ grad_u per expert

@@ -11,10 +11,14 @@ segment of expert e is rows offsets[e]:offsets[e+1]), row_token [N] the token ea
   the epilogue adds the bias, applies the activation and the GLU product. When a gradient will be needed the
   epilogue also stores the pre-activations (saved instead of recomputed in backward: 2·N·f more memory, one
   GEMM less).
-- Backward: the activation gradient is one elementwise kernel (not fused) writing the [N, f] gradients of the
-  pre-activations, read by the input-gradient GEMM (moe.kernels.down_combine's rows_to_slots_kernel with the
-  weights read transposed, then the per-token sum) and the weight-gradient GEMM (moe.kernels.weight_grad).
-Tiles, precision and block sizes: moe.kernels.gemm_tiles.
+- Backward: the activation gradient is one elementwise kernel here (`launch_act_backward`: grad h from the
+  caller is all this function sees) writing the [N, f] gradients of the pre-activations, read by the
+  input-gradient GEMM (`launch_grad_x`: moe.kernels.down_combine's rows_to_slots_kernel with the weights read
+  transposed, then the per-token sum) and the weight-gradient GEMM (moe.kernels.weight_grad). The whole-layer
+  function moe.kernels.expert_mlp fuses the activation backward into the grad-h GEMM instead.
+- Each kernel has a launcher of its own (launch_up, launch_act_backward, launch_grad_x) for benchmarks and
+  moe.kernels.autotune; they take contiguous operands in one dtype and resolve their tiles per kernel.
+Tiles, precision and block sizes: moe.kernels.gemm_tiles and moe.kernels.tile_configs.
 """
 from __future__ import annotations
 
@@ -26,47 +30,13 @@ import triton.language as tl
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from moe.kernels.activations import ACTIVATIONS, mlp_backward, mlp_value
 from moe.kernels.combine import INTERPRETED, TokenOrder, round_to, segment_sum
 from moe.kernels.down_combine import rows_to_slots_kernel
 from moe.kernels.gemm_tiles import (GemmBlocks, cast_weight, check_device, col_offsets, expert_tile, load_rows,
                                     load_weight, mma, row_launch, swizzle)
 from moe.kernels.tile_configs import elementwise_block, tiles_for
 from moe.kernels.weight_grad import grouped_wgrad
-
-ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
-
-
-@triton.jit
-def _act(z, ACT: tl.constexpr):
-    """Activation of fp32 z (tanh written through sigmoid: tl has no tanh of its own)."""
-    if ACT == "gelu":  # exact GELU, torch's default
-        out = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
-    elif ACT == "gelu_tanh":
-        inner = 0.7978845608028654 * (z + 0.044715 * z * z * z)
-        out = 0.5 * z * (2.0 * tl.sigmoid(2.0 * inner))  # 1 + tanh(u) = 2 sigmoid(2u)
-    elif ACT == "relu":
-        out = tl.maximum(z, 0.0)
-    else:  # silu
-        out = z * tl.sigmoid(z)
-    return out
-
-
-@triton.jit
-def _act_grad(z, ACT: tl.constexpr):
-    """d act / dz of fp32 z."""
-    if ACT == "gelu":  # Phi(z) + z phi(z)
-        out = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476)) + z * 0.3989422804014327 * tl.exp(-0.5 * z * z)
-    elif ACT == "gelu_tanh":
-        inner = 0.7978845608028654 * (z + 0.044715 * z * z * z)
-        th = 2.0 * tl.sigmoid(2.0 * inner) - 1.0
-        out = 0.5 * (1.0 + th) + 0.5 * z * (1.0 - th * th) * 0.7978845608028654 * (1.0 + 0.134145 * z * z)
-    elif ACT == "relu":
-        out = tl.where(z > 0.0, 1.0, 0.0)  # torch's relu has gradient 0 at 0
-    else:  # silu
-        s = tl.sigmoid(z)
-        out = s * (1.0 + z * (1.0 - s))
-    return out
-
 
 @triton.jit
 def _gather_up_kernel(
@@ -100,12 +70,9 @@ def _gather_up_kernel(
     # Epilogue: bias, activation, GLU product, all in fp32.
     if HAS_BU:
         acc_u += tl.load(bu_ptr + e * stride_be + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    if GLU:
-        if HAS_BG:
-            acc_g += tl.load(bg_ptr + e * stride_be + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-        h = _act(acc_g, ACT) * acc_u
-    else:
-        h = _act(acc_u, ACT)
+    if GLU and HAS_BG:
+        acc_g += tl.load(bg_ptr + e * stride_be + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    h = mlp_value(acc_u, acc_g, GLU, ACT)
     out_off = rows.to(tl.int64)[:, None] * stride_hn + cols[None, :]
     out_mask = row_mask[:, None] & col_mask[None, :]
     tl.store(h_ptr + out_off, round_to(h, h_ptr.dtype.element_ty, INTERPRETED), mask=out_mask)
@@ -123,13 +90,13 @@ def _act_backward_kernel(gh_ptr, pu_ptr, pg_ptr, gu_ptr, gg_ptr, numel,
     mask = offs < numel
     gh = tl.load(gh_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(pu_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    g = u
     if GLU:
         g = tl.load(pg_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(gu_ptr + offs, round_to(gh * _act(g, ACT), gu_ptr.dtype.element_ty, INTERPRETED), mask=mask)
-        gg = round_to(gh * u * _act_grad(g, ACT), gg_ptr.dtype.element_ty, INTERPRETED)
-        tl.store(gg_ptr + offs, gg, mask=mask)
-    else:
-        tl.store(gu_ptr + offs, round_to(gh * _act_grad(u, ACT), gu_ptr.dtype.element_ty, INTERPRETED), mask=mask)
+    gu, gg = mlp_backward(gh, u, g, GLU, ACT)
+    tl.store(gu_ptr + offs, round_to(gu, gu_ptr.dtype.element_ty, INTERPRETED), mask=mask)
+    if GLU:
+        tl.store(gg_ptr + offs, round_to(gg, gg_ptr.dtype.element_ty, INTERPRETED), mask=mask)
 
 
 def launch_up(x: Tensor, row_token: Tensor, offsets: Tensor, w_up: Tensor, w_gate: Optional[Tensor],
@@ -172,12 +139,13 @@ def launch_act_backward(grad_h: Tensor, pre_u: Tensor, pre_g: Optional[Tensor], 
 
 def launch_grad_x(grad_u: Tensor, grad_g: Optional[Tensor], offsets: Tensor, w_up: Tensor, w_gate: Optional[Tensor],
                   slot: Tensor, blocks: Optional[GemmBlocks] = None) -> Tensor:
-    """The input-gradient GEMM alone: rows [N, d] fp32 = gu @ w_up[e]^T (+ gg @ w_gate[e]^T), row r written to
-    slot[r] (the token-major order; moe.kernels.combine.segment_sum then sums each token's rows)."""
+    """The input-gradient GEMM alone: rows [N, d] in grad_u's dtype = gu @ w_up[e]^T (+ gg @ w_gate[e]^T), row r
+    written to slot[r] (the token-major order; moe.kernels.combine.segment_sum then sums each token's rows in
+    fp32)."""
     (N, f), (E, d, _) = grad_u.shape, w_up.shape
     glu = grad_g is not None
     blocks = tiles_for("grad_x_glu" if glu else "grad_x", blocks, grad_u, N, f, d)
-    rows = torch.empty(N, d, device=grad_u.device, dtype=torch.float32)
+    rows = torch.empty(N, d, device=grad_u.device, dtype=grad_u.dtype)  # bf16 rows: half the traffic of fp32
     if N > 0:
         grid, tiles = row_launch(grad_u, blocks, N, E, f, d)
         rows_to_slots_kernel[grid](
@@ -210,8 +178,8 @@ class _GatherGroupedUp(torch.autograd.Function):
         grad_u, grad_g = launch_act_backward(grad_h, pre_u, pre_g, ctx.activation, blocks)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            # grad rows [N, d] = gu @ w_up[e]^T (+ gg @ w_gate[e]^T), written token-major in fp32 and summed per
-            # token in a fixed order: deterministic, no atomics.
+            # grad rows [N, d] = gu @ w_up[e]^T (+ gg @ w_gate[e]^T), written token-major in x's dtype and summed
+            # per token in fp32 in a fixed order: deterministic, no atomics.
             if slot is None:  # no order shared by the caller: build it (a sort, a scatter, a search)
                 slot, token_offsets = TokenOrder.build(row_token, x.shape[0]).astuple()
             rows = launch_grad_x(grad_u, grad_g, offsets, w_up, w_gate, slot, blocks)

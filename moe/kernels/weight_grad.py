@@ -6,8 +6,9 @@ each row.
 One program per (expert, weight tile) loops over that expert's rows, gathering x (or grad_y) rows through
 row_token inside the kernel; the bias gradient is the column sum of the same tiles, fused in and computed only by
 the programs of the first P tile (the ones that store it). The combine weight s scales the A side (rows of h),
-which the MMA may take from registers. An empty expert runs zero iterations and writes zeros. Up projection: a = x (gathered), b1, b2 = gradients of the up / gate
-pre-activations. Down projection: a = h, b1 = grad_y (gathered), s = the combine weight.
+which the MMA may take from registers. An empty expert runs zero iterations and writes zeros.
+Up projection: a = x (gathered), b1, b2 = gradients of the up / gate pre-activations.
+Down projection: a = h, b1 = grad_y (gathered), s = the combine weight.
 """
 from __future__ import annotations
 

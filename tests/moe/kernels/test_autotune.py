@@ -18,6 +18,7 @@ import moe.kernels.tile_configs as tc  # noqa: E402
 import moe.kernels.up_projection as upk  # noqa: E402
 import moe.kernels.weight_grad as wg  # noqa: E402
 from moe.kernels.autotune import QUICK_INTERPRETER_SHAPE, Shape, main  # noqa: E402
+from moe.kernels.expert_mlp import grouped_expert_mlp  # noqa: E402
 from tests.moe.kernels.test_grouped_gemm import CUDA, INTERPRETED  # noqa: E402
 
 if CUDA or not INTERPRETED:
@@ -33,14 +34,15 @@ def test_quick_writes_a_table_the_launchers_look_up(tmp_path, monkeypatch, capsy
     assert main(["--out", str(out), "--quick"]) == 0
     doc = json.loads(out.read_text())
     assert doc["format"] == 1 and {e["device"] for e in doc["entries"]} == {"interpreter"}
-    assert {e["kernel"] for e in doc["entries"]} == {"up_glu", "down", "grad_h", "grad_x_glu", "wgrad_up_glu",
-                                                      "wgrad_down"}
+    assert {e["kernel"] for e in doc["entries"]} == {"up_glu", "down", "grad_h", "grad_h_act", "grad_x_glu",
+                                                      "wgrad_up_glu", "wgrad_down"}
     assert all(e["tried"] == 2 and e["ms"] > 0 for e in doc["entries"])  # defaults + one candidate, both agreed
-    assert "wrote 6 entries" in capsys.readouterr().out
+    assert "wrote 7 entries" in capsys.readouterr().out
     tc.load_table.cache_clear()
-    assert len(tc.load_table(out)) == 6
+    assert len(tc.load_table(out)) == 7
 
-    # The public functions at the quick shape ask for exactly the buckets that were written.
+    # The public functions at the quick shape ask for exactly the buckets that were written (the pair of functions
+    # runs grad_h, the merged one grad_h_act).
     asked = []
     real = tc.tiles_for
 
@@ -60,6 +62,7 @@ def test_quick_writes_a_table_the_launchers_look_up(tmp_path, monkeypatch, capsy
     rw = torch.rand(s.tokens * s.k, requires_grad=True)
     h = upk.gather_grouped_up(x, row_token, offsets, w_up, w_gate, None, None, "silu")
     down.grouped_down_combine(h, w_down, None, offsets, rw, row_token, s.tokens).sum().backward()
+    grouped_expert_mlp(x, row_token, offsets, rw, w_up, w_gate, None, None, w_down, None, "silu").sum().backward()
     assert set(asked) == keys(doc)
 
 

@@ -271,13 +271,14 @@ COMPILE_SCRIPT = textwrap.dedent("""
                   dict(GLU=True, HAS_BU=True, HAS_BG=True, ACT="gelu", SAVE_PRE=True, **tiles), **opts)
         for kernel in ("down", "grad_x_glu"):
             for tiles, opts in row_tiles(kernel, dtype, prec):
-                build(down.rows_to_slots_kernel, {**p("a1_ptr", "a2_ptr", "w1_ptr", "w2_ptr", "bias_ptr"),
-                      **p("offsets_ptr", t="*i32"), **p("slot_ptr", t="*i64"), **p("scale_ptr", "out_ptr", t="*fp32")},
+                build(down.rows_to_slots_kernel, {**p("a1_ptr", "a2_ptr", "w1_ptr", "w2_ptr", "bias_ptr", "out_ptr"),
+                      **p("offsets_ptr", t="*i32"), **p("slot_ptr", t="*i64"), **p("scale_ptr", t="*fp32")},
                       dict(TWO=kernel == "grad_x_glu", HAS_BIAS=True, HAS_SCALE=True, **tiles), **opts)
-        for tiles, opts in row_tiles("grad_h", dtype, prec):
-            build(down._down_grad_h_kernel, {**p("gy_ptr", "w_ptr", "b_ptr", "h_ptr", "gh_ptr"),
-                  **p("row_token_ptr", "offsets_ptr", t="*i64"), **p("rw_ptr", "part_ptr", t="*fp32")},
-                  dict(HAS_BIAS=True, **tiles), **opts)
+        for kernel in ("grad_h", "grad_h_act"):  # the second with the activation backward in its epilogue
+            for tiles, opts in row_tiles(kernel, dtype, prec):
+                build(down._down_grad_h_kernel, {**p("gy_ptr", "w_ptr", "b_ptr", "h_ptr", "pg_ptr", "gh_ptr", "gg_ptr"),
+                      **p("row_token_ptr", "offsets_ptr", t="*i64"), **p("rw_ptr", "part_ptr", t="*fp32")},
+                      dict(HAS_BIAS=True, FUSE_ACT=kernel == "grad_h_act", GLU=True, ACT="silu", **tiles), **opts)
         for up in (True, False):
             b = candidates("wgrad_up_glu" if up else "wgrad_down", dtype)[-1]  # the largest tiles that fit
             build(wg._grouped_wgrad_kernel, {**p("a_ptr", "b1_ptr", "b2_ptr", "dw1_ptr", "dw2_ptr"),
@@ -289,7 +290,7 @@ COMPILE_SCRIPT = textwrap.dedent("""
         for act in ("gelu", "gelu_tanh", "relu", "silu"):
             build(upk._act_backward_kernel, {**p("gh_ptr", "pu_ptr", "pg_ptr", "gu_ptr", "gg_ptr"), "numel": "i64"},
                   dict(GLU=act != "relu", ACT=act, INTERPRETED=False, BLOCK=1024), num_warps=4)
-        build(c._segment_sum_kernel, {**p("out_ptr"), **p("rows_ptr", t="*fp32"), **p("token_offsets_ptr", t="*i64")},
+        build(c._segment_sum_kernel, {**p("out_ptr", "rows_ptr"), **p("token_offsets_ptr", t="*i64")},
               dict(INTERPRETED=False, BLOCK_D=1024), num_warps=4)
     print("compiled")
 """)

@@ -92,3 +92,93 @@ def test_weight_grad_several_p_tiles(up):
             torch.testing.assert_close(got[i][e].double(), a_rows[lo:hi].double().T @ sb, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(got[2 + i][e].double(), sb.sum(0), rtol=1e-5, atol=1e-5)
 
+
+def test_down_rows_in_the_activation_dtype_summed_in_fp32():
+    """bf16 token-major rows (half the traffic of fp32 rows): each row is rounded once, the k-way sum runs in fp32
+    and y is rounded once more, so |y - exact| <= 2 u sum_r |z_r| elementwise (u = 2^-8, bf16's unit roundoff)."""
+    from moe.kernels.combine import TokenOrder
+    from moe.kernels.down_combine import launch_down
+
+    row_token, offsets = default_plan()
+    p = make_params(T, D, FF, E, True, True, torch.bfloat16)
+    N = row_token.numel()
+    h = torch.randn(N, FF, generator=torch.Generator().manual_seed(3)).to(DEVICE, torch.bfloat16)
+    rw = torch.rand(N, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    order = TokenOrder.build(row_token, T)
+    w, b = p["w_down"].detach(), p["b_down"].detach()
+    assert launch_down(h, w, b, offsets, rw, order.slot).dtype == torch.bfloat16
+    assert launch_down(h.float(), w.float(), b.float(), offsets, rw, order.slot).dtype == torch.float32
+    y = grouped_down_combine(h, w, b, offsets, rw, row_token, T).double()
+    z = torch.cat([h[offsets[e]:offsets[e + 1]].double() @ w[e].double() + b[e].double() for e in range(E)])
+    z = z * rw.double()[:, None]  # [N, d] exact contributions
+    exact = torch.zeros(T, D, dtype=torch.float64, device=DEVICE).index_add(0, row_token, z)
+    bound = torch.zeros_like(exact).index_add(0, row_token, z.abs()) * 2 * 2.0 ** -8
+    assert ((y - exact).abs() <= bound + 1e-12).all()
+    assert (y - exact).abs().max() > 0  # bf16 really rounds here: the bound is what is being checked
+
+
+def _mlp(params, row_token, offsets, row_weight, activation, merged: bool, blocks=None):
+    """y and the gradients of a fixed linear loss: the merged function (kernel) or the chained torch reference."""
+    from moe.kernels.expert_mlp import grouped_expert_mlp
+    from tests.moe.kernels.test_grouped_gemm import ref_combine, ref_up
+
+    p = params
+    names = [k for k, v in p.items() if v is not None]
+    rw = row_weight.detach().clone().requires_grad_()
+    if merged:
+        y = grouped_expert_mlp(p["x"], row_token, offsets, rw, p["w_up"], p["w_gate"], p["b_up"], p["b_gate"],
+                               p["w_down"], p["b_down"], activation, blocks=blocks)
+    else:
+        h = ref_up(p["x"], row_token, offsets, p["w_up"], p["w_gate"], p["b_up"], p["b_gate"], activation)
+        y = ref_combine(h, p["w_down"], p["b_down"], offsets, rw, row_token, T)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y)
+    grads = torch.autograd.grad(y, [p[k] for k in names] + [rw], g)
+    return dict(y=y.detach(), **{f"grad_{k}": v for k, v in zip(names + ["row_weight"], grads)})
+
+
+@pytest.mark.parametrize("activation,glu,bias,dtype", [
+    ("silu", True, True, torch.float32),
+    ("gelu_tanh", False, True, torch.float32),
+    ("relu", False, False, torch.float32),
+    ("gelu", True, False, torch.bfloat16),
+])
+def test_merged_expert_mlp_matches_reference(activation, glu, bias, dtype):
+    """grouped_expert_mlp (one order, the activation backward fused into the grad-h epilogue) against the chained
+    torch reference in float64: fp32 elementwise 1e-5, bf16 (fp32 master weights) relative error 2e-2."""
+    row_token, offsets = default_plan()
+    params = make_params(T, D, FF, E, glu, bias, dtype, torch.float32)
+    rw = torch.rand(row_token.numel(), generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    got = _mlp(params, row_token, offsets, rw, activation, merged=True)
+    p64 = {k: (v.detach().double().requires_grad_() if v is not None else None) for k, v in params.items()}
+    want = _mlp(p64, row_token, offsets, rw.double(), activation, merged=False)
+    assert got.keys() == want.keys()
+    for name, w in want.items():
+        gt = got[name].double()
+        if dtype == torch.float32:
+            torch.testing.assert_close(gt, w, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+        else:
+            err = ((gt - w).norm() / w.norm().clamp_min(1e-6)).item()
+            assert err < 2e-2, f"{name}: relative error {err:.3g}"
+
+
+def test_fused_activation_backward_equals_the_separate_pass():
+    """launch_grad_h_act == launch_grad_h then launch_act_backward (fp32: the same products in the same order, grad
+    h kept in registers instead of stored), on 16-wide tiles: several f tiles, so grad row_weight sums partials."""
+    from moe.kernels.down_combine import launch_grad_h, launch_grad_h_act
+    from moe.kernels.gemm_tiles import GemmBlocks
+    from moe.kernels.up_projection import launch_act_backward, launch_up
+
+    row_token, offsets = default_plan()
+    p = {k: (v.detach() if v is not None else None) for k, v in make_params(T, D, 40, E, True, True,
+                                                                           torch.float32).items()}
+    blocks = GemmBlocks(block_m=16, block_n=16, block_k=16, num_warps=1, num_stages=1)
+    h, u, g = launch_up(p["x"], row_token, offsets, p["w_up"], p["w_gate"], p["b_up"], p["b_gate"], "gelu", True,
+                        blocks)
+    gy = torch.randn(T, D, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    rw = torch.rand(row_token.numel(), generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    fused = launch_grad_h_act(gy, row_token, offsets, p["w_down"], p["b_down"], u, g, rw, "gelu", blocks)
+    grad_h, grad_rw = launch_grad_h(gy, row_token, offsets, p["w_down"], p["b_down"], h, rw, blocks)
+    separate = launch_act_backward(grad_h, u, g, "gelu", blocks) + (grad_rw,)
+    for a, b in zip(fused, separate):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
