@@ -14,7 +14,9 @@ function gains is what only it can see:
 - h never needs a gradient of its own, so the grad-h GEMM's epilogue runs the activation backward
   (down_combine.launch_grad_h_act): grad h stays in registers in fp32, and the separate elementwise pass over
   five [N, f] tensors (read grad h, u, g; write grad u, grad g) becomes part of the GEMM (read u, g; write grad u,
-  grad g), with h recomputed there from u, g for grad row_weight.
+  grad g), with h recomputed there from u, g for grad row_weight;
+- `grouped_expert_rows` (one row per token, weight 1: the expert-parallel local step) needs no order at all: the
+  down GEMM and grad x's GEMM store straight to each row's own position, with no per-token sum.
 Saved for backward: x, h, the pre-activations u, g and the order (h is the A operand of w_down's gradient).
 """
 from __future__ import annotations
@@ -39,16 +41,17 @@ class _GroupedExpertMLP(torch.autograd.Function):
     def forward(ctx, x: Tensor, row_token: Tensor, offsets: Tensor, row_weight: Tensor, w_up: Tensor,
                 w_gate: Optional[Tensor], b_up: Optional[Tensor], b_gate: Optional[Tensor], w_down: Tensor,
                 b_down: Optional[Tensor], activation: str, blocks: Optional[GemmBlocks], slot: Optional[Tensor],
-                token_offsets: Optional[Tensor]) -> Tensor:
+                token_offsets: Optional[Tensor], permutation: bool) -> Tensor:
         if slot is None:
             slot, token_offsets = TokenOrder.build(row_token, x.shape[0]).astuple()
         h, pre_u, pre_g = launch_up(x, row_token, offsets, w_up, w_gate, b_up, b_gate, activation,
                                     any(ctx.needs_input_grad), blocks)
         rows = launch_down(h, w_down, b_down, offsets, row_weight, slot, blocks)  # [N, d] token-major
-        y = segment_sum(rows, token_offsets, x.dtype, elementwise_block(blocks, x.dtype))
+        # A permutation (one row per token): the token-major rows are y itself, no per-token sum.
+        y = rows if permutation else segment_sum(rows, token_offsets, x.dtype, elementwise_block(blocks, x.dtype))
         ctx.save_for_backward(x, row_token, offsets, row_weight, w_up, w_gate, w_down, b_down, h, pre_u, pre_g,
                               slot, token_offsets)
-        ctx.activation, ctx.blocks = activation, blocks
+        ctx.activation, ctx.blocks, ctx.permutation = activation, blocks, permutation
         ctx.has_bias = (b_up is not None, b_gate is not None)
         return y
 
@@ -64,7 +67,8 @@ class _GroupedExpertMLP(torch.autograd.Function):
         grad_x = None
         if need[0]:
             rows = launch_grad_x(grad_u, grad_g, offsets, w_up, w_gate, slot, blocks)  # [N, d] token-major
-            grad_x = segment_sum(rows, token_offsets, x.dtype, elementwise_block(blocks, x.dtype))
+            grad_x = rows if ctx.permutation else segment_sum(rows, token_offsets, x.dtype,
+                                                               elementwise_block(blocks, x.dtype))
         grad_wu = grad_wg = grad_bu = grad_bg = grad_wd = grad_bd = None
         if any(need[4:8]):
             grad_wu, grad_wg, grad_bu, grad_bg = grouped_wgrad(x, row_token, grad_u, grad_g, None, None, offsets, E,
@@ -75,7 +79,7 @@ class _GroupedExpertMLP(torch.autograd.Function):
             grad_wd, _, grad_bd, _ = grouped_wgrad(h, None, grad_y, None, row_token, row_weight, offsets, E,
                                                    b_down is not None, blocks)
         return (grad_x, None, None, grad_weight.to(row_weight.dtype), grad_wu, grad_wg, grad_bu, grad_bg, grad_wd,
-                grad_bd, None, None, None, None)
+                grad_bd, None, None, None, None, None)
 
 
 def grouped_expert_mlp(x: Tensor, row_token: Tensor, offsets: Tensor, row_weight: Tensor, w_up: Tensor,
@@ -93,4 +97,27 @@ def grouped_expert_mlp(x: Tensor, row_token: Tensor, offsets: Tensor, row_weight
     return _GroupedExpertMLP.apply(x.contiguous(), row_token.contiguous(), offsets.contiguous(),
                                    row_weight.contiguous(), cast_weight(w_up, dt), cast_weight(w_gate, dt),
                                    cast_weight(b_up, dt), cast_weight(b_gate, dt), cast_weight(w_down, dt),
-                                   cast_weight(b_down, dt), activation, blocks, *TokenOrder.unpack(token_order))
+                                   cast_weight(b_down, dt), activation, blocks, *TokenOrder.unpack(token_order),
+                                   False)
+
+
+def grouped_expert_rows(x: Tensor, row_index: Tensor, offsets: Tensor, w_up: Tensor, w_gate: Optional[Tensor],
+                        b_up: Optional[Tensor], b_gate: Optional[Tensor], w_down: Tensor, b_down: Optional[Tensor],
+                        activation: str, *, blocks: Optional[GemmBlocks] = None) -> Tensor:
+    """Each row of x through one expert, back in its own place: x [M, d], row_index [M] a permutation (row r of
+    expert order is x row row_index[r]), offsets [E+1] -> out [M, d], out[row_index[r]] = expert_{e_r}(x[row_index[r]]).
+
+    The expert-parallel dispatcher's local step (rows arrive in source-rank order): no token-major sort (the slot
+    of row r is row_index[r]), no combine weight, no per-token sum; the down GEMM stores straight to the arrival
+    row, and in backward grad x's GEMM likewise. row_index must be a permutation of 0..M-1 (not checked: that
+    would read it on the host)."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}: the Triton kernels support {ACTIVATIONS}")
+    check_device(x)
+    dt, M = x.dtype, x.shape[0]
+    ones = torch.ones(M, device=x.device, dtype=torch.float32)
+    token_offsets = torch.arange(M + 1, device=x.device)
+    return _GroupedExpertMLP.apply(x.contiguous(), row_index.contiguous(), offsets.contiguous(), ones,
+                                   cast_weight(w_up, dt), cast_weight(w_gate, dt), cast_weight(b_up, dt),
+                                   cast_weight(b_gate, dt), cast_weight(w_down, dt), cast_weight(b_down, dt),
+                                   activation, blocks, row_index.contiguous(), token_offsets, True)

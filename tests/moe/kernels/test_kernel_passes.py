@@ -182,3 +182,47 @@ def test_fused_activation_backward_equals_the_separate_pass():
     for a, b in zip(fused, separate):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
+
+def test_expert_rows_store_straight_to_their_own_place():
+    """grouped_expert_rows (the expert-parallel local step: a permutation, weight 1) equals the combine it replaces
+    (grouped_down_combine with one row per "token" and weight 1, as moe.dispatch.alltoall's _triton_local runs it:
+    a sort and a per-token sum), and builds no TokenOrder."""
+    from moe.kernels.expert_mlp import grouped_expert_rows
+
+    M, E_l = 14, 3
+    g = torch.Generator().manual_seed(9)
+    p = make_params(M, D, FF, E_l, True, True, torch.float32)
+    expert_of_row = torch.randint(0, E_l, (M,), generator=g).to(DEVICE)
+    expert_of_row[:3] = torch.tensor([0, 2, 0])  # expert 1 may stay empty; 0 and 2 are used
+    order = torch.argsort(expert_of_row, stable=True)
+    counts = torch.bincount(expert_of_row, minlength=E_l)
+    offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    weights = [p[k] for k in ("w_up", "w_gate", "b_up", "b_gate", "w_down", "b_down")]
+    gy = torch.randn(M, D, generator=g).to(DEVICE)
+    built = []
+    real = TokenOrder.build
+
+    def counting(row_token, num_tokens):
+        built.append(num_tokens)
+        return real(row_token, num_tokens)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(TokenOrder, "build", staticmethod(counting))
+        out = grouped_expert_rows(p["x"], order, offsets, *weights, "silu")
+        new = [out.detach()] + list(torch.autograd.grad(out, [p["x"]] + weights, gy))
+    assert built == []
+    h = gather_grouped_up(p["x"], order, offsets, *weights[:4], "silu")
+    ones = torch.ones(M, device=DEVICE)
+    old_out = grouped_down_combine(h, weights[4], weights[5], offsets, ones, order, M)
+    old = [old_out.detach()] + list(torch.autograd.grad(old_out, [p["x"]] + weights, gy))
+    assert torch.equal(new[0], old[0])  # fp32: the same products, one row per position, no sum to reorder
+    for a, b in zip(new[1:], old[1:]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    # and it is what the experts compute, row by row
+    x = p["x"].detach()
+    for r in range(M):
+        e, i = int(expert_of_row[order[r]]), int(order[r])
+        u = x[i] @ p["w_up"][e] + p["b_up"][e]
+        gate = x[i] @ p["w_gate"][e] + p["b_gate"][e]
+        want = (torch.nn.functional.silu(gate) * u) @ p["w_down"][e] + p["b_down"][e]
+        torch.testing.assert_close(new[0][i], want.detach(), rtol=1e-5, atol=1e-5)
