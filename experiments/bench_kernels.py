@@ -6,7 +6,7 @@ same amount of work with nothing in the way:
 - dense:  one `torch.mm` (cuBLAS on GPU) on rows gathered beforehand, of the kernel's FLOPs exactly (same M, N,
           K), so `% of dense` = dense time / kernel time is what the grouping, the gather and the epilogue cost;
 - copy:   a plain contiguous tensor copy moving the kernel's minimal bytes (each input read once, each output
-          written once; an extra pass, such as the fp32 buffer between the down GEMM and the segment sum, shows
+          written once; an extra pass, such as the token-major rows between the down GEMM and the segment sum, shows
           up as a lower share), so `% of copy` is the fraction of the bandwidth a copy gets on this device.
 
 Also TFLOP/s and GB/s, and on CUDA the shares of the datasheet peak (experiments.peak_flops) and of the memory
@@ -15,15 +15,19 @@ it says otherwise:
 
     up forward, inference    launch_up: gather + up (and gate) GEMM + bias/activation/GLU epilogue
     up forward, training     the same also storing the pre-activations for backward (what a training step runs)
-    down GEMM                launch_down: h @ w_down, weighted, fp32 rows written to their token-major slots
+    down GEMM                launch_down: h @ w_down, weighted, rows written to their token-major slots
     down + combine           grouped_down_combine's forward: token order + down GEMM + segment sum (3 steps)
     grad-h                   launch_grad_h: grad_y gathered @ w_down^T -> grad h and the combine weight's grad
-    activation backward      launch_act_backward: elementwise, [N, f] pre-activations -> their gradients
-    grad-x GEMM              launch_grad_x: gu @ wu^T (+ gg @ wg^T), fp32 rows to token-major slots
+    grad-h + activation      launch_grad_h_act: the same with the activation backward in its epilogue (straight
+      backward               to the pre-activations' gradients; what grouped_expert_mlp's backward runs)
+    activation backward      launch_act_backward: the separate elementwise pass (gather_grouped_up's backward)
+    grad-x GEMM              launch_grad_x: gu @ wu^T (+ gg @ wg^T), rows to token-major slots
     weight grad up           grouped_wgrad of the up (and gate) weights: x gathered ^T @ grad pre-activations
     weight grad down         grouped_wgrad of the down weight: h^T @ (combine weight * grad_y gathered)
-    segment sum              segment_sum: fp32 token-major rows [N, d] -> [T, d]
+    segment sum              segment_sum: token-major rows [N, d] -> [T, d], summed in fp32
     token order              TokenOrder.build (torch, not Triton: a stable sort, a scatter, a searchsorted)
+    expert MLP, forward      grouped_expert_mlp (the triton dispatcher's experts) forward + backward in x and
+      + backward             every weight; its dense reference is the six torch.mm of the GEMM rows above
 
 Protocol: per repetition the kernel and its references run round-robin (the first rotating), after warm-up
 repetitions; on CUDA each timing is CUDA events around `--inner` back-to-back calls (so the launch overhead of
@@ -48,8 +52,9 @@ import torch
 QUICK_SHAPE = "32:16:16:4:2"  # d, f >= 16: tl.dot's minimum
 DEFAULT_SHAPE = "16k:1024:2048:8:2"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-ROWS = ("up forward, inference", "up forward, training", "down GEMM", "down + combine", "grad-h", "activation backward",
-        "grad-x GEMM", "weight grad up", "weight grad down", "segment sum", "token order")
+ROWS = ("up forward, inference", "up forward, training", "down GEMM", "down + combine", "grad-h",
+        "grad-h + activation backward", "activation backward", "grad-x GEMM", "weight grad up", "weight grad down",
+        "segment sum", "token order", "expert MLP, forward + backward")
 
 
 @dataclass
@@ -107,7 +112,7 @@ def make_problem(T: int, d: int, f: int, E: int, k: int, dtype: torch.dtype, dev
         w_up=rnd(E, d, f, scale=d ** -0.5), w_gate=rnd(E, d, f, scale=d ** -0.5) if glu else None,
         w_down=rnd(E, f, d, scale=f ** -0.5), h=rnd(n, f), row_weight=torch.rand(n, generator=gd, device=device),
         grad_y=rnd(T, d), grad_h=rnd(n, f), grad_u=rnd(n, f), grad_g=rnd(n, f) if glu else None,
-        rows_fp32=rnd(n, d, dt=torch.float32))
+        rows_tok=rnd(n, d))  # token-major rows, as the down and grad-x GEMMs write them (in the activation dtype)
     return Problem(T, d, f, E, k, glu, t)
 
 
@@ -127,7 +132,8 @@ def cases(p: Problem) -> dict[str, Case]:
     read once, each output of the row written once, weights included; index vectors left out except in the token
     order, which reads and writes nothing else)."""
     from moe.kernels.combine import TokenOrder, segment_sum
-    from moe.kernels.down_combine import grouped_down_combine, launch_down, launch_grad_h
+    from moe.kernels.down_combine import grouped_down_combine, launch_down, launch_grad_h, launch_grad_h_act
+    from moe.kernels.expert_mlp import grouped_expert_mlp
     from moe.kernels.up_projection import launch_act_backward, launch_grad_x, launch_up
     from moe.kernels.weight_grad import grouped_wgrad
 
@@ -150,30 +156,48 @@ def cases(p: Problem) -> dict[str, Case]:
     def up(save_pre: bool) -> Callable[[], object]:
         return lambda: launch_up(x, row_token, offsets, w_up, w_gate, None, None, "silu", save_pre)
 
+    dense = {  # torch.mm on pre-gathered rows, one per GEMM row
+        "up": lambda: torch.mm(x_rows, w_in), "down": lambda: torch.mm(h, w_out),
+        "grad-h": lambda: torch.mm(gy_rows, w_out.t()), "grad-x": lambda: torch.mm(grad_pre, w_in_t),
+        "wgrad up": lambda: torch.mm(x_rows.t(), grad_pre), "wgrad down": lambda: torch.mm(h.t(), gy_rows)}
+    leaves = [t.detach().requires_grad_(True) for t in (x, w_up, w_down) + ((w_gate,) if p.glu else ())]
+
+    def mlp_step():
+        xl, wu, wd = leaves[:3]
+        wg = leaves[3] if p.glu else None
+        y = grouped_expert_mlp(xl, row_token, offsets, rw, wu, wg, None, None, wd, None, "silu")
+        return torch.autograd.grad(y, leaves, gy)
+
     return {
-        "up forward, inference": Case(up(False), lambda: torch.mm(x_rows, w_in), up_flops,
+        "up forward, inference": Case(up(False), dense["up"], up_flops,
                                       (T * d + N * f) * es + w_in_bytes),
-        "up forward, training": Case(up(True), lambda: torch.mm(x_rows, w_in), up_flops,
+        "up forward, training": Case(up(True), dense["up"], up_flops,
                                      (T * d + N * f * (1 + halves)) * es + w_in_bytes),
-        "down GEMM": Case(lambda: launch_down(h, w_down, None, offsets, rw, order.slot), lambda: torch.mm(h, w_out),
-                          down_flops, N * f * es + N * 4 + w_out_bytes + N * d * 4),
+        "down GEMM": Case(lambda: launch_down(h, w_down, None, offsets, rw, order.slot), dense["down"], down_flops,
+                          (N * f + N * d) * es + N * 4 + w_out_bytes),
         "down + combine": Case(lambda: grouped_down_combine(h, w_down, None, offsets, rw, row_token, T),
-                               lambda: torch.mm(h, w_out), down_flops, (N * f + T * d) * es + N * 4 + w_out_bytes),
-        "grad-h": Case(lambda: launch_grad_h(gy, row_token, offsets, w_down, None, h, rw),
-                       lambda: torch.mm(gy_rows, w_out.t()), down_flops,
-                       (T * d + 2 * N * f) * es + N * 8 + w_out_bytes),
+                               dense["down"], down_flops, (N * f + T * d) * es + N * 4 + w_out_bytes),
+        "grad-h": Case(lambda: launch_grad_h(gy, row_token, offsets, w_down, None, h, rw), dense["grad-h"],
+                       down_flops, (T * d + 2 * N * f) * es + N * 8 + w_out_bytes),
+        "grad-h + activation backward": Case(
+            lambda: launch_grad_h_act(gy, row_token, offsets, w_down, None, pre_u, pre_g, rw, "silu"),
+            dense["grad-h"], down_flops, (T * d + 2 * N * f * halves) * es + N * 8 + w_out_bytes),
         "activation backward": Case(lambda: launch_act_backward(t["grad_h"], pre_u, pre_g, "silu"), None, 0.0,
                                     N * f * (1 + 2 * halves) * es),
         "grad-x GEMM": Case(lambda: launch_grad_x(grad_u, grad_g, offsets, w_up, w_gate, order.slot),
-                            lambda: torch.mm(grad_pre, w_in_t), up_flops, N * f * halves * es + w_in_bytes + N * d * 4),
+                            dense["grad-x"], up_flops, (N * f * halves + N * d) * es + w_in_bytes),
         "weight grad up": Case(lambda: grouped_wgrad(x, row_token, grad_u, grad_g, None, None, offsets, E, False),
-                               lambda: torch.mm(x_rows.t(), grad_pre), up_flops,
+                               dense["wgrad up"], up_flops,
                                (T * d + N * f * halves) * es + w_in_bytes),
         "weight grad down": Case(lambda: grouped_wgrad(h, None, gy, None, row_token, rw, offsets, E, False),
-                                 lambda: torch.mm(h.t(), gy_rows), down_flops, (N * f + T * d) * es + N * 4 + w_out_bytes),
-        "segment sum": Case(lambda: segment_sum(t["rows_fp32"], order.token_offsets, x.dtype), None, 0.0,
-                            N * d * 4 + T * d * es),
+                                 dense["wgrad down"], down_flops, (N * f + T * d) * es + N * 4 + w_out_bytes),
+        "segment sum": Case(lambda: segment_sum(t["rows_tok"], order.token_offsets, x.dtype), None, 0.0,
+                            (N * d + T * d) * es),
         "token order": Case(lambda: TokenOrder.build(row_token, T), None, 0.0, N * 8 * 2 + (T + 1) * 8),
+        # x, grad_y read and y, grad x written; the weights read twice (forward, backward), their gradients written
+        "expert MLP, forward + backward": Case(mlp_step, lambda: [fn() for fn in dense.values()],
+                                               3 * (up_flops + down_flops),
+                                               4 * T * d * es + 3 * (w_in_bytes + w_out_bytes) + N * 4),
     }
 
 

@@ -38,6 +38,8 @@ def test_quick_json_without_hydra(tmp_path):
     assert flops["up forward, inference"] == flops["up forward, training"] == flops["grad-x GEMM"] == up
     assert flops["weight grad up"] == up
     assert flops["down GEMM"] == flops["down + combine"] == flops["grad-h"] == flops["weight grad down"] == down
+    assert flops["grad-h + activation backward"] == down
+    assert flops["expert MLP, forward + backward"] == 3 * (up + down)  # forward, grad of the input, of the weights
     no_flops = ("activation backward", "segment sum", "token order")
     for r in rows:
         for key in ("ms", "copy_ms", "bytes", "gbs", "pct_copy"):
