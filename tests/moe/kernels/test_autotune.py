@@ -3,23 +3,20 @@ interpreter; the table it writes is the one the kernels look up, bucket for buck
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of triton
+# First: test_grouped_gemm sets TRITON_INTERPRET before triton's first import, and skips this module too
+# where triton is missing or CPU tensors cannot run.
+from tests.moe.kernels.test_grouped_gemm import CUDA, INTERPRETED
 
-pytest.importorskip("triton", reason="the Triton kernels need the triton extra (pip install switchyard-moe[triton])")
-
-import moe.kernels.down_combine as down  # noqa: E402
-import moe.kernels.tile_configs as tc  # noqa: E402
-import moe.kernels.up_projection as upk  # noqa: E402
-import moe.kernels.weight_grad as wg  # noqa: E402
-from moe.kernels.autotune import QUICK_INTERPRETER_SHAPE, Shape, main  # noqa: E402
-from moe.kernels.expert_mlp import grouped_expert_mlp  # noqa: E402
-from tests.moe.kernels.test_grouped_gemm import CUDA, INTERPRETED  # noqa: E402
+import moe.kernels.down_combine as down
+import moe.kernels.tile_configs as tc
+import moe.kernels.up_projection as upk
+import moe.kernels.weight_grad as wg
+from moe.kernels.autotune import QUICK_INTERPRETER_SHAPE, Shape, main
+from moe.kernels.expert_mlp import grouped_expert_mlp
 
 if CUDA or not INTERPRETED:
     pytest.skip("the plumbing check runs without a GPU, under TRITON_INTERPRET=1", allow_module_level=True)

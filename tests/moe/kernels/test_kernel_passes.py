@@ -2,26 +2,18 @@
 it replaces (bitwise where nothing is rounded differently, else to the reference's tolerance)."""
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of triton
+# First: test_grouped_gemm sets TRITON_INTERPRET before triton's first import, and skips this module too
+# where triton is missing or CPU tensors cannot run.
+from tests.moe.kernels.test_grouped_gemm import DEVICE, D, E, FF, T, default_plan, make_params
 
-pytest.importorskip("triton", reason="the Triton kernels need the triton extra (pip install switchyard-moe[triton])")
-
-from moe.kernels.combine import TokenOrder  # noqa: E402
-from moe.kernels.down_combine import grouped_down_combine  # noqa: E402
-from moe.kernels.up_projection import gather_grouped_up  # noqa: E402
-from tests.moe.kernels.test_grouped_gemm import (CUDA, DEVICE, INTERPRETED, D, E, FF, T,  # noqa: E402
-                                                 default_plan, make_params)
-from tests.moe.kernels.test_triton_dispatch import _run, _setup  # noqa: E402
-
-if not CUDA and not INTERPRETED:
-    pytest.skip("CPU runs need the Triton interpreter: TRITON_INTERPRET=1 before moe.kernels is first imported",
-                allow_module_level=True)
+from moe.kernels.combine import TokenOrder
+from moe.kernels.down_combine import grouped_down_combine
+from moe.kernels.up_projection import gather_grouped_up
+from tests.moe.kernels.test_triton_dispatch import _run, _setup
 
 
 def _pair(params, row_token, offsets, row_weight, order):

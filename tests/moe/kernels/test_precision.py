@@ -5,24 +5,16 @@ the new attribute there and the old one only where it is the only one.
 """
 from __future__ import annotations
 
-import os
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of triton
+# First: test_grouped_gemm sets TRITON_INTERPRET before triton's first import, and skips this module too
+# where triton is missing or CPU tensors cannot run.
+from tests.moe.kernels.test_grouped_gemm import CUDA, FF, D, E, T, check, default_plan, make_params
 
-pytest.importorskip("triton", reason="the Triton kernels need the triton extra (pip install switchyard-moe[triton])")
-
-import moe.kernels.gemm_tiles as tiles  # noqa: E402
-from tests.moe.kernels.test_grouped_gemm import (CUDA, FF, INTERPRETED, D, E, T, check,  # noqa: E402
-                                                 default_plan, make_params)
-
-if not CUDA and not INTERPRETED:
-    pytest.skip("CPU runs need the Triton interpreter: TRITON_INTERPRET=1 before moe.kernels is first imported",
-                allow_module_level=True)
+import moe.kernels.gemm_tiles as tiles
 NEW_API = hasattr(torch.backends.cuda.matmul, "fp32_precision")
 
 

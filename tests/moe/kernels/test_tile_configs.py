@@ -7,29 +7,21 @@ compiler (tests/moe/kernels/test_grouped_gemm.py::test_kernels_compile_for_hoppe
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of triton
+# First: test_grouped_gemm sets TRITON_INTERPRET before triton's first import, and skips this module too
+# where triton is missing or CPU tensors cannot run.
+from tests.moe.kernels.test_grouped_gemm import CUDA, DEVICE, check, make_params, plan, random_plan
 
-pytest.importorskip("triton", reason="the Triton kernels need the triton extra (pip install switchyard-moe[triton])")
+import triton
+import triton.language as tl
 
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
-
-import moe.kernels.tile_configs as tc  # noqa: E402
-import moe.kernels.up_projection as upk  # noqa: E402
-from moe.kernels.gemm_tiles import GemmBlocks, swizzle  # noqa: E402
-from moe.kernels.tile_configs import candidates, shared_bytes, tiles_for  # noqa: E402
-from tests.moe.kernels.test_grouped_gemm import (CUDA, DEVICE, INTERPRETED, check, make_params, plan,  # noqa: E402
-                                                 random_plan)
-
-if not CUDA and not INTERPRETED:
-    pytest.skip("CPU runs need the Triton interpreter: TRITON_INTERPRET=1 before moe.kernels is first imported",
-                allow_module_level=True)
+import moe.kernels.tile_configs as tc
+import moe.kernels.up_projection as upk
+from moe.kernels.gemm_tiles import GemmBlocks, swizzle
+from moe.kernels.tile_configs import candidates, shared_bytes, tiles_for
 
 # Every distinct block shape of the candidate lists (warps and stages do not change interpreted results).
 TILES = sorted({(b.block_m, b.block_n, b.block_k) for dt in (torch.bfloat16, torch.float32)
