@@ -2,25 +2,34 @@
 
 The routing of an upcycled model at step 0 under each router initialisation (upcycle/router_init.py), seed by
 seed: per sparse layer, how many experts receive a token and the busiest expert's load over the mean, on the
-verification text (the calibration sample of router_init=mean_free) and on a held-out passage of the embedded
-Shakespeare corpus (text the calibration never saw). Also max |Δ logit| against the dense model, which must stay
-within round-off for every init. Recipe copy, 8 experts, top-2 (topk_softmax), every second layer, as the
-upcycle app's defaults. Prints a markdown table (and writes it to --out).
+verification text (the calibration sample of router_init=mean_free, as experiments.upcycle uses it) and on a
+held-out passage of the embedded Shakespeare corpus (text the calibration never saw). Recipe copy, 8 experts,
+top-2 (topk_softmax), every second layer: the upcycle app's defaults.
+
+How, cheaply: at step 0 an exact recipe's sparse layers see the dense model's FFN inputs (to fp32 round-off), so
+the dense model runs once per text and each init's routers are applied to its captured FFN inputs. That this is
+the upcycled model's routing is checked, not assumed: for the first seed the real upcycled model is built for each
+init, its router rows must equal the ones applied here, and its step-0 check (max |Δ logit|, and the experts each
+layer uses) is printed beside them. Prints a markdown table (and writes it to --out).
 """
 from __future__ import annotations
 
 import argparse
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from routing.config import RouterConfig
 from upcycle import UpcycleConfig, exactness, read_dense, sample_tokens, step0_check, upcycle
+from upcycle.recipes import upcycled_config
+from upcycle.router_init import draw_router_rows, router_input_means
 
-INITS = {"normal": dict(router_init="normal"), "mean_free": dict(router_init="mean_free")}
+INITS = ("normal", "mean_free")
 
 
-def heldout_tokens(tokenizer, n: int) -> torch.Tensor:
+def heldout_tokens(tokenizer, n: int) -> Tensor:
     """[1, n] ids from the middle of the first Shakespeare play (the corpus experiments.data embeds)."""
     from experiments.data import shakespeare_files
 
@@ -29,11 +38,50 @@ def heldout_tokens(tokenizer, n: int) -> torch.Tensor:
     return torch.tensor([ids])
 
 
-def layer_cells(report) -> tuple[str, str, int]:
-    """'8,8,7,...' experts used per layer, 'max/mean' per layer, and the number of layers with an idle expert."""
-    used, load = report.experts_used, report.max_load
-    short = sum(1 for i, n in used.items() if n < len(report.tokens_per_expert[i]))
-    return (" ".join(str(used[i]) for i in sorted(used)), " ".join(f"{load[i]:.1f}" for i in sorted(load)), short)
+@contextmanager
+def _captured(dense, layers, store: dict[int, Tensor]):
+    def hook(i):
+        def keep(_module, args):
+            store[i] = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # [T, d]
+        return keep
+    handles = [dense.blocks[i].ffn.register_forward_pre_hook(hook(i)) for i in layers]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def ffn_inputs(dense, tokens: Tensor, layers) -> dict[int, Tensor]:
+    """Layer -> [T, d] the dense model's FFN inputs on tokens [1, T]: what the upcycled routers see at step 0."""
+    store: dict[int, Tensor] = {}
+    with _captured(dense, layers, store):
+        dense(tokens)
+    return store
+
+
+def router_rows(cfg: UpcycleConfig, d: int, layers, means: dict[int, Tensor]) -> dict[int, Tensor]:
+    """Layer -> [E, d] rows as upcycle.recipes draws them for recipe=copy (one generator, layers in order)."""
+    g = torch.Generator().manual_seed(cfg.seed)
+    mean_free = cfg.router_init == "mean_free"
+    return {i: draw_router_rows(cfg.num_experts, d, cfg.router_std, g, means[i] if mean_free else None)
+            for i in layers}
+
+
+def loads(rows: dict[int, Tensor], h: dict[int, Tensor], k: int) -> dict[int, list[int]]:
+    """Layer -> assignments per expert of top-k over the logits h @ rows^T (ties: lowest index, as TopKRouter)."""
+    out = {}
+    for i, w in rows.items():
+        top = (h[i] @ w.T).topk(k, dim=1).indices  # [T, k]
+        out[i] = torch.bincount(top.reshape(-1), minlength=w.shape[0]).tolist()
+    return out
+
+
+def summary(counts: dict[int, list[int]]) -> tuple[list[int], list[float], int]:
+    used = [sum(1 for c in counts[i] if c > 0) for i in sorted(counts)]
+    load = [max(c) * len(c) / sum(c) for c in (counts[i] for i in sorted(counts))]
+    return used, load, sum(1 for i, n in zip(sorted(counts), used) if n < len(counts[i]))
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -47,25 +95,41 @@ def main(argv: list[str] | None = None) -> str:
     if src.tokenizer is None:
         raise ValueError(f"{args.source} brings no tokenizer; the study routes real text")
     dense = src.build_model().eval()
-    verify = sample_tokens(dense.cfg.vocab_size, src.tokenizer)
+    verify = sample_tokens(dense.cfg.vocab_size, src.tokenizer)[:, :-1]  # the routed positions of the check
     held = heldout_tokens(src.tokenizer, min(args.heldout_tokens, dense.cfg.max_seq_len))
-    rows = ["| init | seed | max \\|Δ logit\\| | layers with an idle expert (verification / held-out) | experts used "
-            "per sparse layer, verification text | busiest expert / mean, verification text | busiest / mean, "
-            "held-out (worst layer) |", "|---|---:|---:|---|---|---|---:|"]
+    base = UpcycleConfig(recipe="copy", num_experts=8, layers="every:2", router=RouterConfig(top_k=2))
+    layers = upcycled_config(dense.cfg, base).sparse_layers
+    h_verify, h_held = ffn_inputs(dense, verify, layers), ffn_inputs(dense, held, layers)
+    means = router_input_means(dense, verify, layers)
+    k, d = base.router.top_k, dense.cfg.d_model
+    rows_md = ["| init | seed | layers with an idle expert: verification / held-out | experts used per sparse "
+               "layer (verification) | busiest expert / mean per layer (verification) | worst busiest / mean: "
+               "verification / held-out |", "|---|---:|---|---|---|---|"]
+    checks = []
     for seed in args.seeds:
-        for name, kw in INITS.items():
-            cfg = UpcycleConfig(recipe="copy", num_experts=8, layers="every:2", seed=seed,
-                                router=RouterConfig(top_k=2), **kw)
-            moe = upcycle(dense, cfg, calibration=verify)
-            rep = step0_check(dense, moe, verify, cfg.recipe, *exactness(cfg))
-            out = step0_check(dense, moe, held, cfg.recipe, *exactness(cfg))
-            used, load, short = layer_cells(rep)
-            _, _, short_held = layer_cells(out)
-            rows.append(f"| {name} | {seed} | {rep.max_abs_diff:.1e} | {short} / {short_held} of "
-                        f"{len(rep.experts_used)} | {used} | {load} | {max(out.max_load.values()):.2f} |")
-            print(rows[-1], flush=True)
-    text = (f"Step-0 routing of {args.source} upcycled (copy, 8 experts, top-2, every:2): verification text "
-            f"{verify.shape[1] - 1} tokens, held-out Shakespeare {held.shape[1] - 1} tokens.\n\n" + "\n".join(rows) + "\n")
+        for init in INITS:
+            cfg = UpcycleConfig(**{**base.to_dict(), "router": base.router, "seed": seed, "router_init": init})
+            rows = router_rows(cfg, d, layers, means)
+            used, load, short = summary(loads(rows, h_verify, k))
+            _, load_held, short_held = summary(loads(rows, h_held, k))
+            rows_md.append(f"| {init} | {seed} | {short} / {short_held} of {len(layers)} | {' '.join(map(str, used))} | "
+                           f"{' '.join(f'{x:.1f}' for x in load)} | {max(load):.2f} / {max(load_held):.2f} |")
+            print(rows_md[-1], flush=True)
+            if seed == args.seeds[0]:  # the real upcycled model, to prove the shortcut
+                moe = upcycle(dense, cfg, calibration=verify)
+                same = all(torch.equal(moe.blocks[i].ffn.router.gate.weight.detach(), rows[i]) for i in layers)
+                rep = step0_check(dense, moe, sample_tokens(dense.cfg.vocab_size, src.tokenizer), cfg.recipe,
+                                  *exactness(cfg))
+                real = [rep.experts_used[i] for i in layers]
+                checks.append(f"- {init}, seed {seed}: the real upcycled model's router rows "
+                              f"{'equal' if same else 'DIFFER FROM'} the applied ones; its step-0 check: max |Δ logit| "
+                              f"{rep.max_abs_diff:.1e}, experts used per layer {' '.join(map(str, real))} "
+                              f"({'the same' if real == used else 'NOT the same'} as above)")
+                print(checks[-1], flush=True)
+                del moe
+    text = (f"Step-0 routing of {Path(args.source).name} upcycled (copy, 8 experts, top-2, every:2): verification "
+            f"text {verify.shape[1]} tokens (also the calibration of mean_free), held-out Shakespeare "
+            f"{held.shape[1]} tokens.\n\n" + "\n".join(rows_md) + "\n\n" + "\n".join(checks) + "\n")
     if args.out:
         Path(args.out).write_text(text, encoding="utf-8")
     print(text)
