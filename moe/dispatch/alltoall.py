@@ -160,15 +160,13 @@ def alltoall_dispatch(x: Tensor, plan: RoutingPlan, experts, local_dispatcher: s
 
 
 def _triton_local(got: Tensor, order: Tensor, local_counts: Tensor, experts) -> Tensor:
-    """The local experts on the fused kernels: row r of expert order is arrival row order[r]; the combine gives each
-    arrival row exactly one result of weight 1, so "tokens" are the M arrival slots."""
-    from moe.kernels.down_combine import grouped_down_combine
-    from moe.kernels.up_projection import gather_grouped_up
+    """The local experts on the fused kernels: row r of expert order is arrival row order[r], and its result goes
+    straight back to that arrival row (moe.kernels.expert_mlp.grouped_expert_rows: a permutation, so no
+    token-major sort, no combine weight and no per-row sum)."""
+    from moe.kernels.expert_mlp import grouped_expert_rows
 
-    M = got.shape[0]
     w_up, w_gate, w_down = experts._weights(got.dtype)
     b_up, b_gate, b_down = (None if b is None else b.to(got.dtype) for b in (experts.b_up, experts.b_gate, experts.b_down))
     offsets = torch.cat([local_counts.new_zeros(1), local_counts.cumsum(0)])  # [E_l + 1], on the device
-    h = gather_grouped_up(got, order, offsets, w_up, w_gate, b_up, b_gate, experts.activation)  # [M, f]
-    ones = torch.ones(M, dtype=torch.float32, device=got.device)
-    return grouped_down_combine(h, w_down, b_down, offsets, ones, order, M).to(got.dtype)  # [M, d]
+    return grouped_expert_rows(got, order, offsets, w_up, w_gate, b_up, b_gate, w_down, b_down,
+                               experts.activation)  # [M, d] in arrival order
