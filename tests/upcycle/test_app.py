@@ -118,3 +118,12 @@ def test_chat_template_jinja_file_wins(tmp_path, hf_with_tokenizer):
     assert read_hf(src).chat_template == "{{ x }}"
     (src / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content }}{% endfor %}", encoding="utf-8")
     assert read_hf(src).chat_template == "{% for m in messages %}{{ m.content }}{% endfor %}"
+
+
+def test_plain_normal_router_on_request(tmp_path, hf_with_tokenizer):
+    """`+router_init=normal` (a key conf/upcycle.yaml does not list) keeps the paper's plain N(0, 0.02^2) rows:
+    the same draw as the default's, before the mean direction is removed."""
+    plain = run_upcycle(compose_upcycle(f"source={hf_with_tokenizer}", f"out={tmp_path / 'n'}", "+router_init=normal"))
+    assert read_metadata(tmp_path / "n")["upcycle"]["router_init"] == "normal" and "router_init=normal" in plain["text"]
+    w = load_model(tmp_path / "n").blocks[1].ffn.router.gate.weight.detach()
+    assert 0.015 < float(w.std()) < 0.025
