@@ -9,7 +9,7 @@ Shape legend: T tokens per step (batch x seq_len), d model width, f expert width
 
 The floor (`floor_ms`), a lower bound for one step of a model:
 
-    FLOPs / rate  +  optimizer-phase bytes / bandwidth(working set)
+    FLOPs / rate  +  optimizer-phase bytes / update bandwidth(P)
 
 - FLOPs: moe.flops.flops_per_token(cfg).training x T (the twins match dense within 1%, the router included).
 - rate: FLOP/s of one fp32 GEMM at the dense FFN's shapes ([T, d] x [d, d_ff], forward and both backward
