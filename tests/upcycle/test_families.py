@@ -189,6 +189,24 @@ def test_upcycle_step0_exact(family, kind):
     assert moe.cfg.family_options() == dense.cfg.family_options() != []
 
 
+@pytest.mark.parametrize("kind", ["gemma2", "gemma3", "bloom", "gpt_neo"])
+def test_upcycle_with_the_default_calibrated_router_is_exact(family, kind):
+    """The app's default router (mean-free rows, calibrated on the sample) through each family's backbone: exact,
+    and every row orthogonal to its layer's mean router input (Gemma's router input is the pre-FFN norm's output,
+    before the post-FFN norm)."""
+    from upcycle.router_init import router_input_means
+
+    dense = read_dense(family(kind)[1]).build_model()
+    ids = ids_for(V, length=33)
+    cfg = UpcycleConfig(recipe="copy", num_experts=4)  # every:2, router_init=mean_free
+    moe = upcycle(dense, cfg, calibration=ids[:, :-1])
+    means = router_input_means(dense, ids[:, :-1], moe.cfg.sparse_layers)
+    for i, m in means.items():
+        assert float((moe.blocks[i].ffn.router.gate.weight.detach() @ (m / m.norm())).abs().max()) < 1e-7
+    report = step0_check(dense, moe, ids, cfg.recipe, *exactness(cfg))
+    assert report.expected_exact and report.max_abs_diff < 1e-5, report.text()
+
+
 # ------------------------------------------------------------------------------------------- refusals
 
 
