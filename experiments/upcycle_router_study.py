@@ -15,7 +15,6 @@ layer uses) is printed beside them. Prints a markdown table (and writes it to --
 from __future__ import annotations
 
 import argparse
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -24,7 +23,7 @@ from torch import Tensor
 from routing.config import RouterConfig
 from upcycle import UpcycleConfig, exactness, read_dense, sample_tokens, step0_check, upcycle
 from upcycle.recipes import upcycled_config
-from upcycle.router_init import draw_router_rows, router_input_means
+from upcycle.router_init import draw_router_rows, ffn_inputs_seen, router_input_means
 
 INITS = ("normal", "mean_free")
 
@@ -38,25 +37,11 @@ def heldout_tokens(tokenizer, n: int) -> Tensor:
     return torch.tensor([ids])
 
 
-@contextmanager
-def _captured(dense, layers, store: dict[int, Tensor]):
-    def hook(i):
-        def keep(_module, args):
-            store[i] = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # [T, d]
-        return keep
-    handles = [dense.blocks[i].ffn.register_forward_pre_hook(hook(i)) for i in layers]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
 @torch.no_grad()
 def ffn_inputs(dense, tokens: Tensor, layers) -> dict[int, Tensor]:
     """Layer -> [T, d] the dense model's FFN inputs on tokens [1, T]: what the upcycled routers see at step 0."""
     store: dict[int, Tensor] = {}
-    with _captured(dense, layers, store):
+    with ffn_inputs_seen(dense, layers, store.__setitem__):
         dense(tokens)
     return store
 

@@ -26,7 +26,7 @@ router at all (upcycle.recipes), so any rows keep the step-0 check exact.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -38,15 +38,14 @@ ROUTER_INIT_STD = 0.02  # the default router std: flaxformer's router kernel ini
 
 
 @contextmanager
-def _ffn_input_sums(dense: Transformer, layers: Sequence[int], sums: dict[int, Tensor],
-                    counts: dict[int, int]) -> Iterator[None]:
-    """While active, every forward adds the fp32 sum over tokens of each listed block's FFN input ([d]) to sums."""
+def ffn_inputs_seen(dense: Transformer, layers: Sequence[int], see: Callable[[int, Tensor], None]) -> Iterator[None]:
+    """While active, every forward of `dense` calls see(i, h) with h [T, d] (fp32, detached), the input of block
+    i's FFN (the normed hidden state an upcycled router there would see), for each i in layers. The hooks are
+    removed on exit, so the model is left as it was."""
     def hook(i: int):
-        def add(_module, args) -> None:
-            h = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # [T, d]
-            sums[i] = sums[i] + h.sum(0) if i in sums else h.sum(0)
-            counts[i] = counts.get(i, 0) + h.shape[0]
-        return add
+        def call(_module, args) -> None:
+            see(i, args[0].detach().reshape(-1, args[0].shape[-1]).float())
+        return call
 
     handles = [dense.blocks[i].ffn.register_forward_pre_hook(hook(i)) for i in layers]
     try:
@@ -68,10 +67,15 @@ def router_input_means(dense: Transformer, tokens: Tensor, layers: Sequence[int]
                          f"{dense.cfg.max_seq_len}; pass at most that many tokens per row")
     sums: dict[int, Tensor] = {}
     counts: dict[int, int] = {}
+
+    def add(i: int, h: Tensor) -> None:  # h [T, d]
+        sums[i] = sums[i] + h.sum(0) if i in sums else h.sum(0)
+        counts[i] = counts.get(i, 0) + h.shape[0]
+
     mode = dense.training
     dense.eval()
     try:
-        with _ffn_input_sums(dense, layers, sums, counts):
+        with ffn_inputs_seen(dense, layers, add):
             dense(tokens)
     finally:
         dense.train(mode)
