@@ -40,7 +40,8 @@ from moe.kernels.weight_grad import grouped_wgrad
 
 
 @triton.jit
-def rows_to_slots_kernel(
+def rows_to_slots_kernel_tile(
+    pid,
     a1_ptr, a2_ptr, offsets_ptr, w1_ptr, w2_ptr, bias_ptr, scale_ptr, slot_ptr, out_ptr,
     E, K, NOUT, M_TILES,
     stride_am, stride_we, stride_wk, stride_wn, stride_be, stride_om,
@@ -52,7 +53,7 @@ def rows_to_slots_kernel(
     Forward down projection + combine: a1 = h, w1 = w_down, scale = row_weight.
     Backward of the up projection: a1, a2 = grad of the up / gate pre-activations, w1, w2 = w_up, w_gate read
     transposed through their strides (no transposed copy)."""
-    pid_m, pid_n = swizzle(tl.program_id(0), M_TILES, tl.cdiv(NOUT, BLOCK_N), GROUP_M)
+    pid_m, pid_n = swizzle(pid, M_TILES, tl.cdiv(NOUT, BLOCK_N), GROUP_M)
     e, row_start, row_end = expert_tile(pid_m, offsets_ptr, E, BLOCK_M, E_POW2)
     rows = row_start + tl.arange(0, BLOCK_M)
     row_mask = rows < row_end
@@ -81,7 +82,33 @@ def rows_to_slots_kernel(
 
 
 @triton.jit
-def _down_grad_h_kernel(
+def rows_to_slots_kernel(
+    a1_ptr, a2_ptr, offsets_ptr, w1_ptr, w2_ptr, bias_ptr, scale_ptr, slot_ptr, out_ptr,
+    E, K, NOUT, M_TILES,
+    stride_am, stride_we, stride_wk, stride_wn, stride_be, stride_om,
+    TWO: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
+    PRECISION: tl.constexpr, INTERPRETED: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
+    EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, E_POW2: tl.constexpr,
+    TILES, PERSISTENT: tl.constexpr,
+):
+    """One program per tile of the swizzled 1D grid, or (PERSISTENT) fewer programs, about one per SM, each
+    looping over tiles pid, pid + programs, ... of TILES; the tile itself: rows_to_slots_kernel_tile."""
+    if PERSISTENT:
+        for pid in range(tl.program_id(0), TILES, tl.num_programs(0)):
+            rows_to_slots_kernel_tile(
+                pid, a1_ptr, a2_ptr, offsets_ptr, w1_ptr, w2_ptr, bias_ptr, scale_ptr, slot_ptr, out_ptr, E, K,
+                NOUT, M_TILES, stride_am, stride_we, stride_wk, stride_wn, stride_be, stride_om, TWO, HAS_BIAS,
+                HAS_SCALE, PRECISION, INTERPRETED, GROUP_M, EVEN_K, EVEN_N, BLOCK_M, BLOCK_N, BLOCK_K, E_POW2)
+    else:
+        rows_to_slots_kernel_tile(
+            tl.program_id(0), a1_ptr, a2_ptr, offsets_ptr, w1_ptr, w2_ptr, bias_ptr, scale_ptr, slot_ptr, out_ptr,
+            E, K, NOUT, M_TILES, stride_am, stride_we, stride_wk, stride_wn, stride_be, stride_om, TWO, HAS_BIAS,
+            HAS_SCALE, PRECISION, INTERPRETED, GROUP_M, EVEN_K, EVEN_N, BLOCK_M, BLOCK_N, BLOCK_K, E_POW2)
+
+
+@triton.jit
+def _down_grad_h_kernel_tile(
+    pid,
     gy_ptr, row_token_ptr, offsets_ptr, w_ptr, b_ptr, h_ptr, pg_ptr, rw_ptr, gh_ptr, gg_ptr, part_ptr,
     E, D, F, M_TILES,
     stride_gt, stride_we, stride_wf, stride_wd, stride_be, stride_hn, stride_pn,
@@ -95,7 +122,7 @@ def _down_grad_h_kernel(
     FUSE_ACT: h_ptr / pg_ptr hold the pre-activations u / g instead of h, h is recomputed from them in fp32, and
     the activation backward runs in the epilogue: gh_ptr / gg_ptr receive the gradients of u / g (grad h itself
     is never written)."""
-    pid_m, pid_n = swizzle(tl.program_id(0), M_TILES, tl.cdiv(F, BLOCK_N), GROUP_M)
+    pid_m, pid_n = swizzle(pid, M_TILES, tl.cdiv(F, BLOCK_N), GROUP_M)
     e, row_start, row_end = expert_tile(pid_m, offsets_ptr, E, BLOCK_M, E_POW2)
     rows = row_start + tl.arange(0, BLOCK_M)
     row_mask = rows < row_end
@@ -136,6 +163,34 @@ def _down_grad_h_kernel(
             tl.store(gg_ptr + out_off, round_to(grad_g, gg_ptr.dtype.element_ty, INTERPRETED), mask=out_mask)
     else:
         tl.store(gh_ptr + out_off, round_to(grad_h, gh_ptr.dtype.element_ty, INTERPRETED), mask=out_mask)
+
+
+@triton.jit
+def _down_grad_h_kernel(
+    gy_ptr, row_token_ptr, offsets_ptr, w_ptr, b_ptr, h_ptr, pg_ptr, rw_ptr, gh_ptr, gg_ptr, part_ptr,
+    E, D, F, M_TILES,
+    stride_gt, stride_we, stride_wf, stride_wd, stride_be, stride_hn, stride_pn,
+    HAS_BIAS: tl.constexpr, FUSE_ACT: tl.constexpr, GLU: tl.constexpr, ACT: tl.constexpr,
+    PRECISION: tl.constexpr, INTERPRETED: tl.constexpr, GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, E_POW2: tl.constexpr,
+    TILES, PERSISTENT: tl.constexpr,
+):
+    """One program per tile of the swizzled 1D grid, or (PERSISTENT) fewer programs, about one per SM, each
+    looping over tiles pid, pid + programs, ... of TILES; the tile itself: _down_grad_h_kernel_tile."""
+    if PERSISTENT:
+        for pid in range(tl.program_id(0), TILES, tl.num_programs(0)):
+            _down_grad_h_kernel_tile(
+                pid, gy_ptr, row_token_ptr, offsets_ptr, w_ptr, b_ptr, h_ptr, pg_ptr, rw_ptr, gh_ptr, gg_ptr,
+                part_ptr, E, D, F, M_TILES, stride_gt, stride_we, stride_wf, stride_wd, stride_be, stride_hn,
+                stride_pn, HAS_BIAS, FUSE_ACT, GLU, ACT, PRECISION, INTERPRETED, GROUP_M, EVEN_K, EVEN_N, BLOCK_M,
+                BLOCK_N, BLOCK_K, E_POW2)
+    else:
+        _down_grad_h_kernel_tile(
+            tl.program_id(0), gy_ptr, row_token_ptr, offsets_ptr, w_ptr, b_ptr, h_ptr, pg_ptr, rw_ptr, gh_ptr,
+            gg_ptr, part_ptr, E, D, F, M_TILES, stride_gt, stride_we, stride_wf, stride_wd, stride_be, stride_hn,
+            stride_pn, HAS_BIAS, FUSE_ACT, GLU, ACT, PRECISION, INTERPRETED, GROUP_M, EVEN_K, EVEN_N, BLOCK_M,
+            BLOCK_N, BLOCK_K, E_POW2)
 
 
 def launch_down(h: Tensor, w_down: Tensor, b_down: Optional[Tensor], offsets: Tensor, row_weight: Tensor,

@@ -21,6 +21,9 @@ How the kernels are laid out, and why:
   gathered input rows and its experts' weight columns are re-read from L2 instead of HBM. (Row tiles varying
   fastest over the whole grid re-read every input row once per column tile.) Row tiles are numbered expert after
   expert, so a group's tiles mostly share one expert's weights.
+- GemmBlocks.persistent (off by default, unmeasured) launches about one program per SM instead, each looping
+  over tiles pid, pid + programs, ...: no tail of short-lived programs, at the price of no reordering by the
+  hardware scheduler. The tile body is the same function either way (`*_tile` in each kernel module).
 - EVEN_K / EVEN_N (K % BLOCK_K == 0, NOUT % BLOCK_N == 0, decided by the launcher) drop the masks along the
   reduction and output columns (`load_rows`, `load_weight`), so the contiguous dimension loads without
   predicates; rows keep their mask (segments end anywhere). Column offsets carry `tl.multiple_of` /
@@ -64,6 +67,7 @@ class GemmBlocks:
     num_warps: int = 4
     num_stages: int = 3  # software pipelining depth of the K loop (GPU only)
     group_m: int = 8  # row tiles per swizzle group of the 1D launch order (row-tiled kernels)
+    persistent: bool = False  # row-tiled kernels: ~one program per SM looping over the tiles (unmeasured: off)
 
     def __post_init__(self):
         for name in ("block_m", "block_n", "block_k", "block_elementwise", "num_warps"):
@@ -73,6 +77,8 @@ class GemmBlocks:
         for name in ("num_stages", "group_m"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"GemmBlocks.{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if not isinstance(self.persistent, bool):
+            raise ValueError(f"GemmBlocks.persistent must be true or false, got {self.persistent!r}")
 
 
 GPU_BLOCKS = GemmBlocks()
@@ -194,10 +200,20 @@ def row_launch(x: Tensor, blocks: GemmBlocks, n_rows: int, num_experts: int, k: 
     """Grid and launch arguments of a row-tiled kernel over n_rows plan rows, reduction width k, n_out columns."""
     # sum_e cdiv(n_e, BLOCK_M) <= cdiv(N, BLOCK_M) + E - 1: a bound from shapes alone (no host sync).
     m_tiles = triton.cdiv(n_rows, blocks.block_m) + num_experts - 1
-    grid = (m_tiles * triton.cdiv(n_out, blocks.block_n),)
-    return grid, dict(M_TILES=m_tiles, GROUP_M=blocks.group_m, EVEN_K=k % blocks.block_k == 0,
+    tiles = m_tiles * triton.cdiv(n_out, blocks.block_n)
+    grid = (min(tiles, persistent_programs(x.device)) if blocks.persistent else tiles,)
+    return grid, dict(M_TILES=m_tiles, TILES=tiles, PERSISTENT=blocks.persistent, GROUP_M=blocks.group_m,
+                      EVEN_K=k % blocks.block_k == 0,
                       EVEN_N=n_out % blocks.block_n == 0, BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n,
                       BLOCK_K=blocks.block_k, E_POW2=pow2(num_experts), **launch_opts(x, blocks))
+
+
+def persistent_programs(device: torch.device) -> int:
+    """Programs of a persistent launch: one per SM on CUDA (the large tiles leave room for one program per SM);
+    under the interpreter 3, so that the tests' programs each loop over several tiles."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 3
 
 
 def launch_opts(x: Tensor, blocks: GemmBlocks) -> dict:

@@ -39,7 +39,8 @@ from moe.kernels.tile_configs import elementwise_block, tiles_for
 from moe.kernels.weight_grad import grouped_wgrad
 
 @triton.jit
-def _gather_up_kernel(
+def _gather_up_kernel_tile(
+    pid,
     x_ptr, row_token_ptr, offsets_ptr, wu_ptr, wg_ptr, bu_ptr, bg_ptr, h_ptr, pu_ptr, pg_ptr,
     E, D, F, M_TILES,
     stride_xt, stride_xd, stride_we, stride_wd, stride_wf, stride_be, stride_hn,
@@ -48,7 +49,7 @@ def _gather_up_kernel(
     EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, E_POW2: tl.constexpr,
 ):
     """h[r, cols] = act(x[t_r] @ wg[e] + bg) * (x[t_r] @ wu[e] + bu) for one (row tile, column tile)."""
-    pid_m, pid_n = swizzle(tl.program_id(0), M_TILES, tl.cdiv(F, BLOCK_N), GROUP_M)
+    pid_m, pid_n = swizzle(pid, M_TILES, tl.cdiv(F, BLOCK_N), GROUP_M)
     e, row_start, row_end = expert_tile(pid_m, offsets_ptr, E, BLOCK_M, E_POW2)
     rows = row_start + tl.arange(0, BLOCK_M)
     row_mask = rows < row_end
@@ -80,6 +81,33 @@ def _gather_up_kernel(
         tl.store(pu_ptr + out_off, round_to(acc_u, pu_ptr.dtype.element_ty, INTERPRETED), mask=out_mask)
         if GLU:
             tl.store(pg_ptr + out_off, round_to(acc_g, pg_ptr.dtype.element_ty, INTERPRETED), mask=out_mask)
+
+
+@triton.jit
+def _gather_up_kernel(
+    x_ptr, row_token_ptr, offsets_ptr, wu_ptr, wg_ptr, bu_ptr, bg_ptr, h_ptr, pu_ptr, pg_ptr,
+    E, D, F, M_TILES,
+    stride_xt, stride_xd, stride_we, stride_wd, stride_wf, stride_be, stride_hn,
+    GLU: tl.constexpr, HAS_BU: tl.constexpr, HAS_BG: tl.constexpr, ACT: tl.constexpr, SAVE_PRE: tl.constexpr,
+    PRECISION: tl.constexpr, INTERPRETED: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
+    EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, E_POW2: tl.constexpr,
+    TILES, PERSISTENT: tl.constexpr,
+):
+    """One program per tile of the swizzled 1D grid, or (PERSISTENT) fewer programs, about one per SM, each
+    looping over tiles pid, pid + programs, ... of TILES; the tile itself: _gather_up_kernel_tile."""
+    if PERSISTENT:
+        for pid in range(tl.program_id(0), TILES, tl.num_programs(0)):
+            _gather_up_kernel_tile(
+                pid, x_ptr, row_token_ptr, offsets_ptr, wu_ptr, wg_ptr, bu_ptr, bg_ptr, h_ptr, pu_ptr, pg_ptr, E, D,
+                F, M_TILES, stride_xt, stride_xd, stride_we, stride_wd, stride_wf, stride_be, stride_hn, GLU,
+                HAS_BU, HAS_BG, ACT, SAVE_PRE, PRECISION, INTERPRETED, GROUP_M, EVEN_K, EVEN_N, BLOCK_M, BLOCK_N,
+                BLOCK_K, E_POW2)
+    else:
+        _gather_up_kernel_tile(
+            tl.program_id(0), x_ptr, row_token_ptr, offsets_ptr, wu_ptr, wg_ptr, bu_ptr, bg_ptr, h_ptr, pu_ptr,
+            pg_ptr, E, D, F, M_TILES, stride_xt, stride_xd, stride_we, stride_wd, stride_wf, stride_be, stride_hn,
+            GLU, HAS_BU, HAS_BG, ACT, SAVE_PRE, PRECISION, INTERPRETED, GROUP_M, EVEN_K, EVEN_N, BLOCK_M, BLOCK_N,
+            BLOCK_K, E_POW2)
 
 
 @triton.jit

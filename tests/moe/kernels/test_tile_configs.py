@@ -20,7 +20,7 @@ import triton.language as tl
 
 import moe.kernels.tile_configs as tc
 import moe.kernels.up_projection as upk
-from moe.kernels.gemm_tiles import GemmBlocks, swizzle
+from moe.kernels.gemm_tiles import GemmBlocks, row_launch, swizzle
 from moe.kernels.tile_configs import candidates, shared_bytes, tiles_for
 
 # Every distinct block shape of the candidate lists (warps and stages do not change interpreted results).
@@ -168,3 +168,18 @@ def test_bad_table_is_refused_naming_the_file(tmp_path, content, match):
 def test_repository_table_is_valid():
     tc.load_table.cache_clear()
     tc.load_table(tc.TABLE_PATH)  # raises on a malformed entry
+
+
+@pytest.mark.parametrize("glu", [True, False])
+def test_persistent_grid_matches_reference(glu):
+    """GemmBlocks(persistent=True): 3 programs under the interpreter, each looping over several of the 7 × 3 tiles
+    of every row-tiled kernel (up, down, grad h, grad x), forward and backward equal to the reference."""
+    segments = (37, 0, 17)
+    choices = [[e for e, n in enumerate(segments) if t < n] for t in range(max(segments))]
+    row_token, offsets = plan(choices, len(segments), torch.int32)
+    blocks = GemmBlocks(block_m=16, block_n=16, block_k=16, block_elementwise=256, num_warps=1, num_stages=1,
+                        group_m=2, persistent=True)
+    grid, launch = row_launch(torch.empty(1, device=DEVICE), blocks, 54, 3, 32, 40)
+    assert grid == (3,) and launch["TILES"] == (4 + 2) * 3  # cdiv(54, 16) + E - 1 row tiles, 3 column tiles
+    params = make_params(max(segments), 32, 40, len(segments), glu, True, torch.float32)
+    check(params, row_token, offsets, max(segments), "silu", blocks)
