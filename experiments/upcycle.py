@@ -1,5 +1,5 @@
 """python -m experiments.upcycle source=PATH out=DIR [recipe=copy] [num_experts=8] [routing=...] [layers=every:2] [verify=true]
-                              [verify_text=...] [+router_init=normal] [router_init_std=0.02]
+                              [verify_text=...] [router_init=normal] [router_init_std=0.02]
 
 Reads a dense model (a Switchyard checkpoint directory, a Hugging Face model directory or a .gguf file), turns
 the chosen FFNs into experts with a recipe (upcycle/recipes.py), checks the result against the dense model on a
@@ -15,7 +15,7 @@ check); the directory appears in one rename.
 
 The new routers are N(0, 0.02^2) rows (Komatsuzaki et al.) minus their component along each sparse layer's mean
 router input on the verification text (router_init=mean_free, upcycle/router_init.py), so that the text reaches
-every expert at step 0; pass a sample of the training data as verify_text to calibrate on it. `+router_init=normal`
+every expert at step 0; pass a sample of the training data as verify_text to calibrate on it. `router_init=normal`
 keeps the plain normal rows, `router_init_std=0` gives a zero router (every token to the same k experts).
 
 Continue training:  python -m experiments.train init_from=DIR data=shakespeare trainer.seq_len=256 ...

@@ -121,9 +121,9 @@ def test_chat_template_jinja_file_wins(tmp_path, hf_with_tokenizer):
 
 
 def test_plain_normal_router_on_request(tmp_path, hf_with_tokenizer):
-    """`+router_init=normal` (a key conf/upcycle.yaml does not list) keeps the paper's plain N(0, 0.02^2) rows:
+    """`router_init=normal` keeps the paper's plain N(0, 0.02^2) rows:
     the same draw as the default's, before the mean direction is removed."""
-    plain = run_upcycle(compose_upcycle(f"source={hf_with_tokenizer}", f"out={tmp_path / 'n'}", "+router_init=normal"))
+    plain = run_upcycle(compose_upcycle(f"source={hf_with_tokenizer}", f"out={tmp_path / 'n'}", "router_init=normal"))
     assert read_metadata(tmp_path / "n")["upcycle"]["router_init"] == "normal" and "router_init=normal" in plain["text"]
     w = load_model(tmp_path / "n").blocks[1].ffn.router.gate.weight.detach()
     assert 0.015 < float(w.std()) < 0.025
