@@ -40,10 +40,9 @@ from moe.kernels.weight_grad import grouped_wgrad
 
 
 @triton.jit
-def rows_to_slots_kernel_tile(
-    pid,
+def rows_to_slots_kernel(
     a1_ptr, a2_ptr, offsets_ptr, w1_ptr, w2_ptr, bias_ptr, scale_ptr, slot_ptr, out_ptr,
-    E, K, NOUT, M_TILES,
+    E, K, NOUT, M_TILES, TILES,
     stride_am, stride_we, stride_wk, stride_wn, stride_be, stride_om,
     TWO: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
     PRECISION: tl.constexpr, INTERPRETED: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
@@ -53,64 +52,41 @@ def rows_to_slots_kernel_tile(
     Forward down projection + combine: a1 = h, w1 = w_down, scale = row_weight.
     Backward of the up projection: a1, a2 = grad of the up / gate pre-activations, w1, w2 = w_up, w_gate read
     transposed through their strides (no transposed copy)."""
-    pid_m, pid_n = swizzle(pid, M_TILES, tl.cdiv(NOUT, BLOCK_N), GROUP_M)
-    e, row_start, row_end = expert_tile(pid_m, offsets_ptr, E, BLOCK_M, E_POW2)
-    rows = row_start + tl.arange(0, BLOCK_M)
-    row_mask = rows < row_end
-    cols = col_offsets(pid_n, BLOCK_N)
-    col_mask = cols < NOUT
-    k_stop = tl.where(row_start < row_end, K, 0)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    a_off = rows.to(tl.int64)[:, None] * stride_am
-    w_off = e.to(tl.int64) * stride_we + cols[None, :] * stride_wn
-    for k0 in range(0, k_stop, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        a = load_rows(a1_ptr + a_off + ks[None, :], row_mask, ks, K, EVEN_K)
-        w = load_weight(w1_ptr + w_off + ks[:, None] * stride_wk, ks, K, cols, NOUT, EVEN_K, EVEN_N)
-        acc = mma(a, w, acc, PRECISION, INTERPRETED)
-        if TWO:  # GLU backward: both products land in the same accumulator (grad x = gu wu^T + gg wg^T)
-            a = load_rows(a2_ptr + a_off + ks[None, :], row_mask, ks, K, EVEN_K)
-            w = load_weight(w2_ptr + w_off + ks[:, None] * stride_wk, ks, K, cols, NOUT, EVEN_K, EVEN_N)
+    # One tile per program (grid = TILES: one trip), or persistent (fewer programs, ~one per SM): each program
+    # takes tiles pid, pid + programs, ... of the swizzled order.
+    for pid in range(tl.program_id(0), TILES, tl.num_programs(0)):
+        pid_m, pid_n = swizzle(pid, M_TILES, tl.cdiv(NOUT, BLOCK_N), GROUP_M)
+        e, row_start, row_end = expert_tile(pid_m, offsets_ptr, E, BLOCK_M, E_POW2)
+        rows = row_start + tl.arange(0, BLOCK_M)
+        row_mask = rows < row_end
+        cols = col_offsets(pid_n, BLOCK_N)
+        col_mask = cols < NOUT
+        k_stop = tl.where(row_start < row_end, K, 0)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        a_off = rows.to(tl.int64)[:, None] * stride_am
+        w_off = e.to(tl.int64) * stride_we + cols[None, :] * stride_wn
+        for k0 in range(0, k_stop, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            a = load_rows(a1_ptr + a_off + ks[None, :], row_mask, ks, K, EVEN_K)
+            w = load_weight(w1_ptr + w_off + ks[:, None] * stride_wk, ks, K, cols, NOUT, EVEN_K, EVEN_N)
             acc = mma(a, w, acc, PRECISION, INTERPRETED)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + e * stride_be + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    if HAS_SCALE:  # the combine weight, applied in fp32 before any rounding
-        acc *= tl.load(scale_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[:, None]
-    slot = tl.load(slot_ptr + rows, mask=row_mask, other=0).to(tl.int64)  # token-major position of each row
-    out = round_to(acc, out_ptr.dtype.element_ty, INTERPRETED)
-    tl.store(out_ptr + slot[:, None] * stride_om + cols[None, :], out, mask=row_mask[:, None] & col_mask[None, :])
+            if TWO:  # GLU backward: both products land in the same accumulator (grad x = gu wu^T + gg wg^T)
+                a = load_rows(a2_ptr + a_off + ks[None, :], row_mask, ks, K, EVEN_K)
+                w = load_weight(w2_ptr + w_off + ks[:, None] * stride_wk, ks, K, cols, NOUT, EVEN_K, EVEN_N)
+                acc = mma(a, w, acc, PRECISION, INTERPRETED)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + e * stride_be + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        if HAS_SCALE:  # the combine weight, applied in fp32 before any rounding
+            acc *= tl.load(scale_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[:, None]
+        slot = tl.load(slot_ptr + rows, mask=row_mask, other=0).to(tl.int64)  # token-major position of each row
+        out = round_to(acc, out_ptr.dtype.element_ty, INTERPRETED)
+        tl.store(out_ptr + slot[:, None] * stride_om + cols[None, :], out, mask=row_mask[:, None] & col_mask[None, :])
 
 
 @triton.jit
-def rows_to_slots_kernel(
-    a1_ptr, a2_ptr, offsets_ptr, w1_ptr, w2_ptr, bias_ptr, scale_ptr, slot_ptr, out_ptr,
-    E, K, NOUT, M_TILES,
-    stride_am, stride_we, stride_wk, stride_wn, stride_be, stride_om,
-    TWO: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
-    PRECISION: tl.constexpr, INTERPRETED: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
-    EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, E_POW2: tl.constexpr,
-    TILES, PERSISTENT: tl.constexpr,
-):
-    """One program per tile of the swizzled 1D grid, or (PERSISTENT) fewer programs, about one per SM, each
-    looping over tiles pid, pid + programs, ... of TILES; the tile itself: rows_to_slots_kernel_tile."""
-    if PERSISTENT:
-        for pid in range(tl.program_id(0), TILES, tl.num_programs(0)):
-            rows_to_slots_kernel_tile(
-                pid, a1_ptr, a2_ptr, offsets_ptr, w1_ptr, w2_ptr, bias_ptr, scale_ptr, slot_ptr, out_ptr, E, K,
-                NOUT, M_TILES, stride_am, stride_we, stride_wk, stride_wn, stride_be, stride_om, TWO, HAS_BIAS,
-                HAS_SCALE, PRECISION, INTERPRETED, GROUP_M, EVEN_K, EVEN_N, BLOCK_M, BLOCK_N, BLOCK_K, E_POW2)
-    else:
-        rows_to_slots_kernel_tile(
-            tl.program_id(0), a1_ptr, a2_ptr, offsets_ptr, w1_ptr, w2_ptr, bias_ptr, scale_ptr, slot_ptr, out_ptr,
-            E, K, NOUT, M_TILES, stride_am, stride_we, stride_wk, stride_wn, stride_be, stride_om, TWO, HAS_BIAS,
-            HAS_SCALE, PRECISION, INTERPRETED, GROUP_M, EVEN_K, EVEN_N, BLOCK_M, BLOCK_N, BLOCK_K, E_POW2)
-
-
-@triton.jit
-def _down_grad_h_kernel_tile(
-    pid,
+def _down_grad_h_kernel(
     gy_ptr, row_token_ptr, offsets_ptr, w_ptr, b_ptr, h_ptr, pg_ptr, rw_ptr, gh_ptr, gg_ptr, part_ptr,
-    E, D, F, M_TILES,
+    E, D, F, M_TILES, TILES,
     stride_gt, stride_we, stride_wf, stride_wd, stride_be, stride_hn, stride_pn,
     HAS_BIAS: tl.constexpr, FUSE_ACT: tl.constexpr, GLU: tl.constexpr, ACT: tl.constexpr,
     PRECISION: tl.constexpr, INTERPRETED: tl.constexpr, GROUP_M: tl.constexpr,
@@ -122,75 +98,50 @@ def _down_grad_h_kernel_tile(
     FUSE_ACT: h_ptr / pg_ptr hold the pre-activations u / g instead of h, h is recomputed from them in fp32, and
     the activation backward runs in the epilogue: gh_ptr / gg_ptr receive the gradients of u / g (grad h itself
     is never written)."""
-    pid_m, pid_n = swizzle(pid, M_TILES, tl.cdiv(F, BLOCK_N), GROUP_M)
-    e, row_start, row_end = expert_tile(pid_m, offsets_ptr, E, BLOCK_M, E_POW2)
-    rows = row_start + tl.arange(0, BLOCK_M)
-    row_mask = rows < row_end
-    tok = tl.load(row_token_ptr + rows, mask=row_mask, other=0).to(tl.int64)  # gather grad_y rows via row_token
-    cols = col_offsets(pid_n, BLOCK_N)  # columns of f
-    col_mask = cols < F
-    k_stop = tl.where(row_start < row_end, D, 0)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    bias_dot = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    w_off = e.to(tl.int64) * stride_we + cols[None, :] * stride_wf
-    for k0 in range(0, k_stop, BLOCK_K):  # reduce over d
-        ks = k0 + tl.arange(0, BLOCK_K)
-        g = load_rows(gy_ptr + tok[:, None] * stride_gt + ks[None, :], row_mask, ks, D, EVEN_K)
-        w = load_weight(w_ptr + w_off + ks[:, None] * stride_wd, ks, D, cols, F, EVEN_K, EVEN_N)
-        acc = mma(g, w, acc, PRECISION, INTERPRETED)  # w_down[e] read transposed: [d chunk, f tile]
+    # One tile per program (grid = TILES: one trip), or persistent (fewer programs, ~one per SM): each program
+    # takes tiles pid, pid + programs, ... of the swizzled order.
+    for pid in range(tl.program_id(0), TILES, tl.num_programs(0)):
+        pid_m, pid_n = swizzle(pid, M_TILES, tl.cdiv(F, BLOCK_N), GROUP_M)
+        e, row_start, row_end = expert_tile(pid_m, offsets_ptr, E, BLOCK_M, E_POW2)
+        rows = row_start + tl.arange(0, BLOCK_M)
+        row_mask = rows < row_end
+        tok = tl.load(row_token_ptr + rows, mask=row_mask, other=0).to(tl.int64)  # gather grad_y rows via row_token
+        cols = col_offsets(pid_n, BLOCK_N)  # columns of f
+        col_mask = cols < F
+        k_stop = tl.where(row_start < row_end, D, 0)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        bias_dot = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        w_off = e.to(tl.int64) * stride_we + cols[None, :] * stride_wf
+        for k0 in range(0, k_stop, BLOCK_K):  # reduce over d
+            ks = k0 + tl.arange(0, BLOCK_K)
+            g = load_rows(gy_ptr + tok[:, None] * stride_gt + ks[None, :], row_mask, ks, D, EVEN_K)
+            w = load_weight(w_ptr + w_off + ks[:, None] * stride_wd, ks, D, cols, F, EVEN_K, EVEN_N)
+            acc = mma(g, w, acc, PRECISION, INTERPRETED)  # w_down[e] read transposed: [d chunk, f tile]
+            if HAS_BIAS:
+                b = tl.load(b_ptr + e * stride_be + ks, mask=ks < D, other=0.0).to(tl.float32)
+                bias_dot += tl.sum(g.to(tl.float32) * b[None, :], 1)
+        out_mask = row_mask[:, None] & col_mask[None, :]
+        out_off = rows.to(tl.int64)[:, None] * stride_hn + cols[None, :]
+        h = tl.load(h_ptr + out_off, mask=out_mask, other=0.0).to(tl.float32)  # FUSE_ACT: the pre-activation u
+        if FUSE_ACT:
+            u = h
+            g = u
+            if GLU:
+                g = tl.load(pg_ptr + out_off, mask=out_mask, other=0.0).to(tl.float32)
+            h = mlp_value(u, g, GLU, ACT)
+        part = tl.sum(acc * h, 1)  # <g, h[r]> over this f tile
         if HAS_BIAS:
-            b = tl.load(b_ptr + e * stride_be + ks, mask=ks < D, other=0.0).to(tl.float32)
-            bias_dot += tl.sum(g.to(tl.float32) * b[None, :], 1)
-    out_mask = row_mask[:, None] & col_mask[None, :]
-    out_off = rows.to(tl.int64)[:, None] * stride_hn + cols[None, :]
-    h = tl.load(h_ptr + out_off, mask=out_mask, other=0.0).to(tl.float32)  # FUSE_ACT: the pre-activation u
-    if FUSE_ACT:
-        u = h
-        g = u
-        if GLU:
-            g = tl.load(pg_ptr + out_off, mask=out_mask, other=0.0).to(tl.float32)
-        h = mlp_value(u, g, GLU, ACT)
-    part = tl.sum(acc * h, 1)  # <g, h[r]> over this f tile
-    if HAS_BIAS:
-        part += tl.where(pid_n == 0, bias_dot, 0.0)  # the bias term is counted once, by the first f tile
-    tl.store(part_ptr + rows.to(tl.int64) * stride_pn + pid_n, part, mask=row_mask)
-    rw = tl.load(rw_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
-    grad_h = acc * rw[:, None]
-    if FUSE_ACT:  # grad h stays in registers (fp32): straight to the gradients of the pre-activations
-        grad_u, grad_g = mlp_backward(grad_h, u, g, GLU, ACT)
-        tl.store(gh_ptr + out_off, round_to(grad_u, gh_ptr.dtype.element_ty, INTERPRETED), mask=out_mask)
-        if GLU:
-            tl.store(gg_ptr + out_off, round_to(grad_g, gg_ptr.dtype.element_ty, INTERPRETED), mask=out_mask)
-    else:
-        tl.store(gh_ptr + out_off, round_to(grad_h, gh_ptr.dtype.element_ty, INTERPRETED), mask=out_mask)
-
-
-@triton.jit
-def _down_grad_h_kernel(
-    gy_ptr, row_token_ptr, offsets_ptr, w_ptr, b_ptr, h_ptr, pg_ptr, rw_ptr, gh_ptr, gg_ptr, part_ptr,
-    E, D, F, M_TILES,
-    stride_gt, stride_we, stride_wf, stride_wd, stride_be, stride_hn, stride_pn,
-    HAS_BIAS: tl.constexpr, FUSE_ACT: tl.constexpr, GLU: tl.constexpr, ACT: tl.constexpr,
-    PRECISION: tl.constexpr, INTERPRETED: tl.constexpr, GROUP_M: tl.constexpr,
-    EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, E_POW2: tl.constexpr,
-    TILES, PERSISTENT: tl.constexpr,
-):
-    """One program per tile of the swizzled 1D grid, or (PERSISTENT) fewer programs, about one per SM, each
-    looping over tiles pid, pid + programs, ... of TILES; the tile itself: _down_grad_h_kernel_tile."""
-    if PERSISTENT:
-        for pid in range(tl.program_id(0), TILES, tl.num_programs(0)):
-            _down_grad_h_kernel_tile(
-                pid, gy_ptr, row_token_ptr, offsets_ptr, w_ptr, b_ptr, h_ptr, pg_ptr, rw_ptr, gh_ptr, gg_ptr,
-                part_ptr, E, D, F, M_TILES, stride_gt, stride_we, stride_wf, stride_wd, stride_be, stride_hn,
-                stride_pn, HAS_BIAS, FUSE_ACT, GLU, ACT, PRECISION, INTERPRETED, GROUP_M, EVEN_K, EVEN_N, BLOCK_M,
-                BLOCK_N, BLOCK_K, E_POW2)
-    else:
-        _down_grad_h_kernel_tile(
-            tl.program_id(0), gy_ptr, row_token_ptr, offsets_ptr, w_ptr, b_ptr, h_ptr, pg_ptr, rw_ptr, gh_ptr,
-            gg_ptr, part_ptr, E, D, F, M_TILES, stride_gt, stride_we, stride_wf, stride_wd, stride_be, stride_hn,
-            stride_pn, HAS_BIAS, FUSE_ACT, GLU, ACT, PRECISION, INTERPRETED, GROUP_M, EVEN_K, EVEN_N, BLOCK_M,
-            BLOCK_N, BLOCK_K, E_POW2)
+            part += tl.where(pid_n == 0, bias_dot, 0.0)  # the bias term is counted once, by the first f tile
+        tl.store(part_ptr + rows.to(tl.int64) * stride_pn + pid_n, part, mask=row_mask)
+        rw = tl.load(rw_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+        grad_h = acc * rw[:, None]
+        if FUSE_ACT:  # grad h stays in registers (fp32): straight to the gradients of the pre-activations
+            grad_u, grad_g = mlp_backward(grad_h, u, g, GLU, ACT)
+            tl.store(gh_ptr + out_off, round_to(grad_u, gh_ptr.dtype.element_ty, INTERPRETED), mask=out_mask)
+            if GLU:
+                tl.store(gg_ptr + out_off, round_to(grad_g, gg_ptr.dtype.element_ty, INTERPRETED), mask=out_mask)
+        else:
+            tl.store(gh_ptr + out_off, round_to(grad_h, gh_ptr.dtype.element_ty, INTERPRETED), mask=out_mask)
 
 
 def launch_down(h: Tensor, w_down: Tensor, b_down: Optional[Tensor], offsets: Tensor, row_weight: Tensor,
@@ -207,7 +158,7 @@ def launch_down(h: Tensor, w_down: Tensor, b_down: Optional[Tensor], offsets: Te
         grid, tiles = row_launch(h, blocks, N, E, f, d)
         rows_to_slots_kernel[grid](
             h, h, offsets, w_down, w_down, rows if b_down is None else b_down, row_weight, slot, rows,
-            E, f, d, tiles.pop("M_TILES"),
+            E, f, d, tiles.pop("M_TILES"), tiles.pop("TILES"),
             h.stride(0), w_down.stride(0), w_down.stride(1), w_down.stride(2), d, rows.stride(0),
             TWO=False, HAS_BIAS=b_down is not None, HAS_SCALE=True, **tiles)
     return rows
@@ -240,7 +191,7 @@ def _grad_h(grad_y, row_token, offsets, w_down, b_down, h_or_u, pre_g, row_weigh
         _down_grad_h_kernel[grid](
             grad_y, row_token, offsets, w_down, h_or_u if b_down is None else b_down, h_or_u,
             h_or_u if pre_g is None else pre_g, row_weight, out, out if out_g is None else out_g, partial,
-            E, d, f, tiles.pop("M_TILES"),
+            E, d, f, tiles.pop("M_TILES"), tiles.pop("TILES"),
             grad_y.stride(0), w_down.stride(0), w_down.stride(1), w_down.stride(2), d, h_or_u.stride(0),
             partial.stride(0), HAS_BIAS=b_down is not None, FUSE_ACT=fuse, GLU=pre_g is not None,
             ACT=activation or "silu", **tiles)

@@ -23,7 +23,8 @@ How the kernels are laid out, and why:
   expert, so a group's tiles mostly share one expert's weights.
 - GemmBlocks.persistent (off by default, unmeasured) launches about one program per SM instead, each looping
   over tiles pid, pid + programs, ...: no tail of short-lived programs, at the price of no reordering by the
-  hardware scheduler. The tile body is the same function either way (`*_tile` in each kernel module).
+  hardware scheduler. Each row-tiled kernel loops `for pid in range(program_id, TILES, programs)` either way:
+  with one program per tile (the default) that loop makes one trip.
 - EVEN_K / EVEN_N (K % BLOCK_K == 0, NOUT % BLOCK_N == 0, decided by the launcher) drop the masks along the
   reduction and output columns (`load_rows`, `load_weight`), so the contiguous dimension loads without
   predicates; rows keep their mask (segments end anywhere). Column offsets carry `tl.multiple_of` /
@@ -202,8 +203,7 @@ def row_launch(x: Tensor, blocks: GemmBlocks, n_rows: int, num_experts: int, k: 
     m_tiles = triton.cdiv(n_rows, blocks.block_m) + num_experts - 1
     tiles = m_tiles * triton.cdiv(n_out, blocks.block_n)
     grid = (min(tiles, persistent_programs(x.device)) if blocks.persistent else tiles,)
-    return grid, dict(M_TILES=m_tiles, TILES=tiles, PERSISTENT=blocks.persistent, GROUP_M=blocks.group_m,
-                      EVEN_K=k % blocks.block_k == 0,
+    return grid, dict(M_TILES=m_tiles, TILES=tiles, GROUP_M=blocks.group_m, EVEN_K=k % blocks.block_k == 0,
                       EVEN_N=n_out % blocks.block_n == 0, BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n,
                       BLOCK_K=blocks.block_k, E_POW2=pow2(num_experts), **launch_opts(x, blocks))
 

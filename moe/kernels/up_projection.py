@@ -39,75 +39,50 @@ from moe.kernels.tile_configs import elementwise_block, tiles_for
 from moe.kernels.weight_grad import grouped_wgrad
 
 @triton.jit
-def _gather_up_kernel_tile(
-    pid,
+def _gather_up_kernel(
     x_ptr, row_token_ptr, offsets_ptr, wu_ptr, wg_ptr, bu_ptr, bg_ptr, h_ptr, pu_ptr, pg_ptr,
-    E, D, F, M_TILES,
+    E, D, F, M_TILES, TILES,
     stride_xt, stride_xd, stride_we, stride_wd, stride_wf, stride_be, stride_hn,
     GLU: tl.constexpr, HAS_BU: tl.constexpr, HAS_BG: tl.constexpr, ACT: tl.constexpr, SAVE_PRE: tl.constexpr,
     PRECISION: tl.constexpr, INTERPRETED: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
     EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, E_POW2: tl.constexpr,
 ):
     """h[r, cols] = act(x[t_r] @ wg[e] + bg) * (x[t_r] @ wu[e] + bu) for one (row tile, column tile)."""
-    pid_m, pid_n = swizzle(pid, M_TILES, tl.cdiv(F, BLOCK_N), GROUP_M)
-    e, row_start, row_end = expert_tile(pid_m, offsets_ptr, E, BLOCK_M, E_POW2)
-    rows = row_start + tl.arange(0, BLOCK_M)
-    row_mask = rows < row_end
-    tok = tl.load(row_token_ptr + rows, mask=row_mask, other=0).to(tl.int64)  # the gather: x rows via row_token
-    cols = col_offsets(pid_n, BLOCK_N)
-    col_mask = cols < F
-    k_stop = tl.where(row_start < row_end, D, 0)  # an empty tile skips the K loop entirely
-    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    w_off = e.to(tl.int64) * stride_we + cols[None, :] * stride_wf
-    for k0 in range(0, k_stop, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        a = load_rows(x_ptr + tok[:, None] * stride_xt + ks[None, :] * stride_xd, row_mask, ks, D, EVEN_K)
-        wu = load_weight(wu_ptr + w_off + ks[:, None] * stride_wd, ks, D, cols, F, EVEN_K, EVEN_N)
-        acc_u = mma(a, wu, acc_u, PRECISION, INTERPRETED)
-        if GLU:  # the gate shares the x tile: one load of x feeds both products
-            wg = load_weight(wg_ptr + w_off + ks[:, None] * stride_wd, ks, D, cols, F, EVEN_K, EVEN_N)
-            acc_g = mma(a, wg, acc_g, PRECISION, INTERPRETED)
-    # Epilogue: bias, activation, GLU product, all in fp32.
-    if HAS_BU:
-        acc_u += tl.load(bu_ptr + e * stride_be + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    if GLU and HAS_BG:
-        acc_g += tl.load(bg_ptr + e * stride_be + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    h = mlp_value(acc_u, acc_g, GLU, ACT)
-    out_off = rows.to(tl.int64)[:, None] * stride_hn + cols[None, :]
-    out_mask = row_mask[:, None] & col_mask[None, :]
-    tl.store(h_ptr + out_off, round_to(h, h_ptr.dtype.element_ty, INTERPRETED), mask=out_mask)
-    if SAVE_PRE:  # pre-activations for backward (in the activation dtype, like torch autograd would keep them)
-        tl.store(pu_ptr + out_off, round_to(acc_u, pu_ptr.dtype.element_ty, INTERPRETED), mask=out_mask)
-        if GLU:
-            tl.store(pg_ptr + out_off, round_to(acc_g, pg_ptr.dtype.element_ty, INTERPRETED), mask=out_mask)
-
-
-@triton.jit
-def _gather_up_kernel(
-    x_ptr, row_token_ptr, offsets_ptr, wu_ptr, wg_ptr, bu_ptr, bg_ptr, h_ptr, pu_ptr, pg_ptr,
-    E, D, F, M_TILES,
-    stride_xt, stride_xd, stride_we, stride_wd, stride_wf, stride_be, stride_hn,
-    GLU: tl.constexpr, HAS_BU: tl.constexpr, HAS_BG: tl.constexpr, ACT: tl.constexpr, SAVE_PRE: tl.constexpr,
-    PRECISION: tl.constexpr, INTERPRETED: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
-    EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, E_POW2: tl.constexpr,
-    TILES, PERSISTENT: tl.constexpr,
-):
-    """One program per tile of the swizzled 1D grid, or (PERSISTENT) fewer programs, about one per SM, each
-    looping over tiles pid, pid + programs, ... of TILES; the tile itself: _gather_up_kernel_tile."""
-    if PERSISTENT:
-        for pid in range(tl.program_id(0), TILES, tl.num_programs(0)):
-            _gather_up_kernel_tile(
-                pid, x_ptr, row_token_ptr, offsets_ptr, wu_ptr, wg_ptr, bu_ptr, bg_ptr, h_ptr, pu_ptr, pg_ptr, E, D,
-                F, M_TILES, stride_xt, stride_xd, stride_we, stride_wd, stride_wf, stride_be, stride_hn, GLU,
-                HAS_BU, HAS_BG, ACT, SAVE_PRE, PRECISION, INTERPRETED, GROUP_M, EVEN_K, EVEN_N, BLOCK_M, BLOCK_N,
-                BLOCK_K, E_POW2)
-    else:
-        _gather_up_kernel_tile(
-            tl.program_id(0), x_ptr, row_token_ptr, offsets_ptr, wu_ptr, wg_ptr, bu_ptr, bg_ptr, h_ptr, pu_ptr,
-            pg_ptr, E, D, F, M_TILES, stride_xt, stride_xd, stride_we, stride_wd, stride_wf, stride_be, stride_hn,
-            GLU, HAS_BU, HAS_BG, ACT, SAVE_PRE, PRECISION, INTERPRETED, GROUP_M, EVEN_K, EVEN_N, BLOCK_M, BLOCK_N,
-            BLOCK_K, E_POW2)
+    # One tile per program (grid = TILES: one trip), or persistent (fewer programs, ~one per SM): each program
+    # takes tiles pid, pid + programs, ... of the swizzled order.
+    for pid in range(tl.program_id(0), TILES, tl.num_programs(0)):
+        pid_m, pid_n = swizzle(pid, M_TILES, tl.cdiv(F, BLOCK_N), GROUP_M)
+        e, row_start, row_end = expert_tile(pid_m, offsets_ptr, E, BLOCK_M, E_POW2)
+        rows = row_start + tl.arange(0, BLOCK_M)
+        row_mask = rows < row_end
+        tok = tl.load(row_token_ptr + rows, mask=row_mask, other=0).to(tl.int64)  # the gather: x rows via row_token
+        cols = col_offsets(pid_n, BLOCK_N)
+        col_mask = cols < F
+        k_stop = tl.where(row_start < row_end, D, 0)  # an empty tile skips the K loop entirely
+        acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        w_off = e.to(tl.int64) * stride_we + cols[None, :] * stride_wf
+        for k0 in range(0, k_stop, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            a = load_rows(x_ptr + tok[:, None] * stride_xt + ks[None, :] * stride_xd, row_mask, ks, D, EVEN_K)
+            wu = load_weight(wu_ptr + w_off + ks[:, None] * stride_wd, ks, D, cols, F, EVEN_K, EVEN_N)
+            acc_u = mma(a, wu, acc_u, PRECISION, INTERPRETED)
+            if GLU:  # the gate shares the x tile: one load of x feeds both products
+                wg = load_weight(wg_ptr + w_off + ks[:, None] * stride_wd, ks, D, cols, F, EVEN_K, EVEN_N)
+                acc_g = mma(a, wg, acc_g, PRECISION, INTERPRETED)
+        # Epilogue: bias, activation, GLU product, all in fp32.
+        if HAS_BU:
+            acc_u += tl.load(bu_ptr + e * stride_be + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        if GLU and HAS_BG:
+            acc_g += tl.load(bg_ptr + e * stride_be + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        h = mlp_value(acc_u, acc_g, GLU, ACT)
+        out_off = rows.to(tl.int64)[:, None] * stride_hn + cols[None, :]
+        out_mask = row_mask[:, None] & col_mask[None, :]
+        tl.store(h_ptr + out_off, round_to(h, h_ptr.dtype.element_ty, INTERPRETED), mask=out_mask)
+        if SAVE_PRE:  # pre-activations for backward (in the activation dtype, like torch autograd would keep them)
+            tl.store(pu_ptr + out_off, round_to(acc_u, pu_ptr.dtype.element_ty, INTERPRETED), mask=out_mask)
+            if GLU:
+                tl.store(pg_ptr + out_off, round_to(acc_g, pg_ptr.dtype.element_ty, INTERPRETED), mask=out_mask)
 
 
 @triton.jit
@@ -144,7 +119,7 @@ def launch_up(x: Tensor, row_token: Tensor, offsets: Tensor, w_up: Tensor, w_gat
             x, row_token, offsets, w_up, w_up if w_gate is None else w_gate,
             h if b_up is None else b_up, h if b_gate is None else b_gate,
             h, h if pre_u is None else pre_u, h if pre_g is None else pre_g,
-            E, d, f, tiles.pop("M_TILES"),
+            E, d, f, tiles.pop("M_TILES"), tiles.pop("TILES"),
             x.stride(0), x.stride(1), w_up.stride(0), w_up.stride(1), w_up.stride(2), f, h.stride(0),
             GLU=glu, HAS_BU=b_up is not None, HAS_BG=b_gate is not None, ACT=activation, SAVE_PRE=save_pre, **tiles)
     return h, pre_u, pre_g
@@ -178,7 +153,7 @@ def launch_grad_x(grad_u: Tensor, grad_g: Optional[Tensor], offsets: Tensor, w_u
         grid, tiles = row_launch(grad_u, blocks, N, E, f, d)
         rows_to_slots_kernel[grid](
             grad_u, grad_u if grad_g is None else grad_g, offsets, w_up, w_up if w_gate is None else w_gate,
-            rows, rows, slot, rows, E, f, d, tiles.pop("M_TILES"),
+            rows, rows, slot, rows, E, f, d, tiles.pop("M_TILES"), tiles.pop("TILES"),
             grad_u.stride(0), w_up.stride(0), w_up.stride(2), w_up.stride(1), 0, rows.stride(0),
             TWO=glu, HAS_BIAS=False, HAS_SCALE=False, **tiles)
     return rows

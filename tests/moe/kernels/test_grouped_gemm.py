@@ -256,11 +256,11 @@ COMPILE_SCRIPT = textwrap.dedent("""
 
     def row_tiles(kernel, dtype, prec):
         # The default tiles with every mask (EVEN_K = EVEN_N = False); for 16-bit also the largest candidate that
-        # fits (8 warps, 128x128 at 4 stages or 128x256 at 3) without them (both True), and persistent.
+        # fits (8 warps, 128x128 at 4 stages or 128x256 at 3) without them (both True).
         tiles = candidates(kernel, dtype)
         for b, even in [(tiles[0], False)] + ([(tiles[-1], True)] if dtype != torch.float32 else []):
             yield (dict(PRECISION=prec, INTERPRETED=False, GROUP_M=b.group_m, EVEN_K=even, EVEN_N=even,
-                        BLOCK_M=b.block_m, BLOCK_N=b.block_n, BLOCK_K=b.block_k, E_POW2=8, PERSISTENT=even),
+                        BLOCK_M=b.block_m, BLOCK_N=b.block_n, BLOCK_K=b.block_k, E_POW2=8),
                    dict(num_warps=b.num_warps, num_stages=b.num_stages))
 
     for dt, dtype, prec in (("*bf16", torch.bfloat16, "tf32"), ("*fp32", torch.float32, "ieee")):
