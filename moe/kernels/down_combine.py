@@ -34,7 +34,7 @@ from torch.autograd.function import once_differentiable
 from moe.kernels.activations import mlp_backward, mlp_value
 from moe.kernels.combine import TokenOrder, round_to, segment_sum
 from moe.kernels.gemm_tiles import (GemmBlocks, cast_weight, check_device, col_offsets, expert_tile, load_rows,
-                                    load_weight, mma, row_launch, swizzle)
+                                    load_weight, load_weight_desc, mma, row_launch, swizzle, weight_operand)
 from moe.kernels.tile_configs import elementwise_block, tiles_for
 from moe.kernels.weight_grad import grouped_wgrad
 
@@ -47,8 +47,10 @@ def rows_to_slots_kernel(
     TWO: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
     PRECISION: tl.constexpr, INTERPRETED: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
     EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, E_POW2: tl.constexpr,
+    W_DESC: tl.constexpr, W_TRANS: tl.constexpr,
 ):
     """out[slot[r], cols] = scale[r] * (a1[r] @ w1[e] (+ a2[r] @ w2[e]) + bias[e]) in fp32.
+    W_DESC: w1_ptr / w2_ptr are TMA descriptors (gemm_tiles.weight_operand; W_TRANS: of the transposed weights).
     Forward down projection + combine: a1 = h, w1 = w_down, scale = row_weight.
     Backward of the up projection: a1, a2 = grad of the up / gate pre-activations, w1, w2 = w_up, w_gate read
     transposed through their strides (no transposed copy)."""
@@ -68,11 +70,17 @@ def rows_to_slots_kernel(
         for k0 in range(0, k_stop, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             a = load_rows(a1_ptr + a_off + ks[None, :], row_mask, ks, K, EVEN_K)
-            w = load_weight(w1_ptr + w_off + ks[:, None] * stride_wk, ks, K, cols, NOUT, EVEN_K, EVEN_N)
+            if W_DESC:
+                w = load_weight_desc(w1_ptr, e, k0, pid_n * BLOCK_N, BLOCK_K, BLOCK_N, W_TRANS)
+            else:
+                w = load_weight(w1_ptr + w_off + ks[:, None] * stride_wk, ks, K, cols, NOUT, EVEN_K, EVEN_N)
             acc = mma(a, w, acc, PRECISION, INTERPRETED)
             if TWO:  # GLU backward: both products land in the same accumulator (grad x = gu wu^T + gg wg^T)
                 a = load_rows(a2_ptr + a_off + ks[None, :], row_mask, ks, K, EVEN_K)
-                w = load_weight(w2_ptr + w_off + ks[:, None] * stride_wk, ks, K, cols, NOUT, EVEN_K, EVEN_N)
+                if W_DESC:
+                    w = load_weight_desc(w2_ptr, e, k0, pid_n * BLOCK_N, BLOCK_K, BLOCK_N, W_TRANS)
+                else:
+                    w = load_weight(w2_ptr + w_off + ks[:, None] * stride_wk, ks, K, cols, NOUT, EVEN_K, EVEN_N)
                 acc = mma(a, w, acc, PRECISION, INTERPRETED)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + e * stride_be + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
@@ -156,11 +164,12 @@ def launch_down(h: Tensor, w_down: Tensor, b_down: Optional[Tensor], offsets: Te
     rows = torch.empty(N, d, device=h.device, dtype=h.dtype)
     if N > 0:
         grid, tiles = row_launch(h, blocks, N, E, f, d)
+        wd, desc = weight_operand(w_down, blocks, False)
         rows_to_slots_kernel[grid](
-            h, h, offsets, w_down, w_down, rows if b_down is None else b_down, row_weight, slot, rows,
+            h, h, offsets, wd, wd, rows if b_down is None else b_down, row_weight, slot, rows,
             E, f, d, tiles.pop("M_TILES"), tiles.pop("TILES"),
             h.stride(0), w_down.stride(0), w_down.stride(1), w_down.stride(2), d, rows.stride(0),
-            TWO=False, HAS_BIAS=b_down is not None, HAS_SCALE=True, **tiles)
+            TWO=False, HAS_BIAS=b_down is not None, HAS_SCALE=True, W_DESC=desc, W_TRANS=False, **tiles)
     return rows
 
 

@@ -25,6 +25,9 @@ How the kernels are laid out, and why:
   over tiles pid, pid + programs, ...: no tail of short-lived programs, at the price of no reordering by the
   hardware scheduler. Each row-tiled kernel loops `for pid in range(program_id, TILES, programs)` either way:
   with one program per tile (the default) that loop makes one trip.
+- GemmBlocks.tma (off by default, unmeasured) reads the weights through TMA tensor descriptors
+  (`weight_operand`, `load_weight_desc`; their out-of-bounds reads are zero, so tails need no mask), falling
+  back to pointer loads where the installed Triton, the device or the strides do not allow them.
 - EVEN_K / EVEN_N (K % BLOCK_K == 0, NOUT % BLOCK_N == 0, decided by the launcher) drop the masks along the
   reduction and output columns (`load_rows`, `load_weight`), so the contiguous dimension loads without
   predicates; rows keep their mask (segments end anywhere). Column offsets carry `tl.multiple_of` /
@@ -69,6 +72,7 @@ class GemmBlocks:
     num_stages: int = 3  # software pipelining depth of the K loop (GPU only)
     group_m: int = 8  # row tiles per swizzle group of the 1D launch order (row-tiled kernels)
     persistent: bool = False  # row-tiled kernels: ~one program per SM looping over the tiles (unmeasured: off)
+    tma: bool = False  # up / down / grad-x weights through TMA tensor descriptors where possible (unmeasured: off)
 
     def __post_init__(self):
         for name in ("block_m", "block_n", "block_k", "block_elementwise", "num_warps"):
@@ -78,8 +82,9 @@ class GemmBlocks:
         for name in ("num_stages", "group_m"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"GemmBlocks.{name} must be an integer >= 1, got {getattr(self, name)!r}")
-        if not isinstance(self.persistent, bool):
-            raise ValueError(f"GemmBlocks.persistent must be true or false, got {self.persistent!r}")
+        for name in ("persistent", "tma"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"GemmBlocks.{name} must be true or false, got {getattr(self, name)!r}")
 
 
 GPU_BLOCKS = GemmBlocks()
@@ -168,6 +173,17 @@ def load_weight(ptrs, ks, K, cols, NOUT, EVEN_K: tl.constexpr, EVEN_N: tl.conste
 
 
 @triton.jit
+def load_weight_desc(desc, e, k0, n0, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, TRANS: tl.constexpr):
+    """A weight tile [K chunk, columns] of expert e through a TMA descriptor (block [1, BLOCK_K, BLOCK_N], or
+    [1, BLOCK_N, BLOCK_K] read as its transpose when TRANS); the descriptor zero-fills what lies past K or NOUT."""
+    if TRANS:
+        tile = tl.trans(desc.load([e, n0, k0]).reshape(BLOCK_N, BLOCK_K))
+    else:
+        tile = desc.load([e, k0, n0]).reshape(BLOCK_K, BLOCK_N)
+    return tile
+
+
+@triton.jit
 def expert_tile(pid, offsets_ptr, E, BLOCK_M: tl.constexpr, E_POW2: tl.constexpr):
     """Row tile `pid` -> (expert e, first row, end of e's segment). Tiles are numbered expert after expert,
     cdiv(n_e, BLOCK_M) per expert; a pid past the last tile gets an empty range (first row >= end)."""
@@ -214,6 +230,26 @@ def persistent_programs(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 3
+
+
+def weight_operand(w: Tensor, blocks: GemmBlocks, transposed: bool) -> tuple[object, bool]:
+    """(what the kernel gets for weight w [E, P, Q], whether it is a TMA descriptor). A descriptor (tiles
+    [1, block_k, block_n], or [1, block_n, block_k] when the kernel reads w transposed) where blocks.tma asks for
+    one, this Triton has them, the device is Hopper or newer (or the interpreter) and w is contiguous with 16-byte
+    aligned rows and base; otherwise w itself, for the pointer loads (the fallback)."""
+    if not blocks.tma or not w.is_contiguous() or w.dim() != 3:
+        return w, False
+    if w.device.type == "cuda" and torch.cuda.get_device_capability(w.device)[0] < 9:
+        return w, False
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError:
+        return w, False
+    esize = w.element_size()
+    if (w.stride(1) * esize) % 16 or (w.stride(0) * esize) % 16 or w.data_ptr() % 16:
+        return w, False
+    shape = [1, blocks.block_n, blocks.block_k] if transposed else [1, blocks.block_k, blocks.block_n]
+    return TensorDescriptor.from_tensor(w, shape), True
 
 
 def launch_opts(x: Tensor, blocks: GemmBlocks) -> dict:

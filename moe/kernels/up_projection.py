@@ -34,7 +34,7 @@ from moe.kernels.activations import ACTIVATIONS, mlp_backward, mlp_value
 from moe.kernels.combine import INTERPRETED, TokenOrder, round_to, segment_sum
 from moe.kernels.down_combine import rows_to_slots_kernel
 from moe.kernels.gemm_tiles import (GemmBlocks, cast_weight, check_device, col_offsets, expert_tile, load_rows,
-                                    load_weight, mma, row_launch, swizzle)
+                                    load_weight, load_weight_desc, mma, row_launch, swizzle, weight_operand)
 from moe.kernels.tile_configs import elementwise_block, tiles_for
 from moe.kernels.weight_grad import grouped_wgrad
 
@@ -46,8 +46,10 @@ def _gather_up_kernel(
     GLU: tl.constexpr, HAS_BU: tl.constexpr, HAS_BG: tl.constexpr, ACT: tl.constexpr, SAVE_PRE: tl.constexpr,
     PRECISION: tl.constexpr, INTERPRETED: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
     EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, E_POW2: tl.constexpr,
+    W_DESC: tl.constexpr,
 ):
-    """h[r, cols] = act(x[t_r] @ wg[e] + bg) * (x[t_r] @ wu[e] + bu) for one (row tile, column tile)."""
+    """h[r, cols] = act(x[t_r] @ wg[e] + bg) * (x[t_r] @ wu[e] + bu) for one (row tile, column tile).
+    W_DESC: wu_ptr / wg_ptr are TMA descriptors of the weights (gemm_tiles.weight_operand)."""
     # One tile per program (grid = TILES: one trip), or persistent (fewer programs, ~one per SM): each program
     # takes tiles pid, pid + programs, ... of the swizzled order.
     for pid in range(tl.program_id(0), TILES, tl.num_programs(0)):
@@ -65,10 +67,16 @@ def _gather_up_kernel(
         for k0 in range(0, k_stop, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             a = load_rows(x_ptr + tok[:, None] * stride_xt + ks[None, :] * stride_xd, row_mask, ks, D, EVEN_K)
-            wu = load_weight(wu_ptr + w_off + ks[:, None] * stride_wd, ks, D, cols, F, EVEN_K, EVEN_N)
+            if W_DESC:
+                wu = load_weight_desc(wu_ptr, e, k0, pid_n * BLOCK_N, BLOCK_K, BLOCK_N, False)
+            else:
+                wu = load_weight(wu_ptr + w_off + ks[:, None] * stride_wd, ks, D, cols, F, EVEN_K, EVEN_N)
             acc_u = mma(a, wu, acc_u, PRECISION, INTERPRETED)
             if GLU:  # the gate shares the x tile: one load of x feeds both products
-                wg = load_weight(wg_ptr + w_off + ks[:, None] * stride_wd, ks, D, cols, F, EVEN_K, EVEN_N)
+                if W_DESC:
+                    wg = load_weight_desc(wg_ptr, e, k0, pid_n * BLOCK_N, BLOCK_K, BLOCK_N, False)
+                else:
+                    wg = load_weight(wg_ptr + w_off + ks[:, None] * stride_wd, ks, D, cols, F, EVEN_K, EVEN_N)
                 acc_g = mma(a, wg, acc_g, PRECISION, INTERPRETED)
         # Epilogue: bias, activation, GLU product, all in fp32.
         if HAS_BU:
@@ -115,13 +123,16 @@ def launch_up(x: Tensor, row_token: Tensor, offsets: Tensor, w_up: Tensor, w_gat
     pre_g = x.new_empty(N, f) if save_pre and glu else None
     if N > 0:
         grid, tiles = row_launch(x, blocks, N, E, d, f)
+        wu, desc = weight_operand(w_up, blocks, False)
+        wg = wu if w_gate is None else weight_operand(w_gate, blocks, False)[0]
         _gather_up_kernel[grid](
-            x, row_token, offsets, w_up, w_up if w_gate is None else w_gate,
+            x, row_token, offsets, wu, wg,
             h if b_up is None else b_up, h if b_gate is None else b_gate,
             h, h if pre_u is None else pre_u, h if pre_g is None else pre_g,
             E, d, f, tiles.pop("M_TILES"), tiles.pop("TILES"),
             x.stride(0), x.stride(1), w_up.stride(0), w_up.stride(1), w_up.stride(2), f, h.stride(0),
-            GLU=glu, HAS_BU=b_up is not None, HAS_BG=b_gate is not None, ACT=activation, SAVE_PRE=save_pre, **tiles)
+            GLU=glu, HAS_BU=b_up is not None, HAS_BG=b_gate is not None, ACT=activation, SAVE_PRE=save_pre,
+            W_DESC=desc, **tiles)
     return h, pre_u, pre_g
 
 
@@ -151,11 +162,13 @@ def launch_grad_x(grad_u: Tensor, grad_g: Optional[Tensor], offsets: Tensor, w_u
     rows = torch.empty(N, d, device=grad_u.device, dtype=grad_u.dtype)  # bf16 rows: half the traffic of fp32
     if N > 0:
         grid, tiles = row_launch(grad_u, blocks, N, E, f, d)
+        wu, desc = weight_operand(w_up, blocks, True)  # read transposed: [f chunk, d columns]
+        wg = wu if w_gate is None else weight_operand(w_gate, blocks, True)[0]
         rows_to_slots_kernel[grid](
-            grad_u, grad_u if grad_g is None else grad_g, offsets, w_up, w_up if w_gate is None else w_gate,
+            grad_u, grad_u if grad_g is None else grad_g, offsets, wu, wg,
             rows, rows, slot, rows, E, f, d, tiles.pop("M_TILES"), tiles.pop("TILES"),
             grad_u.stride(0), w_up.stride(0), w_up.stride(2), w_up.stride(1), 0, rows.stride(0),
-            TWO=glu, HAS_BIAS=False, HAS_SCALE=False, **tiles)
+            TWO=glu, HAS_BIAS=False, HAS_SCALE=False, W_DESC=desc, W_TRANS=True, **tiles)
     return rows
 
 

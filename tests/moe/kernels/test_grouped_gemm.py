@@ -249,6 +249,8 @@ COMPILE_SCRIPT = textwrap.dedent("""
     import moe.kernels.up_projection as upk
     import moe.kernels.weight_grad as wg
     from moe.kernels.tile_configs import candidates
+    from triton.runtime.jit import mangle_type
+    from triton.tools.tensor_descriptor import TensorDescriptor
 
     def build(fn, types, consts, **opts):
         sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}  # ints: i32
@@ -256,7 +258,8 @@ COMPILE_SCRIPT = textwrap.dedent("""
 
     def row_tiles(kernel, dtype, prec):
         # The default tiles with every mask (EVEN_K = EVEN_N = False); for 16-bit also the largest candidate that
-        # fits (8 warps, 128x128 at 4 stages or 128x256 at 3) without them (both True).
+        # fits (8 warps, 128x128 at 4 stages or 128x256 at 3) without them (both True), its weights through TMA
+        # descriptors (up, down, grad x).
         tiles = candidates(kernel, dtype)
         for b, even in [(tiles[0], False)] + ([(tiles[-1], True)] if dtype != torch.float32 else []):
             yield (dict(PRECISION=prec, INTERPRETED=False, GROUP_M=b.group_m, EVEN_K=even, EVEN_N=even,
@@ -265,15 +268,24 @@ COMPILE_SCRIPT = textwrap.dedent("""
 
     for dt, dtype, prec in (("*bf16", torch.bfloat16, "tf32"), ("*fp32", torch.float32, "ieee")):
         p = lambda *names, t=dt: {n: t for n in names}
+        def desc(tiles, trans=False):  # the weights' TMA descriptor type at these tiles (16-bit: the large tiles)
+            k, n = tiles["BLOCK_K"], tiles["BLOCK_N"]
+            shape = [1, n, k] if trans else [1, k, n]
+            return mangle_type(TensorDescriptor.from_tensor(torch.empty(8, 256, 256, dtype=dtype), shape))
+
         for tiles, opts in row_tiles("up_glu", dtype, prec):
+            tma = tiles["EVEN_K"]
             build(upk._gather_up_kernel, {**p("x_ptr", "wu_ptr", "wg_ptr", "bu_ptr", "bg_ptr", "h_ptr", "pu_ptr",
-                  "pg_ptr"), **p("row_token_ptr", "offsets_ptr", t="*i64")},
-                  dict(GLU=True, HAS_BU=True, HAS_BG=True, ACT="gelu", SAVE_PRE=True, **tiles), **opts)
+                  "pg_ptr"), **p("row_token_ptr", "offsets_ptr", t="*i64"),
+                  **(p("wu_ptr", "wg_ptr", t=desc(tiles)) if tma else {})},
+                  dict(GLU=True, HAS_BU=True, HAS_BG=True, ACT="gelu", SAVE_PRE=True, W_DESC=tma, **tiles), **opts)
         for kernel in ("down", "grad_x_glu"):
             for tiles, opts in row_tiles(kernel, dtype, prec):
+                tma, trans = tiles["EVEN_K"], kernel == "grad_x_glu"
                 build(down.rows_to_slots_kernel, {**p("a1_ptr", "a2_ptr", "w1_ptr", "w2_ptr", "bias_ptr", "out_ptr"),
-                      **p("offsets_ptr", t="*i32"), **p("slot_ptr", t="*i64"), **p("scale_ptr", t="*fp32")},
-                      dict(TWO=kernel == "grad_x_glu", HAS_BIAS=True, HAS_SCALE=True, **tiles), **opts)
+                      **p("offsets_ptr", t="*i32"), **p("slot_ptr", t="*i64"), **p("scale_ptr", t="*fp32"),
+                      **(p("w1_ptr", "w2_ptr", t=desc(tiles, trans)) if tma else {})},
+                      dict(TWO=trans, HAS_BIAS=True, HAS_SCALE=True, W_DESC=tma, W_TRANS=trans, **tiles), **opts)
         for kernel in ("grad_h", "grad_h_act"):  # the second with the activation backward in its epilogue
             for tiles, opts in row_tiles(kernel, dtype, prec):
                 build(down._down_grad_h_kernel, {**p("gy_ptr", "w_ptr", "b_ptr", "h_ptr", "pg_ptr", "gh_ptr", "gg_ptr"),

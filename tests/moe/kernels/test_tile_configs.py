@@ -183,3 +183,31 @@ def test_persistent_grid_matches_reference(glu):
     assert grid == (3,) and launch["TILES"] == (4 + 2) * 3  # cdiv(54, 16) + E - 1 row tiles, 3 column tiles
     params = make_params(max(segments), 32, 40, len(segments), glu, True, torch.float32)
     check(params, row_token, offsets, max(segments), "silu", blocks)
+
+
+@pytest.mark.parametrize("d,f", [(40, 72), (64, 128)], ids=["tails", "even"])
+def test_tma_weight_descriptors_match_reference(d, f):
+    """GemmBlocks(tma=True): the up, down and grad-x GEMMs read their weights through tensor descriptors (zero
+    padding past K and NOUT instead of masks; grad x reads w_up's [1, n, k] blocks transposed)."""
+    from moe.kernels.gemm_tiles import weight_operand
+
+    tokens, experts = 12, 4
+    row_token, offsets = random_plan(tokens, experts, used=[0, 2, 3], seed=5, device=DEVICE)
+    blocks = GemmBlocks(block_m=16, block_n=32, block_k=16, block_elementwise=1 << 16, num_warps=1, num_stages=1,
+                        tma=True)
+    params = make_params(tokens, d, f, experts, True, True, torch.float32)
+    assert weight_operand(params["w_up"].detach(), blocks, False)[1]  # the descriptor path is the one tested
+    check(params, row_token, offsets, tokens, "silu", blocks)
+
+
+def test_tma_falls_back_to_pointer_loads():
+    from moe.kernels.gemm_tiles import weight_operand
+
+    on = GemmBlocks(tma=True)
+    aligned = torch.zeros(2, 8, 16, device=DEVICE)
+    assert weight_operand(aligned, GemmBlocks(), False) == (aligned, False)  # off by default
+    assert weight_operand(aligned, on, False)[1] and weight_operand(aligned, on, True)[1]
+    odd = torch.zeros(2, 8, 13, device=DEVICE)  # rows of 52 bytes: not 16-byte aligned
+    assert weight_operand(odd, on, False) == (odd, False)
+    strided = aligned.transpose(1, 2)
+    assert weight_operand(strided, on, False) == (strided, False)  # not contiguous
