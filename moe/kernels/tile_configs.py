@@ -24,7 +24,9 @@ rows (T·k minus drops) moves with the batch. A lookup takes the exact bucket, e
 Candidates (`candidates(kernel, dtype, device)`): the defaults plus 128×128×64 at 3 and 4 stages and 128×256×64
 at 3 stages, 8 warps (32-wide K chunks for fp32), pruned where the pipelined operand tiles exceed the device's
 shared memory (nominally an H100's 227 KB off the GPU, so the interpreter tests run what sm_90 would) or where
-the fp32 accumulators would pass 128 registers per thread (two 128×256 GLU accumulators at 8 warps would spill).
+the fp32 accumulators would pass 128 registers per thread (two 128×256 GLU accumulators at 8 warps would spill);
+then the largest survivor again with the persistent grid (row-tiled kernels) and with TMA weight descriptors
+(up, down, grad x), both off unless a measurement picks them.
 """
 from __future__ import annotations
 
@@ -73,6 +75,8 @@ KERNELS = {
     "wgrad_down": KernelShape(1, 1, 1),  # h^T @ (s grad_y) per expert
 }
 
+ROW_TILED = ("up", "up_glu", "down", "grad_h", "grad_h_act", "grad_x", "grad_x_glu")  # GemmBlocks.persistent
+TMA_WEIGHTS = ("up", "up_glu", "down", "grad_x", "grad_x_glu")  # GemmBlocks.tma: weights through descriptors
 _BIG = dict(num_warps=8, group_m=8)
 _CANDIDATES_16 = (GPU_BLOCKS, GemmBlocks(128, 128, 64, num_stages=3, **_BIG),
                   GemmBlocks(128, 128, 64, num_stages=4, **_BIG), GemmBlocks(128, 256, 64, num_stages=3, **_BIG))
@@ -131,6 +135,12 @@ def candidates(kernel: str, dtype: torch.dtype, device: Optional[torch.device] =
     for b in _CANDIDATES_32 if dtype == torch.float32 else _CANDIDATES_16:
         if b != default and shared_bytes(kernel, b, dtype) <= budget and accumulator_registers(kernel, b) <= 128:
             keep.append(b)
+    # The largest tiles once more with the persistent grid and (where the kernel reads weights through them) TMA
+    # descriptors: unmeasured options, so the tuner measures them instead of anyone guessing.
+    if kernel in ROW_TILED:
+        keep.append(replace(keep[-1], persistent=True))
+    if kernel in TMA_WEIGHTS:
+        keep.append(replace(keep[-2 if kernel in ROW_TILED else -1], tma=True))
     return keep
 
 
