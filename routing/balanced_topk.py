@@ -34,11 +34,11 @@ import torch
 from torch import Tensor
 
 AUCTION_REL_EPS = 1e-4  # final eps, as a fraction of the logit spread (routing.assignment's default)
-EPS_FACTOR = 16.0  # eps scaling: each phase divides eps by this
+EPS_FACTOR = 16.0  # eps scaling: each phase divides eps by at most this (equal steps down to the final eps)
 WARM_ITERS = 8  # Jacobi steps of the dual warm start
 WARM_FULL_STEPS = 2  # the first steps go all the way to each expert's own balancing price (far from the optimum)
 WARM_DAMPING = 0.6  # later steps go this fraction of the way (a full step oscillates near the optimum; measured in
-# docs/routing_defaults.md: 8 steps leave 7-22 of 4,096 choices over capacity at E = 64-256)
+# docs/routing_defaults.md: 8 steps leave 2-22 of the 2,048-16,384 choices over capacity at E = 32-256)
 WARM_GOOD = 0.01  # the warm start stops once at most this fraction of the T*k choices is over capacity
 SERIAL_BELOW = 32  # free tokens below which bids go one at a time (cheaper than a vectorised round)
 MAX_ROUNDS = 100_000  # a safety net per phase; real phases take tens of rounds
@@ -224,7 +224,8 @@ def balanced_topk_assignment(scores: Tensor, k: int, capacity: Tensor, eps: Opti
     """The b-matching of the module docstring: scores [T, E] (any float dtype; solved in fp32), capacity [E] long
     summing to T*k (topk_capacity). Returns (expert [T, k] long, each row k distinct experts in descending score
     order, every expert e in exactly capacity[e] rows; prices [E] fp32, +inf for an expert without slots). The
-    total score is within T*k*eps of the optimum; eps defaults to AUCTION_REL_EPS times the score spread."""
+    total score is within T*k*eps*(1 + CHECK_SLACK) of the optimum; eps defaults to AUCTION_REL_EPS times the
+    score spread."""
     T, E = scores.shape
     if not 1 <= k <= E:
         raise ValueError(f"model.moe.router.top_k={k} must be between 1 and the {E} experts")
