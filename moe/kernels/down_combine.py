@@ -33,8 +33,8 @@ from torch.autograd.function import once_differentiable
 
 from moe.kernels.activations import mlp_backward, mlp_value
 from moe.kernels.combine import TokenOrder, round_to, segment_sum
-from moe.kernels.gemm_tiles import (GemmBlocks, cast_weight, check_device, col_offsets, expert_tile, load_rows,
-                                    load_weight, load_weight_desc, mma, row_launch, swizzle, weight_operand)
+from moe.kernels.gemm_tiles import (GemmBlocks, cast_weight, check_device, col_offsets, expert_tile, expert_weight,
+                                    load_rows, load_weight, mma, row_launch, swizzle, weight_operand)
 from moe.kernels.tile_configs import elementwise_block, tiles_for
 from moe.kernels.weight_grad import grouped_wgrad
 
@@ -70,17 +70,13 @@ def rows_to_slots_kernel(
         for k0 in range(0, k_stop, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             a = load_rows(a1_ptr + a_off + ks[None, :], row_mask, ks, K, EVEN_K)
-            if W_DESC:
-                w = load_weight_desc(w1_ptr, e, k0, pid_n * BLOCK_N, BLOCK_K, BLOCK_N, W_TRANS)
-            else:
-                w = load_weight(w1_ptr + w_off + ks[:, None] * stride_wk, ks, K, cols, NOUT, EVEN_K, EVEN_N)
+            w = expert_weight(w1_ptr, w_off, stride_wk, e, k0, pid_n, ks, K, cols, NOUT, EVEN_K, EVEN_N, W_DESC,
+                              W_TRANS, BLOCK_K, BLOCK_N)
             acc = mma(a, w, acc, PRECISION, INTERPRETED)
             if TWO:  # GLU backward: both products land in the same accumulator (grad x = gu wu^T + gg wg^T)
                 a = load_rows(a2_ptr + a_off + ks[None, :], row_mask, ks, K, EVEN_K)
-                if W_DESC:
-                    w = load_weight_desc(w2_ptr, e, k0, pid_n * BLOCK_N, BLOCK_K, BLOCK_N, W_TRANS)
-                else:
-                    w = load_weight(w2_ptr + w_off + ks[:, None] * stride_wk, ks, K, cols, NOUT, EVEN_K, EVEN_N)
+                w = expert_weight(w2_ptr, w_off, stride_wk, e, k0, pid_n, ks, K, cols, NOUT, EVEN_K, EVEN_N, W_DESC,
+                                  W_TRANS, BLOCK_K, BLOCK_N)
                 acc = mma(a, w, acc, PRECISION, INTERPRETED)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + e * stride_be + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]

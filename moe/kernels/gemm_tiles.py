@@ -184,6 +184,18 @@ def load_weight_desc(desc, e, k0, n0, BLOCK_K: tl.constexpr, BLOCK_N: tl.constex
 
 
 @triton.jit
+def expert_weight(w, w_off, stride_wk, e, k0, pid_n, ks, K, cols, NOUT, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
+                  W_DESC: tl.constexpr, W_TRANS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Expert e's weight tile [K chunk k0.., columns of tile pid_n]: through the TMA descriptor w (W_DESC), else by
+    pointer loads from w + w_off (expert and column offsets) + ks * stride_wk."""
+    if W_DESC:
+        tile = load_weight_desc(w, e, k0, pid_n * BLOCK_N, BLOCK_K, BLOCK_N, W_TRANS)
+    else:
+        tile = load_weight(w + w_off + ks[:, None] * stride_wk, ks, K, cols, NOUT, EVEN_K, EVEN_N)
+    return tile
+
+
+@triton.jit
 def expert_tile(pid, offsets_ptr, E, BLOCK_M: tl.constexpr, E_POW2: tl.constexpr):
     """Row tile `pid` -> (expert e, first row, end of e's segment). Tiles are numbered expert after expert,
     cdiv(n_e, BLOCK_M) per expert; a pid past the last tile gets an empty range (first row >= end)."""

@@ -33,8 +33,8 @@ from torch.autograd.function import once_differentiable
 from moe.kernels.activations import ACTIVATIONS, mlp_backward, mlp_value
 from moe.kernels.combine import INTERPRETED, TokenOrder, round_to, segment_sum
 from moe.kernels.down_combine import rows_to_slots_kernel
-from moe.kernels.gemm_tiles import (GemmBlocks, cast_weight, check_device, col_offsets, expert_tile, load_rows,
-                                    load_weight, load_weight_desc, mma, row_launch, swizzle, weight_operand)
+from moe.kernels.gemm_tiles import (GemmBlocks, cast_weight, check_device, col_offsets, expert_tile, expert_weight,
+                                    load_rows, mma, row_launch, swizzle, weight_operand)
 from moe.kernels.tile_configs import elementwise_block, tiles_for
 from moe.kernels.weight_grad import grouped_wgrad
 
@@ -67,16 +67,12 @@ def _gather_up_kernel(
         for k0 in range(0, k_stop, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             a = load_rows(x_ptr + tok[:, None] * stride_xt + ks[None, :] * stride_xd, row_mask, ks, D, EVEN_K)
-            if W_DESC:
-                wu = load_weight_desc(wu_ptr, e, k0, pid_n * BLOCK_N, BLOCK_K, BLOCK_N, False)
-            else:
-                wu = load_weight(wu_ptr + w_off + ks[:, None] * stride_wd, ks, D, cols, F, EVEN_K, EVEN_N)
+            wu = expert_weight(wu_ptr, w_off, stride_wd, e, k0, pid_n, ks, D, cols, F, EVEN_K, EVEN_N, W_DESC,
+                               False, BLOCK_K, BLOCK_N)
             acc_u = mma(a, wu, acc_u, PRECISION, INTERPRETED)
             if GLU:  # the gate shares the x tile: one load of x feeds both products
-                if W_DESC:
-                    wg = load_weight_desc(wg_ptr, e, k0, pid_n * BLOCK_N, BLOCK_K, BLOCK_N, False)
-                else:
-                    wg = load_weight(wg_ptr + w_off + ks[:, None] * stride_wd, ks, D, cols, F, EVEN_K, EVEN_N)
+                wg = expert_weight(wg_ptr, w_off, stride_wd, e, k0, pid_n, ks, D, cols, F, EVEN_K, EVEN_N, W_DESC,
+                                   False, BLOCK_K, BLOCK_N)
                 acc_g = mma(a, wg, acc_g, PRECISION, INTERPRETED)
         # Epilogue: bias, activation, GLU product, all in fp32.
         if HAS_BU:
