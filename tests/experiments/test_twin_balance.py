@@ -92,8 +92,8 @@ BALANCED_TOPK = RouterConfig(name="balanced_topk", top_k=2, aux_loss_coef=0.0, z
 def test_top2_twin_at_64_experts(tmp_path, text_corpus):
     """moe_e64_k2: with its default router (top-k, balancing coefficient TWIN_AUX_LOSS_COEF) this short run
     collapses (experts dead, single batches far over 1.5x the mean load); routing=balanced_topk, the documented
-    balanced choice (docs/routing_defaults.md: not the default, it trained 0.01-0.03 nats behind at steps
-    100-175 of the demo), keeps every expert alive and every training batch at exactly T*k/E per expert."""
+    balanced choice (docs/routing_defaults.md: not the default; in the demo it trailed by 0.01-0.03 nats at steps
+    150-300 and ended equal at 500), keeps every expert alive and every training batch at exactly T*k/E."""
     balanced = train_twin(tmp_path / "balanced", text_corpus, "moe_e64_k2", BALANCED_TOPK)
     assert collapse_messages(balanced) == []
     assert max_over_mean(balanced, per_step=True) == pytest.approx(1.0)  # 256 tokens x 2 / 64 experts = 8 each
