@@ -7,7 +7,7 @@ experiments/compare_plots.py (markers at the measured points, plain tick labels,
   multiplier_vs_steps  the FLOP multiplier and the measured time multiplier against the training length N
                        (dense's loss at step N), one line per twin, coloured by E, dashed for top-2
   balance_vs_experts   the busiest expert's load over the mean (after warm-up) and the rows per expert per step,
-                       against E, at the longest budget
+                       against E, at the longest budget that most twins reached
 """
 from __future__ import annotations
 
@@ -106,7 +106,8 @@ def multiplier_figure(study: Study):
 
 def balance_figure(study: Study):
     plt = _pyplot()
-    steps = study.budgets[-1]
+    # the longest budget among those that most twins reached (a stopped sweep's last budget may hold only a few)
+    steps = max(study.budgets, key=lambda n: (sum(r["budget_steps"] == n for r in study.rows), n))
     rows = [r for r in study.rows if r["budget_steps"] == steps and r["family"] != "dense"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), layout="constrained")
     for fam, (marker, ls) in STYLE.items():

@@ -90,9 +90,12 @@ def budget_table(study: Study, steps: int) -> list[str]:
     return lines
 
 
-def growth_table(study: Study, every: int = 100) -> list[str]:
-    """The FLOP multiplier of each twin at every `every` steps where dense was evaluated."""
-    steps = sorted({n for pts in study.curves.values() for n, _, _ in pts if n % every == 0})
+def growth_table(study: Study, columns: int = 12) -> list[str]:
+    """The FLOP multiplier of each twin at the steps where dense was evaluated (every one, or every second, third...
+    so that at most `columns` remain, the last always kept)."""
+    every = sorted({n for pts in study.curves.values() for n, _, _ in pts})
+    stride = max(1, math.ceil(len(every) / columns))
+    steps = every[::-1][::stride][::-1]
     lines = ["| twin | " + " | ".join(str(n) for n in steps) + " |", "|---|" + "---:|" * len(steps)]
     for name, pts in study.curves.items():
         at = {n: m for n, m, _ in pts}
@@ -168,7 +171,9 @@ def markdown(study: Study, plots: list[Path]) -> str:
             "³ Routed rows an expert receives at an even load: per step (tokens per step × k / E, per layer) and "
             "over the budget.",
             "⁴ From metrics.jsonl over the logged steps in (N/2, N]: the busiest expert's rows over the mean, "
-            "averaged over layers; experts without a row in a step, summed over layers."]
+            "averaged over layers; experts without a row in a step, summed over layers.",
+            "In the growth table, — is a twin whose curve never gets to dense's loss at that step, or was not "
+            "trained that far."]
     warnings = timing_warnings([t.run for t in study.twins])
     if warnings:
         out += ["", "Time columns:", ""] + [f"- ⚠ {w}" for w in warnings]

@@ -45,7 +45,7 @@ class Twin:
 
     @property
     def name(self) -> str:
-        return self.run.name
+        return self.run.name  # the twin's (build_study)
 
     @property
     def fpt(self) -> float:
@@ -225,6 +225,8 @@ def readable_prefix(run: Run) -> bool:
 def build_study(root: str | Path, budgets: Optional[Sequence[int]] = None, bench: Optional[Path] = None) -> Study:
     """Reads the sweep below root; budgets None: the dense run's own length only."""
     runs, _ = find_runs(root)
+    for r in runs:  # named by twin: the report's names also carry trainer.max_steps, which the phases vary
+        r.name = str(r.info.get("twin") or r.name)
     done = [r for r in runs if r.problem is None or readable_prefix(r)]
     left_out = [f"{r.name}: {r.problem}" for r in runs if r not in done]
     left_out += [f"{r.name}: read up to its last evaluation, step {int(r.curve[-1]['step'])} ({r.problem})"
