@@ -4,7 +4,7 @@ dense base with the library-default router, watched by the trainer's collapse mo
 The demo's recipe shrunk to seconds: a 2-layer d=32 byte model on the shared test corpus, the demo's optimiser
 (lr 3e-3 after 20 warm-up steps), every step's tokens per expert recorded (trainer.log_interval=1). With the
 twins' old router (top-k gating, softmax_topk for top-1, balancing coefficient 0.01) the same run collapses, as
-the demo does within 60 steps; with BASE layers, the top-1 twins' router now, no expert is dead and no expert
+the demo does within 60 steps; with BASE layers (routing=balanced_topk at k = 1), the top-1 twins' router now, no expert is dead and no expert
 takes the lion's share. The top-2 twins' default (top-k, coefficient 0.1) still collapses at E = 64 in this
 short run; routing=balanced_topk (BASE with 2 slots per token) does not. See docs/routing_defaults.md.
 """
@@ -80,7 +80,7 @@ def max_over_mean(rows: list[dict], per_step: bool = False) -> float:
 def test_twins_keep_every_expert_alive_where_the_old_router_collapsed(twin, k, tmp_path, text_corpus):
     new = train_twin(tmp_path / "new", text_corpus, twin)
     assert collapse_messages(new) == []
-    assert max_over_mean(new, per_step=True) <= 1.5  # BASE layers balance every batch exactly in training: 1.0
+    assert max_over_mean(new, per_step=True) <= 1.5  # the balanced assignment: every batch exactly 1.0 in training
     old = train_twin(tmp_path / "old", text_corpus, twin, old_router(k))
     assert any("dead experts" in m or "has collapsed" in m for m in collapse_messages(old))
     assert max_over_mean(old, per_step=True) > 1.5
@@ -107,8 +107,8 @@ def test_the_twins_routers():
     from moe.presets import get_preset
 
     base = get_preset("tiny_dense")
-    assert build_twin(base, "moe_e64_k1").moe.router == RouterConfig(name="base", top_k=1, aux_loss_coef=0.0,
-                                                                     z_loss_coef=0.0)
+    assert build_twin(base, "moe_e64_k1").moe.router == RouterConfig(name="balanced_topk", top_k=1,
+                                                                     aux_loss_coef=0.0, z_loss_coef=0.0)
     assert build_twin(base, "moe_e64_k8_s1").moe.router == RouterConfig(top_k=8, aux_loss_coef=TWIN_AUX_LOSS_COEF)
     # A router the user chose is kept: routing=switch's top-1 stays Switch's.
     switch = RouterConfig(top_k=1, order="softmax_topk", capacity_factor=1.25, jitter=0.01)

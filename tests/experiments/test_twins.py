@@ -240,16 +240,16 @@ def test_twins_command_prints_the_table(capsys):
 
 
 def test_twin_router_picks_balanced_defaults_or_keeps_the_composed_router(tmp_path):
-    """auto: the default router becomes the balanced twin routers (BASE for top-1, aux 0.1 for top-2); keep: the
+    """auto: the default router becomes the balanced twin routers (balanced top-1 for top-1, aux 0.1 for top-2); keep: the
     composed router as it is (routing=topk equals the default, so only keep trains plain top-k); balanced: always."""
     def router(*overrides):
         return compose_run(["model=tiny_dense", *overrides], tmp_path).model.moe.router
 
-    assert router("twin=moe_e8_k1").name == "base"
+    assert router("twin=moe_e8_k1").name == "balanced_topk"
     assert router("twin=moe_e8_k2").aux_loss_coef == 0.1
     kept = router("routing=topk", "twin=moe_e8_k1", "twin_router=keep")
     assert kept == dataclasses.replace(RouterConfig(), top_k=1, order="softmax_topk")
     assert router("routing=switch", "twin=moe_e8_k1").capacity_factor == 1.25  # a chosen router is kept under auto
-    assert router("routing=switch", "twin=moe_e8_k1", "twin_router=balanced").name == "base"
+    assert router("routing=switch", "twin=moe_e8_k1", "twin_router=balanced").name == "balanced_topk"
     with pytest.raises(ValueError, match=r"twin_router='some' must be one of \['auto', 'balanced', 'keep'\]"):
         router("twin=moe_e8_k1", "twin_router=some")
