@@ -52,6 +52,28 @@ HOPPER_SHARED_BYTES = 232448  # 227 KB per block on sm_90: the budget assumed wh
 
 
 @dataclass(frozen=True)
+class WgradBlocks(GemmBlocks):
+    """GemmBlocks plus the weight gradients' split-K (moe.kernels.weight_grad). Passed as `blocks=` to the whole
+    MLP, the row-tiled kernels read only the GemmBlocks fields."""
+
+    # Plan rows per split-K chunk of an expert's reduction (a multiple of block_k): each chunk's partial tile goes
+    # to an fp32 workspace, summed per expert in chunk order by a second pass. 0 or None: no split (the default).
+    split_rows: Optional[int] = 0
+
+    def __post_init__(self):
+        super().__post_init__()
+        s = self.split_rows
+        if s is not None and (not isinstance(s, int) or s < 0 or s % self.block_k):
+            raise ValueError(f"WgradBlocks.split_rows must be 0 or None (no split) or a positive multiple of "
+                             f"block_k ({self.block_k}), got {s!r}")
+
+
+def split_rows(blocks: GemmBlocks) -> int:
+    """The split-K chunk of `blocks` (0: none; a plain GemmBlocks never splits)."""
+    return (blocks.split_rows or 0) if isinstance(blocks, WgradBlocks) else 0
+
+
+@dataclass(frozen=True)
 class KernelShape:
     """What one K-loop iteration of a kernel keeps in shared memory and registers, per tile."""
 
