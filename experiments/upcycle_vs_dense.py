@@ -33,6 +33,9 @@ from omegaconf import OmegaConf
 
 VARIANTS = ("dense", "upcycled", "scratch")
 SUNK_COST_FILE = "sunk_cost.json"
+CALIBRATIONS = ("train", "builtin")
+# Enough text for the upcycle app's verify_tokens (128 by default) under any tokenizer; it keeps the first tokens.
+CALIBRATION_CHARS = 4000
 
 # Pretraining tokens of released dense models whose cards state them, matched against the source's name and path
 # (lower case). SmolLM2: the model cards of HuggingFaceTB/SmolLM2-135M(-Instruct) state "Tokens: 2T" (the
@@ -74,6 +77,25 @@ class StartingPoints:
     router: dict[str, Any] = field(default_factory=dict)  # the upcycled model's router (RouterConfig fields)
     pretraining_tokens: Optional[float] = None  # the dense model's pretraining tokens; None: looked up when known
     pretraining_source: Optional[str] = None  # where that number comes from (printed and recorded with it)
+    # The text the new router is calibrated on (router_init=mean_free) and the step-0 check runs: "train", a
+    # passage of the run's training split (the text the router will route), or "builtin", the upcycle app's
+    # English sample. upcycle.verify_text, when given, is used as it is.
+    calibration: str = "train"
+
+
+def training_passage(data: Any, chars: int = CALIBRATION_CHARS) -> Optional[tuple[str, str]]:
+    """(document name, text): about `chars` characters from the middle of the first training document of the
+    run's split (past titles and cast lists), starting at a line; None for data.source=tokens (no text)."""
+    from experiments.data import load_documents, split_documents
+
+    if data.source == "tokens":
+        return None
+    train, _ = split_documents(load_documents(data), data.val_fraction, data.split_seed)
+    doc = train[0]
+    start = max(0, len(doc.text) // 2 - chars // 2)
+    line = doc.text.rfind("\n", 0, start)
+    start = line + 1 if line >= 0 else 0
+    return doc.name, doc.text[start:start + chars]
 
 
 def sunk_cost(dense_params: int, source: str, origin: str, tokens: Optional[float] = None,
@@ -100,8 +122,9 @@ def _done(path: Path) -> bool:
     return (path / "config.json").is_file()
 
 
-def prepare(sp: StartingPoints) -> dict[str, Any]:
-    """Writes the starting points that do not exist yet; returns {variant: path, "sunk_cost": {...}, "text": ...}."""
+def prepare(sp: StartingPoints, data: Any = None) -> dict[str, Any]:
+    """Writes the starting points that do not exist yet; returns {variant: path, "sunk_cost": {...}, "text": ...}.
+    data: the runs' DataConfig, whose training split calibrates the new router (sp.calibration="train")."""
     import torch
 
     from experiments.convert import is_switchyard_checkpoint, run_convert
@@ -116,6 +139,9 @@ def prepare(sp: StartingPoints) -> dict[str, Any]:
                          "directory or a .gguf file)")
     variants = [sp.variants] if isinstance(sp.variants, str) else list(sp.variants)
     _starting_points(sp.init_dir, variants)  # names an unknown variant
+    if sp.calibration not in CALIBRATIONS:
+        raise ValueError(f"hydra.callbacks.starting_points.calibration={sp.calibration!r} is not one of "
+                         f"{list(CALIBRATIONS)}")
     source = Path(sp.source).expanduser()
     if not source.exists():
         raise FileNotFoundError(f"hydra.callbacks.starting_points.source={sp.source!r} does not exist")
@@ -134,6 +160,15 @@ def prepare(sp: StartingPoints) -> dict[str, Any]:
     if {"upcycled", "scratch"} & set(variants) and not _done(paths["upcycled"]):  # scratch takes its shape
         opts = {**sp.upcycle, "source": str(dense), "out": str(paths["upcycled"]), "seed": sp.seed,
                 "model": {"moe": {"router": dict(sp.router)}}}
+        passage = training_passage(data) if sp.calibration == "train" and data is not None else None
+        if not opts.get("verify_text") and passage is not None:
+            opts["verify_text"] = passage[1]
+            lines.append(f"router calibration: a passage of the training split ({passage[0]}, "
+                         f"{len(passage[1])} characters)")
+        elif not opts.get("verify_text"):
+            why = ("calibration=builtin" if sp.calibration == "builtin" else "no data config given" if data is None
+                   else "the corpus is pre-tokenized")
+            lines.append(f"router calibration: the upcycle app's built-in sample ({why})")
         lines.append(run_upcycle(opts)["text"])
     if "scratch" in variants and not _done(paths["scratch"]):
         cfg = load_config(paths["upcycled"])
@@ -178,15 +213,19 @@ class PrepareStartingPoints(Callback):
         self.options = StartingPoints(**{k: (OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v)
                                          for k, v in options.items()})
 
-    def _prepare(self) -> None:
+    def _prepare(self, config) -> None:
         try:
-            prepare(self.options)
+            from experiments.data_config import DataConfig
+            from experiments.typed_config import from_mapping
+
+            data = from_mapping(DataConfig, OmegaConf.to_container(config.data, resolve=True), "data")
+            prepare(self.options, data)
         except Exception as e:  # Hydra turns a callback's exception into a warning and would start the runs anyway
             raise SystemExit(f"experiment=upcycle_vs_dense: the starting points were not written, so no run starts: "
                              f"{type(e).__name__}: {e}") from e
 
     def on_multirun_start(self, config, **kwargs: Any) -> None:
-        self._prepare()
+        self._prepare(config)
 
     def on_run_start(self, config, **kwargs: Any) -> None:
-        self._prepare()
+        self._prepare(config)

@@ -62,6 +62,7 @@ def test_the_sweep_trains_both_runs_from_the_starting_points(sweep):
     up = load_config(init / "upcycled")
     assert up.sparse_layers == (1,) and up.moe.num_experts == 4 and not (init / "scratch").exists()
     assert "EXACT" in proc.stdout and "layer   1: 4/4" in proc.stdout  # the step-0 check, every expert used
+    assert "router calibration: a passage of the training split (corpus.txt[train]" in proc.stdout  # data= of the runs
     runs = {name: records(sweep_dir / name) for name in ("dense", "upcycled")}
     for name, recs in runs.items():
         info = json.loads((sweep_dir / name / "run.json").read_text())
@@ -125,3 +126,36 @@ def test_scratch_is_the_upcycled_shape_with_fresh_weights(tmp_path):
             assert not torch.equal(a, b)  # not the copied FFN
     again = prepare(StartingPoints(source=str(source), init_dir=str(tmp_path / "init"), variants=["scratch"]))
     assert again["sunk_cost"] == out["sunk_cost"] and "scratch:" not in again["text"]  # written once, then reused
+
+
+def test_the_new_router_is_calibrated_on_the_training_split(tmp_path, text_corpus, monkeypatch):
+    """calibration=train (the default) hands the upcycle app a passage of the runs' training split as its
+    verification and calibration text; builtin leaves the app's sample; an explicit verify_text is kept."""
+    from experiments.data import load_documents, split_documents
+    from experiments.data_config import DataConfig
+    from experiments.upcycle_vs_dense import CALIBRATION_CHARS, training_passage
+
+    data = DataConfig(source="text", path=str(text_corpus), tokenizer="byte")
+    train, val = split_documents(load_documents(data), data.val_fraction, data.split_seed)
+    name, passage = training_passage(data)
+    start = train[0].text.index(passage)
+    assert name == train[0].name and len(passage) == CALIBRATION_CHARS and train[0].text[start - 1] == "\n"
+    assert start > 0 and not any(passage[:200] in d.text for d in val)  # the middle of the text, none of validation
+    assert training_passage(DataConfig(source="tokens", path="x.bin", vocab_size=300)) is None
+
+    given = []
+    monkeypatch.setattr("experiments.upcycle.run_upcycle", lambda opts: given.append(opts) or {"text": ""})
+    source = tiny_dense_checkpoint(tmp_path / "released")
+
+    def run(calibration: str, init: str, **upcycle):
+        sp = StartingPoints(source=str(source), init_dir=str(tmp_path / init), variants=["dense", "upcycled"],
+                            upcycle={"num_experts": 4, **upcycle}, calibration=calibration)
+        return prepare(sp, data)["text"]
+
+    assert f"a passage of the training split ({name}, {CALIBRATION_CHARS} characters)" in run("train", "a")
+    assert given[-1]["verify_text"] == passage
+    assert "built-in sample (calibration=builtin)" in run("builtin", "b") and "verify_text" not in given[-1]
+    run("train", "c", verify_text="my own text")
+    assert given[-1]["verify_text"] == "my own text"
+    with pytest.raises(ValueError, match="starting_points.calibration='dev'"):
+        run("dev", "d")
