@@ -10,7 +10,8 @@ Shape legend: T tokens, d model width, f expert hidden width, E experts, N plan 
 index_add_; here the rows are read straight from x inside the first kernel (moe.kernels.up_projection) and the
 second kernel's epilogue scales and reduces them per token, deterministically; both run as one autograd function
 (moe.kernels.expert_mlp). The segment offsets (plan.offsets) are a cumsum of plan.counts on the device, so the
-dispatch itself never waits on the host. Triton is imported only when this runs.
+dispatch itself never waits on the host, and neither does the token-major order of a dropless plan, derived
+without a sort (`token_order`). Triton is imported only when this runs.
 """
 from __future__ import annotations
 
@@ -39,5 +40,21 @@ def triton_dispatch(x: Tensor, plan: RoutingPlan, experts) -> Tensor:
     # One autograd function for the layer's experts: the token-major order is built once for the combine and
     # grad x, and the activation backward runs inside the grad-h GEMM (moe.kernels.expert_mlp).
     y = grouped_expert_mlp(x, plan.token_index, plan.offsets, plan.weight.float(), w_up, w_gate, bias(experts.b_up),
-                           bias(experts.b_gate), w_down, bias(experts.b_down), experts.activation)  # [T, d]
+                           bias(experts.b_gate), w_down, bias(experts.b_down), experts.activation,
+                           token_order=token_order(plan))  # [T, d]
     return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
+def token_order(plan: RoutingPlan):
+    """The plan's token-major order (moe.kernels.combine.TokenOrder): without a sort when the plan is dropless.
+
+    Dropless is read from shapes alone (no host sync): a token-choice router's plan has kept [T, k] and one row per
+    kept choice, so N == T*k means every token kept all k choices. Token-choice routers pick k distinct experts
+    (top-k, BASE's auction), which is what TokenOrder.from_dropless needs. Anything else (rows dropped by capacity
+    or random routing, expert choice's plans without kept) sorts (TokenOrder.build)."""
+    from moe.kernels.combine import TokenOrder
+
+    rows, kept = plan.token_index, plan.kept
+    if kept is not None and kept.dim() == 2 and rows.numel() == kept.numel():
+        return TokenOrder.from_dropless(rows, plan.expert_index, plan.num_tokens, kept.shape[1], plan.num_experts)
+    return TokenOrder.build(rows, plan.num_tokens)

@@ -39,6 +39,32 @@ class TokenOrder:
         token_offsets = torch.searchsorted(sorted_token, tokens)
         return TokenOrder(slot=slot, token_offsets=token_offsets)
 
+    @staticmethod
+    def from_dropless(row_token: Tensor, row_expert: Tensor, num_tokens: int, top_k: int,
+                      num_experts: int) -> "TokenOrder":
+        """build()'s order without a sort, for a dropless plan: every token has exactly top_k rows, in top_k
+        distinct experts (a token-choice router's plan where nothing dropped; see moe.dispatch.triton).
+
+        Token t's rows are then slots t*k .. t*k+k-1 (token_offsets = arange(T+1) * k, no search), and inside
+        them build() keeps plan order, which is expert order because the plan is sorted by expert and a token's
+        experts are distinct. So a row's place among its token's rows is the number of experts below its own that
+        the token chose: a [T, E] table of the chosen pairs (one scatter of ones, every index distinct), its
+        running sum along E, and one gather. O(T*E) elementwise work and no data-dependent size: no host sync,
+        and the slots equal build()'s exactly (same summation order, so bitwise the same combine)."""
+        T, k, E, N = num_tokens, top_k, num_experts, row_token.numel()
+        if N != T * k or row_expert.shape != row_token.shape:
+            raise ValueError(f"TokenOrder.from_dropless needs exactly top_k={k} rows per token: got {N} rows for "
+                             f"{T} tokens (and {tuple(row_expert.shape)} experts); use TokenOrder.build for plans "
+                             "that drop rows")
+        dev = row_token.device
+        pair = row_token * E + row_expert  # [N] the row's (token, expert) cell of the [T, E] table
+        chosen = torch.zeros(T * E, dtype=torch.int8, device=dev).index_fill_(0, pair, 1)
+        up_to = chosen.view(T, E).cumsum(1, dtype=torch.int32)  # [T, E] experts <= e the token chose
+        rank = up_to.view(-1).gather(0, pair).long() - 1  # [N] place among the token's rows, in expert order
+        slot = row_token * k + rank
+        token_offsets = torch.arange(T + 1, device=dev, dtype=slot.dtype) * k
+        return TokenOrder(slot=slot, token_offsets=token_offsets)
+
     def astuple(self) -> tuple[Tensor, Tensor]:
         return self.slot, self.token_offsets
 

@@ -33,9 +33,11 @@ from torch.autograd.function import once_differentiable
 
 from moe.kernels.activations import mlp_backward, mlp_value
 from moe.kernels.combine import TokenOrder, round_to, segment_sum
-from moe.kernels.gemm_tiles import (GemmBlocks, cast_weight, check_device, col_offsets, expert_tile, expert_weight,
-                                    load_rows, load_weight, mma, row_launch, swizzle, weight_operand)
+from moe.kernels.gemm_tiles import (GemmBlocks, cast_weight, check_device, col_offsets, expert_weight, load_row_block,
+                                    load_rows, mma, row_launch, row_operand, row_tile, swizzle, tile_counts,
+                                    tile_table_arg, weight_operand)
 from moe.kernels.tile_configs import elementwise_block, tiles_for
+from moe.kernels.tile_table import TileTables
 from moe.kernels.weight_grad import grouped_wgrad
 
 
@@ -43,7 +45,7 @@ from moe.kernels.weight_grad import grouped_wgrad
 def rows_to_slots_kernel(
     a1_ptr, a2_ptr, offsets_ptr, w1_ptr, w2_ptr, bias_ptr, scale_ptr, slot_ptr, out_ptr,
     E, K, NOUT, M_TILES, TILES,
-    stride_am, stride_we, stride_wk, stride_wn, stride_be, stride_om,
+    stride_am, stride_we, stride_wk, stride_wn, stride_be, stride_om, tiles_ptr,
     TWO: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
     PRECISION: tl.constexpr, INTERPRETED: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
     EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, E_POW2: tl.constexpr,
@@ -51,14 +53,17 @@ def rows_to_slots_kernel(
 ):
     """out[slot[r], cols] = scale[r] * (a1[r] @ w1[e] (+ a2[r] @ w2[e]) + bias[e]) in fp32.
     W_DESC: w1_ptr / w2_ptr are TMA descriptors (gemm_tiles.weight_operand; W_TRANS: of the transposed weights).
+    a1_ptr / a2_ptr may be TMA descriptors of their rows (gemm_tiles.row_operand: they are in expert order, so a
+    row tile is one box). tiles_ptr: the tile table of a persistent launch (moe.kernels.tile_table), or None.
     Forward down projection + combine: a1 = h, w1 = w_down, scale = row_weight.
     Backward of the up projection: a1, a2 = grad of the up / gate pre-activations, w1, w2 = w_up, w_gate read
     transposed through their strides (no transposed copy)."""
     # One tile per program (grid = TILES: one trip), or persistent (fewer programs, ~one per SM): each program
-    # takes tiles pid, pid + programs, ... of the swizzled order.
-    for pid in range(tl.program_id(0), TILES, tl.num_programs(0)):
-        pid_m, pid_n = swizzle(pid, M_TILES, tl.cdiv(NOUT, BLOCK_N), GROUP_M)
-        e, row_start, row_end = expert_tile(pid_m, offsets_ptr, E, BLOCK_M, E_POW2)
+    # takes tiles pid, pid + programs, ... of the swizzled order, up to the tile table's count.
+    m_tiles, tiles = tile_counts(tiles_ptr, M_TILES, TILES, tl.cdiv(NOUT, BLOCK_N))
+    for pid in range(tl.program_id(0), tiles, tl.num_programs(0)):
+        pid_m, pid_n = swizzle(pid, m_tiles, tl.cdiv(NOUT, BLOCK_N), GROUP_M)
+        e, row_start, row_end = row_tile(pid_m, offsets_ptr, tiles_ptr, E, BLOCK_M, E_POW2)
         rows = row_start + tl.arange(0, BLOCK_M)
         row_mask = rows < row_end
         cols = col_offsets(pid_n, BLOCK_N)
@@ -69,12 +74,12 @@ def rows_to_slots_kernel(
         w_off = e.to(tl.int64) * stride_we + cols[None, :] * stride_wn
         for k0 in range(0, k_stop, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
-            a = load_rows(a1_ptr + a_off + ks[None, :], row_mask, ks, K, EVEN_K)
+            a = load_row_block(a1_ptr, a_off, row_start, k0, ks, row_mask, K, EVEN_K)
             w = expert_weight(w1_ptr, w_off, stride_wk, e, k0, pid_n, ks, K, cols, NOUT, EVEN_K, EVEN_N, W_DESC,
                               W_TRANS, BLOCK_K, BLOCK_N)
             acc = mma(a, w, acc, PRECISION, INTERPRETED)
             if TWO:  # GLU backward: both products land in the same accumulator (grad x = gu wu^T + gg wg^T)
-                a = load_rows(a2_ptr + a_off + ks[None, :], row_mask, ks, K, EVEN_K)
+                a = load_row_block(a2_ptr, a_off, row_start, k0, ks, row_mask, K, EVEN_K)
                 w = expert_weight(w2_ptr, w_off, stride_wk, e, k0, pid_n, ks, K, cols, NOUT, EVEN_K, EVEN_N, W_DESC,
                                   W_TRANS, BLOCK_K, BLOCK_N)
                 acc = mma(a, w, acc, PRECISION, INTERPRETED)
@@ -91,7 +96,7 @@ def rows_to_slots_kernel(
 def _down_grad_h_kernel(
     gy_ptr, row_token_ptr, offsets_ptr, w_ptr, b_ptr, h_ptr, pg_ptr, rw_ptr, gh_ptr, gg_ptr, part_ptr,
     E, D, F, M_TILES, TILES,
-    stride_gt, stride_we, stride_wf, stride_wd, stride_be, stride_hn, stride_pn,
+    stride_gt, stride_we, stride_wf, stride_wd, stride_be, stride_hn, stride_pn, tiles_ptr,
     HAS_BIAS: tl.constexpr, FUSE_ACT: tl.constexpr, GLU: tl.constexpr, ACT: tl.constexpr,
     PRECISION: tl.constexpr, INTERPRETED: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
@@ -101,12 +106,16 @@ def _down_grad_h_kernel(
     grad of row_weight <g, h[r]> (+ <grad_y[t_r], b_down[e]> in column tile 0) into part[r, column tile].
     FUSE_ACT: h_ptr / pg_ptr hold the pre-activations u / g instead of h, h is recomputed from them in fp32, and
     the activation backward runs in the epilogue: gh_ptr / gg_ptr receive the gradients of u / g (grad h itself
-    is never written)."""
+    is never written).
+    w_ptr may be a TMA descriptor of w_down's transposed tiles (gemm_tiles.weight_operand); grad_y's rows are
+    gathered through row_token, so they keep pointer loads (Hopper's TMA has no row gather). tiles_ptr: the tile
+    table of a persistent launch (moe.kernels.tile_table), or None."""
     # One tile per program (grid = TILES: one trip), or persistent (fewer programs, ~one per SM): each program
-    # takes tiles pid, pid + programs, ... of the swizzled order.
-    for pid in range(tl.program_id(0), TILES, tl.num_programs(0)):
-        pid_m, pid_n = swizzle(pid, M_TILES, tl.cdiv(F, BLOCK_N), GROUP_M)
-        e, row_start, row_end = expert_tile(pid_m, offsets_ptr, E, BLOCK_M, E_POW2)
+    # takes tiles pid, pid + programs, ... of the swizzled order, up to the tile table's count.
+    m_tiles, tiles = tile_counts(tiles_ptr, M_TILES, TILES, tl.cdiv(F, BLOCK_N))
+    for pid in range(tl.program_id(0), tiles, tl.num_programs(0)):
+        pid_m, pid_n = swizzle(pid, m_tiles, tl.cdiv(F, BLOCK_N), GROUP_M)
+        e, row_start, row_end = row_tile(pid_m, offsets_ptr, tiles_ptr, E, BLOCK_M, E_POW2)
         rows = row_start + tl.arange(0, BLOCK_M)
         row_mask = rows < row_end
         tok = tl.load(row_token_ptr + rows, mask=row_mask, other=0).to(tl.int64)  # gather grad_y rows via row_token
@@ -119,7 +128,8 @@ def _down_grad_h_kernel(
         for k0 in range(0, k_stop, BLOCK_K):  # reduce over d
             ks = k0 + tl.arange(0, BLOCK_K)
             g = load_rows(gy_ptr + tok[:, None] * stride_gt + ks[None, :], row_mask, ks, D, EVEN_K)
-            w = load_weight(w_ptr + w_off + ks[:, None] * stride_wd, ks, D, cols, F, EVEN_K, EVEN_N)
+            w = expert_weight(w_ptr, w_off, stride_wd, e, k0, pid_n, ks, D, cols, F, EVEN_K, EVEN_N,
+                              isinstance(w_ptr, tl.tensor_descriptor), True, BLOCK_K, BLOCK_N)
             acc = mma(g, w, acc, PRECISION, INTERPRETED)  # w_down[e] read transposed: [d chunk, f tile]
             if HAS_BIAS:
                 b = tl.load(b_ptr + e * stride_be + ks, mask=ks < D, other=0.0).to(tl.float32)
@@ -149,10 +159,11 @@ def _down_grad_h_kernel(
 
 
 def launch_down(h: Tensor, w_down: Tensor, b_down: Optional[Tensor], offsets: Tensor, row_weight: Tensor,
-                slot: Tensor, blocks: Optional[GemmBlocks] = None) -> Tensor:
+                slot: Tensor, blocks: Optional[GemmBlocks] = None, tile_tables: Optional[TileTables] = None) -> Tensor:
     """The down kernel alone: rows [N, d] in h's dtype, row r = row_weight[r] (h[r] @ w_down[e] + b_down[e]) (in
     fp32, rounded once) written to slot[r] (token-major; moe.kernels.combine.segment_sum then sums each token's
-    rows in fp32)."""
+    rows in fp32). Under blocks.tma h (rows in expert order) and w_down come through descriptors. tile_tables: the
+    layer call's tile tables (persistent launches), if any."""
     (N, f), (E, _, d) = h.shape, w_down.shape
     blocks = tiles_for("down", blocks, h, N, f, d)
     # Token-major rows in h's dtype (bf16: half the traffic of fp32 rows, as ScatterMoE's and TransformerEngine's
@@ -161,30 +172,36 @@ def launch_down(h: Tensor, w_down: Tensor, b_down: Optional[Tensor], offsets: Te
     if N > 0:
         grid, tiles = row_launch(h, blocks, N, E, f, d)
         wd, desc = weight_operand(w_down, blocks, False)
+        a = row_operand(h, blocks)
         rows_to_slots_kernel[grid](
-            h, h, offsets, wd, wd, rows if b_down is None else b_down, row_weight, slot, rows,
+            a, a, offsets, wd, wd, rows if b_down is None else b_down, row_weight, slot, rows,
             E, f, d, tiles.pop("M_TILES"), tiles.pop("TILES"),
             h.stride(0), w_down.stride(0), w_down.stride(1), w_down.stride(2), d, rows.stride(0),
-            TWO=False, HAS_BIAS=b_down is not None, HAS_SCALE=True, W_DESC=desc, W_TRANS=False, **tiles)
+            TWO=False, HAS_BIAS=b_down is not None, HAS_SCALE=True, W_DESC=desc, W_TRANS=False,
+            tiles_ptr=tile_table_arg(blocks, offsets, N, tile_tables), **tiles)
     return rows
 
 
 def launch_grad_h(grad_y: Tensor, row_token: Tensor, offsets: Tensor, w_down: Tensor, b_down: Optional[Tensor],
-                  h: Tensor, row_weight: Tensor, blocks: Optional[GemmBlocks] = None) -> tuple[Tensor, Tensor]:
+                  h: Tensor, row_weight: Tensor, blocks: Optional[GemmBlocks] = None,
+                  tile_tables: Optional[TileTables] = None) -> tuple[Tensor, Tensor]:
     """The grad-h kernel alone: grad h [N, f] and grad row_weight [N] fp32 (a fixed-order sum over f tiles)."""
-    grad_h, _, grad_weight = _grad_h(grad_y, row_token, offsets, w_down, b_down, h, None, row_weight, None, blocks)
+    grad_h, _, grad_weight = _grad_h(grad_y, row_token, offsets, w_down, b_down, h, None, row_weight, None, blocks,
+                                     tile_tables)
     return grad_h, grad_weight
 
 
 def launch_grad_h_act(grad_y: Tensor, row_token: Tensor, offsets: Tensor, w_down: Tensor, b_down: Optional[Tensor],
                       pre_u: Tensor, pre_g: Optional[Tensor], row_weight: Tensor, activation: str,
-                      blocks: Optional[GemmBlocks] = None) -> tuple[Tensor, Optional[Tensor], Tensor]:
+                      blocks: Optional[GemmBlocks] = None, tile_tables: Optional[TileTables] = None
+                      ) -> tuple[Tensor, Optional[Tensor], Tensor]:
     """The grad-h kernel with the activation backward in its epilogue: from the saved pre-activations u, g [N, f]
     (g None without GLU) straight to their gradients [N, f], and grad row_weight [N] fp32; no grad h round trip."""
-    return _grad_h(grad_y, row_token, offsets, w_down, b_down, pre_u, pre_g, row_weight, activation, blocks)
+    return _grad_h(grad_y, row_token, offsets, w_down, b_down, pre_u, pre_g, row_weight, activation, blocks,
+                   tile_tables)
 
 
-def _grad_h(grad_y, row_token, offsets, w_down, b_down, h_or_u, pre_g, row_weight, activation, blocks):
+def _grad_h(grad_y, row_token, offsets, w_down, b_down, h_or_u, pre_g, row_weight, activation, blocks, tile_tables):
     (N, f), (E, _, d) = h_or_u.shape, w_down.shape
     fuse = activation is not None
     blocks = tiles_for("grad_h_act" if fuse else "grad_h", blocks, h_or_u, N, d, f)
@@ -193,13 +210,14 @@ def _grad_h(grad_y, row_token, offsets, w_down, b_down, h_or_u, pre_g, row_weigh
     partial = torch.zeros(N, triton.cdiv(f, blocks.block_n), device=h_or_u.device, dtype=torch.float32)  # per f tile
     if N > 0:
         grid, tiles = row_launch(h_or_u, blocks, N, E, d, f)
+        wd = weight_operand(w_down, blocks, True)[0]  # read transposed: [d chunk, f columns]
         _down_grad_h_kernel[grid](
-            grad_y, row_token, offsets, w_down, h_or_u if b_down is None else b_down, h_or_u,
+            grad_y, row_token, offsets, wd, h_or_u if b_down is None else b_down, h_or_u,
             h_or_u if pre_g is None else pre_g, row_weight, out, out if out_g is None else out_g, partial,
             E, d, f, tiles.pop("M_TILES"), tiles.pop("TILES"),
             grad_y.stride(0), w_down.stride(0), w_down.stride(1), w_down.stride(2), d, h_or_u.stride(0),
             partial.stride(0), HAS_BIAS=b_down is not None, FUSE_ACT=fuse, GLU=pre_g is not None,
-            ACT=activation or "silu", **tiles)
+            ACT=activation or "silu", tiles_ptr=tile_table_arg(blocks, offsets, N, tile_tables), **tiles)
     return out, out_g, partial.sum(1)  # fixed-order reduction over f tiles
 
 

@@ -10,7 +10,10 @@ its combine weight.
 
 The same kernels as the two functions chained (moe.kernels.up_projection, moe.kernels.down_combine); what one
 function gains is what only it can see:
-- the token-major order is built once (or passed in as `token_order`) for the combine and grad x's token sum;
+- the token-major order is built once (or passed in as `token_order`: moe.dispatch.triton derives a dropless
+  plan's without a sort, TokenOrder.from_dropless) for the combine and grad x's token sum;
+- the persistent grid's tile tables (moe.kernels.tile_table) are built once per BLOCK_M for all four row-tiled
+  GEMMs, forward and backward;
 - h never needs a gradient of its own, so the grad-h GEMM's epilogue runs the activation backward
   (down_combine.launch_grad_h_act): grad h stays in registers in fp32, and the separate elementwise pass over
   five [N, f] tensors (read grad h, u, g; write grad u, grad g) becomes part of the GEMM (read u, g; write grad u,
@@ -32,6 +35,7 @@ from moe.kernels.combine import TokenOrder, segment_sum
 from moe.kernels.down_combine import launch_down, launch_grad_h_act
 from moe.kernels.gemm_tiles import GemmBlocks, cast_weight, check_device
 from moe.kernels.tile_configs import elementwise_block
+from moe.kernels.tile_table import TileTables
 from moe.kernels.up_projection import launch_grad_x, launch_up
 from moe.kernels.weight_grad import grouped_wgrad
 
@@ -44,14 +48,17 @@ class _GroupedExpertMLP(torch.autograd.Function):
                 token_offsets: Optional[Tensor], permutation: bool) -> Tensor:
         if slot is None:
             slot, token_offsets = TokenOrder.build(row_token, x.shape[0]).astuple()
+        # The persistent launches' tile tables, one per BLOCK_M, shared by the four row-tiled GEMMs of this call
+        # (built on first use: none when no launch is persistent).
+        tables = TileTables(offsets, row_token.numel())
         h, pre_u, pre_g = launch_up(x, row_token, offsets, w_up, w_gate, b_up, b_gate, activation,
-                                    any(ctx.needs_input_grad), blocks)
-        rows = launch_down(h, w_down, b_down, offsets, row_weight, slot, blocks)  # [N, d] token-major
+                                    any(ctx.needs_input_grad), blocks, tables)
+        rows = launch_down(h, w_down, b_down, offsets, row_weight, slot, blocks, tables)  # [N, d] token-major
         # A permutation (one row per token): the token-major rows are y itself, no per-token sum.
         y = rows if permutation else segment_sum(rows, token_offsets, x.dtype, elementwise_block(blocks, x.dtype))
         ctx.save_for_backward(x, row_token, offsets, row_weight, w_up, w_gate, w_down, b_down, h, pre_u, pre_g,
                               slot, token_offsets)
-        ctx.activation, ctx.blocks, ctx.permutation = activation, blocks, permutation
+        ctx.activation, ctx.blocks, ctx.permutation, ctx.tables = activation, blocks, permutation, tables
         ctx.has_bias = (b_up is not None, b_gate is not None)
         return y
 
@@ -63,10 +70,10 @@ class _GroupedExpertMLP(torch.autograd.Function):
         blocks, E, need = ctx.blocks, w_up.shape[0], ctx.needs_input_grad
         grad_y = grad_y.contiguous()  # a reduction's gradient arrives expanded (stride 0)
         grad_u, grad_g, grad_weight = launch_grad_h_act(grad_y, row_token, offsets, w_down, b_down, pre_u, pre_g,
-                                                        row_weight, ctx.activation, blocks)
+                                                        row_weight, ctx.activation, blocks, ctx.tables)
         grad_x = None
         if need[0]:
-            rows = launch_grad_x(grad_u, grad_g, offsets, w_up, w_gate, slot, blocks)  # [N, d] token-major
+            rows = launch_grad_x(grad_u, grad_g, offsets, w_up, w_gate, slot, blocks, ctx.tables)  # [N, d]
             grad_x = rows if ctx.permutation else segment_sum(rows, token_offsets, x.dtype,
                                                                elementwise_block(blocks, x.dtype))
         grad_wu = grad_wg = grad_bu = grad_bg = grad_wd = grad_bd = None

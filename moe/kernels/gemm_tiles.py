@@ -23,11 +23,18 @@ How the kernels are laid out, and why:
   expert, so a group's tiles mostly share one expert's weights.
 - GemmBlocks.persistent (off by default, unmeasured) launches about one program per SM instead, each looping
   over tiles pid, pid + programs, ...: no tail of short-lived programs, at the price of no reordering by the
-  hardware scheduler. Each row-tiled kernel loops `for pid in range(program_id, TILES, programs)` either way:
-  with one program per tile (the default) that loop makes one trip.
-- GemmBlocks.tma (off by default, unmeasured) reads the weights through TMA tensor descriptors
-  (`weight_operand`, `load_weight_desc`; their out-of-bounds reads are zero, so tails need no mask), falling
-  back to pointer loads where the installed Triton, the device or the strides do not allow them.
+  hardware scheduler. Each row-tiled kernel loops `for pid in range(program_id, tiles, programs)` either way:
+  with one program per tile (the default) that loop makes one trip. A persistent launch reads each tile's expert
+  and rows from a tile table written on the device (moe.kernels.tile_table; `tile_counts`, `row_tile`) and
+  loops to the table's tile count, instead of searching the offsets per tile up to the shape bound.
+- GemmBlocks.tma (off by default, unmeasured) reads the weights (up, down, grad h, grad x) through TMA tensor
+  descriptors (`weight_operand`, `load_weight_desc`; their out-of-bounds reads are zero, so tails need no
+  mask), and the A operands whose rows are contiguous in expert order (the down GEMM's h, grad x's grad u and
+  grad g: `row_operand`, `load_row_block`), falling back to pointer loads where the installed Triton, the device
+  or the strides do not allow them. Gathered rows (the up GEMM's x[row_token], grad h's grad_y[row_token]) keep
+  pointer loads: Hopper's TMA copies rectangular boxes and has no row gather.
+- Variants are told apart at compile time by the arguments' types where a flag would change the kernels'
+  signatures: a tile table is a pointer (None: no table), a TMA operand a tensor descriptor (`isinstance`).
 - EVEN_K / EVEN_N (K % BLOCK_K == 0, NOUT % BLOCK_N == 0, decided by the launcher) drop the masks along the
   reduction and output columns (`load_rows`, `load_weight`), so the contiguous dimension loads without
   predicates; rows keep their mask (segments end anywhere). Column offsets carry `tl.multiple_of` /
@@ -57,6 +64,7 @@ from torch import Tensor
 
 from moe.kernels import next_pow2
 from moe.kernels.combine import INTERPRETED
+from moe.kernels.tile_table import TileTables, tile_bound
 
 
 @dataclass(frozen=True)
@@ -72,7 +80,7 @@ class GemmBlocks:
     num_stages: int = 3  # software pipelining depth of the K loop (GPU only)
     group_m: int = 8  # row tiles per swizzle group of the 1D launch order (row-tiled kernels)
     persistent: bool = False  # row-tiled kernels: ~one program per SM looping over the tiles (unmeasured: off)
-    tma: bool = False  # up / down / grad-x weights through TMA tensor descriptors where possible (unmeasured: off)
+    tma: bool = False  # weights and contiguous row blocks through TMA tensor descriptors where possible (unmeasured)
 
     def __post_init__(self):
         for name in ("block_m", "block_n", "block_k", "block_elementwise", "num_warps"):
@@ -213,6 +221,47 @@ def expert_tile(pid, offsets_ptr, E, BLOCK_M: tl.constexpr, E_POW2: tl.constexpr
 
 
 @triton.jit
+def tile_counts(tiles_ptr, M_TILES, TILES, N_TILES):
+    """(row tiles, tiles) a row-tiled kernel loops over: with a tile table (tiles_ptr a pointer: a persistent
+    launch, moe.kernels.tile_table) its device-side count, so the loop stops at the last real tile; else the shape
+    bound M_TILES and TILES = M_TILES * N_TILES (spare tiles find an empty row range). tiles_ptr None (or any
+    non-pointer) means no table: told apart at compile time."""
+    if isinstance(tiles_ptr, tl.tensor) and tiles_ptr.dtype.is_ptr():
+        m_tiles = tl.load(tiles_ptr).to(tl.int32)
+        return m_tiles, m_tiles * N_TILES
+    else:
+        return M_TILES, TILES
+
+
+@triton.jit
+def row_tile(pid_m, offsets_ptr, tiles_ptr, E, BLOCK_M: tl.constexpr, E_POW2: tl.constexpr):
+    """Row tile pid_m -> (expert, first row, end of its segment): three loads from the tile table where there is
+    one (tiles_ptr a pointer), else the prefix sum over the offsets (`expert_tile`)."""
+    if isinstance(tiles_ptr, tl.tensor) and tiles_ptr.dtype.is_ptr():
+        at = tiles_ptr + 1 + pid_m.to(tl.int64) * 3
+        e = tl.load(at).to(tl.int32)
+        row_start = tl.load(at + 1)
+        row_end = tl.load(at + 2)
+    else:
+        e, row_start, row_end = expert_tile(pid_m, offsets_ptr, E, BLOCK_M, E_POW2)
+    return e, row_start, row_end
+
+
+@triton.jit
+def load_row_block(a, a_off, row_start, k0, ks, row_mask, K, EVEN_K: tl.constexpr):
+    """An A tile [BLOCK_M rows from row_start, K chunk from k0] of an operand whose rows are in expert order (h,
+    grad u, grad g): through its TMA descriptor when `a` is one (told apart at compile time; the descriptor reads
+    0 past N and K, and rows past the expert's segment are read but never stored: the caller masks them at the
+    store), else by masked pointer loads from a + a_off + ks. Gathered rows (x[row_token], grad_y[row_token]) keep
+    pointer loads: Hopper's TMA copies boxes, it has no row gather."""
+    if isinstance(a, tl.tensor_descriptor):
+        tile = a.load([row_start.to(tl.int32), k0])
+    else:
+        tile = load_rows(a + a_off + ks[None, :], row_mask, ks, K, EVEN_K)
+    return tile
+
+
+@triton.jit
 def mma(a, b, acc, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
     """acc += a @ b. Under the interpreter (INTERPRETED) a bf16 dot multiplies the raw uint16 storage, so the
     operands go to fp32 first, which gives the GPU's result (products of bf16 values are exact in fp32)."""
@@ -226,14 +275,24 @@ def mma(a, b, acc, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
 
 
 def row_launch(x: Tensor, blocks: GemmBlocks, n_rows: int, num_experts: int, k: int, n_out: int) -> tuple[tuple, dict]:
-    """Grid and launch arguments of a row-tiled kernel over n_rows plan rows, reduction width k, n_out columns."""
+    """Grid and launch arguments of a row-tiled kernel over n_rows plan rows, reduction width k, n_out columns
+    (the tile table of a persistent launch comes from `tile_table_arg`)."""
     # sum_e cdiv(n_e, BLOCK_M) <= cdiv(N, BLOCK_M) + E - 1: a bound from shapes alone (no host sync).
-    m_tiles = triton.cdiv(n_rows, blocks.block_m) + num_experts - 1
+    m_tiles = tile_bound(n_rows, num_experts, blocks.block_m)
     tiles = m_tiles * triton.cdiv(n_out, blocks.block_n)
     grid = (min(tiles, persistent_programs(x.device)) if blocks.persistent else tiles,)
     return grid, dict(M_TILES=m_tiles, TILES=tiles, GROUP_M=blocks.group_m, EVEN_K=k % blocks.block_k == 0,
                       EVEN_N=n_out % blocks.block_n == 0, BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n,
                       BLOCK_K=blocks.block_k, E_POW2=pow2(num_experts), **launch_opts(x, blocks))
+
+
+def tile_table_arg(blocks: GemmBlocks, offsets: Tensor, n_rows: int,
+                   tables: Optional[TileTables]) -> Optional[Tensor]:
+    """A row-tiled kernel's tiles_ptr: for a persistent launch the tile table of its BLOCK_M (from `tables`, the
+    layer call's cache, else built now from the offsets), else None (the kernel searches the offsets per tile)."""
+    if not blocks.persistent:
+        return None
+    return (tables if tables is not None else TileTables(offsets, n_rows)).get(blocks.block_m)
 
 
 def persistent_programs(device: torch.device) -> int:
@@ -249,19 +308,34 @@ def weight_operand(w: Tensor, blocks: GemmBlocks, transposed: bool) -> tuple[obj
     [1, block_k, block_n], or [1, block_n, block_k] when the kernel reads w transposed) where blocks.tma asks for
     one, this Triton has them, the device is Hopper or newer (or the interpreter) and w is contiguous with 16-byte
     aligned rows and base; otherwise w itself, for the pointer loads (the fallback)."""
-    if not blocks.tma or not w.is_contiguous() or w.dim() != 3:
+    if w.dim() != 3:
         return w, False
-    if w.device.type == "cuda" and torch.cuda.get_device_capability(w.device)[0] < 9:
-        return w, False
+    shape = [1, blocks.block_n, blocks.block_k] if transposed else [1, blocks.block_k, blocks.block_n]
+    return _descriptor(w, blocks, shape)
+
+
+def row_operand(a: Tensor, blocks: GemmBlocks) -> object:
+    """What a row-tiled kernel gets for an A operand a [N, K] whose rows are in expert order (h for the down GEMM,
+    grad u / grad g for grad x): a TMA descriptor of [block_m, block_k] boxes under the conditions of
+    `weight_operand`, else a itself (the kernel tells them apart: gemm_tiles.load_row_block)."""
+    return _descriptor(a, blocks, [blocks.block_m, blocks.block_k])[0] if a.dim() == 2 else a
+
+
+def _descriptor(t: Tensor, blocks: GemmBlocks, box: list[int]) -> tuple[object, bool]:
+    """(a TMA descriptor of t in `box` tiles, True) where blocks.tma asks for one, this Triton has them, the device is
+    Hopper or newer (or the interpreter) and t is contiguous with 16-byte aligned rows and base; else (t, False)."""
+    if not blocks.tma or not t.is_contiguous():
+        return t, False
+    if t.device.type == "cuda" and torch.cuda.get_device_capability(t.device)[0] < 9:
+        return t, False
     try:
         from triton.tools.tensor_descriptor import TensorDescriptor
     except ImportError:
-        return w, False
-    esize = w.element_size()
-    if (w.stride(1) * esize) % 16 or (w.stride(0) * esize) % 16 or w.data_ptr() % 16:
-        return w, False
-    shape = [1, blocks.block_n, blocks.block_k] if transposed else [1, blocks.block_k, blocks.block_n]
-    return TensorDescriptor.from_tensor(w, shape), True
+        return t, False
+    esize = t.element_size()
+    if any((s * esize) % 16 for s in t.stride()[:-1]) or t.data_ptr() % 16:
+        return t, False
+    return TensorDescriptor.from_tensor(t, box), True
 
 
 def launch_opts(x: Tensor, blocks: GemmBlocks) -> dict:

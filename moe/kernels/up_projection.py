@@ -33,28 +33,33 @@ from torch.autograd.function import once_differentiable
 from moe.kernels.activations import ACTIVATIONS, mlp_backward, mlp_value
 from moe.kernels.combine import INTERPRETED, TokenOrder, round_to, segment_sum
 from moe.kernels.down_combine import rows_to_slots_kernel
-from moe.kernels.gemm_tiles import (GemmBlocks, cast_weight, check_device, col_offsets, expert_tile, expert_weight,
-                                    load_rows, mma, row_launch, swizzle, weight_operand)
+from moe.kernels.gemm_tiles import (GemmBlocks, cast_weight, check_device, col_offsets, expert_weight, load_rows, mma,
+                                    row_launch, row_operand, row_tile, swizzle, tile_counts, tile_table_arg,
+                                    weight_operand)
 from moe.kernels.tile_configs import elementwise_block, tiles_for
+from moe.kernels.tile_table import TileTables
 from moe.kernels.weight_grad import grouped_wgrad
 
 @triton.jit
 def _gather_up_kernel(
     x_ptr, row_token_ptr, offsets_ptr, wu_ptr, wg_ptr, bu_ptr, bg_ptr, h_ptr, pu_ptr, pg_ptr,
     E, D, F, M_TILES, TILES,
-    stride_xt, stride_xd, stride_we, stride_wd, stride_wf, stride_be, stride_hn,
+    stride_xt, stride_xd, stride_we, stride_wd, stride_wf, stride_be, stride_hn, tiles_ptr,
     GLU: tl.constexpr, HAS_BU: tl.constexpr, HAS_BG: tl.constexpr, ACT: tl.constexpr, SAVE_PRE: tl.constexpr,
     PRECISION: tl.constexpr, INTERPRETED: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
     EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, E_POW2: tl.constexpr,
     W_DESC: tl.constexpr,
 ):
     """h[r, cols] = act(x[t_r] @ wg[e] + bg) * (x[t_r] @ wu[e] + bu) for one (row tile, column tile).
-    W_DESC: wu_ptr / wg_ptr are TMA descriptors of the weights (gemm_tiles.weight_operand)."""
+    W_DESC: wu_ptr / wg_ptr are TMA descriptors of the weights (gemm_tiles.weight_operand). x stays a pointer:
+    its rows are gathered through row_token, and Hopper's TMA has no row gather. tiles_ptr: the tile table of a
+    persistent launch (moe.kernels.tile_table), or None."""
     # One tile per program (grid = TILES: one trip), or persistent (fewer programs, ~one per SM): each program
-    # takes tiles pid, pid + programs, ... of the swizzled order.
-    for pid in range(tl.program_id(0), TILES, tl.num_programs(0)):
-        pid_m, pid_n = swizzle(pid, M_TILES, tl.cdiv(F, BLOCK_N), GROUP_M)
-        e, row_start, row_end = expert_tile(pid_m, offsets_ptr, E, BLOCK_M, E_POW2)
+    # takes tiles pid, pid + programs, ... of the swizzled order, up to the tile table's count.
+    m_tiles, tiles = tile_counts(tiles_ptr, M_TILES, TILES, tl.cdiv(F, BLOCK_N))
+    for pid in range(tl.program_id(0), tiles, tl.num_programs(0)):
+        pid_m, pid_n = swizzle(pid, m_tiles, tl.cdiv(F, BLOCK_N), GROUP_M)
+        e, row_start, row_end = row_tile(pid_m, offsets_ptr, tiles_ptr, E, BLOCK_M, E_POW2)
         rows = row_start + tl.arange(0, BLOCK_M)
         row_mask = rows < row_end
         tok = tl.load(row_token_ptr + rows, mask=row_mask, other=0).to(tl.int64)  # the gather: x rows via row_token
@@ -108,9 +113,10 @@ def _act_backward_kernel(gh_ptr, pu_ptr, pg_ptr, gu_ptr, gg_ptr, numel,
 
 def launch_up(x: Tensor, row_token: Tensor, offsets: Tensor, w_up: Tensor, w_gate: Optional[Tensor],
               b_up: Optional[Tensor], b_gate: Optional[Tensor], activation: str, save_pre: bool,
-              blocks: Optional[GemmBlocks] = None) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+              blocks: Optional[GemmBlocks] = None, tile_tables: Optional[TileTables] = None
+              ) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
     """The up kernel alone (contiguous operands in one dtype): h [N, f], and when save_pre the pre-activations
-    u, g [N, f] (g None without GLU)."""
+    u, g [N, f] (g None without GLU). tile_tables: the layer call's tile tables (persistent launches), if any."""
     (_, d), (E, _, f), N = x.shape, w_up.shape, row_token.numel()
     glu = w_gate is not None
     blocks = tiles_for("up_glu" if glu else "up", blocks, x, N, d, f)
@@ -128,7 +134,7 @@ def launch_up(x: Tensor, row_token: Tensor, offsets: Tensor, w_up: Tensor, w_gat
             E, d, f, tiles.pop("M_TILES"), tiles.pop("TILES"),
             x.stride(0), x.stride(1), w_up.stride(0), w_up.stride(1), w_up.stride(2), f, h.stride(0),
             GLU=glu, HAS_BU=b_up is not None, HAS_BG=b_gate is not None, ACT=activation, SAVE_PRE=save_pre,
-            W_DESC=desc, **tiles)
+            W_DESC=desc, tiles_ptr=tile_table_arg(blocks, offsets, N, tile_tables), **tiles)
     return h, pre_u, pre_g
 
 
@@ -148,10 +154,11 @@ def launch_act_backward(grad_h: Tensor, pre_u: Tensor, pre_g: Optional[Tensor], 
 
 
 def launch_grad_x(grad_u: Tensor, grad_g: Optional[Tensor], offsets: Tensor, w_up: Tensor, w_gate: Optional[Tensor],
-                  slot: Tensor, blocks: Optional[GemmBlocks] = None) -> Tensor:
+                  slot: Tensor, blocks: Optional[GemmBlocks] = None, tile_tables: Optional[TileTables] = None
+                  ) -> Tensor:
     """The input-gradient GEMM alone: rows [N, d] in grad_u's dtype = gu @ w_up[e]^T (+ gg @ w_gate[e]^T), row r
     written to slot[r] (the token-major order; moe.kernels.combine.segment_sum then sums each token's rows in
-    fp32)."""
+    fp32). Under blocks.tma grad u / grad g (rows in expert order) and the weights come through descriptors."""
     (N, f), (E, d, _) = grad_u.shape, w_up.shape
     glu = grad_g is not None
     blocks = tiles_for("grad_x_glu" if glu else "grad_x", blocks, grad_u, N, f, d)
@@ -160,11 +167,13 @@ def launch_grad_x(grad_u: Tensor, grad_g: Optional[Tensor], offsets: Tensor, w_u
         grid, tiles = row_launch(grad_u, blocks, N, E, f, d)
         wu, desc = weight_operand(w_up, blocks, True)  # read transposed: [f chunk, d columns]
         wg = wu if w_gate is None else weight_operand(w_gate, blocks, True)[0]
+        gu = row_operand(grad_u, blocks)
         rows_to_slots_kernel[grid](
-            grad_u, grad_u if grad_g is None else grad_g, offsets, wu, wg,
+            gu, gu if grad_g is None else row_operand(grad_g, blocks), offsets, wu, wg,
             rows, rows, slot, rows, E, f, d, tiles.pop("M_TILES"), tiles.pop("TILES"),
             grad_u.stride(0), w_up.stride(0), w_up.stride(2), w_up.stride(1), 0, rows.stride(0),
-            TWO=glu, HAS_BIAS=False, HAS_SCALE=False, W_DESC=desc, W_TRANS=True, **tiles)
+            TWO=glu, HAS_BIAS=False, HAS_SCALE=False, W_DESC=desc, W_TRANS=True,
+            tiles_ptr=tile_table_arg(blocks, offsets, N, tile_tables), **tiles)
     return rows
 
 
