@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 from experiments.metrics import read_metrics
 from experiments.trainer import Trainer
 from moe.sharded_checkpoint import METADATA_FILE, SHARDED_DIR, read_full
-from tests.distributed._spawn import TORCHRUN_ENV, assert_refused, launch_train
+from tests.distributed._spawn import TORCHRUN_ENV, assert_refused
+from tests.distributed.multi_run import launch_runs
 from tests.distributed.test_ddp import STEPS, by_step
 from tests.experiments.test_train import TINY, data_overrides, make_run
 
@@ -26,40 +27,53 @@ TOL = 1e-6  # relative, on losses and gradient norms
 KEYS = ("train_loss", "grad_norm", "load_balancing_loss", "router_z_loss")
 
 
-def torchrun(nproc: int, run_dir, corpus, *overrides: str) -> None:
-    launch_train(nproc, ["model=tiny_moe", *data_overrides(corpus), *TINY, *STEPS, "trainer=fsdp",
-                         f"hydra.run.dir={run_dir}", *overrides])
+def fsdp_run(run_dir, corpus, *overrides: str, trainer: str = "fsdp") -> tuple:
+    """(run_dir, overrides) of a trainer=fsdp (or ddp) run, for launch_runs."""
+    return run_dir, ["model=tiny_moe", *data_overrides(corpus), *TINY, *STEPS, f"trainer={trainer}", *overrides]
+
+
+# gradient accumulation (2 micro-batches per step) and bf16 mixed precision: 2 steps, no checkpoints
+ACCUM = ["trainer.max_steps=2", "trainer.grad_accum=2", "trainer.ckpt_interval=0"]
+BF16 = ["trainer.max_steps=2", "trainer.precision=bf16", "trainer.ckpt_interval=0"]
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, text_corpus):
+    """Every launched run of this module, in two torchrun launches (4 processes, then 2: tests.distributed.
+    multi_run trains a launch's runs one after the other), and their single-process references."""
     root = tmp_path_factory.mktemp("fsdp")
-    out = {"single": root / "single"}
+    out = {name: root / name for name in ("single", "ep1", "ep2_recompute", "ep2x2", "hsdp", "resumed_fsdp",
+                                          "resumed_single", "full_into_fsdp", "accum_single", "accum_fsdp",
+                                          "accum_ddp", "bf16_single", "bf16_fsdp")}
     Trainer(make_run(out["single"], text_corpus, *STEPS, "trainer.max_steps=4")).fit()
-    for name, nproc, overrides in (
-        ("ep1", 2, ["model.moe.expert_parallel=1"]),
-        ("ep2_recompute", 2, ["model.moe.expert_parallel=2", "trainer.activation_checkpointing=1",
-                              "trainer.checkpoint_format=full"]),
-        ("ep2x2", 4, ["model.moe.expert_parallel=2"]),
-        ("hsdp", 4, ["model.moe.expert_parallel=2", "trainer.replicate=2"]),
-    ):
-        out[name] = root / name
-        torchrun(nproc, out[name], text_corpus, "trainer.max_steps=3", *overrides)
-        out[name + "_metrics"] = read_metrics(out[name])
-    # the 4-process / ep 2 run's sharded checkpoint of step 3, continued to step 4 at 2 processes / ep 1 ...
-    out["resumed_fsdp"] = root / "resumed_fsdp"
+    launch_runs(4, [fsdp_run(out["ep2x2"], text_corpus, "trainer.max_steps=3", "model.moe.expert_parallel=2"),
+                    fsdp_run(out["hsdp"], text_corpus, "trainer.max_steps=3", "model.moe.expert_parallel=2",
+                             "trainer.replicate=2")], root)
+    # the 4-process / ep 2 run's sharded checkpoint of step 3, continued to step 4 at 2 processes / ep 1 (below)
+    # and in one process under trainer=single
     shutil.copytree(out["ep2x2"], out["resumed_fsdp"])
-    torchrun(2, out["resumed_fsdp"], text_corpus, "trainer.max_steps=4", "model.moe.expert_parallel=1", "resume=auto")
-    # ... and in one process under trainer=single
-    out["resumed_single"] = root / "resumed_single"
     shutil.copytree(out["ep2x2"], out["resumed_single"])
     Trainer(make_run(out["resumed_single"], text_corpus, *STEPS, "trainer.max_steps=4", "resume=auto")).fit()
-    # the single run's full checkpoint of step 3, continued under trainer=fsdp at 2 processes / ep 2
-    out["full_into_fsdp"] = root / "full_into_fsdp"
+    # the single run's full checkpoint of step 3, continued under trainer=fsdp at 2 processes / ep 2 (below)
     shutil.copytree(out["single"], out["full_into_fsdp"])
     shutil.rmtree(out["full_into_fsdp"] / "checkpoints" / "step_4")
-    torchrun(2, out["full_into_fsdp"], text_corpus, "trainer.max_steps=4", "model.moe.expert_parallel=2",
-             "resume=auto")
+    Trainer(make_run(out["accum_single"], text_corpus, *STEPS, *ACCUM)).fit()
+    Trainer(make_run(out["bf16_single"], text_corpus, *STEPS, *BF16)).fit()
+    launch_runs(2, [
+        fsdp_run(out["ep1"], text_corpus, "trainer.max_steps=3", "model.moe.expert_parallel=1"),
+        fsdp_run(out["ep2_recompute"], text_corpus, "trainer.max_steps=3", "model.moe.expert_parallel=2",
+                 "trainer.activation_checkpointing=1", "trainer.checkpoint_format=full"),
+        fsdp_run(out["resumed_fsdp"], text_corpus, "trainer.max_steps=4", "model.moe.expert_parallel=1",
+                 "resume=auto"),
+        fsdp_run(out["full_into_fsdp"], text_corpus, "trainer.max_steps=4", "model.moe.expert_parallel=2",
+                 "resume=auto"),
+        # FSDP without gradient sync and DDP under no_sync until the last micro-batch
+        fsdp_run(out["accum_fsdp"], text_corpus, *ACCUM, "model.moe.expert_parallel=2"),
+        fsdp_run(out["accum_ddp"], text_corpus, *ACCUM, "model.moe.expert_parallel=2", trainer="ddp"),
+        fsdp_run(out["bf16_fsdp"], text_corpus, *BF16, "model.moe.expert_parallel=2"),
+    ], root)
+    for name in ("ep1", "ep2_recompute", "ep2x2", "hsdp"):
+        out[name + "_metrics"] = read_metrics(out[name])
     return out
 
 
@@ -122,30 +136,24 @@ def test_sharded_checkpoint_resumes_at_another_world_size(runs, name):
 
 
 @pytest.mark.parametrize("trainer", ["fsdp", "ddp"])
-def test_gradient_accumulation_equals_single(trainer, tmp_path, text_corpus):
+def test_gradient_accumulation_equals_single(trainer, runs):
     """2 micro-batches per step: FSDP without gradient sync and DDP under no_sync until the last one."""
-    accum = [*STEPS, "trainer.max_steps=2", "trainer.grad_accum=2", "trainer.ckpt_interval=0"]
-    Trainer(make_run(tmp_path / "single", text_corpus, *accum)).fit()
-    launch_train(2, ["model=tiny_moe", *data_overrides(text_corpus), *TINY, *accum, f"trainer={trainer}",
-                     "model.moe.expert_parallel=2", f"hydra.run.dir={tmp_path / trainer}"])
-    single, mine = read_metrics(tmp_path / "single"), read_metrics(tmp_path / trainer)
+    single, mine = read_metrics(runs["accum_single"]), read_metrics(runs[f"accum_{trainer}"])
     for key in KEYS:
         for step in (1, 2):
             assert _close(by_step(mine, key)[step], by_step(single, key)[step]), (trainer, key, step)
 
 
-def test_bf16_mixed_precision_tracks_single_and_keeps_fp32_weights(tmp_path, text_corpus):
+def test_bf16_mixed_precision_tracks_single_and_keeps_fp32_weights(runs):
     """trainer.precision=bf16 (what auto is on CUDA): bf16 compute from FSDP's gathered bf16 weights, fp32 gradient
     reduction and fp32 sharded masters. Losses track trainer=single's bf16 autocast (bf16 round-off, not 1e-6), and
     the checkpoint holds fp32 weights."""
-    bf16 = [*STEPS, "trainer.max_steps=2", "trainer.precision=bf16", "trainer.ckpt_interval=0"]
-    Trainer(make_run(tmp_path / "single", text_corpus, *bf16)).fit()
-    torchrun(2, tmp_path / "fsdp", text_corpus, *bf16, "model.moe.expert_parallel=2")
-    single, mine = read_metrics(tmp_path / "single"), read_metrics(tmp_path / "fsdp")
+    single, mine = read_metrics(runs["bf16_single"]), read_metrics(runs["bf16_fsdp"])
     for step in (1, 2):
         want, got = by_step(single, "train_loss")[step], by_step(mine, "train_loss")[step]
         assert abs(got - want) <= 1e-2 * abs(want), (step, got, want)
-    weights, _ = read_full(tmp_path / "fsdp" / "checkpoints" / "step_2" / SHARDED_DIR)
+    # the run's only checkpoint is its last (ckpt_interval=0)
+    weights, _ = read_full(runs["bf16_fsdp"] / "checkpoints" / "step_2" / SHARDED_DIR)
     assert {t.dtype for t in weights.values()} == {torch.float32}
 
 
