@@ -134,6 +134,19 @@ def test_update_rule_hand_values():
     torch.testing.assert_close(router.bias, torch.tensor([-0.1, 0.0, 0.1, 0.1]), rtol=0, atol=1e-7)
 
 
+def test_the_update_reads_nothing_on_the_host(monkeypatch):
+    """The update runs after every optimizer step: a host read of the load there would synchronise each step."""
+    router = _router(top_k=1, bias_update_rate=0.1)
+    for name in ("item", "tolist", "cpu", "__float__", "__bool__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, lambda *a, _n=name, **k: pytest.fail(f"Tensor.{_n} in the update"))
+    with torch.no_grad():
+        router.load.copy_(torch.tensor([6.0, 2.0, 0.0, 0.0]))
+    router.after_optimizer_step()
+    router.after_optimizer_step()  # and with nothing counted
+    monkeypatch.undo()
+    torch.testing.assert_close(router.bias, torch.tensor([-0.1, 0.0, 0.1, 0.1]), rtol=0, atol=1e-7)
+
+
 def test_load_is_counted_in_training_forwards_only():
     router = _router(top_k=2)
     x = _x()
