@@ -40,7 +40,7 @@ from experiments.engines.deepspeed_ops import announce_build
 from experiments.engines.full_size import use_bf16
 from experiments.engines.ranks import quiet_dependencies, rank_0_prints
 from experiments.metrics import METRICS_FILE, MetricsLogger, NullLogger, flatten_stats, routing_summary
-from experiments.optim import lr_at
+from experiments.optim import describe_optimizer, lr_at
 from experiments.peak_flops import peak_flops
 from experiments.preemption import Preempted, PreemptionFlag
 from experiments.provenance import run_provenance
@@ -256,6 +256,7 @@ class Trainer:
         self.log.info(f"model: {self.params.total:,} parameters, {self.params.active:,} active per token, "
                       f"{self.flops_per_token:.3g} training FLOPs per token; sparse layers {list(self.model_cfg.sparse_layers)}")
         self.log.info(describe_dispatch(self.model))
+        self.log.info(describe_optimizer(self.optimizer, self.cfg.optim, tc.kind))  # fused or foreach, and why
         self._last_log = (st.tokens, st.elapsed_s)  # what the next record's tokens/s are measured from
         self._started = (time.perf_counter(), st.step)  # what the lines' elapsed and ETA are measured from
         val_loss: Optional[float] = None

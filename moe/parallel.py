@@ -278,14 +278,17 @@ def global_grad_norm(params: Iterable[Tensor], groups: Optional[ParallelGroups])
 
 @torch.no_grad()
 def clip_grad_norm(params: Iterable[Tensor], max_norm: float, groups: Optional[ParallelGroups]) -> Tensor:
-    """torch.nn.utils.clip_grad_norm_ over the whole distributed model: returns the global norm before clipping."""
+    """torch.nn.utils.clip_grad_norm_ over the whole distributed model: returns the global norm before clipping.
+    The rescale is one torch._foreach_mul_ over the gradients (torch's own); an optimizer that can take the
+    coefficient inside its update (experiments.optim.clipped_update: fused AdamW's grad_scale) needs only
+    global_grad_norm and no pass that rewrites every gradient."""
     params = _unique(params)
     total = global_grad_norm(params, groups)
     if max_norm > 0 and max_norm != float("inf"):
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)  # the same formula as torch's
-        for p in params:
-            if p.grad is not None:
-                p.grad.mul_(coef.to(p.grad.dtype))
+        grads = [p.grad for p in params if p.grad is not None]
+        for dtype in {g.dtype for g in grads}:  # a foreach list holds one dtype; the coefficient is cast to it
+            torch._foreach_mul_([g for g in grads if g.dtype == dtype], coef.to(dtype))
     return total
 
 

@@ -15,7 +15,6 @@ The model is built and initialised at full size under the run's seed on every ra
 from __future__ import annotations
 
 import contextlib
-import math
 
 import torch
 from torch import nn
@@ -24,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from experiments.engines import SavedState, checked_model_config
 from experiments.engines.full_size import as_full, autocast, full_state, load_full, use_bf16
 from experiments.engines.ranks import TIMEOUT_KEY, Torchrun, check_batch, init_process_group, launch_env
-from experiments.optim import build_optimizer
+from experiments.optim import build_optimizer, clipped_update
 from moe import parallel
 from moe.compile import compile_blocks
 
@@ -67,7 +66,7 @@ class DDPEngine:
         self.ddp = DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda"
                                            else None, broadcast_buffers=False,
                                            process_group=self.ranks.groups.world_group)
-        return build_optimizer(self.model, optim)
+        return build_optimizer(self.model, optim, engine="ddp")
 
     def forward(self, x: torch.Tensor, y: torch.Tensor):
         with self.autocast():
@@ -100,11 +99,8 @@ class DDPEngine:
         for p in params:  # a dense parameter no token reached (DDP leaves its gradient None on every rank alike)
             if p.requires_grad and p.grad is None and not parallel.is_expert(p):
                 p.grad = torch.zeros_like(p)
-        norm = float(parallel.clip_grad_norm(params, max_norm if max_norm > 0 else float("inf"), g))
-        if math.isfinite(norm):
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return norm
+        # the norm over the shards; clipping folded into the update (experiments.optim.clipped_update)
+        return clipped_update(optimizer, parallel.global_grad_norm(params, g), max_norm)
 
     def state_to_save(self, optimizer: torch.optim.Optimizer, sharded: bool, step: int = 0) -> SavedState:
         return full_state(self.model, optimizer)  # gathers the expert shards: every rank calls it

@@ -248,7 +248,7 @@ class DeepSpeedEngine:
         rate."""
         deepspeed = import_deepspeed()
         self.model = model = parallel.distribute(model.to(self.device), self.groups)
-        self.template = optimizer = build_optimizer(model, optim)
+        self.template = optimizer = build_optimizer(model, optim, engine="deepspeed")  # foreach (auto)
         accepted = inspect.signature(type(optimizer).__init__).parameters  # defaults also hold derived keys
         client = type(optimizer)(moe_param_groups(optimizer),
                                  **{k: v for k, v in optimizer.defaults.items() if k in accepted})

@@ -31,8 +31,6 @@ trainer.checkpoint_format=full gathers them into the plain single-file layout in
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -43,7 +41,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tenso
 from experiments.engines import FullState, SavedState, ShardedSource, ShardedState, checked_model_config
 from experiments.engines.ranks import TIMEOUT_KEY, Torchrun, check_batch, init_process_group, launch_env, resolve_device
 from experiments.engines.full_size import autocast, use_bf16
-from experiments.optim import build_optimizer
+from experiments.optim import build_optimizer, clipped_update
 from moe import parallel
 from moe.dispatch import resolve_dispatcher
 from moe.compile import compile_blocks
@@ -146,7 +144,7 @@ class FSDPEngine:
         # id(expert parameter) -> E of its bank: the full-size first dimension in checkpoints
         self._experts_of = {id(p): bank.num_global_experts for _, bank in parallel.expert_banks(model)
                             for p in bank.parameters()}
-        return build_optimizer(model, optim)
+        return build_optimizer(model, optim, engine="fsdp")
 
     def forward(self, x: Tensor, y: Tensor):
         # bf16: FSDP gathers bf16 weights; autocast keeps the model's fp32 pieces (norms, rotary tables) from
@@ -173,15 +171,9 @@ class FSDPEngine:
         with parallel.named_collective("gradient norm", self.ranks.groups,
                                        "the sum of squares of every rank's gradient shards"):
             dist.all_reduce(sq)
-        norm = float((sq / self.replicas).sqrt())
-        if math.isfinite(norm):
-            if max_norm > 0:
-                coef = min(1.0, max_norm / (norm + 1e-6))  # torch.nn.utils.clip_grad_norm_'s formula
-                if coef < 1.0:
-                    torch._foreach_mul_(grads, coef)
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return norm
+        # clipping folded into the update (experiments.optim.clipped_update: torch's formula, the fused kernel's
+        # grad_scale or one _foreach_mul_ of the local shards)
+        return clipped_update(optimizer, (sq / self.replicas).sqrt(), max_norm)
 
     # ---------------------------------------------------------------- checkpoints
 

@@ -1,15 +1,13 @@
 """trainer=single: one process, the reference every other engine is tested against."""
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from experiments.engines import SavedState
 from experiments.engines.full_size import as_full, autocast, full_state, load_full, use_bf16
 from experiments.engines.ranks import OneProcess, resolve_device
-from experiments.optim import build_optimizer
+from experiments.optim import build_optimizer, clipped_update
 from moe.compile import compile_blocks
 
 
@@ -41,12 +39,9 @@ class SingleEngine:
     def step(self, optimizer: torch.optim.Optimizer, max_norm: float) -> float:
         """Clip, update, clear; a non-finite norm skips the update, so NaN gradients never reach the weights or the
         optimizer's moments."""
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf")))
-        if math.isfinite(norm):
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return norm
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        # torch.nn.utils.clip_grad_norm_'s norm; its rescale is folded into the update (experiments.optim)
+        return clipped_update(optimizer, torch.nn.utils.get_total_norm(grads), max_norm)
 
     def state_to_save(self, optimizer: torch.optim.Optimizer, sharded: bool, step: int = 0) -> SavedState:
         return full_state(self.model, optimizer)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from experiments.config import OptimConfig
-from experiments.optim import build_optimizer, lr_at, param_groups
+from experiments.optim import build_optimizer, describe_optimizer, lr_at, param_groups, resolve_fused
 from moe.config import ModelConfig, MoEConfig
 from moe.model import Transformer
 from routing.config import RouterConfig
@@ -181,3 +181,62 @@ def test_fused_adamw_equals_foreach_within_round_off():
             o.zero_grad()
     for a, b in zip(models[0].parameters(), models[1].parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)  # the 5 updates moved weights by ~5e-2
+
+
+# ------------------------------------------------------------------------------------------------ optim.fused
+
+
+@pytest.mark.parametrize("given, want", [("auto", "auto"), (True, "true"), ("True", "true"), (False, "false"),
+                                         ("FALSE", "false")])
+def test_fused_setting_is_a_tri_state(given, want):
+    """Hydra hands optim.fused=true over as the string 'True', older run.json files as a bool: one spelling each."""
+    assert OptimConfig(fused=given).fused == want
+    assert OptimConfig().fused == "auto"
+
+
+def test_fused_setting_refuses_other_values():
+    with pytest.raises(ValueError, match=r"optim.fused='yes' must be auto, true or false"):
+        OptimConfig(fused="yes")
+
+
+def test_auto_is_fused_where_torch_has_the_kernel_and_foreach_under_deepspeed():
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    for engine in ("single", "ddp", "fsdp"):
+        assert resolve_fused("auto", engine, params) == (True, "optim.fused=auto")
+        assert resolve_fused("true", engine, params)[0] and not resolve_fused("false", engine, params)[0]
+    assert resolve_fused("auto", "deepspeed", params) == (False, "optim.fused=auto: trainer=deepspeed steps its "
+                                                                 "own partitions")
+    with pytest.raises(ValueError, match=r"optim.fused=true is not supported with trainer=deepspeed"):
+        resolve_fused("true", "deepspeed", params)
+    ints = [torch.zeros(3, dtype=torch.int64)]  # no fused kernel: auto falls back and says why, true refuses
+    assert resolve_fused("auto", "single", ints) == (False, "optim.fused=auto: torch's fused AdamW does not run on "
+                                                            "cpu torch.int64")
+    with pytest.raises(ValueError, match=r"optim.fused=true: torch's fused AdamW does not run on .*cpu torch.int64"):
+        resolve_fused("true", "single", ints)
+
+
+def test_build_optimizer_default_is_fused_and_the_log_says_so():
+    model = _model()
+    opt = build_optimizer(model, OptimConfig())
+    assert all(g["fused"] and not g["foreach"] for g in opt.param_groups)
+    assert describe_optimizer(opt, OptimConfig(), "single") == ("optimizer: AdamW, fused update (optim.fused=auto); "
+                                                                "the clip folded into the update")
+    ds = build_optimizer(model, OptimConfig(), engine="deepspeed")
+    assert all(g["foreach"] and not g["fused"] for g in ds.param_groups)
+    assert describe_optimizer(ds, OptimConfig(), "deepspeed") == ("optimizer: AdamW, foreach update (optim.fused="
+                                                                  "auto: trainer=deepspeed steps its own partitions)")
+
+
+def test_a_checkpoint_does_not_change_the_runs_kernel():
+    """load_state_dict copies every group setting from the file, an older checkpoint's foreach included: the
+    run keeps its own choice, and the moments and step count are the file's."""
+    model = _model()
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    old = build_optimizer(model, OptimConfig(fused="false"))
+    old.step()
+    new = build_optimizer(model, OptimConfig())
+    new.load_state_dict(old.state_dict())
+    assert all(g["fused"] and not g["foreach"] for g in new.param_groups)
+    p = next(model.parameters())
+    assert torch.equal(new.state[p]["exp_avg"], old.state[p]["exp_avg"]) and new.state[p]["step"].item() == 1.0
