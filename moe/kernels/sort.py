@@ -42,6 +42,9 @@ class ExpertSort(NamedTuple):
     expert_index: Tensor  # [A] long, its expert, non-decreasing
     counts: Tensor  # [E] long, assignments per expert
     offsets: Tensor  # [E+1] long, start of each expert's segment (offsets[E] = A)
+    # [1 + 3 * M_BOUND] long, the row-tile table of the persistent GEMMs for one BLOCK_M (moe.kernels.tile_table),
+    # written right after the scan when sort_by_expert is given tile_block_m; else None
+    tile_table: Optional[Tensor] = None
 
 
 if triton is not None:
@@ -147,11 +150,12 @@ def _sort_torch(expert_idx: Tensor, num_experts: int) -> ExpertSort:
 
 
 def sort_by_expert(expert_idx: Tensor, num_experts: int, use_triton: Optional[bool] = None,
-                   block_a: Optional[int] = None) -> ExpertSort:
+                   block_a: Optional[int] = None, tile_block_m: Optional[int] = None) -> ExpertSort:
     """expert_idx [T, k] (values in [0, E)) -> ExpertSort; the Triton kernels where they can run (use_triton=None),
     else the torch path. Either way no host synchronisation, and the result equals routing.capacity.assign's rows
     with capacity=None. block_a (a power of two >= 16) overrides the assignments per program (tests use it to
-    cover several blocks)."""
+    cover several blocks). tile_block_m: also write the row-tile table of that BLOCK_M from the scan's offsets
+    (one more small kernel: moe.kernels.tile_table; it needs the Triton kernels to be runnable)."""
     if expert_idx.dim() != 2:
         raise ValueError(f"expert_idx must be [T, k], got shape {tuple(expert_idx.shape)}")
     if use_triton is None:
@@ -159,8 +163,14 @@ def sort_by_expert(expert_idx: Tensor, num_experts: int, use_triton: Optional[bo
     if use_triton and triton is None:
         raise ValueError("sort_by_expert(use_triton=True) needs triton; install the triton extra")
     if expert_idx.numel() == 0 or not use_triton:
-        return _sort_torch(expert_idx, num_experts)
-    return _sort_triton(expert_idx, num_experts, block_a)
+        rows = _sort_torch(expert_idx, num_experts)
+    else:
+        rows = _sort_triton(expert_idx, num_experts, block_a)
+    if tile_block_m is None:
+        return rows
+    from moe.kernels.tile_table import tile_table  # imports triton
+
+    return rows._replace(tile_table=tile_table(rows.offsets, rows.order.numel(), tile_block_m))
 
 
 def sort_impl(expert_idx: Tensor, num_experts: int) -> ExpertSort:

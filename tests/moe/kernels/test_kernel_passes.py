@@ -40,6 +40,14 @@ def test_shared_token_order_is_built_once_per_layer(monkeypatch):
         return real(row_token, num_tokens)
 
     monkeypatch.setattr(TokenOrder, "build", staticmethod(counting))
+    # top2 is dropless: the dispatcher takes the sort-free constructor (tests/moe/kernels/test_token_order.py)
+    dropless = TokenOrder.from_dropless
+
+    def counting_dropless(row_token, row_expert, num_tokens, top_k, num_experts):
+        calls.append(num_tokens)
+        return dropless(row_token, row_expert, num_tokens, top_k, num_experts)
+
+    monkeypatch.setattr(TokenOrder, "from_dropless", staticmethod(counting_dropless))
     _run("triton", router, experts, x, g)
     assert calls == [x.shape[0]]
 
