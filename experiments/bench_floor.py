@@ -1,4 +1,4 @@
-"""python -m experiments.bench_floor [--twins ...] [--reps 5] [--batches 16,64,256] [--optimizers foreach,fused]
+"""python -m experiments.bench_floor [--twins ...] [--reps 5] [--batches 16,64,256] [--optimizers trainer,foreach,fused]
                                   [--floor-only] [--layers] [--clock cpu|wall]
 
 Where the bare training step's time goes (forward, backward, clip, optimizer step, zero_grad) for the demo's dense
@@ -26,6 +26,11 @@ The floor (`floor_ms`), a lower bound for one step of a model:
 Weight reads in forward and backward and the gradient writes (12 B x P) can overlap with the GEMMs, so they are
 reported beside the floor (`weight_ms`), not in it; the router's sort and the two row permutations are small.
 
+The step clips and updates as experiments.bench_step's `--optimizer` does (`--optimizers`, each model timed with each:
+`trainer`, the default, is trainer=single's fused AdamW with the clip in its update, so its clip phase is the norm
+alone and its optimizer phase includes clearing the gradients; `foreach` and `fused` are torch's clip_grad_norm_,
+which rescales every gradient, then AdamW on that kernel: the path before issue 16/21 and its opt-in).
+
 Protocol as experiments.bench_step: models interleaved round-robin per repetition (the starting one rotating),
 one warm-up, `--reps` timed; min and median per phase. The clock (`--clock`) is this thread's CPU time by default
 (time.thread_time: with one torch thread all the step's work runs on it), so the time another process holds the
@@ -46,7 +51,7 @@ from typing import Callable, Optional
 import torch
 
 from experiments import allocator
-from experiments.bench_step import DEMO_TWINS, StepSetup, make_optimizer, start, twin_config
+from experiments.bench_step import DEMO_TWINS, OPTIMIZERS, StepSetup, make_update, start, twin_config
 from moe.config import ModelConfig
 from moe.flops import count_params, flops_per_token
 from moe.model import Transformer
@@ -130,17 +135,16 @@ def floor_ratio(twin: Floor, dense: Floor, dense_ms: float) -> tuple[float, floa
     return twin.floor_ms / dense.floor_ms, (dense_ms + twin.floor_ms - dense.floor_ms) / dense_ms
 
 
-def make_phased_step(cfg: ModelConfig, setup: StepSetup, fused_adamw: bool = False,
+def make_phased_step(cfg: ModelConfig, setup: StepSetup, optimizer_kind: str = "trainer",
                      clock: Callable[[], float] = time.thread_time) -> tuple[Callable[[], dict[str, float]], Transformer]:
     """A closure running one bare step (as experiments.bench_step.make_step) that returns seconds per phase."""
     torch.manual_seed(setup.seed)
     model = Transformer(cfg)
     model.train()
-    optimizer = make_optimizer(model, fused_adamw)
+    optimizer, clip, update = make_update(model, optimizer_kind, setup.max_norm)
     g = torch.Generator().manual_seed(setup.seed)
     x = torch.randint(0, cfg.vocab_size, (setup.batch, setup.seq_len), generator=g)
     y = torch.randint(0, cfg.vocab_size, (setup.batch, setup.seq_len), generator=g)
-    params = list(model.parameters())
 
     def step() -> dict[str, float]:
         t0 = clock()
@@ -148,9 +152,9 @@ def make_phased_step(cfg: ModelConfig, setup: StepSetup, fused_adamw: bool = Fal
         t1 = clock()
         loss.backward()
         t2 = clock()
-        torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], setup.max_norm)
+        norm = clip()
         t3 = clock()
-        optimizer.step()
+        update(norm)
         t4 = clock()
         optimizer.zero_grad(set_to_none=True)
         t5 = clock()
@@ -200,22 +204,21 @@ def _cached(fn: Callable[[int], float]) -> Callable[[int], float]:
     return at
 
 
-OPTIMIZERS = ("foreach", "fused")  # experiments.optim's AdamW (the trainer's default) and torch's fused kernel
-
-
 def run_batch(names: list[str], setup: StepSetup, reps: int, optimizers: list[str], rate: float,
               bandwidth: Callable[[int], float], clock: Callable[[], float]) -> None:
     """Prints the phase table, the floors and the ratios of one batch size; every model with every optimizer,
-    all interleaved in one loop ("NAME+fused": the fused one), each against dense with the same optimizer."""
+    all interleaved in one loop ("NAME+fused": with the fused one; the first optimizer listed is plain NAME), each
+    against dense with the same optimizer."""
     tokens = setup.batch * setup.seq_len
     cfgs = {n: twin_config(n, setup) for n in names}
-    keys = {(n if o == "foreach" else f"{n}+{o}"): (n, o) for o in optimizers for n in names}
-    steps = {k: make_phased_step(cfgs[n], setup, o == "fused", clock)[0] for k, (n, o) in keys.items()}
+    key = {o: (lambda n, o=o: n if o == optimizers[0] else f"{n}+{o}") for o in optimizers}
+    keys = {key[o](n): (n, o) for o in optimizers for n in names}
+    steps = {k: make_phased_step(cfgs[n], setup, o, clock)[0] for k, (n, o) in keys.items()}
     runs = interleaved_phases(steps, reps)
     phases = {k: summarise(rs) for k, rs in runs.items()}
     ratio = {}
     for o in optimizers:
-        ref = "dense" if o == "foreach" else f"dense+{o}"
+        ref = key[o]("dense")
         mine = {k: rs for k, rs in runs.items() if keys[k][1] == o}
         ratio.update(step_ratios(mine, ref=ref))
     floors = {n: floor_of(cfgs[n], tokens, setup.seq_len, rate, bandwidth) for n in names}
@@ -227,7 +230,7 @@ def run_batch(names: list[str], setup: StepSetup, reps: int, optimizers: list[st
     print("|---|---:|" + "---:|" * (len(PHASES) + 4))
     for k, (n, o) in keys.items():
         f = floors[n]
-        ref = "dense" if o == "foreach" else f"dense+{o}"
+        ref = key[o]("dense")
         both, lenient = floor_ratio(f, floors["dense"], phases[ref]["step"][0])
         cells = " | ".join(f"{phases[k][p][0]:.1f} / {phases[k][p][1]:.1f}" for p in PHASES)
         print(f"| {k} | {f.params / 1e6:.2f}M | {cells} | {phases[k]['step'][0]:.1f} / {phases[k]['step'][1]:.1f} | "
@@ -307,7 +310,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--floor-only", action="store_true", help="print the floors (and rates) without timing steps")
     ap.add_argument("--layers", action="store_true", help="also time one FFN slot's parts (layer_parts)")
     ap.add_argument("--clock", default="cpu", choices=tuple(CLOCKS), help="cpu: this thread's CPU time; wall: perf_counter")
-    ap.add_argument("--optimizers", default="foreach",
+    ap.add_argument("--optimizers", default="trainer",
                     help=f"comma-separated AdamW kinds, each model timed with each ({', '.join(OPTIMIZERS)})")
     ap.add_argument("--allocator", default="auto", choices=allocator.CHOICES,
                     help="re-run once with this allocator (experiments.allocator)")
@@ -325,7 +328,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     clock = CLOCKS[args.clock]
     bandwidth = _cached(lambda n: update_bandwidth(n, clock=clock))
     print(f"# bare step by phase, tiny_dense twins, {args.threads} thread(s), torch {torch.__version__}, "
-          f"AdamW {'+'.join(optimizers)}, clock {args.clock}, allocator: {allocator.current()}")
+          f"optimizers {'+'.join(optimizers)}, clock {args.clock}, allocator: {allocator.current()}")
     print("fused AdamW update bandwidth, GB/s: " + ", ".join(
         f"{m}M parameters {bandwidth(m << 20) / 1e9:.1f}" for m in (1, 2, 4, 8, 16)))
     for b in batches:

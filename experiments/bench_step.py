@@ -1,5 +1,5 @@
 """python -m experiments.bench_step [--twins dense,moe_e8_k2,...] [--reps 7] [--threads 1] [--profile] [--compile]
-                                 [--clock wall|cpu]
+                                 [--clock wall|cpu] [--optimizer trainer|foreach|fused]
 
 The bare training step (forward, backward, clip, AdamW; no trainer, no logging) of the demo's dense base and of
 its FLOP-matched MoE twins, measured side by side in one process, as ratios against dense.
@@ -16,6 +16,10 @@ the ratio is min(twin) / min(dense) and the median of the per-repetition pairs. 
 backward, summed into: attention/dense, router, dispatch (gather/scatter/sort), expert GEMMs, statistics,
 optimizer, other); see `PART_RULES`.
 --compile times the steps with every block compiled (moe.compile.compile_blocks) on dense and twins alike.
+--optimizer: `trainer` (default) clips and updates as trainer=single does (experiments.optim.build_optimizer with
+OptimConfig's defaults, then torch's global norm and experiments.optim.clipped_update: the fused kernel with the
+clip as its grad_scale); `foreach` and `fused` run torch's clip_grad_norm_ (its own pass rescaling every gradient)
+and then AdamW on that kernel: the trainer's path before issue 16/21 (foreach was its default) and its opt-in.
 """
 from __future__ import annotations
 
@@ -32,7 +36,7 @@ import torch
 
 from experiments.config import OptimConfig
 from experiments import allocator
-from experiments.optim import build_optimizer, param_groups
+from experiments.optim import build_optimizer, clipped_update
 from moe.twins import build_twin
 from moe.config import ModelConfig
 from moe.model import Transformer
@@ -62,35 +66,50 @@ def twin_config(name: str, setup: StepSetup) -> ModelConfig:
     return build_twin(base, twin, seq_len=setup.seq_len, multiple_of=int(multiple or 1))
 
 
-def make_optimizer(model: torch.nn.Module, fused: bool) -> torch.optim.Optimizer:
-    """The trainer's AdamW (experiments.optim: foreach), or the same groups and settings on torch's fused kernel."""
-    if not fused:
-        return build_optimizer(model, OptimConfig())
-    o = OptimConfig()
-    return torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
-                             fused=True)
+OPTIMIZERS = ("trainer", "foreach", "fused")  # --optimizer: the trainer's update now, and the two before it
+
+
+def make_update(model: torch.nn.Module, kind: str, max_norm: float
+                ) -> tuple[torch.optim.Optimizer, Callable[[], torch.Tensor], Callable[[torch.Tensor], None]]:
+    """(optimizer, clip, update) of one of OPTIMIZERS: clip() returns the global gradient norm (foreach and fused:
+    torch's clip_grad_norm_, which also rescales every gradient), update(norm) steps (the trainer's: clipped in
+    the update, gradients cleared, as experiments.engines.single does)."""
+    if kind not in OPTIMIZERS:
+        raise ValueError(f"optimizer {kind!r}: choose one of {OPTIMIZERS}")
+    params = list(model.parameters())
+    if kind == "trainer":
+        optimizer = build_optimizer(model, OptimConfig())
+
+        def norm() -> torch.Tensor:
+            return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+
+        return optimizer, norm, lambda n: clipped_update(optimizer, n, max_norm)
+    optimizer = build_optimizer(model, OptimConfig(fused="true" if kind == "fused" else "false"))
+
+    def clip() -> torch.Tensor:
+        return torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], max_norm)
+
+    return optimizer, clip, lambda n: optimizer.step()
 
 
 def make_step(cfg: ModelConfig, setup: StepSetup, wrap: Optional[Callable] = None,
-              fused_adamw: bool = False) -> tuple[Callable[[], float], Transformer]:
+              optimizer_kind: str = "trainer") -> tuple[Callable[[], float], Transformer]:
     """A closure running one bare training step of a fresh model of `cfg`; returns it and the model."""
     torch.manual_seed(setup.seed)
     model = Transformer(cfg)
     model.train()
-    optimizer = make_optimizer(model, fused_adamw)
+    optimizer, clip, update = make_update(model, optimizer_kind, setup.max_norm)
     if wrap is not None:
         wrap(model)
     g = torch.Generator().manual_seed(setup.seed)
     x = torch.randint(0, cfg.vocab_size, (setup.batch, setup.seq_len), generator=g)
     y = torch.randint(0, cfg.vocab_size, (setup.batch, setup.seq_len), generator=g)
-    params = list(model.parameters())
 
     def step() -> float:
         out = model(x, y)
         loss = out.total_loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], setup.max_norm)
-        optimizer.step()
+        update(clip())
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
@@ -139,6 +158,7 @@ PART_RULES: list[tuple[str, str]] = [
     ("moe/ffn.py", "dense FFN"),
     ("torch/optim/", "optimizer"),
     ("clip_grad", "optimizer"),
+    ("experiments/optim.py", "optimizer"),  # clipped_update: the clip folded into the update
     ("moe/", "attention/dense/other"),
 ]
 PARTS = ("attention/dense/other", "dense FFN", "router", "dispatch", "expert GEMMs", "statistics", "MoE layer (other)",
@@ -216,8 +236,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--profile", action="store_true", help="also split one step of each twin into parts")
     ap.add_argument("--profile-rounds", type=int, default=3, help="profiled steps per model (median per part)")
     ap.add_argument("--compile", action="store_true", help="compile every block (moe.compile) of every twin")
-    ap.add_argument("--fused-adamw", action="store_true",
-                    help="AdamW on torch's fused kernel instead of the trainer's foreach one (experiments.optim)")
+    ap.add_argument("--optimizer", default="trainer", choices=OPTIMIZERS,
+                    help="trainer: the trainer's clip and AdamW (fused, clip in the update); foreach / fused: torch's "
+                         "clip_grad_norm_ then AdamW on that kernel (the path before issue 16/21)")
     ap.add_argument("--clock", default="wall", choices=("wall", "cpu"),
                     help="wall: perf_counter; cpu: this thread's CPU time (with --threads 1 all the step's work, and "
                          "not the time other processes hold the core: steadier on a shared machine)")
@@ -231,10 +252,10 @@ def main(argv: Optional[list[str]] = None) -> None:
         from moe.compile import compile_blocks
 
         wrap = compile_blocks
-    steps = {n: make_step(twin_config(n, setup), setup, wrap, args.fused_adamw)[0] for n in names}
+    steps = {n: make_step(twin_config(n, setup), setup, wrap, args.optimizer)[0] for n in names}
     print(f"# bare step, demo shapes (tiny_dense, byte tokens, {setup.batch}x{setup.seq_len}), "
           f"{args.threads} thread(s), torch {torch.__version__}, compile={args.compile}, "
-          f"AdamW {'fused' if args.fused_adamw else 'foreach'}, clock {args.clock}, allocator: {allocator.current()}, "
+          f"optimizer {args.optimizer}, clock {args.clock}, allocator: {allocator.current()}, "
           f"{datetime.datetime.now().isoformat(timespec='minutes')}, load {os.getloadavg()[0]:.2f}")
     if args.clock == "cpu" and args.threads != 1:
         raise ValueError("--clock cpu times the calling thread only: use it with --threads 1")
