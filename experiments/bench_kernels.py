@@ -24,6 +24,10 @@ it says otherwise:
     grad-x GEMM              launch_grad_x: gu @ wu^T (+ gg @ wg^T), rows to token-major slots
     weight grad up           grouped_wgrad of the up (and gate) weights: x gathered ^T @ grad pre-activations
     weight grad down         grouped_wgrad of the down weight: h^T @ (combine weight * grad_y gathered)
+    weight grad up / down,   the same with split-K (WgradBlocks.split_rows = S, the power of two at or below half
+      split-K                the mean rows per expert, >= block_k): fp32 partials per chunk + a fixed-order sum.
+                             The routing here is uniform, so these rows show what the split costs, not the tail
+                             of a skewed load that it removes
     segment sum              segment_sum: token-major rows [N, d] -> [T, d], summed in fp32
     token order              TokenOrder.build (torch, not Triton: a stable sort, a scatter, a searchsorted)
     expert MLP, forward      grouped_expert_mlp (the triton dispatcher's experts) forward + backward in x and
@@ -54,7 +58,7 @@ DEFAULT_SHAPE = "16k:1024:2048:8:2"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 ROWS = ("up forward, inference", "up forward, training", "down GEMM", "down + combine", "grad-h",
         "grad-h + activation backward", "activation backward", "grad-x GEMM", "weight grad up", "weight grad down",
-        "segment sum", "token order", "expert MLP, forward + backward")
+        "weight grad up, split-K", "weight grad down, split-K", "segment sum", "token order", "expert MLP, forward + backward")
 
 
 @dataclass
@@ -135,6 +139,8 @@ def cases(p: Problem) -> dict[str, Case]:
     from moe.kernels.down_combine import grouped_down_combine, launch_down, launch_grad_h, launch_grad_h_act
     from moe.kernels.expert_mlp import grouped_expert_mlp
     from moe.kernels.up_projection import launch_act_backward, launch_grad_x, launch_up
+    from moe.kernels import next_pow2
+    from moe.kernels.tile_configs import WgradBlocks, default_blocks
     from moe.kernels.weight_grad import grouped_wgrad
 
     t, N, T, d, f, E = p.tensors, p.N, p.T, p.d, p.f, p.E
@@ -152,6 +158,9 @@ def cases(p: Problem) -> dict[str, Case]:
     grad_pre = torch.cat([grad_u] + ([grad_g] if p.glu else []), 1)  # [N, halves*f]
     up_flops, down_flops = 2.0 * N * d * f * halves, 2.0 * N * f * d
     w_in_bytes, w_out_bytes = E * d * f * halves * es, E * f * d * es
+
+    base = default_blocks(x.dtype)  # split-K rows: the default tiles, chunks of about half an expert's rows
+    split = WgradBlocks(**asdict(base), split_rows=max(base.block_k, next_pow2(-(-N // E)) // 2))
 
     def up(save_pre: bool) -> Callable[[], object]:
         return lambda: launch_up(x, row_token, offsets, w_up, w_gate, None, None, "silu", save_pre)
@@ -191,6 +200,13 @@ def cases(p: Problem) -> dict[str, Case]:
                                (T * d + N * f * halves) * es + w_in_bytes),
         "weight grad down": Case(lambda: grouped_wgrad(h, None, gy, None, row_token, rw, offsets, E, False),
                                  dense["wgrad down"], down_flops, (N * f + T * d) * es + N * 4 + w_out_bytes),
+        "weight grad up, split-K": Case(lambda: grouped_wgrad(x, row_token, grad_u, grad_g, None, None, offsets, E,
+                                                              False, split),
+                                        dense["wgrad up"], up_flops, (T * d + N * f * halves) * es + w_in_bytes),
+        "weight grad down, split-K": Case(lambda: grouped_wgrad(h, None, gy, None, row_token, rw, offsets, E, False,
+                                                                split),
+                                          dense["wgrad down"], down_flops,
+                                          (N * f + T * d) * es + N * 4 + w_out_bytes),
         "segment sum": Case(lambda: segment_sum(t["rows_tok"], order.token_offsets, x.dtype), None, 0.0,
                             (N * d + T * d) * es),
         "token order": Case(lambda: TokenOrder.build(row_token, T), None, 0.0, N * 8 * 2 + (T + 1) * 8),

@@ -15,7 +15,9 @@
   --kernels      a subset of the kernel names (default: all that apply, see tile_configs.KERNELS).
   --activation   the up projection's activation (default silu).
 
-Every candidate (tile_configs.candidates: pruned by the device's shared memory) is first compared with the
+Every candidate (tile_configs.candidates: pruned by the device's shared memory; for the weight gradients also
+split-K chunk sizes chosen from the shape's expert loads, where the busiest expert would span two chunks or more;
+--quick under the interpreter adds the first of those, if any, to its two) is first compared with the
 default tiles' result; one that differs beyond rounding, or fails to compile (out of resources), is reported and
 never recorded, and a candidate must beat the defaults by 3% to replace them. Timing is triton.testing.do_bench on
 the GPU (median ms). One line per kernel and shape goes to
@@ -132,12 +134,13 @@ def agrees(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> bool:
 def tune(shape: Shape, dtype: torch.dtype, glu: bool, activation: str, kernels: Optional[list[str]], quick: bool,
          log=print) -> list[dict]:
     """Entries of the table for one shape: the fastest agreeing candidate of each kernel."""
-    from moe.kernels.tile_configs import candidates, table_entry
+    from moe.kernels.tile_configs import WGRAD, candidates, split_rows, table_entry
 
     on_gpu = torch.cuda.is_available()
     device = torch.device("cuda" if on_gpu else "cpu")
     inputs = make_inputs(shape, dtype, device, glu)
     runs = kernel_runs(inputs, activation)
+    expert_rows = inputs["offsets"].diff().tolist()  # the loads, for the weight gradients' split-K candidates
     unknown = sorted(set(kernels or ()) - set(runs))
     if unknown:
         raise ValueError(f"--kernels: {unknown} do not apply here (glu={glu}); choose among {sorted(runs)}")
@@ -145,9 +148,9 @@ def tune(shape: Shape, dtype: torch.dtype, glu: bool, activation: str, kernels: 
     for name, (run, (rows, k, n)) in runs.items():
         if kernels and name not in kernels:
             continue
-        tiles = candidates(name, dtype, device)
-        if quick and not on_gpu:
-            tiles = tiles[:2]
+        tiles = candidates(name, dtype, device, expert_rows if name in WGRAD else None)
+        if quick and not on_gpu:  # the plumbing check: defaults, one candidate and (if the loads give one) a split
+            tiles = tiles[:2] + [b for b in tiles if split_rows(b)][:1]
         want, timed = None, []
         for b in tiles:  # tiles[0] is the defaults: every other candidate must agree with their result
             start = time.perf_counter()
@@ -173,8 +176,11 @@ def tune(shape: Shape, dtype: torch.dtype, glu: bool, activation: str, kernels: 
         if not ms < 0.97 * default_ms:  # within noise of the defaults (or they failed): keep what is known
             ms, best = (default_ms, tiles[0]) if default_ms == default_ms else (ms, best)
         b = best
+        options = "".join([" persistent" * b.persistent, " tma" * b.tma,
+                           f" split{split_rows(b)}" if split_rows(b) else ""])
         log(f"{name:13s} rows={rows} k={k} n={n}: {b.block_m}x{b.block_n}x{b.block_k} w{b.num_warps} "
-            f"s{b.num_stages} g{b.group_m}  {ms:.4f} ms (defaults {default_ms:.4f} ms, x{default_ms / ms:.2f})")
+            f"s{b.num_stages} g{b.group_m}{options}  {ms:.4f} ms (defaults {default_ms:.4f} ms, "
+            f"x{default_ms / ms:.2f})")
         entries.append(table_entry(name, inputs["h"], rows, k, n, best, ms=round(ms, 5),
                                    default_ms=round(default_ms, 5), tried=len(timed)))
     return entries

@@ -25,8 +25,12 @@ Candidates (`candidates(kernel, dtype, device)`): the defaults plus 128×128×64
 at 3 stages, 8 warps (32-wide K chunks for fp32), pruned where the pipelined operand tiles exceed the device's
 shared memory (nominally an H100's 227 KB off the GPU, so the interpreter tests run what sm_90 would) or where
 the fp32 accumulators would pass 128 registers per thread (two 128×256 GLU accumulators at 8 warps would spill);
-then the largest survivor again with the persistent grid (row-tiled kernels) and with TMA weight descriptors
-(up, down, grad x), both off unless a measurement picks them.
+then the largest survivor again with the persistent grid (row-tiled kernels) and with TMA descriptors (the weights
+of up, down, grad x; the operands read in plan order of the weight gradients), both off unless a measurement picks
+them. For the weight gradients, given the expert loads (`expert_rows`, which the tuner knows offline), also the
+largest survivor with split-K (WgradBlocks.split_rows) at S = the power of two at or above the mean rows per expert
+(at least 4 block_k) and 4 S, each kept only where the busiest expert spans at least two chunks: an even load gets
+no split candidate, a skewed one (the tail split-K is for) gets up to two.
 """
 from __future__ import annotations
 
@@ -36,7 +40,7 @@ import os
 from dataclasses import asdict, dataclass, fields, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -98,7 +102,8 @@ KERNELS = {
 }
 
 ROW_TILED = ("up", "up_glu", "down", "grad_h", "grad_h_act", "grad_x", "grad_x_glu")  # GemmBlocks.persistent
-TMA_WEIGHTS = ("up", "up_glu", "down", "grad_x", "grad_x_glu")  # GemmBlocks.tma: weights through descriptors
+WGRAD = ("wgrad_up", "wgrad_up_glu", "wgrad_down")  # WgradBlocks.split_rows; TMA for their plan-order operands
+TMA_KERNELS = ("up", "up_glu", "down", "grad_x", "grad_x_glu") + WGRAD  # GemmBlocks.tma: through descriptors
 _BIG = dict(num_warps=8, group_m=8)
 _CANDIDATES_16 = (GPU_BLOCKS, GemmBlocks(128, 128, 64, num_stages=3, **_BIG),
                   GemmBlocks(128, 128, 64, num_stages=4, **_BIG), GemmBlocks(128, 256, 64, num_stages=3, **_BIG))
@@ -148,9 +153,11 @@ def device_shared_bytes(device: Optional[torch.device] = None) -> int:
     return int(props["max_shared_mem"])
 
 
-def candidates(kernel: str, dtype: torch.dtype, device: Optional[torch.device] = None) -> list[GemmBlocks]:
+def candidates(kernel: str, dtype: torch.dtype, device: Optional[torch.device] = None,
+               expert_rows: Optional[Sequence[int]] = None) -> list[GemmBlocks]:
     """The tiles autotuning tries for `kernel`, pruned by shared memory and accumulator registers (defaults first;
-    the default always stays, so a list is never empty)."""
+    the default always stays, so a list is never empty). expert_rows: the plan rows of each expert, for the
+    weight gradients' split-K candidates (none without it)."""
     default = GPU_BLOCKS_FP32 if dtype == torch.float32 else GPU_BLOCKS
     budget = device_shared_bytes(device)
     keep = [default]
@@ -161,9 +168,20 @@ def candidates(kernel: str, dtype: torch.dtype, device: Optional[torch.device] =
     # descriptors: unmeasured options, so the tuner measures them instead of anyone guessing.
     if kernel in ROW_TILED:
         keep.append(replace(keep[-1], persistent=True))
-    if kernel in TMA_WEIGHTS:
-        keep.append(replace(keep[-2 if kernel in ROW_TILED else -1], tma=True))
+    largest = keep[-2] if kernel in ROW_TILED else keep[-1]
+    if kernel in TMA_KERNELS:
+        keep.append(replace(largest, tma=True))
+    if kernel in WGRAD and expert_rows:
+        keep += [WgradBlocks(**asdict(largest), split_rows=s) for s in split_candidates(expert_rows, largest.block_k)]
     return keep
+
+
+def split_candidates(expert_rows: Sequence[int], block_k: int) -> list[int]:
+    """Split-K chunk sizes worth timing for these expert loads (module docstring): S and 4 S, S the power of two at
+    or above the mean rows per expert (>= 4 block_k), where the busiest expert spans at least two chunks."""
+    rows = [int(n) for n in expert_rows]
+    base = max(4 * block_k, next_pow2(max(1, math.ceil(sum(rows) / len(rows)))))
+    return [s for s in (base, 4 * base) if max(rows) >= 2 * s]
 
 
 def device_name(t: Tensor) -> str:
@@ -184,7 +202,7 @@ def table_path() -> Path:
 
 
 def _blocks_from(entry: dict, where: str) -> GemmBlocks:
-    names = {f.name for f in fields(GemmBlocks)}
+    names = {f.name for f in fields(WgradBlocks if entry["kernel"] in WGRAD else GemmBlocks)}
     given = entry["blocks"]
     if not isinstance(given, dict) or not set(given) <= names:
         raise ValueError(f"{where}: 'blocks' must be an object with fields among {sorted(names)}, got {given!r}")
@@ -193,6 +211,8 @@ def _blocks_from(entry: dict, where: str) -> GemmBlocks:
         raise ValueError(f"{where}: 'dtype' must name a torch dtype (bfloat16, float16, float32), got "
                          f"{entry['dtype']!r}")
     try:  # fields not given (block_elementwise: not a GEMM tile) keep the defaults
+        if "split_rows" in given:
+            return WgradBlocks(**{**asdict(default_blocks(dtype)), **given})
         return replace(default_blocks(dtype), **given)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{where}: bad 'blocks': {e}") from e
@@ -258,5 +278,5 @@ def tuned_fields(blocks: GemmBlocks) -> dict:
     return {k: v for k, v in asdict(blocks).items() if k != "block_elementwise"}
 
 
-__all__ = ["KERNELS", "TABLE_ENV", "TABLE_PATH", "candidates", "default_blocks", "load_table", "shared_bytes",
-           "table_entry", "tiles_for", "tuned"]
+__all__ = ["KERNELS", "TABLE_ENV", "TABLE_PATH", "WgradBlocks", "candidates", "default_blocks", "load_table",
+           "shared_bytes", "split_rows", "table_entry", "tiles_for", "tuned"]

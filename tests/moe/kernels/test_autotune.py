@@ -77,3 +77,18 @@ def test_merge_keeps_other_entries_and_bad_arguments_exit_2(tmp_path, capsys):
         Shape.parse("16:32:48")
     with pytest.raises(ValueError, match="k <= E"):
         Shape.parse("16:32:48:2:4")
+
+
+def test_quick_tries_a_split_k_candidate_for_skewed_loads():
+    """At a skewed shape (expert loads 34, 122, 246, 622: mean 256, so S = 256 and the busiest expert spans three
+    chunks) the weight gradients' candidates include split-K, and --quick's plumbing run tries it: it agrees with
+    the defaults (else it would say so), and its entry records which blocks won, split or not."""
+    from moe.kernels.autotune import tune
+    from moe.kernels.tile_configs import split_rows
+
+    lines = []
+    entries = tune(Shape.parse("1024:16:16:4:1"), torch.float32, False, "silu", ["wgrad_down"], True, log=lines.append)
+    assert [e["kernel"] for e in entries] == ["wgrad_down"] and entries[0]["tried"] == 3
+    assert not any("disagrees" in line or "failed" in line for line in lines)
+    blocks = tc._blocks_from(entries[0], "entry")  # the table reads back what was written
+    assert split_rows(blocks) in (0, 256) and ("split256" in lines[-1]) == (split_rows(blocks) == 256)

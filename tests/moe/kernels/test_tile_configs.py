@@ -93,14 +93,17 @@ def test_pruning_by_shared_memory_and_registers():
     for kernel in tc.KERNELS:  # the defaults always stay, first
         assert candidates(kernel, torch.bfloat16)[0] == tc.GPU_BLOCKS
         assert candidates(kernel, torch.float32)[0] == tc.GPU_BLOCKS_FP32
-    # the largest survivor again, persistent and (weights read by descriptors) with TMA; weight gradients neither
+    # the largest survivor again, persistent and (weights read by descriptors) with TMA; weight gradients only with
+    # TMA (their plan-order operands; split-K candidates need the loads: tests/moe/kernels/test_split_k.py)
     *_, largest, persistent, tma = candidates("up_glu", torch.bfloat16)
     assert persistent == GemmBlocks(128, 128, 64, num_warps=8, num_stages=4, persistent=True) == \
         GemmBlocks(**{**vars(largest), "persistent": True})
     assert tma == GemmBlocks(128, 128, 64, num_warps=8, num_stages=4, tma=True)
     assert candidates("grad_h", torch.bfloat16)[-1].persistent and not any(b.tma for b in candidates("grad_h",
                                                                                                         torch.bfloat16))
-    assert not any(b.persistent or b.tma for b in candidates("wgrad_down", torch.bfloat16))
+    *_, largest, tma = candidates("wgrad_down", torch.bfloat16)
+    assert tma == GemmBlocks(**{**vars(largest), "tma": True}) and not largest.tma
+    assert not any(b.persistent for b in candidates("wgrad_down", torch.bfloat16))
 
 
 def write_table(path, entries):
