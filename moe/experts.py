@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from moe.activations import activation_fn
 from moe.expert_shard import ExpertShard
+from moe.grouped_glu import fused_glu_ok, grouped_glu, prefer_fused_glu
 from moe.segment_matmul import grouped_matmul
 
 
@@ -40,9 +41,10 @@ class Experts(nn.Module):
         self.b_down = nn.Parameter(torch.zeros(E, d)) if bias else None
         for p in self.parameters():
             _tag(p, shard.ep_size)
-        # moe.segment_matmul.IMPLS: "auto" (torch's grouped_mm where its layout rules hold, else the per-expert loop),
-        # or force "grouped_mm" / "loop" (benchmarks compare them; FLOP tests need the loop, whose matmuls
-        # FlopCounterMode sees)
+        # moe.segment_matmul.IMPLS: "auto" (on CPU, gated banks with small expert segments take moe.grouped_glu's
+        # fused path, moe.grouped_glu.prefer_fused_glu; else torch's grouped_mm where its layout rules hold, else the
+        # per-expert loop), or force "fused" / "grouped_mm" / "loop" (benchmarks compare them; FLOP tests need the
+        # loop, whose matmuls FlopCounterMode sees)
         self.gemm_impl = "auto"
         self.reset_parameters()
 
@@ -97,6 +99,16 @@ class Experts(nn.Module):
         row_scale [N]: each output row times its number (the dispatcher's combine weight), applied to the hidden
         rows [N, f] before the down projection when f <= d and no down bias is in the way (fewer numbers to
         scale: at the fine-grained twins' f = 37 and d = 128 it is a third of the work), else to the output."""
+        fusable = self.w_gate is not None and self.b_up is None and fused_glu_ok(x, self.activation)
+        if self.gemm_impl == "fused" and not fusable:
+            raise ValueError(f"gemm_impl='fused' needs gated experts without biases, a known activation and CPU "
+                             f"fp32/bf16 rows of a 16-byte width, eager (got glu={self.w_gate is not None}, "
+                             f"bias={self.b_up is not None}, activation={self.activation!r}, rows {tuple(x.shape)} "
+                             f"{x.dtype} on {x.device}); use gemm_impl='auto'")
+        if fusable and (self.gemm_impl == "fused" or (self.gemm_impl == "auto" and prefer_fused_glu(
+                x.shape[0], self.num_experts, self.w_up.shape[2]))):
+            return self._forward_fused_glu(x, counts, row_scale)
+
         def matmul(h: Tensor, w: Tensor) -> Tensor:
             return grouped_matmul(h, w, counts, self.gemm_impl)
 
@@ -104,6 +116,15 @@ class Experts(nn.Module):
             return h + b.to(h.dtype).index_select(0, expert_index)
 
         return self._ffn(x, matmul, add_bias, row_scale)
+
+    def _forward_fused_glu(self, x: Tensor, counts: Tensor, row_scale: Optional[Tensor]) -> Tensor:
+        """forward_sorted of a gated bank without biases on CPU: gate and up as one grouped GEMM with the activation
+        and the combine weight fused (moe.grouped_glu), the down projection on its aligned hidden rows."""
+        w_up, w_gate, w_down = self._weights(x.dtype)
+        scale_hidden = row_scale is not None and w_up.shape[2] <= x.shape[1]  # as in _ffn (no down bias here)
+        h = grouped_glu(x, w_gate, w_up, counts, self.activation, row_scale if scale_hidden else None)  # [N, f]
+        y = grouped_matmul(h, w_down, counts, "auto")  # [N, d]; grouped_mm on the aligned hidden rows
+        return y * row_scale.to(y.dtype)[:, None] if row_scale is not None and not scale_hidden else y
 
     def forward_padded(self, x: Tensor) -> Tensor:
         """x [E, C, d], one padded slot block per expert -> [E, C, d] (the einsum dispatcher's path)."""

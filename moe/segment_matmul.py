@@ -82,7 +82,9 @@ class _SegmentMatmul(torch.autograd.Function):
 
 
 def _grouped_mm_ok(x: Tensor, w: Tensor) -> bool:
-    if not hasattr(F, "grouped_mm") or x.dtype != w.dtype or not x.is_contiguous() or not w.is_contiguous():
+    # x may be a padded view (row stride above its width, as moe.grouped_glu's hidden rows are): only its strides
+    # must follow the rule below.
+    if not hasattr(F, "grouped_mm") or x.dtype != w.dtype or x.dim() != 2 or x.stride(1) != 1 or not w.is_contiguous():
         return False
     if not x.is_cuda and torch.compiler.is_compiling():
         return False  # torch 2.13's fake-tensor rule for grouped_mm demands bf16 whatever the device: dynamo fails
@@ -95,7 +97,7 @@ def _grouped_mm_ok(x: Tensor, w: Tensor) -> bool:
         return False
     # Every stride must be a multiple of 16 bytes.
     size = x.element_size()
-    return (x.shape[1] * size) % 16 == 0 and (w.shape[2] * size) % 16 == 0 and (w.shape[1] * w.shape[2] * size) % 16 == 0
+    return (x.stride(0) * size) % 16 == 0 and (w.shape[2] * size) % 16 == 0 and (w.shape[1] * w.shape[2] * size) % 16 == 0
 
 
 def grouped_matmul(x: Tensor, w: Tensor, counts: Tensor, impl: str = "auto") -> Tensor:

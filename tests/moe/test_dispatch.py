@@ -195,3 +195,80 @@ def test_importing_the_library_does_not_import_triton():
     code = ("import sys, moe, moe.kernels, moe.dispatch, moe.layer\n"
             "assert not any(m == 'triton' or m.startswith('triton.') for m in sys.modules), 'triton was imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=str(Path(__file__).resolve().parents[2]))
+
+
+# ---------------------------------------------------------------- sorted's atomic-free path (the default on CUDA)
+
+def _deterministic(x, plan, experts):
+    from moe.dispatch.sorted import sorted_dispatch
+
+    return sorted_dispatch(x, plan, experts, deterministic=True)
+
+
+@pytest.mark.parametrize("k,cf", [(1, 0.0), (2, 0.0), (3, 0.0), (2, 1.0)], ids=["k1", "k2", "k3", "k2-cf1"])
+@pytest.mark.parametrize("glu,bias", [(True, False), (False, True)], ids=["glu", "ffn-bias"])
+def test_sorted_deterministic_path_equals_einsum(k, cf, glu, bias, monkeypatch):
+    """The token-major gather and combine (moe.dispatch.token_rows) that `sorted` runs on CUDA equal the einsum
+    reference in outputs and every gradient, with an empty expert and with drops."""
+    router, experts, x = _setup(8, 12, k, cf, glu, bias, empty_expert=True)
+    g = torch.randn(T, 8, generator=torch.Generator().manual_seed(11))
+    ref = _run("einsum", router, experts, x, g)
+    monkeypatch.setitem(DISPATCHERS, "deterministic", _deterministic)
+    got = _run("deterministic", router, experts, x, g)
+    _compare(ref, got)
+    if cf:
+        assert got[2].stats["dropped_fraction"] > 0
+
+
+def test_sorted_on_cuda_tensors_takes_the_deterministic_path(monkeypatch):
+    """deterministic=None means x.is_cuda: a CPU call takes index_add_, and the token-major path is what CUDA gets."""
+    import moe.dispatch.sorted as sorted_mod
+
+    calls = []
+    monkeypatch.setattr(sorted_mod, "_token_major", lambda x, plan, experts: calls.append(1) or x)
+    router, experts, x = _setup(8, 12, 2, 0.0, True, False, empty_expert=False)
+    plan = router(x)
+    sorted_mod.sorted_dispatch(x, plan, experts)
+    assert calls == []
+    sorted_mod.sorted_dispatch(x, plan, experts, deterministic=True)
+    assert calls == [1]
+
+
+def test_sorted_deterministic_path_runs_no_atomic_op():
+    """The ops of the CUDA-intended path, forward and backward, recorded under a dispatch mode on CPU: no aten op
+    that accumulates with atomics on CUDA (as tests/moe/test_token_rows.py checks for the kernels alone), so k = 3
+    sums are bitwise repeatable there. (With expert biases, their gradient is index_select's backward, an
+    index_add_: the bank here has none, as the demo's.)"""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            name = func.overloadpacket.__name__
+            accumulate = "index_put" in name and (kwargs.get("accumulate") or (len(args) > 3 and args[3]))
+            self.ops.append((name, bool(accumulate)))
+            return func(*args, **kwargs)
+
+    router, experts, x = _setup(8, 12, 3, 0.0, True, False, empty_expert=True)
+    with torch.no_grad():
+        plan = router(x)
+    weight = plan.weight.detach().clone().requires_grad_(True)
+    plan.weight = weight
+    x = x.clone().requires_grad_(True)
+    for impl in ("auto", "loop"):
+        experts.gemm_impl = impl
+        with Record() as rec:
+            y = _deterministic(x, plan, experts)
+            y.backward(torch.ones_like(y))
+        names = {name for name, _ in rec.ops}
+        atomic = {"index_add", "index_add_", "scatter_add", "scatter_add_", "scatter_reduce", "scatter_reduce_",
+                  "bincount", "index_reduce", "index_reduce_", "_index_put_impl_"}
+        assert not names & atomic, (impl, names & atomic)
+        assert not any(acc for _, acc in rec.ops), impl
+        assert "index_select" in names and "sort" in names, names  # it did record the dispatch
+    ys = [_deterministic(x, plan, experts) for _ in range(2)]
+    assert torch.equal(ys[0], ys[1])

@@ -1,0 +1,141 @@
+"""The gated experts' first half on rows in expert order, fused: h = act(x Wg) * (x Wu) [* s], as ONE grouped GEMM
+of twice the width (CPU).
+
+Shape legend: N rows sorted by expert, E experts, d model width, f expert hidden width, fp = f rounded up to a
+16-byte multiple, s [N] the combine weight of each row (optional).
+
+Why (measured, docs/benchmarks.md "The experts' path on CPU"): per-expert `torch.mm` calls from Python cost
+about 4 us each, and a GLU layer makes 9 per expert per step (3 projections x forward, grad-input, grad-weight):
+at E = 256 that is 2,304 calls on 64-row segments. torch._grouped_mm runs the same loop inside ATen, but only on
+operands whose strides are 16-byte multiples, which the demo twins' widths (f = 191, 181, 37) are not. So:
+
+    W12 [E, d, 2 fp] = [Wg | 0 | Wu | 0]   copied once per forward (the only weight copy; zero pad columns)
+    a   [N, 2 fp]    = grouped_mm(x, W12)  gate = a[:, :f], up = a[:, fp:fp + f]: aligned views, one GEMM
+    h   [N, f]       = act(gate) * up * s  written into an aligned [N, fp] buffer, so the down projection's
+                                           grouped_mm takes it without a copy (moe.segment_matmul)
+    backward         one [N, 2 fp] gradient buffer (pad columns zero): grad-input is ONE grouped_mm against
+                     W12 (no sum of two [N, d] products), grad-weight ONE grouped_mm, split into Wg's and Wu's.
+
+The activation's derivative is aten's own (silu_backward, gelu_backward, threshold_backward), so the result equals
+autograd's through the unfused ops to fp32 round-off (tests/moe/test_fast_path.py).
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+# activation name -> (forward, backward writing into grad_input: (grad, pre-activation, out) -> None)
+_ACTS: dict[str, tuple[Callable[[Tensor], Tensor], Callable[[Tensor, Tensor, Tensor], None]]] = {
+    "silu": (F.silu, lambda g, z, out: torch.ops.aten.silu_backward.grad_input(g, z, grad_input=out)),
+    "gelu": (F.gelu, lambda g, z, out: torch.ops.aten.gelu_backward.grad_input(g, z, grad_input=out)),
+    "gelu_tanh": (lambda z: F.gelu(z, approximate="tanh"),
+                  lambda g, z, out: torch.ops.aten.gelu_backward.grad_input(g, z, approximate="tanh", grad_input=out)),
+    "relu": (F.relu, lambda g, z, out: torch.ops.aten.threshold_backward.grad_input(g, z, 0, grad_input=out)),
+}
+
+
+# The fused path wins where the per-call overhead of the loop dominates, i.e. where an average expert's GEMM is small:
+# (rows per expert) x f up to this many numbers per hidden segment. Measured (docs/benchmarks.md, d = 128, fp32, one
+# thread, fused vs loop, forward + backward): 2,368 (E = 256, f = 37) 0.83x; 11,584 (E = 64, f = 181) 1.04x;
+# 48,384 (E = 16) 0.97x; 97,792 (E = 8) 1.13x: above the cut the weight copy and the strided elementwise passes cost
+# what the saved calls gain.
+FUSED_MAX_SEGMENT = 4096
+
+
+def prefer_fused_glu(rows: int, num_experts: int, hidden: int) -> bool:
+    """Whether the fused path is the faster one for `rows` rows over `num_experts` experts of width `hidden` (CPU)."""
+    return rows * hidden <= FUSED_MAX_SEGMENT * max(num_experts, 1)
+
+
+def aligned_width(width: int, dtype: torch.dtype) -> int:
+    """width rounded up so that a row of it is a multiple of 16 bytes (grouped_mm's stride rule)."""
+    q = max(16 // torch.empty((), dtype=dtype).element_size(), 1)
+    return -(-width // q) * q
+
+
+def fused_glu_ok(x: Tensor, activation: str) -> bool:
+    """Whether grouped_glu runs here: CPU fp32/bf16 rows (CUDA keeps grouped_matmul's bf16 kernel or the Triton
+    dispatcher), eager (torch 2.13's fake-tensor rule for grouped_mm demands bf16, so dynamo fails), rows present
+    and 16-byte aligned, a known activation. The weights must arrive in x's dtype (Experts._weights casts)."""
+    if not hasattr(torch, "_grouped_mm") or x.is_cuda or torch.compiler.is_compiling():
+        return False
+    if x.dtype not in (torch.float32, torch.bfloat16) or activation not in _ACTS:
+        return False
+    return x.dim() == 2 and x.shape[0] > 0 and x.is_contiguous() and (x.shape[1] * x.element_size()) % 16 == 0
+
+
+def _aligned_empty(rows: int, width: int, like: Tensor) -> Tensor:
+    """[rows, width] view of a [rows, aligned_width] buffer."""
+    return like.new_empty(rows, aligned_width(width, like.dtype))[:, :width]
+
+
+class _GroupedGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, w_gate: Tensor, w_up: Tensor, row_scale: Optional[Tensor], offs: Tensor,
+                activation: str) -> Tensor:
+        with torch.autocast(device_type=x.device.type, enabled=False):  # one dtype already; keep it
+            return _GroupedGLU._forward(ctx, x, w_gate, w_up, row_scale, offs, activation)
+
+    @staticmethod
+    def _forward(ctx, x: Tensor, w_gate: Tensor, w_up: Tensor, row_scale: Optional[Tensor], offs: Tensor,
+                 activation: str) -> Tensor:
+        E, d, f = w_gate.shape
+        fp = aligned_width(f, x.dtype)
+        w12 = x.new_empty(E, d, 2 * fp)  # [Wg | 0 | Wu | 0]: the zero columns keep both halves aligned
+        w12[:, :, :f] = w_gate
+        w12[:, :, fp:fp + f] = w_up
+        if fp > f:  # only the pad columns are zeroed: one pass over the weights, not two
+            w12[:, :, f:fp].zero_()
+            w12[:, :, fp + f:].zero_()
+        a = torch._grouped_mm(x, w12, offs=offs)  # [N, 2 fp]
+        gate, up = a[:, :f], a[:, fp:fp + f]
+        act = _ACTS[activation][0](gate)  # [N, f] contiguous, kept for backward
+        h = _aligned_empty(x.shape[0], f, x)
+        if row_scale is None:
+            torch.mul(act, up, out=h)
+            unscaled = None
+        else:
+            unscaled = act * up  # kept for the combine weight's gradient
+            torch.mul(unscaled, row_scale.to(x.dtype)[:, None], out=h)
+        ctx.save_for_backward(x, w12, a, act, unscaled, row_scale, offs)
+        ctx.f, ctx.activation = f, activation
+        return h
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_h: Tensor):
+        x, w12, a, act, unscaled, row_scale, offs = ctx.saved_tensors
+        f, fp = ctx.f, w12.shape[2] // 2
+        gate, up = a[:, :f], a[:, fp:fp + f]
+        grad_scale = None
+        if row_scale is not None:
+            if ctx.needs_input_grad[3]:
+                grad_scale = (grad_h * unscaled).sum(1).to(row_scale.dtype)
+            grad_h = grad_h * row_scale.to(grad_h.dtype)[:, None]  # [N, f], a fresh tensor
+        else:
+            grad_h = grad_h.clone()  # multiplied in place below
+        grad_a = torch.empty_like(a)  # [N, 2 fp]; its pad columns meet zero rows of W12 but must not be NaN
+        grad_a[:, f:fp].zero_()
+        grad_a[:, fp + f:].zero_()
+        torch.mul(grad_h, act, out=grad_a[:, fp:fp + f])  # d/d up
+        _ACTS[ctx.activation][1](grad_h.mul_(up), gate, grad_a[:, :f])  # d/d gate
+        grad_x = torch._grouped_mm(grad_a, w12.transpose(1, 2), offs=offs) if ctx.needs_input_grad[0] else None
+        grad_gate = grad_up = None
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            grad_w12 = torch._grouped_mm(x.t(), grad_a, offs=offs)  # [E, d, 2 fp]; an empty expert's block is zero
+            grad_gate = grad_w12[:, :, :f].contiguous()
+            grad_up = grad_w12[:, :, fp:fp + f].contiguous()
+        return grad_x, grad_gate, grad_up, grad_scale, None, None
+
+
+def grouped_glu(x: Tensor, w_gate: Tensor, w_up: Tensor, counts: Tensor, activation: str,
+                row_scale: Optional[Tensor] = None) -> Tensor:
+    """x [N, d] rows sorted by expert, w_gate / w_up [E, d, f], counts [E] -> h [N, f] = act(x Wg) * (x Wu), each
+    row times row_scale [N] when given; h is an aligned view (row stride fp) that grouped_mm takes as it is.
+    Callers check fused_glu_ok first."""
+    offs = torch.cumsum(counts, 0).to(torch.int32)
+    return _GroupedGLU.apply(x, w_gate, w_up, row_scale, offs, activation)
