@@ -52,31 +52,32 @@ def assign(
     # Choice-major flattening: row a = j * T + t, so every token's first choice outranks any second choice (GShard).
     flat_expert = expert_idx.t().reshape(A)
     flat_weight = weight.t().reshape(A)
-    flat_token = torch.arange(T, device=expert_idx.device).repeat(k)
     if drop_policy == "probs" and capacity is not None:
         # Rank by weight inside each choice column: the choice index stays the major key.
         within = torch.argsort(weight.detach().t(), dim=1, descending=True, stable=True)  # [k, T]
         rank = torch.empty_like(within)
         rank.scatter_(1, within, torch.arange(T, device=within.device).expand(k, T))
         priority = (rank + torch.arange(k, device=rank.device)[:, None] * T).reshape(A)
+        order = torch.argsort(flat_expert * A + priority)  # keys are unique, so the sort is stable by construction
+        sorted_expert = flat_expert[order]
     else:
-        priority = torch.arange(A, device=expert_idx.device)
-    order = torch.argsort(flat_expert * A + priority)  # keys are unique, so the sort is stable by construction
-    sorted_expert = flat_expert[order]
+        # Priority is the flat position: a stable sort of the expert ids alone is that order (the unique key
+        # expert * A + position before issues 16/21), without building the key, and gives the sorted ids with it.
+        sorted_expert, order = torch.sort(flat_expert, stable=True)
     counts = torch.bincount(flat_expert, minlength=num_experts)
     if capacity is None:
-        keep_sorted = None
         kept = torch.ones(T, k, dtype=torch.bool, device=expert_idx.device)
-    else:
-        offsets = torch.cumsum(counts, 0) - counts
-        position = torch.arange(A, device=order.device) - offsets[sorted_expert]
-        keep_sorted = position < capacity
-        kept_flat = torch.empty(A, dtype=torch.bool, device=order.device)
-        kept_flat[order] = keep_sorted
-        kept = kept_flat.reshape(k, T).t()
-        order = order[keep_sorted]  # the only host synchronisation: N is data-dependent once tokens drop
-        counts = counts.clamp(max=capacity)
-    return flat_token[order], flat_expert[order], flat_weight[order], counts, kept
+        # row a = j * T + t carries token a mod T (one op, where a gather needs arange(T).repeat(k) built first)
+        return order.remainder(max(T, 1)), sorted_expert, flat_weight[order], counts, kept
+    offsets = torch.cumsum(counts, 0) - counts
+    position = torch.arange(A, device=order.device) - offsets[sorted_expert]
+    keep_sorted = position < capacity
+    kept_flat = torch.empty(A, dtype=torch.bool, device=order.device)
+    kept_flat[order] = keep_sorted
+    kept = kept_flat.reshape(k, T).t()
+    order = order[keep_sorted]  # the only host synchronisation: N is data-dependent once tokens drop
+    counts = counts.clamp(max=capacity)
+    return order.remainder(max(T, 1)), flat_expert[order], flat_weight[order], counts, kept
 
 
 def renormalize_kept(token_index: Tensor, row_weight: Tensor, weight: Tensor) -> Tensor:
@@ -104,16 +105,18 @@ def choice_plan(
     drop_policy: str,
     aux_losses: dict[str, Tensor],
     renormalize_after_drop: bool = False,
+    token_stats: Optional[tuple[Tensor, Tensor]] = None,
 ) -> RoutingPlan:
     """The plan of k choices per token: `assign` through capacity, plus the standard statistics.
 
     fixed: the capacity is a fixed layout (capacity_factor > 0, or BASE's balanced slots) that padded
     dispatchers should use as C; otherwise it only caps the counts.
     renormalize_after_drop: model.moe.router.renormalize_after_drop (renormalize_kept); nothing drops when dropless.
+    token_stats: (entropy [T], top1_prob [T]) where the router has them (routing.stats.routing_stats).
     """
     rows = assign(expert_idx, weight, num_experts, capacity, drop_policy)
     return rows_plan(rows, weight, probs, capacity if fixed else None, aux_losses,
-                     renormalize_after_drop and capacity is not None)
+                     renormalize_after_drop and capacity is not None, token_stats)
 
 
 def rows_plan(
@@ -123,6 +126,7 @@ def rows_plan(
     capacity: Optional[int],  # C of a fixed layout, else None
     aux_losses: dict[str, Tensor],
     renormalize: bool,  # rescale the surviving weights to their token's pre-drop sum (renormalize_kept)
+    token_stats: Optional[tuple[Tensor, Tensor]] = None,  # (entropy [T], top1_prob [T]) if the router has them
 ) -> RoutingPlan:
     """The plan of surviving rows in `assign`'s layout (however they were sorted), with the standard statistics."""
     token_index, expert_index, row_weight, counts, kept = rows
@@ -137,5 +141,5 @@ def rows_plan(
         capacity=capacity,
         kept=kept,
         aux_losses=aux_losses,
-        stats=routing_stats(probs.detach(), counts, kept),
+        stats=routing_stats(probs.detach(), counts, kept, *(token_stats or ())),
     )

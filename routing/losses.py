@@ -4,6 +4,8 @@ Shape legend: T tokens, E experts, k choices per token.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -32,10 +34,16 @@ def load_balancing_loss(probs: Tensor, expert_idx: Tensor, num_experts: int, gro
     differentiable) is then summed over the group with one all-reduce, so each rank returns E * sum_i f_i * P_i^rank
     and the mean over ranks, the loss data-parallel training minimises, is the global batch's loss exactly.
     """
+    return num_experts * torch.sum(expert_fractions(expert_idx, num_experts, probs.dtype, group) * probs.mean(dim=0))
+
+
+def expert_fractions(expert_idx: Tensor, num_experts: int, dtype: torch.dtype = torch.float32, group=None) -> Tensor:
+    """f [E] of load_balancing_loss: the fraction of the assignments in expert_idx [T, k] sent to each expert,
+    over the data-parallel `group` when one is given (one all-reduce of the counts and the total). No gradient."""
     flat = expert_idx.reshape(-1)
     # scatter_add rather than bincount: bincount sizes its output from the data, a host sync on CUDA
-    counts = torch.zeros(num_experts, dtype=probs.dtype, device=flat.device).scatter_add_(
-        0, flat, torch.ones_like(flat, dtype=probs.dtype))
+    counts = torch.zeros(num_experts, dtype=dtype, device=flat.device).scatter_add_(
+        0, flat, torch.ones_like(flat, dtype=dtype))
     if group is not None:
         import torch.distributed as dist
 
@@ -44,10 +52,8 @@ def load_balancing_loss(probs: Tensor, expert_idx: Tensor, num_experts: int, gro
             dist.all_reduce(total, group=group)
         except RuntimeError as e:  # a timeout or a dead peer: MoELayer adds the layer and re-raises
             raise CollectiveError("all-reduce of the load-balancing loss's expert counts", counts.tolist(), e) from e
-        return num_experts * torch.sum(total[:-1] / total[-1] * probs.mean(dim=0))
-    f = counts / expert_idx.numel()
-    p = probs.mean(dim=0)
-    return num_experts * torch.sum(f * p)
+        return total[:-1] / total[-1]
+    return counts / expert_idx.numel()
 
 
 def balance_choices(expert_idx: Tensor, convention: str) -> Tensor:
@@ -59,6 +65,27 @@ def balance_choices(expert_idx: Tensor, convention: str) -> Tensor:
     return expert_idx
 
 
-def router_z_loss(logits: Tensor) -> Tensor:
-    """ST-MoE's router z-loss: mean over tokens of logsumexp(logits)^2, keeping router logits small."""
-    return torch.logsumexp(logits, dim=-1).square().mean()
+def router_z_loss(logits: Tensor, lse: Optional[Tensor] = None, probs: Optional[Tensor] = None) -> Tensor:
+    """ST-MoE's router z-loss: mean over tokens of logsumexp(logits)^2, keeping router logits small.
+
+    lse [T] and probs [T, E] (both without gradient): the router's logsumexp and softmax of these logits where it
+    has them already (routing.topk.TopKRouter), so the loss costs no pass over [T, E] forward and one backward
+    (its gradient 2 * lse_t * p_t,i / T), instead of logsumexp's five and three."""
+    if lse is None:
+        return torch.logsumexp(logits, dim=-1).square().mean()
+    return _ZLossFromLse.apply(logits, lse, probs)
+
+
+class _ZLossFromLse(torch.autograd.Function):
+    """mean(lse^2) with lse = logsumexp(logits) given; d/d logits = 2 * lse[:, None] * probs / T."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, lse: Tensor, probs: Tensor) -> Tensor:
+        ctx.save_for_backward(lse, probs)
+        return lse.square().mean()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        lse, probs = ctx.saved_tensors
+        scale = lse * (2.0 / max(lse.numel(), 1)) * grad  # [T]
+        return probs * scale[:, None], None, None

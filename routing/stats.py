@@ -15,8 +15,12 @@ STAT_KEYS = ("tokens_per_expert", "max_load", "dropped_fraction", "router_entrop
 
 
 @torch.no_grad()
-def routing_stats(probs: Tensor, counts: Tensor, kept: Tensor) -> dict[str, Tensor]:
+def routing_stats(probs: Tensor, counts: Tensor, kept: Tensor, entropy: Optional[Tensor] = None,
+                  top1_prob: Optional[Tensor] = None) -> dict[str, Tensor]:
     """probs [T, E] router probabilities, counts [E] rows per expert after capacity, kept [T, k] bool.
+    entropy [T], top1_prob [T]: each token's router entropy and largest probability, where the router has them
+    from its own passes (routing.topk.TopKRouter: lse - sum(p * logit), and the chosen first expert's
+    probability); None: computed here from probs (a log over [T, E] and a reduction along the expert axis).
 
     max_load is the busiest expert's share relative to a perfectly even split (1.0 = balanced, E = collapsed).
     While generating (routing.generation) there are none: nothing logs them, and a decode step would spend a
@@ -29,12 +33,16 @@ def routing_stats(probs: Tensor, counts: Tensor, kept: Tensor) -> dict[str, Tens
     # the entropy keeps the per-token-then-mean order, so its value is the one the records have always held.
     counts = counts.float()  # [E]
     total = counts.sum().clamp(min=1.0)
+    if entropy is None:
+        entropy = -(probs * torch.log(probs.clamp(min=1e-20))).sum(-1)
+    if top1_prob is None:
+        top1_prob = probs.amax(-1)
     return {
         "tokens_per_expert": counts,
         "max_load": counts.amax() * counts.numel() / total,
         "dropped_fraction": 1.0 - kept.sum() / kept.numel(),
-        "router_entropy": -(probs * torch.log(probs.clamp(min=1e-20))).sum(-1).mean(),
-        "top1_prob": probs.amax(-1).mean(),
+        "router_entropy": entropy.mean(),
+        "top1_prob": top1_prob.mean(),
         "dead_experts": (counts == 0).sum().float(),
     }
 
