@@ -24,8 +24,8 @@ split. Spare chunk programs (past the real chunk count, unknown on the host) sto
 
 TMA (GemmBlocks.tma, off by default, unmeasured): an operand read in plan order (a = h of the down projection,
 b1 / b2 = the pre-activation gradients of the up projection) is loaded through a TMA tensor descriptor of its
-[N, width] rows (gemm_tiles.weight_operand on a [1, N, width] view), with pointer loads as the fallback where this
-Triton, the device (< sm_90) or the strides do not allow one. Gathered operands (a_index / b_index given: x or
+[N, width] rows (gemm_tiles.row_operand, in [block_k rows, tile width] boxes), with pointer loads as the fallback
+where this Triton, the device (< sm_90) or the strides do not allow one. Gathered operands (a_index / b_index given: x or
 grad_y read through row_token) keep pointer loads: Hopper's TMA copies boxes of consecutive rows and has no row
 gather (the tiled gather of TMA is Blackwell's). A descriptor box may run past the expert's last row into the
 next expert's rows: those rows are zeroed in registers (a select), so that neither the product (0 x inf) nor the
@@ -41,7 +41,7 @@ import triton.language as tl
 from torch import Tensor
 
 from moe.kernels.combine import round_to, segment_sum
-from moe.kernels.gemm_tiles import GemmBlocks, expert_tile, launch_opts, load_weight_desc, mma, pow2, weight_operand
+from moe.kernels.gemm_tiles import GemmBlocks, expert_tile, launch_opts, mma, pow2, row_operand
 from moe.kernels.tile_configs import elementwise_block, split_rows, tiles_for
 
 
@@ -52,7 +52,7 @@ def _load_row_block(ptr, index_ptr, rows, r_mask, r0, cols, col_mask, c0, stride
     zeroed), else by pointer loads of rows index[r] (GATHER) or r; masked rows and columns read 0."""
     if DESC:
         # tl.cast: r0 is a tensor when compiled, an int when interpreted; TMA coordinates are 32-bit
-        tile = load_weight_desc(ptr, 0, tl.cast(r0, tl.int32), c0, BLOCK_R, BLOCK_C, False)
+        tile = ptr.load([tl.cast(r0, tl.int32), c0])
         tile = tl.where(r_mask[:, None], tile, tl.zeros_like(tile))  # the next expert's rows (module docstring)
     else:
         if GATHER:
@@ -192,13 +192,13 @@ def _row_blocks(ts: tuple[Tensor, ...], blocks: GemmBlocks, block_rows: int, blo
     descriptors): descriptors of boxes [block_rows, block_cols] for all of them, or (fallback) the tensors."""
     if not blocks.tma or any(t.shape[0] == 0 or t.dim() != 2 for t in ts):
         return ts, False
-    # gemm_tiles.weight_operand checks what a descriptor needs (this Triton, sm_90+, contiguity, 16-byte rows
-    # and base) for an [E, K, NOUT] weight: a [1, N, width] view of the rows is one "expert" of K = N rows.
-    shape = GemmBlocks(block_k=block_rows, block_n=block_cols, tma=True)
-    made = [weight_operand(t.unsqueeze(0), shape, False) for t in ts]
-    if not all(ok for _, ok in made):
+    # gemm_tiles.row_operand checks what a descriptor needs (this Triton, sm_90+, contiguity, 16-byte rows and
+    # base); its boxes are [block_m, block_k], here [block_rows plan rows, block_cols columns of the tile].
+    box = GemmBlocks(block_m=block_rows, block_k=block_cols, tma=True)
+    made = tuple(row_operand(t, box) for t in ts)
+    if any(d is t for d, t in zip(made, ts)):  # one fell back: pointer loads for all (one DESC flag per side)
         return ts, False
-    return tuple(d for d, _ in made), True
+    return made, True
 
 
 def grouped_wgrad(a: Tensor, a_index: Optional[Tensor], b1: Tensor, b2: Optional[Tensor], b_index: Optional[Tensor],

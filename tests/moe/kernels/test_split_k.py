@@ -268,7 +268,7 @@ COMPILE_SCRIPT = textwrap.dedent("""
     for dt, dtype, prec in (("*bf16", torch.bfloat16, "tf32"), ("*fp32", torch.float32, "ieee")):
         p = lambda *names, t=dt: {n: t for n in names}
         def desc(rows, cols):  # the TMA descriptor type of [N, width] rows as the launcher makes it
-            return mangle_type(TensorDescriptor.from_tensor(torch.empty(1, 512, 256, dtype=dtype), [1, rows, cols]))
+            return mangle_type(TensorDescriptor.from_tensor(torch.empty(512, 256, dtype=dtype), [rows, cols]))
         for up in (True, False):
             b = candidates("wgrad_up_glu" if up else "wgrad_down", dtype)[-2]  # the largest tiles that fit
             for split, tma in ((256, False), (0, True), (256, True)):
