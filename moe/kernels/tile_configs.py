@@ -21,6 +21,9 @@ rows (T·k minus drops) moves with the batch. A lookup takes the exact bucket, e
                                           "num_stages": 3, "group_m": 8},
                                "ms": 0.41, "default_ms": 0.57}]}     # ms fields are a record, not read back
 
+A weight-gradient entry's "blocks" may also hold "split_rows" (WgradBlocks: split-K, moe.kernels.weight_grad);
+another kernel's entry with it is refused.
+
 Candidates (`candidates(kernel, dtype, device)`): the defaults plus 128×128×64 at 3 and 4 stages and 128×256×64
 at 3 stages, 8 warps (32-wide K chunks for fp32), pruned where the pipelined operand tiles exceed the device's
 shared memory (nominally an H100's 227 KB off the GPU, so the interpreter tests run what sm_90 would) or where
