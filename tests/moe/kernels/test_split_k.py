@@ -18,7 +18,8 @@ import torch
 
 # First: test_grouped_gemm sets TRITON_INTERPRET before triton's first import, and skips this module too
 # where triton is missing or CPU tensors cannot run.
-from tests.moe.kernels.test_grouped_gemm import CUDA, DEVICE
+from tests.moe.kernels.test_grouped_gemm import CUDA, DEVICE, check, make_params
+from tests.moe.kernels.test_grouped_gemm import plan as check_plan
 from tests.moe.kernels.test_triton_dispatch import no_host_sync
 
 import triton
@@ -144,6 +145,23 @@ def test_next_experts_rows_do_not_leak_through_tma(up):
     for g, w in zip(got, want):
         torch.testing.assert_close(g[[1, 4]].double(), w[[1, 4]], rtol=1e-5, atol=1e-5)
     assert not got[0][2].isfinite().all()  # expert 2 itself does see it
+
+
+def test_whole_layer_with_split_and_tma_blocks():
+    """WgradBlocks passed as blocks= to the public up and down functions: the row-tiled kernels read its GemmBlocks
+    fields, both weight gradients split (int32 offsets; segments 37, 0, 17 in chunks of 32); forward and every
+    gradient against the float64 reference (fp32, 1e-5)."""
+    segments = (37, 0, 17)
+    choices = [[e for e, n in enumerate(segments) if t < n] for t in range(max(segments))]
+    row_token, offsets = check_plan(choices, len(segments), torch.int32)
+    blocks = WgradBlocks(**{**TILE, "block_elementwise": 256}, split_rows=32, tma=True)
+    params = make_params(max(segments), 32, 40, len(segments), True, True, torch.float32)
+    passes = []
+    real = wg.segment_sum
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(wg, "segment_sum", lambda *a: passes.append(1) or real(*a))
+        check(params, row_token, offsets, max(segments), "silu", blocks)
+    assert len(passes) == 4 + 2  # up (GLU): two weights, two biases; down: weight and bias
 
 
 @triton.jit
