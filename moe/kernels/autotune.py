@@ -1,7 +1,7 @@
 """Time each tiled Triton kernel's candidate tiles at given shapes and record the fastest in a tuned-configs table.
 
     python -m moe.kernels.autotune --out FILE [--quick] [--shape T:d:f:E:k ...] [--dtype bf16|fp16|fp32]
-                                   [--no-glu] [--kernels NAME,NAME,...] [--activation silu]
+                                   [--no-glu] [--kernels NAME,NAME,...] [--activation silu] [--hot F]
 
   --out FILE     the table to write (JSON in moe.kernels.tile_configs' format). Entries already in FILE for other
                  (device, kernel, dtype, shape bucket) keys are kept; the ones measured now replace theirs.
@@ -14,6 +14,10 @@
   --no-glu       plain up projection: tunes up / grad_x / wgrad_up instead of up_glu / grad_x_glu / wgrad_up_glu.
   --kernels      a subset of the kernel names (default: all that apply, see tile_configs.KERNELS).
   --activation   the up projection's activation (default silu).
+  --hot F        make the last expert take at least a fraction F of the plan rows (0 <= F <= 1/k; default 0), the
+                 skewed load split-K is for (e.g. --shape 4099:1000:1400:64:2 --hot 0.3 --kernels
+                 wgrad_up_glu,wgrad_down). Table entries are keyed by shape, not by load: a choice tuned at a skewed
+                 load applies at every load of its bucket, so write such a table to a file of its own.
 
 Every candidate (tile_configs.candidates: pruned by the device's shared memory; for the weight gradients also
 split-K chunk sizes chosen from the shape's expert loads, where the busiest expert would span two chunks or more;
@@ -65,13 +69,21 @@ class Shape:
         return shape
 
 
-def make_inputs(shape: Shape, dtype: torch.dtype, device: torch.device, glu: bool, seed: int = 0) -> dict:
-    """Operands of every kernel at `shape`: a top-k plan with uneven expert loads, random activations."""
+def make_inputs(shape: Shape, dtype: torch.dtype, device: torch.device, glu: bool, seed: int = 0,
+                hot: float = 0.0) -> dict:
+    """Operands of every kernel at `shape`: a top-k plan with uneven expert loads, random activations; with
+    hot > 0 the last expert gets at least round(hot * T * k) rows (one per token: hot <= 1 / k)."""
     from moe.kernels.combine import TokenOrder
 
     g = torch.Generator().manual_seed(seed)
     T, d, f, E, k = shape.tokens, shape.d, shape.f, shape.experts, shape.k
+    if not 0.0 <= hot <= 1.0 / k:
+        raise ValueError(f"--hot {hot}: a fraction between 0 and 1/k = {1.0 / k:.3g} (an expert takes at most one "
+                         "row per token)")
     logits = torch.randn(T, E, generator=g) + torch.linspace(0, 2, E)  # later experts busier
+    if hot > 0:  # (only then: the default plan and operands stay what they were)
+        hot_tokens = torch.randperm(T, generator=g)[:round(hot * T * k)]
+        logits[hot_tokens, E - 1] += 1e3  # these tokens' first choice: the last expert
     chosen = logits.topk(k, dim=-1).indices.t().reshape(-1)  # choice-major, as the routers order rows
     order = torch.sort(chosen, stable=True).indices
     counts = torch.bincount(chosen, minlength=E)
@@ -132,13 +144,13 @@ def agrees(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> bool:
 
 
 def tune(shape: Shape, dtype: torch.dtype, glu: bool, activation: str, kernels: Optional[list[str]], quick: bool,
-         log=print) -> list[dict]:
+         log=print, hot: float = 0.0) -> list[dict]:
     """Entries of the table for one shape: the fastest agreeing candidate of each kernel."""
     from moe.kernels.tile_configs import WGRAD, candidates, split_rows, table_entry
 
     on_gpu = torch.cuda.is_available()
     device = torch.device("cuda" if on_gpu else "cpu")
-    inputs = make_inputs(shape, dtype, device, glu)
+    inputs = make_inputs(shape, dtype, device, glu, hot=hot)
     runs = kernel_runs(inputs, activation)
     expert_rows = inputs["offsets"].diff().tolist()  # the loads, for the weight gradients' split-K candidates
     unknown = sorted(set(kernels or ()) - set(runs))
@@ -218,6 +230,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     ap.add_argument("--no-glu", dest="glu", action="store_false", help="plain up projection (no gate)")
     ap.add_argument("--kernels", help="comma-separated subset of kernel names")
     ap.add_argument("--activation", default="silu", choices=("gelu", "gelu_tanh", "relu", "silu"))
+    ap.add_argument("--hot", type=float, default=0.0, help="the last expert's least share of the rows (<= 1/k)")
     return ap.parse_args(argv)
 
 
@@ -241,11 +254,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.quick and not on_gpu:
             shapes = [Shape.parse(QUICK_INTERPRETER_SHAPE)]
         kernels = [k.strip() for k in args.kernels.split(",")] if args.kernels else None
-        print(f"moe.kernels.autotune: {why}; dtype {args.dtype}, glu {args.glu}, quick {args.quick}")
+        print(f"moe.kernels.autotune: {why}; dtype {args.dtype}, glu {args.glu}, quick {args.quick}, hot {args.hot}")
         entries = []
         for shape in shapes:
             print(f"shape {shape.tokens}:{shape.d}:{shape.f}:{shape.experts}:{shape.k}")
-            entries += tune(shape, DTYPES[args.dtype], args.glu, args.activation, kernels, args.quick)
+            entries += tune(shape, DTYPES[args.dtype], args.glu, args.activation, kernels, args.quick,
+                            hot=args.hot)
         write_table(args.out, entries)
     except ValueError as e:
         print(f"moe.kernels.autotune: {e}", file=sys.stderr)

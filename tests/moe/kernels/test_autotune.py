@@ -92,3 +92,24 @@ def test_quick_tries_a_split_k_candidate_for_skewed_loads():
     assert not any("disagrees" in line or "failed" in line for line in lines)
     blocks = tc._blocks_from(entries[0], "entry")  # the table reads back what was written
     assert split_rows(blocks) in (0, 256) and ("split256" in lines[-1]) == (split_rows(blocks) == 256)
+
+
+def test_hot_expert_takes_its_share_and_bad_hot_exits_2(tmp_path, capsys):
+    """--hot F: the last expert gets at least round(F T k) rows (here 30% of 400 = 120), the plan stays a valid
+    top-k plan (k rows per token); hot = 0 keeps the old plan and operands; F > 1/k exits 2."""
+    from moe.kernels.autotune import make_inputs
+
+    shape = Shape.parse("200:16:16:8:2")
+    hot = make_inputs(shape, torch.float32, torch.device("cpu"), False, hot=0.3)
+    counts = hot["offsets"].diff()
+    assert counts.sum() == 400 and counts[-1] >= 120 and counts[-1] <= 200
+    cold = make_inputs(shape, torch.float32, torch.device("cpu"), False)
+    assert cold["offsets"].diff()[-1] < 120
+    again = make_inputs(shape, torch.float32, torch.device("cpu"), False, hot=0.0)
+    assert torch.equal(again["offsets"], cold["offsets"]) and torch.equal(again["x"], cold["x"])
+    rows_per_token = torch.bincount(hot["row_token"], minlength=200)
+    assert (rows_per_token == 2).all()
+    with pytest.raises(ValueError, match="--hot 0.6"):
+        make_inputs(shape, torch.float32, torch.device("cpu"), False, hot=0.6)
+    assert main(["--out", str(tmp_path / "t.json"), "--quick", "--hot", "0.9"]) == 2
+    assert "between 0 and 1/k" in capsys.readouterr().err
