@@ -272,3 +272,26 @@ def test_sorted_deterministic_path_runs_no_atomic_op():
         assert "index_select" in names and "sort" in names, names  # it did record the dispatch
     ys = [_deterministic(x, plan, experts) for _ in range(2)]
     assert torch.equal(ys[0], ys[1])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (index_add_ is atomic only there)")
+def test_sorted_on_cuda_is_bitwise_repeatable_at_k3():
+    from moe.dispatch.sorted import sorted_dispatch
+
+    torch.manual_seed(0)
+    Tc, d, Ec = 4096, 64, 16
+    router = build_router(d, Ec, RouterConfig(top_k=3)).cuda()
+    experts = Experts(Ec, d, 32, "silu", True, False).cuda()
+    x = torch.randn(Tc, d, device="cuda", requires_grad=True)
+    with torch.no_grad():
+        plan = router(x)
+    plan.weight = plan.weight.detach().clone().requires_grad_(True)
+    g = torch.randn(Tc, d, device="cuda")
+    runs = []
+    for _ in range(3):
+        y = sorted_dispatch(x, plan, experts)  # deterministic=None: the token-major path on CUDA
+        runs.append((y.detach(), *torch.autograd.grad(y, (x, plan.weight, *experts.parameters()), g)))
+    for run in runs[1:]:
+        for a, b in zip(runs[0], run):
+            assert torch.equal(a, b)
