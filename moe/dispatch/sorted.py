@@ -7,7 +7,7 @@ Two ways to move the rows, the same function (tests/moe/test_dispatch.py):
 - CPU: `index_select` there and `index_add_` back. The combine weight is handed to the experts
   (Experts.forward_sorted's row_scale), which apply it to the hidden rows [N, f] when they are the narrower
   (fine-grained experts: f = 37 against d = 128 at E = 256) instead of to the output rows [N, d]. index_add_ adds a
-  token's rows in row order on CPU, and measured 0.65-0.7x the time of the token-major sums below (E = 8..256,
+  token's rows in row order on CPU, and measured 0.55-0.75x the time of the token-major sums below (E = 8..256,
   docs/benchmarks.md "The experts' path on CPU").
 - deterministic (the default on CUDA): moe.dispatch.token_rows' gather and combine, which add each token's rows in
   a fixed order in fp32 with no atomic op, forward and backward; on CUDA index_add_ (and index_select's backward)
