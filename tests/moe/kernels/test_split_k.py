@@ -131,6 +131,7 @@ def test_tma_is_taken_for_plan_order_operands_only():
     assert seen == [2, 1]  # up: (grad u, grad g); down: (h,). Gathered operands are never offered
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # expert 2's own inf x 0 = NaN
 @pytest.mark.parametrize("up", [True, False], ids=["up-glu", "down-scaled"])
 def test_next_experts_rows_do_not_leak_through_tma(up):
     """A descriptor box of expert 1's last rows reads expert 2's first rows too: with an inf there (in grad u, or
