@@ -63,24 +63,27 @@ def _set_impl(module: torch.nn.Module, impl: str) -> None:
             m.gemm_impl = impl
 
 
+def _twin_rows(name: str, x: torch.Tensor):
+    """(a twin's MoE layer, its router's plan for x at initialisation, the plan's rows [N, d] in expert order as a
+    leaf)."""
+    layer = MoELayer(twin_config(name, StepSetup()))
+    with torch.no_grad():
+        plan = layer.router(x)
+    return layer, plan, x.detach()[plan.token_index].requires_grad_(True)
+
+
 def part_fns(names: list[str], tokens: int) -> dict[tuple[str, str], Callable[[], None]]:
     """The FFN slot's parts of every model, keyed (model, part)."""
-    setup = StepSetup()
-    base = twin_config("dense", setup)
+    base = twin_config("dense", StepSetup())
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(tokens, base.d_model, generator=gen, requires_grad=True)
-    g = torch.randn(tokens, base.d_model, generator=gen)
+    x, g = (torch.randn(tokens, base.d_model, generator=gen) for _ in range(2))  # [T, d] input, its gradient
+    x.requires_grad_(True)
     torch.manual_seed(0)
     dense = DenseFFN(base.d_model, base.d_ff, base.activation, base.glu, base.ffn_bias)
     fns = {("dense", "dense FFN"): lambda: (_clear([x, *dense.parameters()]), dense(x).backward(g))}
-    for n in names:
-        if n == "dense":
-            continue
-        layer = MoELayer(twin_config(n, setup))
-        with torch.no_grad():
-            plan = layer.router(x)
-        rows = x.detach().index_select(0, plan.token_index).requires_grad_(True)
-        scale = plan.weight.detach().clone().requires_grad_(True)
+    for n in (n for n in names if n != "dense"):
+        layer, plan, rows = _twin_rows(n, x)
+        scale = plan.weight.detach().clone().requires_grad_(True)  # [N] the combine weight, a leaf
         g_rows = torch.randn(rows.shape, generator=gen)
         params = [rows, scale, x, *layer.parameters()]
 
@@ -207,12 +210,11 @@ def step_fns(names: list[str]) -> dict[tuple[str, str], Callable[[], None]]:
 
 def main(argv: Optional[list[str]] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--twins", default=DEMO_TWINS, help=f"comma-separated twin names (default {DEMO_TWINS})")
-    ap.add_argument("--reps", type=int, default=7, help="timed repetitions (one warm-up round more)")
     ap.add_argument("--tokens", type=int, default=2048, help="T rows of the FFN slot's parts (the demo: 16 x 128)")
-    ap.add_argument("--no-parts", action="store_true", help="skip the FFN slot's parts")
-    ap.add_argument("--no-steps", action="store_true", help="skip the bare training steps")
-    ap.add_argument("--no-gemm", action="store_true", help="skip the GEMM rates per layout")
+    ap.add_argument("--reps", type=int, default=7, help="timed repetitions (one warm-up round more)")
+    for what in ("gemm", "parts", "steps"):  # the three sections, each on by default
+        ap.add_argument(f"--no-{what}", action="store_true", help=f"skip the {what} section")
+    ap.add_argument("--twins", default=DEMO_TWINS, help=f"comma-separated twin names (default {DEMO_TWINS})")
     args = ap.parse_args(argv)
     if args.reps < 1:
         raise ValueError(f"--reps={args.reps} must be >= 1")

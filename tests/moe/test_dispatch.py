@@ -234,44 +234,36 @@ def test_sorted_on_cuda_tensors_takes_the_deterministic_path(monkeypatch):
     assert calls == [1]
 
 
+ATOMIC_ON_CUDA = {"aten::index_add", "aten::index_add_", "aten::scatter_add", "aten::scatter_add_", "aten::bincount",
+                  "aten::scatter_reduce", "aten::scatter_reduce_", "aten::index_reduce", "aten::index_reduce_",
+                  "aten::index_put", "aten::index_put_", "aten::_index_put_impl_"}
+
+
 def test_sorted_deterministic_path_runs_no_atomic_op():
-    """The ops of the CUDA-intended path, forward and backward, recorded under a dispatch mode on CPU: no aten op
-    that accumulates with atomics on CUDA (as tests/moe/test_token_rows.py checks for the kernels alone), so k = 3
-    sums are bitwise repeatable there. (With expert biases, their gradient is index_select's backward, an
+    """The ops of the CUDA-intended path, forward and backward, every nested aten call as the profiler records it
+    on CPU: none that accumulates with atomics on CUDA (not even a non-accumulating index_put, to be strict), so
+    k = 3 sums are bitwise repeatable there. (With expert biases, their gradient is index_select's backward, an
     index_add_: the bank here has none, as the demo's.)"""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Record(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            kwargs = kwargs or {}
-            name = func.overloadpacket.__name__
-            accumulate = "index_put" in name and (kwargs.get("accumulate") or (len(args) > 3 and args[3]))
-            self.ops.append((name, bool(accumulate)))
-            return func(*args, **kwargs)
+    from torch.profiler import ProfilerActivity, profile
 
     router, experts, x = _setup(8, 12, 3, 0.0, True, False, empty_expert=True)
     with torch.no_grad():
         plan = router(x)
-    weight = plan.weight.detach().clone().requires_grad_(True)
-    plan.weight = weight
+    plan.weight = plan.weight.detach().clone().requires_grad_(True)
     x = x.clone().requires_grad_(True)
-    for impl in ("auto", "loop"):
+    for impl in ("auto", "loop"):  # the fused grouped GEMMs (this bank's small segments) and the per-expert loop
         experts.gemm_impl = impl
-        with Record() as rec:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
             y = _deterministic(x, plan, experts)
             y.backward(torch.ones_like(y))
-        names = {name for name, _ in rec.ops}
-        atomic = {"index_add", "index_add_", "scatter_add", "scatter_add_", "scatter_reduce", "scatter_reduce_",
-                  "bincount", "index_reduce", "index_reduce_", "_index_put_impl_"}
-        assert not names & atomic, (impl, names & atomic)
-        assert not any(acc for _, acc in rec.ops), impl
-        assert "index_select" in names and "sort" in names, names  # it did record the dispatch
+        ops = {event.key for event in prof.key_averages()}
+        assert not ops & ATOMIC_ON_CUDA, (impl, ops & ATOMIC_ON_CUDA)
+        assert {"aten::index_select", "aten::sort"} <= ops, ops  # it did record the dispatch
     ys = [_deterministic(x, plan, experts) for _ in range(2)]
     assert torch.equal(ys[0], ys[1])
+    with profile(activities=[ProfilerActivity.CPU]) as prof:  # and the check can fail: the CPU path has them
+        DISPATCHERS["sorted"](x, plan, experts).sum().backward()
+    assert "aten::index_add_" in {event.key for event in prof.key_averages()}
 
 
 @pytest.mark.gpu
