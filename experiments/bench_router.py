@@ -1,4 +1,5 @@
 """python -m experiments.bench_router [--old DIR] [--twins moe_e8_k2,...] [--reps 15] [--step-reps 5] [--no-step]
+                                   [--parts]
 
 The router's cost (issues 16 and 21): forward + backward of one MoE layer's router at the demo's T = 2,048 tokens
 (d = 128) for each demo twin, this checkout's routing package against an older one, and the bare training step
@@ -30,6 +31,7 @@ from typing import Callable, Optional
 
 import torch
 
+from experiments import allocator
 from experiments.bench_step import StepSetup, interleaved, make_step, twin_config
 from moe.layer import MoELayer
 from routing import build_router
@@ -98,6 +100,13 @@ def check_equal(new: torch.nn.Module, old: torch.nn.Module, x: torch.Tensor) -> 
     new.gate.weight.grad = None
 
 
+def forward_backward(router: torch.nn.Module, x: torch.Tensor) -> None:
+    """One router forward and backward, the gradients cleared first (a training step's zero_grad(set_to_none))."""
+    router.gate.weight.grad = x.grad = None
+    p = router(x)
+    (p.weight.sum() + sum(p.aux_losses.values())).backward()
+
+
 def router_times(names: list[str], build_old: Callable, reps: int) -> dict[str, dict[str, float]]:
     """twin -> {"old": ms, "new": ms, "median ratio": new/old}: router forward + backward, min of reps."""
     setup = StepSetup()
@@ -113,10 +122,7 @@ def router_times(names: list[str], build_old: Callable, reps: int) -> dict[str, 
         x = torch.randn(setup.batch * setup.seq_len, cfg.d_model, generator=gen, requires_grad=True)
         check_equal(new, old, x)
         for tag, r in (("new", new), ("old", old)):
-            def fn(r=r, x=x):
-                p = r(x)
-                (p.weight.sum() + sum(p.aux_losses.values())).backward()
-            fns[f"{n}|{tag}"] = fn
+            fns[f"{n}|{tag}"] = lambda r=r, x=x: forward_backward(r, x)
     times = interleaved(fns, reps, warmup=2, clock=time.thread_time)
     out: dict[str, dict[str, float]] = {}
     for n in names:
@@ -124,6 +130,61 @@ def router_times(names: list[str], build_old: Callable, reps: int) -> dict[str, 
         out[n] = {"old": 1e3 * min(o), "new": 1e3 * min(w),
                   "median ratio": statistics.median(b / a for a, b in zip(o, w))}
     return out
+
+
+def router_parts(names: list[str], build_old: Callable, reps: int) -> dict[str, dict[str, float]]:
+    """twin -> {part: ms}, forward parts of either router on one batch's logits (no gradient), interleaved: the old
+    gating (softmax + int64-key topk; its key selection alone), losses and plan (sort + statistics); the new
+    selection, fused gate (weights, losses, probabilities, lse, entropy) and plan; and each router's backward
+    (forward + backward minus forward)."""
+    setup = StepSetup()
+    gen = torch.Generator().manual_seed(0)
+    fns: dict[tuple[str, str], Callable[[], object]] = {}
+    for n in names:
+        cfg = twin_config(n, setup)
+        rc, E, k = cfg.moe.router, cfg.moe.num_experts, cfg.moe.router.top_k
+        new = build_router(cfg.d_model, E, rc)
+        with torch.no_grad():
+            new.gate.weight.normal_(0.0, 0.3, generator=gen)
+        old = old_router_of(new, build_old)
+        x = torch.randn(setup.batch * setup.seq_len, cfg.d_model, generator=gen, requires_grad=True)
+        with torch.no_grad():
+            logits = new.logits(x)
+        o, w = type(old).route.__globals__, type(new).route.__globals__  # each implementation's module
+        probs, weight, idx = o["topk_gating"](logits, k, rc.order, rc.renormalize)
+        f = w["expert_fractions"](idx, E)
+        gate = w["fused_gate"](logits, idx, f, rc.aux_loss_coef, rc.z_loss_coef)
+        ts = (gate.entropy, gate.top1_prob)
+
+        fns.update({
+            (n, "old gating"): lambda o=o, lg=logits, k=k, rc=rc: o["topk_gating"](lg, k, rc.order, rc.renormalize),
+            (n, "old key select"): lambda o=o, lg=logits, k=k: o["select_topk"](lg, k),
+            (n, "old losses"): lambda o=o, rc=rc, lg=logits, p=probs, i=idx: o["standard_losses"](rc, lg, p, i),
+            (n, "old plan"): lambda o=o, i=idx, wt=weight, p=probs, E=E: o["choice_plan"](i, wt, p, E, None, False,
+                                                                                      "probs", {}),
+            (n, "old forward"): lambda old=old, x=x: old(x),
+            (n, "old forward+backward"): lambda old=old, x=x: forward_backward(old, x),
+            (n, "new select"): lambda w=w, lg=logits, k=k: w["select_topk"](lg, k),
+            (n, "new gate"): lambda w=w, lg=logits, i=idx, f=f, rc=rc: w["fused_gate"](lg, i, f, rc.aux_loss_coef,
+                                                                                     rc.z_loss_coef),
+            (n, "new plan"): lambda w=w, i=idx, g=gate, E=E, ts=ts: w["choice_plan"](i, g.weight, g.probs, E, None,
+                                                                                   False, "probs", {}, token_stats=ts),
+            (n, "new forward"): lambda new=new, x=x: new(x),
+            (n, "new forward+backward"): lambda new=new, x=x: forward_backward(new, x),
+        })
+    times = interleaved({f"{a}|{b}": fn for (a, b), fn in fns.items()}, reps, warmup=2, clock=time.thread_time)
+    out: dict[str, dict[str, float]] = {}
+    for key, ts in times.items():
+        n, part = key.split("|")
+        out.setdefault(n, {})[part] = 1e3 * min(ts)
+    for parts in out.values():
+        for tag in ("old", "new"):
+            parts[f"{tag} backward"] = parts[f"{tag} forward+backward"] - parts[f"{tag} forward"]
+    return out
+
+
+PARTS = ("old gating", "old key select", "old losses", "old plan", "old backward", "new select", "new gate",
+         "new plan", "new backward")
 
 
 def step_times(names: list[str], build_old: Callable, reps: int) -> dict[str, list[float]]:
@@ -150,15 +211,26 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--reps", type=int, default=15, help="timed router repetitions")
     ap.add_argument("--step-reps", type=int, default=5, help="timed bare-step repetitions")
     ap.add_argument("--no-step", action="store_true", help="time the routers only")
+    ap.add_argument("--parts", action="store_true", help="also time the routers' parts (router_parts)")
+    ap.add_argument("--allocator", default="auto", choices=allocator.CHOICES,
+                    help="re-run once with this allocator (experiments.allocator), as bench_step and bench_floor")
     args = ap.parse_args(argv)
+    if args.allocator != "system":
+        allocator.reexec("experiments.bench_router", list(argv if argv is not None else sys.argv[1:]), args.allocator)
     torch.set_num_threads(1)
     names = [n.strip() for n in args.twins.split(",") if n.strip()]
     build_old = load_old_routing(args.old)
     print(f"# router forward + backward, T = 2048, thread CPU time, 1 thread, torch {torch.__version__}, "
+          f"allocator: {allocator.current()}, "
           f"load {os.getloadavg()[0]:.1f}, {datetime.datetime.now().isoformat(timespec='minutes')}")
     print("\n| twin | old ms (min) | new ms (min) | new / old (min) | new / old (median of pairs) |\n|---|---:|---:|---:|---:|")
     for n, t in router_times(names, build_old, args.reps).items():
         print(f"| {n} | {t['old']:.2f} | {t['new']:.2f} | {t['new'] / t['old']:.3f}x | {t['median ratio']:.3f}x |")
+    if args.parts:
+        print(f"\n# forward parts and backward (ms, min of {args.reps}; load {os.getloadavg()[0]:.1f})\n\n| twin | "
+              + " | ".join(PARTS) + " |\n|---|" + "---:|" * len(PARTS))
+        for n, p in router_parts(names, build_old, args.reps).items():
+            print(f"| {n} | " + " | ".join(f"{p[k]:.2f}" for k in PARTS) + " |")
     if args.no_step:
         return
     times = step_times(names, build_old, args.step_reps)

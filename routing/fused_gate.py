@@ -78,8 +78,9 @@ class _FusedGate(torch.autograd.Function):
             per_token -= probs @ c
         if z_coef > 0 and g_z is not None:
             per_token += lse * (g_z * (2.0 * z_coef / max(T, 1)))
-        grad = per_token[:, None] + c if c is not None else per_token[:, None].expand(T, E)
-        grad = grad * probs  # [T, E]
+        # [T, E]: one fresh tensor, written once and scaled in place
+        grad = per_token[:, None] + c if c is not None else per_token[:, None].expand(T, E).clone()
+        grad.mul_(probs)
         if g_weight is not None:
             g_chosen = weight * (g_weight - (weight * g_weight).sum(-1, keepdim=True))  # softmax backward, [T, k]
             grad.scatter_add_(1, expert_idx, g_chosen)

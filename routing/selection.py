@@ -22,6 +22,8 @@ the sign bit below -inf). A row of NaN still gets k distinct experts.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -46,21 +48,26 @@ def select_topk(scores: Tensor, k: int) -> Tensor:
     s = scores.detach().float()
     if E < EXPERT_MAJOR_BELOW and s.device.type == "cpu":
         return _passes(s.t(), k, axis=0).t().contiguous()  # [E, T] sweeps, back to [T, k]
-    rows = max(CHUNK_ELEMENTS // E, 1) if s.device.type == "cpu" else T
-    if rows >= T:
-        return _passes(s, k, axis=1)
-    return torch.cat([_passes(s[i:i + rows], k, axis=1) for i in range(0, T, rows)])
+    rows = min(max(CHUNK_ELEMENTS // E, 1) if s.device.type == "cpu" else T, T)
+    # one working copy and one hit buffer for every block: a fresh 512 KiB buffer per block would be fresh pages
+    buffers = (s.new_empty(rows, E), s.new_empty(rows, E))
+    return torch.cat([_passes(s[i:i + rows], k, axis=1, buffers=buffers) for i in range(0, T, rows)])
 
 
-def _passes(s: Tensor, k: int, axis: int) -> Tensor:
-    """The k passes over one block of scores whose expert axis is `axis` -> [k, T'] (axis 0) or [T', k] (axis 1)."""
+def _passes(s: Tensor, k: int, axis: int, buffers: Optional[tuple[Tensor, Tensor]] = None) -> Tensor:
+    """The k passes over one block of scores whose expert axis is `axis` -> [k, T'] (axis 0) or [T', k] (axis 1).
+    buffers: two tensors of at least s's rows (axis 1) to work in; None: fresh ones."""
     E = s.shape[axis]
+    if buffers is None:
+        work = torch.empty_like(s, memory_format=torch.contiguous_format)  # s may be a transposed view
+        hit = torch.empty_like(work)
+    else:
+        work, hit = buffers[0][:s.shape[0]], buffers[1][:s.shape[0]]
     # The working copy: every NaN ranked as +inf and -inf lifted to FLOAT_MIN, so that the -inf written over a
     # chosen column is below every score left (a pass never picks a column twice, whatever the row holds).
-    work = torch.nan_to_num(s, nan=float("inf"), posinf=float("inf"), neginf=FLOAT_MIN).contiguous()
+    torch.nan_to_num(s, nan=float("inf"), posinf=float("inf"), neginf=FLOAT_MIN, out=work)
     rev = torch.arange(E, 0, -1, dtype=work.dtype, device=work.device)  # E - e: the lowest hit scores highest
     rev = rev[:, None] if axis == 0 else rev  # broadcast along the expert axis
-    hit = torch.empty_like(work)
     picks = []
     for j in range(k):
         best = work.amax(axis, keepdim=True)  # [1, T'] or [T', 1]
