@@ -1,4 +1,5 @@
-"""The learning-rate schedule and AdamW's decay / no-decay parameter groups."""
+"""The learning-rate schedule, AdamW's decay / no-decay parameter groups, and optim.fused: the update's kernel by
+engine, as composed from the command line and named in the run's log."""
 from __future__ import annotations
 
 import math
@@ -8,9 +9,11 @@ import torch
 
 from experiments.config import OptimConfig
 from experiments.optim import build_optimizer, describe_optimizer, lr_at, param_groups, resolve_fused
+from experiments.trainer import Trainer
 from moe.config import ModelConfig, MoEConfig
 from moe.model import Transformer
 from routing.config import RouterConfig
+from tests.experiments.test_train import make_run
 
 # ------------------------------------------------------------------------------------------------ schedule
 
@@ -240,3 +243,15 @@ def test_a_checkpoint_does_not_change_the_runs_kernel():
     assert all(g["fused"] and not g["foreach"] for g in new.param_groups)
     p = next(model.parameters())
     assert torch.equal(new.state[p]["exp_avg"], old.state[p]["exp_avg"]) and new.state[p]["step"].item() == 1.0
+
+
+@pytest.mark.parametrize("override, want", [([], "auto"), (["optim.fused=true"], "true"),
+                                            (["optim.fused=false"], "false")])
+def test_hydra_overrides_reach_the_tri_state(override, want, tmp_path, text_corpus):
+    """optim.fused=true arrives from the command line as the string 'True'; the run's log names the kernel."""
+    cfg = make_run(tmp_path, text_corpus, "trainer.max_steps=1", "trainer.eval_interval=0", *override)
+    assert cfg.optim.fused == want
+    if not override:  # one short run: the resolved choice is in train.log, as the dispatcher's is
+        Trainer(cfg).fit()
+        log = (tmp_path / "train.log").read_text()
+        assert "optimizer: AdamW, fused update (optim.fused=auto); the clip folded into the update" in log
