@@ -71,15 +71,16 @@ TOKENS, D_MODEL, HIDDEN, EXPERTS = 14, 40, 72, 4  # d, f not multiples of the bl
 
 
 def layer(params, row_token, offsets, row_weight, blocks) -> dict:
-    """y of grouped_expert_mlp and the gradients of a fixed linear loss (x, every weight and bias, row_weight)."""
-    p = params
+    """y of grouped_expert_mlp and the gradients of a fixed linear loss in x and row_weight: every row-tiled GEMM
+    runs (up, down, grad h with the activation backward, grad x). The weights are constants here, so the weight-
+    gradient kernel (which takes no tile table and no row descriptors) is left out of these comparisons."""
+    p = {k: v if v is None or k == "x" else v.detach() for k, v in params.items()}
     rw = row_weight.detach().clone().requires_grad_()
     y = grouped_expert_mlp(p["x"], row_token, offsets, rw, p["w_up"], p["w_gate"], p["b_up"], p["b_gate"],
                            p["w_down"], p["b_down"], "silu", blocks=blocks)
     g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y)
-    names = [k for k, v in p.items() if v is not None]
-    grads = torch.autograd.grad(y, [p[k] for k in names] + [rw], g)
-    return {"y": y.detach(), **{f"grad_{k}": v for k, v in zip(names + ["row_weight"], grads)}}
+    grad_x, grad_rw = torch.autograd.grad(y, [p["x"], rw], g)
+    return {"y": y.detach(), "grad_x": grad_x, "grad_row_weight": grad_rw}
 
 
 def assert_bitwise(got: dict, want: dict, what: str):
@@ -89,7 +90,7 @@ def assert_bitwise(got: dict, want: dict, what: str):
         assert torch.equal(got[name], want[name]), f"{what}: {name} differs (max abs {diff:.3g})"
 
 
-def layer_case(dtype=torch.float32):
+def layer_case(dtype):
     row_token, offsets = random_plan(TOKENS, EXPERTS, used=[0, 1, 3], seed=3, device=DEVICE)  # expert 2 empty
     params = make_params(TOKENS, D_MODEL, HIDDEN, EXPERTS, True, True, dtype)
     row_weight = torch.rand(row_token.numel(), generator=torch.Generator().manual_seed(2)).to(DEVICE)
@@ -100,34 +101,43 @@ def layer_case(dtype=torch.float32):
 SMALL = dict(block_m=8, block_n=64, block_k=32, block_elementwise=1 << 16, num_warps=1, num_stages=1, group_m=2)
 
 
-def test_persistent_with_the_table_equals_one_tile_per_program(monkeypatch):
+@pytest.fixture(scope="module")
+def plain_layer():
+    """A bf16 layer call with one tile per program and pointer loads: what every variant must equal bitwise."""
+    case = layer_case(torch.bfloat16)
+    return case, layer(*case, GemmBlocks(**SMALL))
+
+
+def test_persistent_with_the_table_equals_one_tile_per_program(monkeypatch, plain_layer):
     """Persistent launches (3 programs under the interpreter, each looping over several tiles to the table's count)
     against one program per tile searching the offsets: forward and backward bitwise equal. The four row-tiled
     GEMMs of the layer call share one table (one BLOCK_M)."""
     built = []
     real = tt.tile_table
     monkeypatch.setattr(tt, "tile_table", lambda *a: built.append(a[2]) or real(*a))
-    case = layer_case()
-    plain = layer(*case, GemmBlocks(**SMALL))
-    assert built == []
-    persistent = layer(*case, GemmBlocks(**SMALL, persistent=True))
+    case, plain = plain_layer
+    assert_bitwise(layer(*case, GemmBlocks(**SMALL, persistent=True)), plain, "persistent")
     assert built == [SMALL["block_m"]]
-    assert_bitwise(persistent, plain, "persistent")
 
 
-def test_tma_row_blocks_and_grad_h_weights_equal_pointer_loads():
+def test_tma_row_blocks_and_grad_h_weights_equal_pointer_loads(plain_layer):
     """GemmBlocks(tma=True): h (down), grad u / grad g (grad x) and w_down in grad h come through descriptors (a
     row tile may read the next expert's rows, never stored); forward and backward bitwise equal to pointer
-    loads, alone and with the persistent grid; in bf16 (fp32 in the other tests)."""
-    case = layer_case(torch.bfloat16)
+    loads."""
+    case, plain = plain_layer
     params, row_token = case[0], case[1]
     tma = GemmBlocks(**SMALL, tma=True)
     h_like = torch.empty(row_token.numel(), HIDDEN, device=DEVICE, dtype=torch.bfloat16)
     assert row_operand(h_like, tma) is not h_like  # the descriptor path is the one tested
     assert weight_operand(params["w_down"].detach(), tma, True)[1]
-    plain = layer(*case, GemmBlocks(**SMALL))
-    for blocks in (tma, GemmBlocks(**SMALL, tma=True, persistent=True)):
-        assert_bitwise(layer(*case, blocks), plain, f"tma, persistent={blocks.persistent}")
+    assert_bitwise(layer(*case, tma), plain, "tma")
+
+
+def test_persistent_tma_layer_does_not_sync_and_equals_the_plain_one(plain_layer):
+    case, plain = plain_layer
+    with no_host_sync():
+        out = layer(*case, GemmBlocks(**SMALL, tma=True, persistent=True))
+    assert_bitwise(out, plain, "tma + persistent")
 
 
 def test_tma_and_table_match_the_float64_reference():
@@ -137,7 +147,8 @@ def test_tma_and_table_match_the_float64_reference():
     choices = [[e for e, n in enumerate(segments) if t < n] for t in range(max(segments))]
     row_token, offsets = plan(choices, len(segments), torch.int32)
     params = make_params(max(segments), D_MODEL, HIDDEN, len(segments), True, True, torch.float32)
-    check(params, row_token, offsets, max(segments), "silu", GemmBlocks(**SMALL, tma=True, persistent=True))
+    blocks = GemmBlocks(**{**SMALL, "block_m": 16, "block_n": 128, "block_k": 64}, tma=True, persistent=True)
+    check(params, row_token, offsets, max(segments), "silu", blocks)
 
 
 def test_row_operand_falls_back_to_pointer_loads():
@@ -148,13 +159,6 @@ def test_row_operand_falls_back_to_pointer_loads():
     assert row_operand(odd, on) is odd
     strided = torch.zeros(16, 8, device=DEVICE).t()
     assert row_operand(strided, on) is strided  # not contiguous
-
-
-def test_persistent_tma_layer_does_not_sync():
-    case = layer_case()
-    with no_host_sync():
-        out = layer(*case, GemmBlocks(**SMALL, tma=True, persistent=True))
-    assert all(torch.isfinite(t).all() for t in out.values())
 
 
 # -------------------------------------------------------------------------------- compiled for a GPU, without one
@@ -176,6 +180,8 @@ COMPILE_SCRIPT = textwrap.dedent("""
     from moe.kernels.tile_configs import candidates
 
     def build(fn, types, consts, **opts):
+        if not claim():  # another worker compiles this one (tests/moe/kernels/hopper_compile.py)
+            return
         sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}  # ints: i32
         triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32), options=opts)
 
@@ -215,14 +221,16 @@ COMPILE_SCRIPT = textwrap.dedent("""
     for offsets in ("*i32", "*i64"):
         build(tt._tile_table_kernel, {"offsets_ptr": offsets, "table_ptr": "*i64"},
               dict(BLOCK_M=128, E_POW2=64, BLOCK_T=256), num_warps=4)
-    print("compiled")
+    print(claimed_summary())
 """)
 
 
 @pytest.mark.slow
-def test_new_variants_compile_for_hopper(tmp_path, monkeypatch):
-    """test_grouped_gemm's runner (a process without the interpreter, a private Triton cache) on this script."""
-    import tests.moe.kernels.test_grouped_gemm as grouped_gemm
+def test_new_variants_compile_for_hopper(tmp_path):
+    from triton.backends import backends
 
-    monkeypatch.setattr(grouped_gemm, "COMPILE_SCRIPT", COMPILE_SCRIPT)
-    grouped_gemm.test_kernels_compile_for_hopper(tmp_path)
+    from tests.moe.kernels.hopper_compile import run_compile_workers
+
+    if "nvidia" not in backends:
+        pytest.skip("this triton build has no NVIDIA backend")
+    assert run_compile_workers(COMPILE_SCRIPT, tmp_path) == 10  # 4 kernels x 2 dtypes, the table kernel x 2
