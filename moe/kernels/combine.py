@@ -88,9 +88,11 @@ def round_to(v, dtype: tl.constexpr, INTERPRETED: tl.constexpr):
 @triton.jit
 def _segment_sum_kernel(rows_ptr, token_offsets_ptr, out_ptr, D, stride_rows, stride_out,
                         INTERPRETED: tl.constexpr, BLOCK_D: tl.constexpr):
-    """out[t, cols] = sum of rows[j, cols] over j in token t's slot range, in slot order, accumulated in fp32."""
-    t = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    """out[t, cols] = sum of rows[j, cols] over j in token t's slot range, in slot order, accumulated in fp32.
+    One program per (token, BLOCK_D columns), token-major in grid x (`segment_sum_grid`)."""
+    col_blocks = tl.cdiv(D, BLOCK_D)
+    t = tl.program_id(0) // col_blocks
+    cols = (tl.program_id(0) % col_blocks) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_mask = cols < D
     lo = tl.load(token_offsets_ptr + t)
     hi = tl.load(token_offsets_ptr + t + 1)
@@ -106,6 +108,22 @@ def _segment_sum_kernel(rows_ptr, token_offsets_ptr, out_ptr, D, stride_rows, st
 INTERPRETED = type(_segment_sum_kernel).__name__ == "InterpretedFunction"
 
 
+GRID_X_MAX = 2**31 - 1  # CUDA's limit on grid dimension x (y and z: 65,535)
+
+
+def segment_sum_grid(num_tokens: int, width: int, block_d: int) -> tuple[int]:
+    """segment_sum's launch grid: num_tokens x cdiv(width, block_d) programs, all in grid x. A second grid
+    dimension for the column blocks would be capped at 65,535 by CUDA, and the split-K weight gradients' second
+    pass sums rows of width P*Q (moe.kernels.weight_grad): 4096 x 14336 / 1024 = 57,344 blocks, past the cap at
+    wider layers (5120 x 13824: 69,120) or smaller blocks."""
+    programs = num_tokens * triton.cdiv(width, block_d)
+    if programs > GRID_X_MAX:
+        raise ValueError(f"segment_sum: {num_tokens} rows x {triton.cdiv(width, block_d)} column blocks of {block_d} "
+                         f"= {programs} programs, past CUDA's grid limit of {GRID_X_MAX}: pass a larger block_d "
+                         "(GemmBlocks.block_elementwise)")
+    return (programs,)
+
+
 def segment_sum(rows: Tensor, token_offsets: Tensor, dtype: torch.dtype, block_d: int = 1024) -> Tensor:
     """rows [N, D] in token-major order, token_offsets [T+1] -> [T, D] in `dtype` (rows of a token summed)."""
     num_tokens, width = token_offsets.numel() - 1, rows.shape[1]
@@ -114,7 +132,7 @@ def segment_sum(rows: Tensor, token_offsets: Tensor, dtype: torch.dtype, block_d
         return out
     assert rows.stride(1) == 1, "segment_sum expects rows with contiguous columns"
     block_d = min(block_d, triton.next_power_of_2(width))
-    grid = (num_tokens, triton.cdiv(width, block_d))
+    grid = segment_sum_grid(num_tokens, width, block_d)
     _segment_sum_kernel[grid](rows, token_offsets, out, width, rows.stride(0), out.stride(0),
                               INTERPRETED=INTERPRETED, BLOCK_D=block_d)
     return out
