@@ -41,10 +41,10 @@ class Experts(nn.Module):
         self.b_down = nn.Parameter(torch.zeros(E, d)) if bias else None
         for p in self.parameters():
             _tag(p, shard.ep_size)
-        # moe.segment_matmul.IMPLS: "auto" (on CPU, gated banks with small expert segments take moe.grouped_glu's
-        # fused path, moe.grouped_glu.prefer_fused_glu; else torch's grouped_mm where its layout rules hold, else the
-        # per-expert loop), or force "fused" / "grouped_mm" / "loop" (benchmarks compare them; FLOP tests need the
-        # loop, whose matmuls FlopCounterMode sees)
+        # moe.segment_matmul.IMPLS or "fused": "auto" (on CPU, gated banks with small expert segments take
+        # moe.grouped_glu's fused path, moe.grouped_glu.prefer_fused_glu; else torch's grouped_mm where its layout
+        # rules hold, else the per-expert loop), or force "fused" / "grouped_mm" / "loop" (benchmarks compare them;
+        # FLOP tests need the loop, whose matmuls FlopCounterMode sees)
         self.gemm_impl = "auto"
         self.reset_parameters()
 
