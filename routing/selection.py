@@ -10,15 +10,15 @@ rule, equal on every input (tests/routing/test_selection_passes.py):
 
 - `select_topk_by_key`: one topk of an exact, unique int64 key (the float's order-preserving integer image in the
   high bits, the reversed expert index in the low bits). On CPU topk sorts every row, and the key costs four
-  integer passes over [T, E] plus a copy to int64: 9-11 ms at T = 2,048, E = 256, k = 8.
+  integer passes over [T, E] plus a copy to int64: 8-14 ms at T = 2,048, E = 256, k = 8 (at load 7-12).
 - `select_topk` (what routers run): k passes of "row max, then the first column that holds it, then mask it",
-  each pass three vectorised float sweeps over the scores and one reduction (amax without indices: on CPU a
-  max with indices or an integer reduction costs 5-10x a float amax). 2-13x faster than the key at E = 8-256
-  (docs/benchmarks.md, "Router cost (issues 16, 21)").
+  each pass three vectorised float sweeps over the scores and two reductions without indices (on CPU a max
+  with indices, or any integer reduction, costs 5-10x a float amax). 1.4x (E = 4) to 8x (E = 64, k = 2) faster
+  than the key, 3x at E = 256, k = 8 (docs/benchmarks.md, "Router cost (issues 16, 21)").
 
 The order is that of the floats with two exceptions of `select_topk_by_key` that `select_topk` does not keep:
--inf ties with -3.4028235e38 (the most negative float), and every NaN ranks as +inf (the key ranked a NaN with
-the sign bit below -inf). A row of NaN still gets k distinct experts.
+-inf ties with -3.4028235e38 (the most negative float), and every NaN ranks as +inf, tied with it (the key ranked
+a positive NaN above +inf and one with the sign bit below -inf). A row of NaN still gets k distinct experts.
 """
 from __future__ import annotations
 
@@ -43,9 +43,12 @@ def select_topk(scores: Tensor, k: int) -> Tensor:
     """scores [T, E] float -> [T, k] long: each row's k largest, best first, the lowest index first among equal
     values. Not differentiable (routers gather their weights with the indices)."""
     T, E = scores.shape
-    if not 0 < k <= E:
-        raise ValueError(f"select_topk: k={k} must be in [1, E={E}] (model.moe.router.top_k <= moe.num_experts)")
+    if not 0 <= k <= E:
+        raise ValueError(f"select_topk: k={k} must be in [0, {E}], the scores' columns (for a router: "
+                         f"model.moe.router.top_k <= moe.num_experts)")
     s = scores.detach().float()
+    if k == 0 or T == 0:
+        return torch.zeros(T, k, dtype=torch.long, device=s.device)
     if E < EXPERT_MAJOR_BELOW and s.device.type == "cpu":
         return _passes(s.t(), k, axis=0).t().contiguous()  # [E, T] sweeps, back to [T, k]
     rows = min(max(CHUNK_ELEMENTS // E, 1) if s.device.type == "cpu" else T, T)

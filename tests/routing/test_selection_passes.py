@@ -58,9 +58,12 @@ def test_nan_rows_get_distinct_experts():
     assert idx[1, 3:].tolist() == [6, 2, 0, 5, 4]
 
 
-def test_bad_k_names_the_setting():
+def test_bad_k_names_the_setting_and_empty_shapes_as_topk():
     with pytest.raises(ValueError, match="top_k"):
         select_topk(torch.zeros(3, 4), 5)
+    for shape, k in (((3, 4), 0), ((0, 4), 2), ((0, 64), 8)):
+        got = select_topk(torch.zeros(shape), k)
+        assert got.dtype == torch.long and got.shape == torch.zeros(shape).topk(k, dim=-1).indices.shape
 
 
 def _assign_by_key(expert_idx, weight, num_experts, capacity):
