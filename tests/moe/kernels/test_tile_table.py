@@ -165,8 +165,8 @@ def test_row_operand_falls_back_to_pointer_loads():
 
 # Compiles the new variants for sm_90 (as test_grouped_gemm.py::test_kernels_compile_for_hopper does for the
 # others): each row-tiled kernel with a tile table and TMA descriptors for every contiguous operand (weights, h,
-# grad u / grad g), fp32 at the default tiles with every mask, bf16 at the largest candidate tiles without; the
-# table kernel for int32 and int64 offsets.
+# grad u / grad g), fp32 at the default tiles with every mask, bf16 at the largest candidate tiles without, each
+# checked to contain TMA copies; the table kernel for int32 and int64 offsets.
 COMPILE_SCRIPT = textwrap.dedent("""
     import torch
     import triton
@@ -179,11 +179,12 @@ COMPILE_SCRIPT = textwrap.dedent("""
     import moe.kernels.up_projection as upk
     from moe.kernels.tile_configs import candidates
 
-    def build(fn, types, consts, **opts):
+    def build(fn, types, consts, tma=True, **opts):
         if not claim():  # another worker compiles this one (tests/moe/kernels/hopper_compile.py)
             return
         sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}  # ints: i32
-        triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32), options=opts)
+        k = triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32), options=opts)
+        assert ("tma" in k.asm["ttgir"]) == tma, (fn.__name__, consts)  # the descriptors became TMA copies
 
     def desc(dtype, box, dims):  # a TMA descriptor's type for `box` tiles of a tensor of `dims` dimensions
         return mangle_type(TensorDescriptor.from_tensor(torch.empty(*[256] * dims, dtype=dtype), box))
@@ -220,7 +221,7 @@ COMPILE_SCRIPT = textwrap.dedent("""
                           dict(TWO=trans, HAS_BIAS=True, HAS_SCALE=True, W_DESC=True, W_TRANS=trans, **c), **opts)
     for offsets in ("*i32", "*i64"):
         build(tt._tile_table_kernel, {"offsets_ptr": offsets, "table_ptr": "*i64"},
-              dict(BLOCK_M=128, E_POW2=64, BLOCK_T=256), num_warps=4)
+              dict(BLOCK_M=128, E_POW2=64, BLOCK_T=256), tma=False, num_warps=4)
     print(claimed_summary())
 """)
 
