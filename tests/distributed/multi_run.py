@@ -10,8 +10,12 @@ process group (engine.close), then joins the next run's fresh group.
 
 Each run gets a rendezvous port of its own (rank 0 finds a free one just before the run and hosts that run's
 store; the others read the port from torchrun's agent store): the agent store keeps the keys of a destroyed group,
-and a second default group of the same name would read its peers' stale addresses. The app's own command line under torchrun and DeepSpeed's launcher stays covered by the tests that
-launch experiments.train (test_ddp, test_deepspeed, test_preemption, test_hangs)."""
+and a second default group of the same name would read its peers' stale addresses.
+
+The app's own command line under torchrun and DeepSpeed's launcher stays covered by the tests that launch
+experiments.train (test_ddp, test_deepspeed, test_preemption, test_hangs). DeepSpeed runs cannot share a launch:
+experiments.engines.deepspeed.expert_groups creates DeepSpeed's expert groups once per process, so a second run
+would get the groups of the first run's destroyed world."""
 from __future__ import annotations
 
 import datetime
