@@ -29,28 +29,44 @@ class Step:
 
 
 BIG = "16384:1024:2048:8:2"  # issue 20's reference layer (T >= 16k)
+PROBE_SHAPE = "4099:1000:1400:64:2"  # the probe's layer (issue 20 item 6), for the weight gradients' sweep
+HOT = "0.3"  # the probe's skew: one expert with 30% of the rows (the tail split-K is for)
+# The boxes are estimates (no GPU has run the check yet): the probe and kernel-info steps now also compile and
+# run the split-K, persistent and TMA variants, and the weight gradients get their own sweep; the time came from
+# the gpu-marked tests (20 s), the training twins (10 s), the kernel benchmark, the forward sweep and the layer
+# benchmark (5 s each) and the 10 s the table had spare.
 STEPS: tuple[Step, ...] = (
     Step("device", "device, versions, datasheet peaks, a measured bf16 GEMM and a device copy",
          20, "experiments.gpu_check.device_info"),
     Step("a_probe", "correctness probe: bf16 T=4099 d=1000 f=1400 E=64 (5 empty, one at 30%), k=2 and 8, "
-         "against fp32, forward and backward, twice for bitwise equality", 70, "experiments.gpu_check.probe"),
-    Step("b_gpu_tests", "the gpu-marked tests at real sizes (pytest -m gpu)", 95, "experiments.gpu_check.gpu_tests"),
-    Step("c_kernel_info", "registers, spills, shared memory, wgmma and async copies of every compiled kernel",
-         35, "experiments.gpu_check.kernel_info", interpreter=False),
-    Step("d_kernel_bench", "per-kernel throughput table (experiments.bench_kernels)", 45,
+         "against fp32, forward and backward, twice for bitwise equality; again with split-K weight gradients, "
+         "the persistent grid and TMA", 85, "experiments.gpu_check.probe", dry_budget_s=300),
+    Step("b_gpu_tests", "the gpu-marked tests at real sizes (pytest -m gpu)", 75, "experiments.gpu_check.gpu_tests"),
+    Step("c_kernel_info", "registers, spills, shared memory, wgmma and async copies of every compiled kernel, "
+         "the split-K, persistent and TMA variants included", 40, "experiments.gpu_check.kernel_info",
+         interpreter=False),
+    Step("d_kernel_bench", "per-kernel throughput table (experiments.bench_kernels)", 40,
          "experiments.gpu_check.external",
          ("--module", "experiments.bench_kernels", "--", "--shape", BIG, "--dtype", "bf16", "--json", "{table}"),
          ("--module", "experiments.bench_kernels", "--", "--quick", "--json", "{table}"), dry_budget_s=120),
-    Step("d_tile_sweep", "tile sweep of the forward grouped GEMMs (moe.kernels.autotune); later steps use its table",
-         55, "experiments.gpu_check.external",
+    Step("d_tile_sweep", "tile sweep of the forward grouped GEMMs (moe.kernels.autotune; the persistent and TMA "
+         "variants among the candidates); later steps use its table", 50, "experiments.gpu_check.external",
          ("--module", "moe.kernels.autotune", "--table", "tuned_configs.json", "--", "--out", "{table}", "--quick",
           "--shape", BIG, "--kernels", "up_glu,down"),
          ("--module", "moe.kernels.autotune", "--table", "tuned_configs.json", "--", "--out", "{table}", "--quick"),
          dry_budget_s=90, exports="SWITCHYARD_TUNED_CONFIGS"),
+    # Tuned at the probe's layer with one expert at 30%: split-K is timed where it should pay. A table of its own,
+    # not exported: a choice made at a skewed load would apply at every load of its shape bucket.
+    Step("d_wgrad_sweep", "tile sweep of the weight gradients at the probe's skew (--hot 0.3): split-K and TMA "
+         "among the candidates", 35, "experiments.gpu_check.external",
+         ("--module", "moe.kernels.autotune", "--table", "tuned_wgrad_hot.json", "--", "--out", "{table}", "--quick",
+          "--shape", PROBE_SHAPE, "--hot", HOT, "--kernels", "wgrad_up_glu,wgrad_down"),
+         ("--module", "moe.kernels.autotune", "--table", "tuned_wgrad_hot.json", "--", "--out", "{table}", "--quick",
+          "--hot", HOT, "--kernels", "wgrad_up_glu,wgrad_down"), dry_budget_s=90),
     Step("e_layer_bench", "the layer benchmark on CUDA, bf16, T >= 16k: dense, sorted, triton, Mixtral-style "
-         "loop, DeepSpeed MoE, experts only", 60, "experiments.gpu_check.layer_bench"),
+         "loop, DeepSpeed MoE, experts only", 55, "experiments.gpu_check.layer_bench"),
     Step("f_train_twins", "50 training steps of a ~100M dense model and its FLOP-matched MoE twin: tokens/s, MFU, "
-         "no host sync in a dropless step", 65, "experiments.gpu_check.train_twins"),
+         "no host sync in a dropless step", 55, "experiments.gpu_check.train_twins"),
     Step("g_large_shape", "a large shape and an int32-overflow probe (N*f > 2^31 elements)", 35,
          "experiments.gpu_check.large_shape"),
 )

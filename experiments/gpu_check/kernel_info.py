@@ -7,8 +7,13 @@ moe.kernels is compiled for the shapes that matter (the other steps' Triton cach
 each compiled kernel's metadata: n_regs and n_spills from the loaded binary, shared memory from the metadata,
 the instructions from its PTX and TTGIR. A plain 128x128x64 dot kernel at 8 warps is compiled beside them as a
 control: if it shows wgmma and ours do not, the kernels (not the toolchain) keep the tensor cores from Hopper's
-fast path. A dry run on CPU compiles only the control for sm_90 (no GPU needed) and takes registers and spills
-from `ptxas -v`, checking the same reading code.
+fast path. The kernel variants (experiments.gpu_check.variants: split-K weight gradients, the persistent grid with
+its tile table, TMA descriptors) run too, at the probe's bf16 sizes, so their compiled kernels are read beside the
+defaults; each compiled kernel is labelled by what its arguments say: `descriptors` (its TMA descriptor
+arguments), `tile_table` (a persistent launch's tile table pointer), `split_rows` (the split-K chunk). A check
+asks that every kernel compiled with descriptor arguments holds TMA copies in its PTX (else the descriptors were
+lowered to plain loads). A dry run on CPU compiles only the control for sm_90 (no GPU needed) and takes registers
+and spills from `ptxas -v`, checking the same reading code.
 """
 from __future__ import annotations
 
@@ -57,6 +62,7 @@ def describe(kernel: Any) -> dict:
            "mma_sync": "mma.sync" in ptx,  # the pre-Hopper tensor-core instruction
            "cp_async": bool(re.search(r"cp\.async\.(ca|cg)", ptx)),  # asynchronous global -> shared copies
            "tma": "cp.async.bulk.tensor" in ptx}  # the tensor memory accelerator's bulk copies
+    out.update(variant_of(signature, _constexprs(getattr(kernel, "src", None))))
     regs, spills = getattr(kernel, "n_regs", None), getattr(kernel, "n_spills", None)
     if regs is None and torch.cuda.is_available():
         try:
@@ -71,6 +77,27 @@ def describe(kernel: Any) -> dict:
         out["from"] = "driver (loaded binary)"
     out.update(registers=regs, spills=spills)
     return out
+
+
+def _constexprs(src: Any) -> dict:
+    """A compiled kernel's constexpr arguments by name (triton 3.x: ASTSource.constexprs keyed by name or by an
+    argument-index path; older: .constants)."""
+    consts = getattr(src, "constexprs", None) or getattr(src, "constants", None) or {}
+    names = list(getattr(getattr(src, "fn", None), "arg_names", []) or [])
+    out = {}
+    for key, value in dict(consts).items():
+        if isinstance(key, tuple) and len(key) == 1 and isinstance(key[0], int) and key[0] < len(names):
+            key = names[key[0]]
+        out[str(key)] = value
+    return out
+
+
+def variant_of(signature: dict, constexprs: dict) -> dict:
+    """Which variant a compiled kernel is, from its arguments: TMA descriptor arguments (their names), a tile
+    table pointer (a persistent launch), the split-K chunk (0: none)."""
+    table = str(signature.get("tiles_ptr", ""))
+    return {"descriptors": sorted(n for n, t in signature.items() if str(t).startswith("tensordesc")),
+            "tile_table": table.startswith("*"), "split_rows": int(constexprs.get("SPLIT_ROWS", 0) or 0)}
 
 
 def ptxas_paths(arch: int) -> list[str]:
@@ -157,8 +184,10 @@ EXERCISE = ((torch.bfloat16, 4099, 1000, 1400, 64, (1, 17, 33, 48, 63)), (torch.
 
 
 def exercise_kernels() -> None:
-    """Forward and backward of the triton dispatcher in bf16 and fp32, so that every kernel is compiled."""
+    """Forward and backward of the triton dispatcher in bf16 and fp32, so that every kernel is compiled, and of
+    each kernel variant at the bf16 (probe's) sizes with the probe's blocks (its Triton cache entries)."""
     from experiments.gpu_check.synthetic import expert_bank, forward_backward, skewed_plan
+    from experiments.gpu_check.variants import base_blocks, triton_with, variant_blocks
     from moe.dispatch.triton import triton_dispatch
     from moe.kernels.gating import fused_topk_gating
     from moe.kernels.sort import sort_by_expert
@@ -169,6 +198,12 @@ def exercise_kernels() -> None:
         bank = expert_bank(E, d, f, dtype, dev, seed=0)
         x = torch.randn(T, d, device=dev, dtype=dtype)
         forward_backward(triton_dispatch, x, plan, bank, torch.randn_like(x))
+        if dtype == torch.bfloat16:
+            for name, blocks in variant_blocks(base_blocks(False), plan.counts.tolist()).items():
+                try:  # one variant that fails to compile or run is reported; the others are still read
+                    forward_backward(triton_with(blocks), x, plan, bank, torch.randn_like(x))
+                except Exception as e:  # noqa: BLE001
+                    print(f"variant {name} not exercised: {type(e).__name__}: {e}", flush=True)
     try:  # the router's kernels, through their public functions (a changed signature is reported, not fatal)
         logits = torch.randn(4096, 64, device=dev, requires_grad=True)
         _, w, idx = fused_topk_gating(logits, 2, "softmax_topk", True)
@@ -205,14 +240,24 @@ def main(argv=None) -> None:
     rec.put("kernels", table)
     for name, variants in table.items():
         for v in variants:
+            label = "".join([f" desc:{','.join(v['descriptors'])}" if v["descriptors"] else "",
+                             " tile-table" if v["tile_table"] else "",
+                             f" split{v['split_rows']}" if v["split_rows"] else ""])
             print(f"{name:40s} warps {v['num_warps']} stages {v['num_stages']} regs {v['registers']} spills "
-                  f"{v['spills']} smem {v['shared_bytes']} wgmma {v['wgmma']} cp.async {v['cp_async']} tma {v['tma']}",
-                  flush=True)
+                  f"{v['spills']} smem {v['shared_bytes']} wgmma {v['wgmma']} cp.async {v['cp_async']} tma {v['tma']}"
+                  f"{label}", flush=True)
     # 16-bit GEMM variants: fp32 ones without TF32 run IEEE dots on the FMA units by design (no wgmma there)
     gemms = [v for vs in table.values() for v in vs if v["dot"] and v["operands"] in ("bf16", "fp16")]
     rec.check("gemms_use_wgmma", bool(gemms) and all(v["wgmma"] for v in gemms),
               f"{sum(v['wgmma'] for v in gemms)} of {len(gemms)} bf16 GEMM variants use wgmma "
               f"(control: {control['wgmma']})")
+    variants = {"tma": [v for vs in table.values() for v in vs if v["descriptors"]],
+                "persistent": [v for vs in table.values() for v in vs if v["tile_table"]],
+                "split_k": [v for vs in table.values() for v in vs if v["split_rows"]]}
+    rec.put("variant_kernels", {k: len(vs) for k, vs in variants.items()})
+    rec.check("tma_variants_use_tma", bool(variants["tma"]) and all(v["tma"] for v in variants["tma"]),
+              f"{sum(v['tma'] for v in variants['tma'])} of {len(variants['tma'])} kernels compiled with TMA "
+              "descriptor arguments hold cp.async.bulk.tensor (none: the TMA variant fell back to pointer loads)")
     spilling = [n for n, vs in table.items() if any((v["spills"] or 0) > 0 for v in vs)]
     rec.put("kernels_that_spill", spilling)
     rec.finish()

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
+from experiments.gpu_check.variants import VARIANTS
+
 BIG_T = 16384  # the layer targets hold at T >= 16k tokens
 
 
@@ -39,6 +41,17 @@ def _check(steps: dict, step: str, check: str, name: str, target: str) -> dict:
     if c is None:
         return _target(name, target, None, None, step, "not reached")
     return _target(name, target, 1.0 if c["ok"] else 0.0, c["ok"], step, c["detail"])
+
+
+def _checks(steps: dict, step: str, checks: list[str], name: str, target: str) -> dict:
+    """A target met when every one of `checks` passed (value: the share that passed); unmeasured until all ran."""
+    found = _numbers(steps, step).get("checks") or {}
+    missing = [c for c in checks if c not in found]
+    if missing:
+        return _target(name, target, None, None, step, f"not reached: {', '.join(missing)}")
+    failed = [c for c in checks if not found[c]["ok"]]
+    return _target(name, target, 1 - len(failed) / len(checks), not failed, step,
+                   f"missed: {', '.join(failed)}" if failed else f"all of {', '.join(checks)}")
 
 
 def evaluate(steps: dict[str, dict[str, Any]]) -> list[dict]:
@@ -81,8 +94,14 @@ def evaluate(steps: dict[str, dict[str, Any]]) -> list[dict]:
     for check in ("k2_accuracy", "k8_accuracy", "k2_bitwise", "k8_bitwise"):
         out.append(_check(steps, "a_probe", check, f"probe_{check}",
                           "probe within bf16 tolerance of fp32" if "accuracy" in check else "probe bitwise repeatable"))
+    for variant in VARIANTS:  # experiments.gpu_check.variants, each run by the probe at k=2 and 8
+        out.append(_checks(steps, "a_probe", [f"k{k}_{variant}_{c}" for k in (2, 8) for c in ("accuracy", "bitwise")],
+                           f"probe_{variant}", f"probe with {variant.replace('_', '-')} within bf16 tolerance of "
+                           "fp32 and bitwise repeatable, k=2 and 8"))
     out.append(_check(steps, "c_kernel_info", "gemms_use_wgmma", "gemms_use_wgmma",
                       "the grouped GEMMs compile to warp-group MMA (wgmma) on Hopper"))
+    out.append(_check(steps, "c_kernel_info", "tma_variants_use_tma", "tma_variants_use_tma",
+                      "kernels given TMA descriptors compile to TMA bulk copies on Hopper"))
     out.append(_check(steps, "g_large_shape", "int32_overflow", "int32_overflow",
                       "rows past 2^31 elements of [N, f] are right (int64 addressing)"))
     return out

@@ -64,12 +64,43 @@ def results(out: Path) -> dict:
 def test_budget_table_fits_the_window_and_names_real_modules():
     names = [s.name for s in STEPS]
     assert names[0] == "device" and names[-1] == "g_large_shape" and len(set(names)) == len(names)
-    assert [n[0] for n in names[1:]] == ["a", "b", "c", "d", "d", "e", "f", "g"]  # issue 18 / 20's order
+    assert [n[0] for n in names[1:]] == ["a", "b", "c", "d", "d", "d", "e", "f", "g"]  # issue 18 / 20's order
     assert WHEELS_BUDGET_S + sum(s.budget_s for s in STEPS) <= TOTAL_BUDGET_S == 510  # 8.5 minutes
     for s in STEPS:
         assert s.dry in ("run", "skip") and s.budget_s >= 20, s.name
         if s.module.startswith("experiments.gpu_check"):
             assert importlib.util.find_spec(s.module) is not None, s.module
+
+
+def test_the_sweeps_time_the_new_variants_at_the_probes_skew():
+    """The forward sweep's candidates include the persistent grid and TMA; the weight gradients' sweep runs at the
+    probe's layer with one expert at 30% (--hot 0.3), where the candidates include TMA and split-K chunks."""
+    import torch
+
+    from experiments.gpu_check.probe import FULL, HEAVY_SHARE
+    from moe.kernels.tile_configs import KERNELS, candidates, split_rows
+
+    by = {s.name: s for s in STEPS}
+
+    def arg(step, flag):
+        return step.args[step.args.index(flag) + 1]
+
+    fwd, wgrad = by["d_tile_sweep"], by["d_wgrad_sweep"]
+    assert fwd.exports == "SWITCHYARD_TUNED_CONFIGS" and not wgrad.exports  # a skewed load's choice stays apart
+    assert arg(fwd, "--table") != arg(wgrad, "--table")
+    T, d, f, E, k = (int(v) for v in arg(wgrad, "--shape").split(":"))
+    assert (T, d, f, E) == (FULL["T"], FULL["d"], FULL["f"], FULL["E"]) and k == 2
+    assert float(arg(wgrad, "--hot")) == HEAVY_SHARE == float(wgrad.dry_args[wgrad.dry_args.index("--hot") + 1])
+    for name in arg(fwd, "--kernels").split(","):
+        tiles = candidates(name, torch.bfloat16)
+        assert name in KERNELS and any(b.persistent for b in tiles) and any(b.tma for b in tiles), name
+    N = T * k  # the autotuner's plan at --hot 0.3: one expert with 30% of the rows, the others about even
+    heavy = round(HEAVY_SHARE * N)
+    loads = [heavy] + [(N - heavy) // (E - 1)] * (E - 1)
+    for name in arg(wgrad, "--kernels").split(","):
+        tiles = candidates(name, torch.bfloat16, expert_rows=loads)
+        splits = sorted(split_rows(b) for b in tiles if split_rows(b))
+        assert name in KERNELS and any(b.tma for b in tiles) and splits == [256, 1024], (name, splits)
 
 
 def test_runner_reports_each_status_and_keeps_a_timed_out_steps_output(tmp_path, monkeypatch):
@@ -145,6 +176,13 @@ def test_targets_take_the_worst_big_shape_and_ignore_small_ones():
     assert t["dropless_step_no_sync"]["status"] == "missed" and t["probe_k2_accuracy"]["status"] == "met"
     assert t["probe_k8_bitwise"]["status"] == "unmeasured"  # never reached
     assert t["int32_overflow"]["status"] == "unmeasured"  # its step was skipped: nothing is trusted from it
+    assert t["probe_split_k"]["status"] == "unmeasured" and t["tma_variants_use_tma"]["status"] == "unmeasured"
+    checks = {f"k{k}_{v}_{c}": {"ok": (k, v, c) != (8, "tma", "bitwise"), "detail": ""}
+              for k in (2, 8) for v in ("split_k", "persistent", "tma") for c in ("accuracy", "bitwise")}
+    t = {x["name"]: x for x in evaluate({"a_probe": {"status": "failed", "numbers": {"checks": checks}}})}
+    assert [(t[f"probe_{v}"]["status"], t[f"probe_{v}"]["value"]) for v in ("split_k", "persistent", "tma")] == [
+        ("met", 1.0), ("met", 1.0), ("missed", 0.75)]
+    assert t["probe_tma"]["how"] == "missed: k8_tma_bitwise"
 
 
 def run_dry(tmp_path: Path, only: str) -> tuple[int, dict, str]:
@@ -159,7 +197,7 @@ def run_dry(tmp_path: Path, only: str) -> tuple[int, dict, str]:
 def test_dry_run_of_real_steps_on_cpu(tmp_path):
     """The cheap real steps: the device report, the gpu-marked tests (skipped without CUDA), the compiled-kernel
     reading (a control kernel compiled for sm_90 without a GPU) and the layer benchmark at a tiny shape."""
-    rc, r, tail = run_dry(tmp_path, "b_gpu_tests,c_kernel_info,e_layer_bench")
+    rc, r, tail = run_dry(tmp_path, "b_gpu_tests,c_kernel_info,d_wgrad_sweep,e_layer_bench")
     assert rc == 0, tail
     by = {s["name"]: s for s in r["steps"]}
     assert list(by) == ["wheels"] + [s.name for s in STEPS]
@@ -174,7 +212,13 @@ def test_dry_run_of_real_steps_on_cpu(tmp_path):
     assert by["e_layer_bench"]["status"] == "ok" and layer["dry_run"] is True
     (shape,) = layer["shapes"].values()
     assert shape["T"] == 64 and "triton" not in shape["rows"] and shape["rows"]["dense FFN (hidden k*f)"]["ratio_min"] == 1
+    wgrad = by["d_wgrad_sweep"]
+    assert wgrad["status"] == "ok" and Path(wgrad["numbers"]["table_file"]) == tmp_path / "out" / "tuned_wgrad_hot.json"
+    assert "--hot 0.3" in wgrad["numbers"]["command"]
+    assert sorted(e["kernel"] for e in wgrad["numbers"]["table"]["entries"]) == ["wgrad_down", "wgrad_up_glu"]
     assert by["a_probe"]["status"] == "skipped" and by["a_probe"]["why"].startswith("not selected")
+    names = {t["name"] for t in r["targets"]}
+    assert {"probe_split_k", "probe_persistent", "probe_tma", "tma_variants_use_tma"} <= names
     assert {t["status"] for t in r["targets"]} == {"unmeasured"}  # a dry run measures no target
     assert r["summary"]["failed"] == r["summary"]["timeout"] == 0
 
@@ -188,8 +232,15 @@ def test_dry_run_of_the_kernel_steps_under_the_interpreter(tmp_path):
     assert [by[n]["status"] for n in ("a_probe", "f_train_twins", "g_large_shape")] == ["ok"] * 3, tail
     probe = by["a_probe"]["numbers"]
     assert probe["k2_plan"]["empty_experts"] == 2 and abs(probe["k8_plan"]["heavy_share"] - 0.3) < 0.01
-    assert all(c["ok"] for c in probe["checks"].values()) and len(probe["checks"]) == 4
+    assert all(c["ok"] for c in probe["checks"].values()) and len(probe["checks"]) == 4 * (1 + 3)
     assert max(probe["k8_rel_err_triton"].values()) < 2e-2
+    assert probe["variants"] == ["split_k", "persistent", "tma"]
+    for k in (2, 8):
+        v = probe[f"k{k}_variants"]
+        assert set(v) == set(probe["variants"]) and all(x["accuracy_ok"] and x["bitwise_ok"] for x in v.values())
+        assert all(x["max_rel_err"] == max(x["rel_err"].values()) < 2e-2 for x in v.values())
+        assert v["split_k"]["busiest_expert_chunks"] >= 2  # the split cuts the heavy expert
+        assert v["persistent"]["programs"] == 3 and v["tma"]["uses_tma"] is True  # the interpreter's
     train = by["f_train_twins"]["numbers"]
     assert train["dense_steps"] == train["moe_e8_k2_steps"] == 2 and train["tokens_per_step"] == 64
     flops = train["moe_e8_k2_training_flops_per_token"] / train["dense_training_flops_per_token"]
@@ -234,3 +285,21 @@ def test_kernel_info_finds_each_compiled_kernel_once_and_reads_its_resources(mon
     assert (info["registers"], info["spills"], info["shared_bytes"], info["num_warps"]) == (168, 0, 98304, 8)
     assert info["operands"] == "bf16" and info["dot"] and info["wgmma"] and info["cp_async"] and not info["tma"]
     assert info["from"] == "driver (loaded binary)"
+    assert (info["descriptors"], info["tile_table"], info["split_rows"]) == ([], False, 0)
+
+
+def test_kernel_info_labels_the_variants_from_their_arguments():
+    """TMA descriptor arguments, a tile-table pointer and the split-K constexpr, as triton 3.x records them
+    (signature types by name; constexprs keyed by argument-index paths)."""
+    import types
+
+    from experiments.gpu_check.kernel_info import _constexprs, variant_of
+
+    fn = types.SimpleNamespace(arg_names=["a_ptr", "b1_ptr", "tiles_ptr", "SPLIT_ROWS", "BLOCK_R"])
+    src = types.SimpleNamespace(fn=fn, constants={(3,): 256, (4,): 64})
+    sig = {"a_ptr": "*bf16", "b1_ptr": "tensordesc<bf16[64, 128]>", "tiles_ptr": "*i64", "SPLIT_ROWS": "constexpr",
+           "BLOCK_R": "constexpr"}
+    assert _constexprs(src) == {"SPLIT_ROWS": 256, "BLOCK_R": 64}
+    assert variant_of(sig, _constexprs(src)) == {"descriptors": ["b1_ptr"], "tile_table": True, "split_rows": 256}
+    plain = {**sig, "b1_ptr": "*bf16", "tiles_ptr": "constexpr"}  # tiles_ptr None: specialised away
+    assert variant_of(plain, {"SPLIT_ROWS": 0}) == {"descriptors": [], "tile_table": False, "split_rows": 0}
