@@ -17,6 +17,10 @@ step from the prices of the batches since the last one (bias += EVAL_BIAS_RATE *
 evaluates with the greedy top-k of logits + bias, gating with the unbiased logits (DeepSeek-V3's way of using
 its balancing bias). Training routing never reads the bias, so a resumed run trains bit-exactly; the bias is a
 persistent buffer, saved with the model, so a loaded checkpoint evaluates as the run did.
+
+Capacity slack (`model.moe.router.capacity_factor=c`, c >= 1; 0, the default, is exact balance): in training
+each expert takes AT MOST ceil(c * T*k/E) of the choices instead of exactly T*k/E, so a token keeps its
+preferred expert while that expert is up to c times as popular as the mean (routing.balanced_topk's dummy rows).
 """
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from routing.balanced_topk import balanced_topk_assignment, topk_capacity
+from routing.balanced_topk import balanced_topk_assignment, slack_capacity
 from routing.base_layers import BaseRouter
 from routing.capacity import choice_plan
 from routing.config import RouterConfig
@@ -39,6 +43,15 @@ from routing.topk import select_topk
 EVAL_BIAS_RATE = 0.1  # step of the evaluation bias towards the latest prices (about the last 10 steps' average)
 
 
+def check_slack(cfg: RouterConfig) -> None:
+    """capacity_factor is this router's slack: 0 (exact balance) or c >= 1 (each expert at most ceil(c*T*k/E))."""
+    c = cfg.capacity_factor
+    if c != 0.0 and c < 1.0:
+        raise ValueError(f"model.moe.router.capacity_factor={c} is the balanced_topk router's capacity slack: each "
+                         f"expert takes at most ceil(c * T * top_k / E) choices, so c must be 0 (exactly T * top_k / E "
+                         f"each) or at least 1 (e.g. 1.25)")
+
+
 class BalancedTopKRouter(BaseRouter):
     """BASE's balanced top-k in training; greedy top-k of logits + bias (the learnt prices) at evaluation."""
 
@@ -47,6 +60,7 @@ class BalancedTopKRouter(BaseRouter):
     price_batches: Tensor  # [] fp32, non-persistent: how many batches price_sum holds
 
     def __init__(self, d_model: int, num_experts: int, cfg: RouterConfig, vocab_size: Optional[int] = None):
+        check_slack(cfg)
         super().__init__(d_model, num_experts, cfg, vocab_size)
         self.register_buffer("bias", torch.zeros(num_experts, dtype=torch.float32))
         self.register_buffer("price_sum", torch.zeros(num_experts, dtype=torch.float32), persistent=False)
@@ -59,9 +73,10 @@ class BalancedTopKRouter(BaseRouter):
         k = cfg.top_k
         capacity = None
         if self.training:
-            slots = topk_capacity(T, E, k, logits.device)
+            check_slack(cfg)  # the cfg may have been edited since construction
+            slots = slack_capacity(T, E, k, cfg.capacity_factor, logits.device)
             expert_idx, prices = balanced_topk_assignment(logits, k, slots)
-            capacity = int(slots.max()) if T > 0 else 0  # a fixed layout: no expert ever exceeds ceil(T*k/E)
+            capacity = int(slots.max()) if T > 0 else 0  # a fixed layout: no expert exceeds ceil(c*T*k/E)
             finite = torch.isfinite(prices)  # experts without a slot (T*k < E) have no price
             if T > 0 and bool(finite.all()) and torch.is_grad_enabled() and not recomputing():
                 with torch.no_grad():  # the replay of a checkpointed forward saw these tokens already

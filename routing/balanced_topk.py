@@ -1,6 +1,8 @@
-"""Balanced top-k assignment: every token to k distinct experts, every expert exactly its share of the T*k choices.
+"""Balanced top-k assignment: every token to k distinct experts, every expert exactly its share of the T*k choices
+(or, with a capacity slack, at most ceil(c * T*k / E) of them).
 
-Shape legend: T tokens, E experts, k choices per token, C = ceil(T*k / E) slots per expert, F free tokens.
+Shape legend: T tokens, E experts, k choices per token, C = ceil(T*k / E) slots per expert, F free tokens,
+S = sum(cap) - T*k spare slots (0 without slack), R = T + S rows of the auction.
 
 The b-matching behind BASE layers with k slots per token (routing/base_layers.py):
     maximise sum_{t,e} s[t,e] x[t,e]   subject to   sum_e x[t,e] = k,   sum_t x[t,e] = cap[e],   x in {0, 1}.
@@ -22,6 +24,18 @@ Two parts, both pure functions of the scores (no state between calls, so resumpt
    bids on per-expert heaps for the short end of a phase). A token evicted from an expert it held while
    it bid for another can leave that other bid eps-stale, so a phase ends only when a re-bid of every holder
    against its expert's price (the complementary-slackness check) frees nobody.
+
+Capacity slack (cap summing to more than T*k: every expert AT MOST cap[e], slack_capacity). The dual is then
+D(p) over p >= 0, and the gap of an assignment adds sum_e p[e] * (empty slots of e): an expert that is not full
+must have price 0. The forward auction from all prices 0, in one phase at the final eps, keeps that (an expert's
+price rises only once it is full), but the slackness check can free a holder of an expert that then stays
+short at a raised price; such experts are lowered (a reverse-auction step, _Auction.drop_spare) until that part
+of the gap is at most T*k*eps, so the total is within T*k*eps*(2 + CHECK_SLACK) of the optimum. Where the drops
+do not settle in DROP_ROUNDS, the fallback is exact and slower: S dummy rows that take one expert each take the
+spare slots, and the equality problem above over T + S rows is solved (a dummy's value does not depend on where
+it sits, so the real rows are an optimum of the inequality problem). Dummy d scores DUMMY_SPREAD * eps * u[d, e],
+u a fixed pseudo-random [0, 1) table, so that dummies do not all bid for the same cheapest expert each round;
+that costs at most S * DUMMY_SPREAD * eps of the real rows' total.
 """
 from __future__ import annotations
 
@@ -44,12 +58,25 @@ SERIAL_BELOW = 32  # free tokens below which bids go one at a time (cheaper than
 MAX_ROUNDS = 100_000  # a safety net per phase; real phases take tens of rounds
 CHECK_SLACK = 0.125  # fraction of eps by which a holder's re-bid may miss its price (rounding; see _Auction.rebid)
 NEG_INF = float("-inf")
+DROP_ROUNDS = 50  # capacity slack: price drops before the solver falls back to dummy rows (see the docstring)
+DUMMY_SPREAD = 1.0  # dummy rows' scores span this many final eps (see the module docstring)
+DUMMY_SEED = 0  # seed of the dummy rows' table (fixed: the solver stays a pure function of its inputs)
 
 
 def topk_capacity(num_tokens: int, num_experts: int, k: int, device: Optional[torch.device] = None) -> Tensor:
     """[E] long slot counts summing to T*k: floor(T*k/E) each, plus one for the first (T*k mod E) experts."""
     base, extra = divmod(num_tokens * k, num_experts)
     return base + (torch.arange(num_experts, device=device) < extra).long()
+
+
+def slack_capacity(num_tokens: int, num_experts: int, k: int, slack: float,
+                   device: Optional[torch.device] = None) -> Tensor:
+    """[E] long upper bounds on each expert's choices: min(T, ceil(slack * T*k/E)); slack <= 1 (or 0, the
+    config's "no slack") is the exact balance of topk_capacity."""
+    if slack <= 1.0:
+        return topk_capacity(num_tokens, num_experts, k, device)
+    c = min(num_tokens, math.ceil(slack * num_tokens * k / num_experts - 1e-9))  # 1e-9: 1.25 * 64 is 80, not 81
+    return torch.full((num_experts,), c, dtype=torch.long, device=device)
 
 
 def _kth_margin(v: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -60,17 +87,29 @@ def _kth_margin(v: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return torch.where(in_topk, top[:, k : k + 1], top[:, k - 1 : k]), in_topk
 
 
-def warm_prices(s: Tensor, k: int, cap: Tensor, iters: int = WARM_ITERS) -> Tensor:
-    """[E] prices near a minimiser of the dual D(p) (see the module docstring); s [T, E] fp32, 1 <= cap[e] < T.
+def _margins(v: Tensor, k: int, real: int) -> tuple[Tensor, Tensor]:
+    """_kth_margin with k for the first `real` rows and 1 for the dummy rows after them."""
+    if real == v.shape[0]:
+        return _kth_margin(v, k)
+    theta, in_topk = _kth_margin(v[:real], k)
+    theta_d, in_d = _kth_margin(v[real:], 1)
+    return torch.cat([theta, theta_d]), torch.cat([in_topk, in_d])
+
+
+def warm_prices(s: Tensor, k: int, cap: Tensor, iters: int = WARM_ITERS, real: Optional[int] = None) -> Tensor:
+    """[E] prices near a minimiser of the dual D(p) (see the module docstring); s [R, E] fp32, 1 <= cap[e] < R;
+    rows from `real` on (default: none) are dummies that take one expert each.
     Stops early once the greedy top-k under the prices puts at most WARM_GOOD of the choices over capacity."""
     T, E = s.shape
+    real = T if real is None else real
+    choices = real * k + (T - real)
     p = torch.zeros(E, dtype=s.dtype, device=s.device)
     cols = torch.arange(E, device=s.device)
     depth = min(int(cap.max()) + 1, T)
     hi_rank, lo_rank = (cap - 1).clamp(max=depth - 1), cap.clamp(max=depth - 1)  # the cap-th and (cap+1)-th largest
     for i in range(iters):
-        theta, in_topk = _kth_margin(s - p, k)
-        if int((in_topk.sum(0) - cap).clamp(min=0).sum()) <= WARM_GOOD * T * k:
+        theta, in_topk = _margins(s - p, k, real)
+        if int((in_topk.sum(0) - cap).clamp(min=0).sum()) <= WARM_GOOD * choices:
             break
         margin = s - theta  # [T, E]: t takes e iff p[e] < margin[t, e]
         ranked = margin.topk(depth, dim=0).values  # [depth, E], descending
@@ -82,8 +121,8 @@ def warm_prices(s: Tensor, k: int, cap: Tensor, iters: int = WARM_ITERS) -> Tens
 class _Auction:
     """The auction's state over the L experts that have slots; methods advance it at a given eps."""
 
-    def __init__(self, s: Tensor, k: int, cap: Tensor, prices: Tensor):
-        self.s, self.k, self.cap = s, k, cap
+    def __init__(self, s: Tensor, k: int, cap: Tensor, prices: Tensor, real: int):
+        self.s, self.k, self.cap = s, k, cap  # s [R, L]: the real rows, then the dummies (one choice each)
         T, L = s.shape
         C = int(cap.max())
         dev = s.device
@@ -93,7 +132,8 @@ class _Auction:
         self.slot_bid = self.empty.clone()  # [L, C] bids of each expert's holders
         self.slot_tok = torch.full((L, C), -1, dtype=torch.long, device=dev)  # [L, C] the holders (-1 empty)
         self.held = torch.zeros(T, L, dtype=torch.bool, device=dev)  # [T, L] whether t holds a slot of e
-        self.need = torch.full((T,), k, dtype=torch.long, device=dev)  # [T] choices still to place
+        self.need = torch.full((T,), k, dtype=torch.long, device=dev)  # [R] choices still to place
+        self.need[real:] = 1
         self.s_np: Optional[np.ndarray] = None  # the scores as numpy, for the serial bidder (made on first use)
 
     def _set_prices(self) -> None:
@@ -197,8 +237,9 @@ class _Auction:
         again = self.s[tok, expert] - best_other[tok] + eps  # [L, C]
         # The serial bids are Python floats stored in fp32: a holder whose bid was exact may miss the price by
         # rounding, which would free it again and again. CHECK_SLACK of eps absorbs that (the bound grows by it).
-        ok = self.exists & (again >= self.prices[:, None] - CHECK_SLACK * eps)
-        lost = self.exists & ~ok
+        filled = self.exists & (self.slot_tok >= 0)  # with a capacity slack some slots stay empty
+        ok = filled & (again >= self.prices[:, None] - CHECK_SLACK * eps)
+        lost = filled & ~ok
         self.held[self.slot_tok[lost], expert[lost]] = False
         self.need.index_add_(0, self.slot_tok[lost], torch.ones_like(self.slot_tok[lost]))
         self.slot_bid, idx = torch.where(ok, again, self.empty).sort(dim=1, stable=True)
@@ -217,28 +258,74 @@ class _Auction:
                 return
         raise RuntimeError(f"balanced top-k auction did not settle (eps={eps:g})")
 
+    def spare_gap(self) -> float:
+        """Capacity slack: sum over experts with empty slots of price * empty slots, what the dual bound adds to
+        the eps-slackness gap (complementary slackness of "at most cap[e]" wants price 0 there)."""
+        spare = (self.exists & (self.slot_tok < 0)).sum(1)  # [L] empty slots
+        return float((self.prices.clamp(min=0.0) * spare).sum())
+
+    def drop_spare(self, eps: float) -> None:
+        """Lowers each expert with n > 0 empty slots and a price above 0 to max(0, 2 eps below the price at which
+        its n-th most eager non-holder would swap its worst held expert for it): coordinate descent on the dual,
+        a reverse-auction step (to 0 at once, every token would rush the expert and the next step would undo it);
+        the 2 eps make those tokens fail rebid's check."""
+        spare = (self.exists & (self.slot_tok < 0)).sum(1)  # [L]
+        high = (spare > 0) & (self.prices > 0)
+        v = self.s - self.prices  # [R, L]
+        worst = v.masked_fill(~self.held, float("inf")).amin(1)  # [R] each token's worst held value
+        entry = (self.s - worst[:, None]).masked_fill(self.held, NEG_INF)[:, high]  # [R, H] price drawing t to e
+        n = spare[high]
+        ranked = entry.topk(min(int(n.max()), entry.shape[0]), dim=0).values  # [depth, H], descending
+        target = (ranked.gather(0, (n - 1).clamp(max=ranked.shape[0] - 1)[None, :])[0] - 2 * eps).clamp(min=0.0)
+        self.prices = self.prices.clone()
+        self.prices[high] = torch.minimum(self.prices[high], target)
+
+    def solve_floor_phase(self, eps: float, tol: float) -> bool:
+        """solve_phase for a capacity slack, then, while spare_gap() > tol, drop_spare and re-check the holders
+        against the cheaper experts (rebid) and bid again. False if that does not settle within DROP_ROUNDS
+        (prices fall as well as rise here, so no bound on the rounds is known)."""
+        self.solve_phase(eps)
+        for _ in range(DROP_ROUNDS):
+            if self.spare_gap() <= tol:
+                return True
+            self.drop_spare(eps)
+            self.rebid(eps)
+            self.solve_phase(eps)
+        return False
+
+
+def _dummy_rows(rows: int, experts: int, scale: float, device: torch.device) -> Tensor:
+    """[rows, experts] fp32 scores of the dummy rows: scale * a fixed pseudo-random [0, 1) table."""
+    g = torch.Generator().manual_seed(DUMMY_SEED)
+    return (scale * torch.rand(rows, experts, generator=g)).to(device)
+
 
 @torch.no_grad()
 def balanced_topk_assignment(scores: Tensor, k: int, capacity: Tensor, eps: Optional[float] = None,
                              warm_iters: int = WARM_ITERS) -> tuple[Tensor, Tensor]:
     """The b-matching of the module docstring: scores [T, E] (any float dtype; solved in fp32), capacity [E] long
-    summing to T*k (topk_capacity). Returns (expert [T, k] long, each row k distinct experts in descending score
-    order, every expert e in exactly capacity[e] rows; prices [E] fp32, +inf for an expert without slots). The
-    total score is within T*k*eps*(1 + CHECK_SLACK) of the optimum; eps defaults to AUCTION_REL_EPS times the
-    score spread."""
+    summing to T*k (topk_capacity: every expert exactly capacity[e]) or more (slack_capacity: at most
+    capacity[e]). Returns (expert [T, k] long, each row k distinct experts in descending score order, every
+    expert e in exactly (at most, with slack) capacity[e] rows; prices [E] fp32, +inf for an expert without
+    slots). The total score is within T*k*eps*(1 + CHECK_SLACK) of the optimum (with slack: T*k*eps*(2 +
+    CHECK_SLACK), or on the dummy-row fallback (T*k + S)*eps*(1 + CHECK_SLACK) + S*eps*DUMMY_SPREAD, S spare
+    slots); eps defaults to AUCTION_REL_EPS times the score spread."""
     T, E = scores.shape
     if not 1 <= k <= E:
         raise ValueError(f"model.moe.router.top_k={k} must be between 1 and the {E} experts")
-    if int(capacity.sum()) != T * k:
-        raise ValueError(f"expert capacities sum to {int(capacity.sum())}, not to the {T} tokens x k={k}")
+    spare = int(capacity.sum()) - T * k
+    if spare < 0:
+        raise ValueError(f"expert capacities sum to {int(capacity.sum())}, fewer than the {T} tokens x k={k}")
     if capacity.numel() and int(capacity.max()) > T:
         raise ValueError(f"an expert capacity of {int(capacity.max())} exceeds the {T} tokens (each token once)")
     device = scores.device
     prices = torch.full((E,), float("inf"), device=device)
+    if T == 0:
+        return torch.zeros(0, k, dtype=torch.long, device=device), prices.masked_fill(capacity > 0, 0.0)
     live = (capacity > 0).nonzero().flatten()  # experts without a slot take no part
     s = scores.detach().float()[:, live]
     L = live.numel()
-    if T == 0 or L == k:  # every token takes every live expert
+    if L == k:  # every token takes every live expert
         prices[live] = 0.0
         return live[None, :].expand(T, k).contiguous(), prices
     spread = float(s.max() - s.min())
@@ -246,16 +333,42 @@ def balanced_topk_assignment(scores: Tensor, k: int, capacity: Tensor, eps: Opti
         raise FloatingPointError("BASE routing got non-finite router logits (the router diverged): lower the learning "
                                  "rate or clip the gradients")
     cap = capacity[live]
-    if spread == 0.0:  # every balanced assignment is optimal: deal the choices out round-robin
-        flat = live.repeat_interleave(cap)  # [T*k], each expert's cap[e] copies together
+    if spread == 0.0:  # every assignment is optimal: deal the choices out round-robin
+        flat = live.repeat_interleave(cap)[: T * k]  # [T*k], each expert's copies together (truncated: slack)
         expert = flat.view(k, T).t()  # token t gets flat[t], flat[T + t], ...: distinct since cap[e] <= T
         prices[live] = 0.0
         return expert.contiguous(), prices
     eps_final = eps if eps is not None else AUCTION_REL_EPS * spread
-    p0 = warm_prices(s, k, cap, warm_iters) if warm_iters > 0 else torch.zeros(L, device=device)
-    auction = _Auction(s, k, cap, p0)
+    auction = None
+    if spare > 0:  # at most cap[e]: the floor auction, else (rarely) dummy rows (module docstring)
+        auction = _phases(s, k, cap, spread, eps_final, warm_iters, T, floor=True)
+        if auction is None:
+            s = torch.cat([s, _dummy_rows(spare, L, DUMMY_SPREAD * eps_final, device)])
+    if auction is None:
+        auction = _phases(s, k, cap, spread, eps_final, warm_iters, T, floor=False)
+    assert auction is not None
+    held = auction.held[:T]  # [T, L], exactly k per row, at most (without slack exactly) cap[e] per column
+    load = held.sum(0)
+    assert bool((held.sum(1) == k).all()) and bool((load <= cap).all()), "auction left choices unplaced"
+    order = s[:T].masked_fill(~held, NEG_INF).topk(k, dim=1).indices  # [T, k] the held experts, best first
+    prices[live] = auction.prices
+    return live[order], prices
+
+
+def _phases(s: Tensor, k: int, cap: Tensor, spread: float, eps_final: float, warm_iters: int, real: int,
+            floor: bool) -> Optional[_Auction]:
+    """The warm start and the eps-scaled phases down to eps_final; s [R, L] (rows from `real` on: dummies).
+    floor: the capacity-slack auction without dummies, cold (all prices 0) and one phase at eps_final (None
+    where its price drops do not settle): an expert that never fills then keeps price 0, as the dual wants.
+    Warm prices or coarser phases leave experts with empty slots above 0, and lowering them did not settle
+    (docs/routing_defaults.md)."""
+    if floor:
+        auction = _Auction(s, k, cap, torch.zeros(s.shape[1], device=s.device), real)
+        return auction if auction.solve_floor_phase(eps_final, real * k * eps_final) else None
+    p0 = warm_prices(s, k, cap, warm_iters, real) if warm_iters > 0 else torch.zeros(s.shape[1], device=s.device)
+    auction = _Auction(s, k, cap, p0, real)
     # A coarse eps first, relative to what the warm start leaves: the token-dependent spread of s - p.
-    residual = float(((s - p0).amax(1) - (s - p0).amin(1)).max())
+    residual = float(((s[:real] - p0).amax(1) - (s[:real] - p0).amin(1)).max())
     start = max(min(spread, residual) / EPS_FACTOR, eps_final)
     phases = max(1, math.ceil(math.log(start / eps_final) / math.log(EPS_FACTOR) - 1e-9) + 1)
     factor = (start / eps_final) ** (1.0 / max(phases - 1, 1))  # <= EPS_FACTOR, equal steps down to eps_final
@@ -264,8 +377,4 @@ def balanced_topk_assignment(scores: Tensor, k: int, capacity: Tensor, eps: Opti
         if i > 0:
             auction.rebid(cur)  # the holders that still satisfy the finer slackness keep their slots, at a new bid
         auction.solve_phase(cur)
-    held = auction.held  # [T, L], exactly k per row and cap[e] per column
-    assert bool((held.sum(1) == k).all()) and bool((held.sum(0) == cap).all()), "auction left choices unplaced"
-    order = s.masked_fill(~held, NEG_INF).topk(k, dim=1).indices  # [T, k] the held experts, best score first
-    prices[live] = auction.prices
-    return live[order], prices
+    return auction
