@@ -4,7 +4,8 @@ Shape legend: T tokens, N plan rows (sorted by expert), D row width, row_token [
 
 Summing the rows of a token with atomics (or `index_add_` on CUDA) makes the result depend on which thread
 arrives first: two runs differ in the last bits. Instead the rows are given a token-major order once (a stable
-device-side sort of row_token), the grouped GEMM's epilogue writes row r to its token-major slot `slot[r]`, and
+device-side sort of row_token, `TokenOrder.build`; for a dropless plan the same order without a sort,
+`TokenOrder.from_dropless`), the grouped GEMM's epilogue writes row r to its token-major slot `slot[r]`, and
 one program per token adds that token's 0..k consecutive slots in a fixed order. Every step is a sort, a
 search or a plain store, so results are bitwise reproducible on CUDA as on CPU, and nothing synchronises with
 the host (the launch grid depends only on T and D, never on how many rows a token has).

@@ -15,8 +15,9 @@ Shape legend: T tokens, d model width, f expert hidden width, E experts, N plan 
   <grad_y[t_r], b_down[e]>. The first factor is exactly the un-scaled grad of h, so the grad-h kernel's
   epilogue produces it with no extra GEMM: each column tile writes its partial dot product to a
   [N, column tiles] buffer that is summed afterwards (a fixed-order sum, not an atomic).
-- Not fused: the token-major order (a stable torch.sort, a scatter and a searchsorted; built once per layer when
-  the caller passes `token_order`, as moe.dispatch.triton does, else here) and the per-token sum.
+- Not fused: the token-major order (a stable torch.sort, a scatter and a searchsorted, or for a dropless plan
+  TokenOrder.from_dropless without the sort; built once per layer when the caller passes `token_order`, as
+  moe.dispatch.triton does, else here) and the per-token sum.
 - Launchers of their own (launch_down, launch_grad_h, launch_grad_h_act: the grad-h GEMM with the activation
   backward in its epilogue, used by moe.kernels.expert_mlp) serve benchmarks and moe.kernels.autotune.
 Tiles, precision and block sizes: moe.kernels.gemm_tiles and moe.kernels.tile_configs.

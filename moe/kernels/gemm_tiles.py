@@ -79,7 +79,7 @@ class GemmBlocks:
     num_warps: int = 4
     num_stages: int = 3  # software pipelining depth of the K loop (GPU only)
     group_m: int = 8  # row tiles per swizzle group of the 1D launch order (row-tiled kernels)
-    persistent: bool = False  # row-tiled kernels: ~one program per SM looping over the tiles (unmeasured: off)
+    persistent: bool = False  # row-tiled kernels: ~one program per SM looping over a tile table (unmeasured: off)
     tma: bool = False  # weights and contiguous row blocks through TMA tensor descriptors where possible (unmeasured)
 
     def __post_init__(self):
