@@ -183,6 +183,8 @@ def test_targets_take_the_worst_big_shape_and_ignore_small_ones():
     assert [(t[f"probe_{v}"]["status"], t[f"probe_{v}"]["value"]) for v in ("split_k", "persistent", "tma")] == [
         ("met", 1.0), ("met", 1.0), ("missed", 0.75)]
     assert t["probe_tma"]["how"] == "missed: k8_tma_bitwise"
+    dry = {"a_probe": {"status": "ok", "numbers": {"dry_run": True, "checks": checks}}}
+    assert {x["status"] for x in evaluate(dry) if x["from"] == "a_probe"} == {"unmeasured"}  # plumbing only
 
 
 def run_dry(tmp_path: Path, only: str) -> tuple[int, dict, str]:
@@ -233,6 +235,7 @@ def test_dry_run_of_the_kernel_steps_under_the_interpreter(tmp_path):
     probe = by["a_probe"]["numbers"]
     assert probe["k2_plan"]["empty_experts"] == 2 and abs(probe["k8_plan"]["heavy_share"] - 0.3) < 0.01
     assert all(c["ok"] for c in probe["checks"].values()) and len(probe["checks"]) == 4 * (1 + 3)
+    assert {t["status"] for t in r["targets"]} == {"unmeasured"}  # a dry run measures no target
     assert max(probe["k8_rel_err_triton"].values()) < 2e-2
     assert probe["variants"] == ["split_k", "persistent", "tma"]
     for k in (2, 8):
