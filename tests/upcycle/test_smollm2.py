@@ -116,21 +116,31 @@ def test_upcycled_equals_dense(source, dense):
     assert all(c == [107, 107, 0, 0, 0, 0, 0, 0] for c in collapsed.tokens_per_expert.values())
 
 
-def test_training_lowers_the_loss(tmp_path, gguf_path):
+def test_training_lowers_the_loss(tmp_path, gguf_path, source, monkeypatch, text_corpus):
     from hydra import compose, initialize_config_module
     from omegaconf import OmegaConf
 
+    import upcycle as upcycle_package
     from experiments.config import run_config_from_dict
     from experiments.hydra_conf import register_configs
     from experiments.trainer import Trainer
     from experiments.upcycle import run_upcycle
 
     out = tmp_path / "smol_moe"
+    # The app reads the GGUF once more (seconds of dequantisation) unless handed this module's reading of it,
+    # which test_config_and_tokenizer and test_logits_equal_transformers check; everything after the read is the app's.
+    def read_once(path, dtype=torch.float32):
+        assert Path(path) == gguf_path and dtype == torch.float32, (path, dtype)
+        return source
+
+    monkeypatch.setattr(upcycle_package, "read_dense", read_once)
     run_upcycle({"source": str(gguf_path), "out": str(out), "num_experts": 4, "layers": "last:2", "verify": False})
     register_configs()
     with initialize_config_module(config_module="conf", version_base="1.3"):
         cfg = compose("train", overrides=[
-            "data=shakespeare", f"init_from={out}", "trainer.max_steps=3", "trainer.batch_size=2", "trainer.seq_len=64",
+            # the shared ~20 kB corpus: Shakespeare's 5 MB would take seconds to tokenize with SmolLM2's BPE
+            "data=text", f"data.path={text_corpus}", f"init_from={out}", "trainer.max_steps=3", "trainer.batch_size=2",
+            "trainer.seq_len=64",
             "trainer.eval_batches=1", "trainer.progress=false", "optim.warmup_steps=0", "optim.lr=1e-4", "optim.min_lr=1e-5",
             "optim.schedule=constant", "optim.weight_decay=0.0"])
     run = run_config_from_dict(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True), str(tmp_path / "run"))
@@ -151,6 +161,6 @@ def test_training_lowers_the_loss(tmp_path, gguf_path):
         t.train_step()
         t.state.step += 1
     after, val_after = train_loss(), t.evaluate()
-    print(f"\nSmolLM2-MoE on Shakespeare: training-batch loss {before:.4f} -> {after:.4f}, "
+    print(f"\nSmolLM2-MoE on the test corpus: training-batch loss {before:.4f} -> {after:.4f}, "
           f"validation {val_before:.4f} -> {val_after:.4f}")
     assert after < before
