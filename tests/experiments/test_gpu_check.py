@@ -210,6 +210,7 @@ def test_dry_run_of_real_steps_on_cpu(tmp_path):
     if by["c_kernel_info"]["status"] == "ok":
         control = by["c_kernel_info"]["numbers"]["control_dot_128x128x64_8warps"]
         assert control["wgmma"] is True and control["dot"] is True and control["num_warps"] == 8
+        assert (control["descriptors"], control["tile_table"], control["split_rows"]) == ([], False, 0)
     layer = by["e_layer_bench"]["numbers"]
     assert by["e_layer_bench"]["status"] == "ok" and layer["dry_run"] is True
     (shape,) = layer["shapes"].values()
