@@ -5,7 +5,8 @@ build (a stable torch.sort of row_token, a scatter, a searchsorted) and from_dro
 chosen pairs, its running sum along E, a gather: no sort). Both are torch ops on the plan's device; the result is
 the same order (tests/moe/kernels/test_token_order.py). Per repetition the two run round-robin, the first
 rotating; reported: the median of each and the ratio build / from_dropless per (k, E). On CUDA each timing is
-synchronised around 20 back-to-back calls.
+synchronised wall time around 20 back-to-back calls; on CPU it is this thread's CPU time (time.thread_time, torch
+held to one thread) around 3 calls, so that other processes on a shared machine slow neither side.
 """
 from __future__ import annotations
 
@@ -28,14 +29,15 @@ def dropless_rows(T: int, k: int, E: int, device: torch.device, seed: int = 0):
 
 
 def timed(fn, device: torch.device, inner: int) -> float:
+    clock = time.perf_counter if device.type == "cuda" else time.thread_time
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    start = time.perf_counter()
+    start = clock()
     for _ in range(inner):
         fn()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return (time.perf_counter() - start) / inner
+    return (clock() - start) / inner
 
 
 def main(argv=None) -> None:
@@ -45,8 +47,11 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     inner = 20 if device.type == "cuda" else 3
+    if device.type == "cpu":
+        torch.set_num_threads(1)  # thread CPU time counts this thread only
     T = args.tokens
-    print(f"device {device}, T={T}, {args.reps} reps x {inner} calls, median ms")
+    clock = "wall" if device.type == "cuda" else "thread CPU"
+    print(f"device {device}, T={T}, {args.reps} reps x {inner} calls, median ms of {clock} time")
     print(f"{'k':>3} {'E':>4} {'build':>9} {'from_dropless':>14} {'ratio':>6}")
     for k, E in [(1, 8), (2, 8), (2, 64), (8, 64), (2, 256), (8, 256)]:
         rows, experts = dropless_rows(T, k, E, device)
