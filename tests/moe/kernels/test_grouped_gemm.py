@@ -7,8 +7,6 @@ dimensions. With CUDA the same small tests run compiled on the GPU, and the gpu-
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -25,6 +23,7 @@ from moe.kernels.combine import INTERPRETED  # noqa: E402
 from moe.kernels.down_combine import grouped_down_combine  # noqa: E402
 from moe.kernels.gemm_tiles import GemmBlocks  # noqa: E402
 from moe.kernels.up_projection import gather_grouped_up  # noqa: E402
+from tests.moe.kernels.hopper_compile import run_compile_workers  # noqa: E402
 
 DEVICE = "cuda" if CUDA else "cpu"
 if not CUDA and not INTERPRETED:
@@ -239,11 +238,8 @@ def test_unknown_activation_raises():
 
 # Compiles every kernel for sm_90 (Triton front end, MLIR passes, ptxas) in a process where triton is not
 # interpreted: the interpreter accepts code the compiler rejects (types, masks, constexpr use), and CI has no GPU.
-# Several such processes share the work (a minute of compilation on one core): each walks the same list of builds
-# and compiles those it claims first (a file per build, created exclusively in the folder argv[1]).
+# Two such processes share the work (a minute of compilation on one core): tests/moe/kernels/hopper_compile.py.
 COMPILE_SCRIPT = textwrap.dedent("""
-    import os
-    import sys
     import torch
     import triton
     from triton.backends.compiler import GPUTarget
@@ -256,15 +252,9 @@ COMPILE_SCRIPT = textwrap.dedent("""
     from triton.runtime.jit import mangle_type
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    builds, mine = [0], [0]  # builds seen, builds compiled here
-
     def build(fn, types, consts, **opts):
-        builds[0] += 1
-        try:  # claimed by another worker: it compiles this one
-            os.close(os.open(os.path.join(sys.argv[1], str(builds[0])), os.O_CREAT | os.O_EXCL))
-        except FileExistsError:
+        if not claim():  # another worker compiles this one
             return
-        mine[0] += 1
         sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}  # ints: i32
         triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32), options=opts)
 
@@ -316,7 +306,7 @@ COMPILE_SCRIPT = textwrap.dedent("""
                   dict(GLU=act != "relu", ACT=act, INTERPRETED=False, BLOCK=1024), num_warps=4)
         build(c._segment_sum_kernel, {**p("out_ptr", "rows_ptr"), **p("token_offsets_ptr", t="*i64")},
               dict(INTERPRETED=False, BLOCK_D=1024), num_warps=4)
-    print(f"compiled {mine[0]} of {builds[0]}")
+    print(claimed_summary())
 """)
 
 
@@ -326,21 +316,7 @@ def test_kernels_compile_for_hopper(tmp_path):
 
     if "nvidia" not in backends:
         pytest.skip("this triton build has no NVIDIA backend")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")  # compile for real, and never into the home directory
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-    claims = tmp_path / "claims"
-    claims.mkdir()
-    workers = [subprocess.Popen([sys.executable, "-c", COMPILE_SCRIPT, str(claims)], cwd=root, env=env, text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-               for _ in range(min(2, os.cpu_count() or 1))]  # the CI machine's 2 cores
-    done = [(w, *w.communicate(timeout=300)) for w in workers]
-    for w, out, err in done:
-        assert w.returncode == 0 and out.startswith("compiled"), err[-3000:]
-    counts = [tuple(map(int, out.split()[1::2])) for _, out, _ in done]  # (compiled here, builds in all)
-    total = counts[0][1]
-    assert total > 0 and all(n == total for _, n in counts), counts  # the same list of builds in every worker
-    assert sum(m for m, _ in counts) == total == len(list(claims.iterdir())), counts  # each compiled exactly once
+    run_compile_workers(COMPILE_SCRIPT, tmp_path)  # 29 builds here (17 bf16, 12 fp32), each compiled once
 
 
 # ------------------------------------------------------------------------------------------ real sizes on a GPU
