@@ -106,7 +106,8 @@ KERNELS = {
 
 ROW_TILED = ("up", "up_glu", "down", "grad_h", "grad_h_act", "grad_x", "grad_x_glu")  # GemmBlocks.persistent
 WGRAD = ("wgrad_up", "wgrad_up_glu", "wgrad_down")  # WgradBlocks.split_rows; TMA for their plan-order operands
-TMA_KERNELS = ("up", "up_glu", "down", "grad_x", "grad_x_glu") + WGRAD  # GemmBlocks.tma: through descriptors
+# GemmBlocks.tma: operands through descriptors (weights, and rows read in plan order)
+TMA_KERNELS = ("up", "up_glu", "down", "grad_h", "grad_h_act", "grad_x", "grad_x_glu") + WGRAD
 _BIG = dict(num_warps=8, group_m=8)
 _CANDIDATES_16 = (GPU_BLOCKS, GemmBlocks(128, 128, 64, num_stages=3, **_BIG),
                   GemmBlocks(128, 128, 64, num_stages=4, **_BIG), GemmBlocks(128, 256, 64, num_stages=3, **_BIG))
