@@ -30,8 +30,10 @@ D(p) over p >= 0, and the gap of an assignment adds sum_e p[e] * (empty slots of
 must have price 0. The forward auction from all prices 0, in one phase at the final eps, keeps that (an expert's
 price rises only once it is full), but the slackness check can free a holder of an expert that then stays
 short at a raised price; such experts are lowered (a reverse-auction step, _Auction.drop_spare) until that part
-of the gap is at most T*k*eps, so the total is within T*k*eps*(2 + CHECK_SLACK) of the optimum. Where the drops
-do not settle in DROP_ROUNDS, the fallback is exact and slower: S dummy rows that take one expert each take the
+of the gap is at most T*k*eps, so the total is within T*k*eps*(2 + CHECK_SLACK) of the optimum. On diverse
+logits that takes about one bid per choice (faster than the exact balance's eps scaling); where tokens look alike
+it is a price war at the final eps (~500 bids per choice), so after FLOOR_BIDS per choice, or where the drops do
+not settle in DROP_ROUNDS, the solver falls back to an exact and slower form: S dummy rows that take one expert each take the
 spare slots, and the equality problem above over T + S rows is solved (a dummy's value does not depend on where
 it sits, so the real rows are an optimum of the inequality problem). Dummy d scores DUMMY_SPREAD * eps * u[d, e],
 u a fixed pseudo-random [0, 1) table, so that dummies do not all bid for the same cheapest expert each round;
@@ -58,6 +60,7 @@ SERIAL_BELOW = 32  # free tokens below which bids go one at a time (cheaper than
 MAX_ROUNDS = 100_000  # a safety net per phase; real phases take tens of rounds
 CHECK_SLACK = 0.125  # fraction of eps by which a holder's re-bid may miss its price (rounding; see _Auction.rebid)
 NEG_INF = float("-inf")
+FLOOR_BIDS = 8  # the floor auction's bids per choice before the dummy-row fallback (diverse logits: ~1; alike: ~500)
 DROP_ROUNDS = 50  # capacity slack: price drops before the solver falls back to dummy rows (see the docstring)
 DUMMY_SPREAD = 1.0  # dummy rows' scores span this many final eps (see the module docstring)
 DUMMY_SEED = 0  # seed of the dummy rows' table (fixed: the solver stays a pure function of its inputs)
@@ -118,6 +121,10 @@ def warm_prices(s: Tensor, k: int, cap: Tensor, iters: int = WARM_ITERS, real: O
     return p - p.mean()  # only differences matter
 
 
+class _OverBudget(Exception):
+    """The floor auction placed more than its budget of bids (see _phases)."""
+
+
 class _Auction:
     """The auction's state over the L experts that have slots; methods advance it at a given eps."""
 
@@ -135,6 +142,13 @@ class _Auction:
         self.need = torch.full((T,), k, dtype=torch.long, device=dev)  # [R] choices still to place
         self.need[real:] = 1
         self.s_np: Optional[np.ndarray] = None  # the scores as numpy, for the serial bidder (made on first use)
+        self.bids = 0  # bids placed so far (vectorised and serial)
+        self.max_bids: Optional[int] = None  # beyond this many, _OverBudget (the floor auction's price war)
+
+    def _count(self, bids: int) -> None:
+        self.bids += bids
+        if self.max_bids is not None and self.bids > self.max_bids:
+            raise _OverBudget
 
     def _set_prices(self) -> None:
         # A full expert's price is its lowest held bid; one with an empty slot keeps the price it had.
@@ -150,6 +164,7 @@ class _Auction:
             F = free.numel()
             if F <= SERIAL_BELOW:
                 return
+            self._count(F)
             top = (s[free] - self.prices).masked_fill(self.held[free], NEG_INF).topk(2, dim=1)  # [F, 2]
             best = top.indices[:, 0]
             bid = s[free, best] - top.values[:, 1] + eps  # price + (v1 - v2) + eps
@@ -197,6 +212,7 @@ class _Auction:
             if not queue:
                 break
             t = queue.pop()
+            self._count(1)
             v = s[t] - price
             v[held[t]] = NEG_INF
             e1 = int(v.argmax())
@@ -351,7 +367,9 @@ def balanced_topk_assignment(scores: Tensor, k: int, capacity: Tensor, eps: Opti
     load = held.sum(0)
     assert bool((held.sum(1) == k).all()) and bool((load <= cap).all()), "auction left choices unplaced"
     order = s[:T].masked_fill(~held, NEG_INF).topk(k, dim=1).indices  # [T, k] the held experts, best first
-    prices[live] = auction.prices
+    room = load < cap  # with slack: the experts not full, whose price the dual wants at 0
+    # The dummy rows' prices are relative (an equality problem): shifted so those experts' lowest is 0.
+    prices[live] = auction.prices - auction.prices[room].min() if spare > 0 and bool(room.any()) else auction.prices
     return live[order], prices
 
 
@@ -364,7 +382,11 @@ def _phases(s: Tensor, k: int, cap: Tensor, spread: float, eps_final: float, war
     (docs/routing_defaults.md)."""
     if floor:
         auction = _Auction(s, k, cap, torch.zeros(s.shape[1], device=s.device), real)
-        return auction if auction.solve_floor_phase(eps_final, real * k * eps_final) else None
+        auction.max_bids = FLOOR_BIDS * real * k
+        try:
+            return auction if auction.solve_floor_phase(eps_final, real * k * eps_final) else None
+        except _OverBudget:  # alike tokens: a price war at the final eps; the dummy rows' eps scaling is faster
+            return None
     p0 = warm_prices(s, k, cap, warm_iters, real) if warm_iters > 0 else torch.zeros(s.shape[1], device=s.device)
     auction = _Auction(s, k, cap, p0, real)
     # A coarse eps first, relative to what the warm start leaves: the token-dependent spread of s - p.
