@@ -2,15 +2,13 @@
 capacity_factor=c): every token to k distinct experts, every expert AT MOST ceil(c*T*k/E) of the choices, the
 assignment maximising the summed scores; optimal against the LP and a brute force, on the floor auction and on
 its dummy-row fallback; deterministic; the router's plan and its config check."""
-import itertools
-import math
-
 import pytest
 import torch
 
 import routing.balanced_topk as bt
 from routing import RouterConfig, build_router
 from routing.balanced_topk import CHECK_SLACK, DUMMY_SPREAD, balanced_topk_assignment, slack_capacity, topk_capacity
+from tests.routing.test_balanced_topk import _brute_force
 
 
 def _scores(tokens: int, experts: int, seed: int, common: float = 0.0) -> torch.Tensor:
@@ -44,20 +42,6 @@ def _lp_optimum(scores: torch.Tensor, k: int, cap: torch.Tensor) -> float:
     return -res.fun
 
 
-def _brute_force(scores: torch.Tensor, k: int, cap: torch.Tensor) -> float:
-    T, E = scores.shape
-    s = scores.double().tolist()
-    best = -math.inf
-    for pick in itertools.product(list(itertools.combinations(range(E), k)), repeat=T):
-        counts = [0] * E
-        for chosen in pick:
-            for e in chosen:
-                counts[e] += 1
-        if all(c <= m for c, m in zip(counts, cap.tolist())):
-            best = max(best, sum(s[t][e] for t, chosen in enumerate(pick) for e in chosen))
-    return best
-
-
 def _check_feasible(expert: torch.Tensor, k: int, cap: torch.Tensor, scores: torch.Tensor) -> None:
     assert expert.shape == (scores.shape[0], k)
     assert bool((torch.bincount(expert.flatten(), minlength=cap.numel()) <= cap).all())  # capacity respected
@@ -81,7 +65,7 @@ def test_slack_matches_brute_force(tokens, experts, k, c):
         expert, _ = balanced_topk_assignment(scores, k, cap)
         _check_feasible(expert, k, cap, scores)
         bound = tokens * k * _eps(scores) * (2 + CHECK_SLACK)
-        assert _total(scores, expert) == pytest.approx(_brute_force(scores, k, cap), abs=bound + 1e-9)
+        assert _total(scores, expert) == pytest.approx(_brute_force(scores, k, cap, at_most=True), abs=bound + 1e-9)
 
 
 CASES = [(48, 8, 2, 1.25, 0.0), (50, 8, 3, 1.5, 0.0), (64, 16, 2, 1.25, 30.0), (40, 16, 1, 1.25, 5.0)]

@@ -36,8 +36,9 @@ def _lp_optimum(scores: torch.Tensor, k: int, cap: torch.Tensor) -> float:
     return -res.fun
 
 
-def _brute_force(scores: torch.Tensor, k: int, cap: torch.Tensor) -> float:
-    """The best total over every choice of k distinct experts per token meeting the capacities (tiny cases)."""
+def _brute_force(scores: torch.Tensor, k: int, cap: torch.Tensor, at_most: bool = False) -> float:
+    """The best total over every choice of k distinct experts per token meeting the capacities exactly (or, at_most,
+    not exceeding them; tests/routing/test_balanced_slack.py), tiny cases."""
     T, E = scores.shape
     s = scores.double().tolist()
     sets = list(itertools.combinations(range(E), k))
@@ -47,7 +48,7 @@ def _brute_force(scores: torch.Tensor, k: int, cap: torch.Tensor) -> float:
         for chosen in pick:
             for e in chosen:
                 counts[e] += 1
-        if counts == cap.tolist():
+        if counts == cap.tolist() or (at_most and all(c <= m for c, m in zip(counts, cap.tolist()))):
             best = max(best, sum(s[t][e] for t, chosen in enumerate(pick) for e in chosen))
     return best
 
