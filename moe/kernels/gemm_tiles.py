@@ -76,7 +76,9 @@ class GemmBlocks:
     block_n: int = 128  # output columns per tile
     block_k: int = 64  # reduction chunk per loop iteration (>= 16: tl.dot's minimum on GPU)
     block_elementwise: int = 1024  # elements per program of the activation-gradient kernel and the token sum
-    num_warps: int = 4
+    # 8 warps: 32 fp32 values per thread per 64x128 accumulator. At 4 warps (64) the GLU up projection, the fused
+    # grad-h epilogue and most fp32 kernels spill on sm_90 (issue 20's audit, docs/benchmarks.md); at 8 none does.
+    num_warps: int = 8
     num_stages: int = 3  # software pipelining depth of the K loop (GPU only)
     group_m: int = 8  # row tiles per swizzle group of the 1D launch order (row-tiled kernels)
     persistent: bool = False  # row-tiled kernels: ~one program per SM looping over a tile table (unmeasured: off)
