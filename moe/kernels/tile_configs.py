@@ -27,7 +27,7 @@ another kernel's entry with it is refused.
 Candidates (`candidates(kernel, dtype, device)`): the defaults plus 128×128×64 at 3 and 4 stages and 128×256×64
 at 3 stages, 8 warps (32-wide K chunks for fp32), pruned where the pipelined operand tiles exceed the device's
 shared memory (nominally an H100's 227 KB off the GPU, so the interpreter tests run what sm_90 would) or where
-the fp32 accumulators would pass 128 registers per thread (two 128×256 GLU accumulators at 8 warps would spill);
+register_estimate passes REGISTER_BUDGET (the tiles that spilled when compiled for sm_90: issue 20's audit);
 then the largest survivor again with the persistent grid (row-tiled kernels) and with TMA descriptors (the weights
 of up, down, grad x; the operands read in plan order of the weight gradients), both off unless a measurement picks
 them. For the weight gradients, given the expert loads (`expert_rows`, which the tuner knows offline), also the
@@ -87,22 +87,28 @@ class KernelShape:
     a_tiles: int  # BLOCK_M × BLOCK_K operand tiles loaded per iteration
     b_tiles: int  # BLOCK_K × BLOCK_N operand tiles loaded per iteration
     accumulators: int  # BLOCK_M × BLOCK_N fp32 accumulators
+    # BLOCK_M × BLOCK_N fp32 tiles live at once at the peak (accumulators plus what the epilogue loads: bias,
+    # saved pre-activations, the activation backward's operands), fitted to the sm_90 compiles (register_estimate)
+    live_tiles: float = 1.0
+    fragments: bool = True  # one stage's operand fragments count too (row-tiled kernels; not the weight gradients)
 
 
 # The kernels by name (the table's "kernel" field). Row-tiled: M = plan rows, K = reduction, N = output columns.
 # Weight gradients: M = P (weight rows), N = Q (weight columns), K = BLOCK_R plan rows per iteration.
 KERNELS = {
-    "up": KernelShape(1, 1, 1),  # gather + x @ w_up (+ bias, activation)
-    "up_glu": KernelShape(1, 2, 2),  # the gate shares the x tile: two weight tiles, two accumulators
-    "down": KernelShape(1, 1, 1),  # h @ w_down, scaled, to token-major slots
-    "grad_h": KernelShape(1, 1, 1),  # gathered grad_y @ w_down^T
-    "grad_h_act": KernelShape(1, 1, 1),  # ... with the activation backward in the epilogue (moe.kernels.expert_mlp)
-    "grad_x": KernelShape(1, 1, 1),  # grad_u @ w_up^T
-    "grad_x_glu": KernelShape(2, 2, 1),  # grad_u @ w_up^T + grad_g @ w_gate^T into one accumulator
-    "wgrad_up": KernelShape(1, 1, 1),  # x^T @ grad_u per expert
-    "wgrad_up_glu": KernelShape(1, 2, 2),  # ... and x^T @ grad_g, sharing the x tile
-    "wgrad_down": KernelShape(1, 1, 1),  # h^T @ (s grad_y) per expert
+    "up": KernelShape(1, 1, 1, 1.5),  # gather + x @ w_up (+ bias, activation)
+    "up_glu": KernelShape(1, 2, 2, 2.5),  # the gate shares the x tile: two weight tiles, two accumulators
+    "down": KernelShape(1, 1, 1, 1.5),  # h @ w_down, scaled, to token-major slots
+    "grad_h": KernelShape(1, 1, 1, 1.5),  # gathered grad_y @ w_down^T
+    "grad_h_act": KernelShape(1, 1, 1, 3.0),  # ... with the activation backward in the epilogue (expert_mlp)
+    "grad_x": KernelShape(1, 1, 1, 1.5),  # grad_u @ w_up^T
+    "grad_x_glu": KernelShape(2, 2, 1, 1.5),  # grad_u @ w_up^T + grad_g @ w_gate^T into one accumulator
+    "wgrad_up": KernelShape(1, 1, 1, 1.0, False),  # x^T @ grad_u per expert
+    "wgrad_up_glu": KernelShape(1, 2, 2, 2.0, False),  # ... and x^T @ grad_g, sharing the x tile
+    "wgrad_down": KernelShape(1, 1, 1, 1.0, False),  # h^T @ (s grad_y) per expert
 }
+# What register_estimate may reach: above it the sm_90 compiles of issue 20's audit spilled (or sat at 255).
+REGISTER_BUDGET = 128
 
 ROW_TILED = ("up", "up_glu", "down", "grad_h", "grad_h_act", "grad_x", "grad_x_glu")  # GemmBlocks.persistent
 WGRAD = ("wgrad_up", "wgrad_up_glu", "wgrad_down")  # WgradBlocks.split_rows; TMA for their plan-order operands
@@ -145,6 +151,21 @@ def accumulator_registers(kernel: str, blocks: GemmBlocks) -> int:
     return check_kernel(kernel).accumulators * blocks.block_m * blocks.block_n // (32 * blocks.num_warps)
 
 
+def register_estimate(kernel: str, blocks: GemmBlocks, dtype: torch.dtype) -> int:
+    """32-bit registers per thread for values that scale with the tiles: live_tiles fp32 [BM, BN] tiles and (row-
+    tiled kernels) one stage's operand fragments. An empirical fit, not a model of the compiler: over the 2 x 10
+    kernels at the defaults and candidates compiled for sm_90 (experiments/spill_audit.py, docs/benchmarks.md),
+    every build above REGISTER_BUDGET spilled or sat at 255 registers, and those at or below it did not spill but
+    for one (grad_x fp32 128x128x32 at 4 stages, 8 bytes). The rest of the 255 hold addresses, masks, indices."""
+    shape, b = check_kernel(kernel), blocks
+    threads = 32 * b.num_warps
+    values = shape.live_tiles * b.block_m * b.block_n / threads
+    if shape.fragments:
+        operand = shape.a_tiles * b.block_m * b.block_k + shape.b_tiles * b.block_k * b.block_n
+        values += operand * torch.empty((), dtype=dtype).element_size() / 4 / threads
+    return math.ceil(values)
+
+
 def device_shared_bytes(device: Optional[torch.device] = None) -> int:
     """The most shared memory one program may use on `device`; the sm_90 budget off the GPU."""
     if device is None or torch.device(device).type != "cuda":
@@ -166,7 +187,8 @@ def candidates(kernel: str, dtype: torch.dtype, device: Optional[torch.device] =
     budget = device_shared_bytes(device)
     keep = [default]
     for b in _CANDIDATES_32 if dtype == torch.float32 else _CANDIDATES_16:
-        if b != default and shared_bytes(kernel, b, dtype) <= budget and accumulator_registers(kernel, b) <= 128:
+        if (b != default and shared_bytes(kernel, b, dtype) <= budget
+                and register_estimate(kernel, b, dtype) <= REGISTER_BUDGET):
             keep.append(b)
     # The largest tiles once more with the persistent grid and (where the kernel reads weights through them) TMA
     # descriptors: unmeasured options, so the tuner measures them instead of anyone guessing.

@@ -86,16 +86,19 @@ def test_pruning_by_shared_memory_and_registers():
     assert shared_bytes("up_glu", big, torch.bfloat16) == 3 * (128 * 64 + 2 * 64 * 256) * 2 == 245760  # > 227 KB
     assert shared_bytes("down", big, torch.bfloat16) == 3 * (128 * 64 + 64 * 256) * 2 == 147456
     assert tc.accumulator_registers("up_glu", big) == 256 and tc.accumulator_registers("down", big) == 128
-    assert big not in candidates("up_glu", torch.bfloat16) and big in candidates("down", torch.bfloat16)
+    # register_estimate (fitted to the sm_90 compiles, issue 20): 128x256 stays only where it compiled spill-free
+    assert big not in candidates("up_glu", torch.bfloat16) and big not in candidates("down", torch.bfloat16)
+    assert big in candidates("wgrad_down", torch.bfloat16)
     four = GemmBlocks(128, 128, 64, num_warps=8, num_stages=4)
     assert shared_bytes("grad_x_glu", four, torch.bfloat16) == 262144
-    assert four not in candidates("grad_x_glu", torch.bfloat16) and four in candidates("up_glu", torch.bfloat16)
+    assert four not in candidates("grad_x_glu", torch.bfloat16) and four in candidates("down", torch.bfloat16)
+    assert four not in candidates("up_glu", torch.bfloat16)  # two 128x128 accumulators spill on sm_90
     for kernel in tc.KERNELS:  # the defaults always stay, first
         assert candidates(kernel, torch.bfloat16)[0] == tc.GPU_BLOCKS
         assert candidates(kernel, torch.float32)[0] == tc.GPU_BLOCKS_FP32
     # the largest survivor again, persistent and (weights read by descriptors) with TMA; weight gradients only with
     # TMA (their plan-order operands; split-K candidates need the loads: tests/moe/kernels/test_split_k.py)
-    *_, largest, persistent, tma = candidates("up_glu", torch.bfloat16)
+    *_, largest, persistent, tma = candidates("down", torch.bfloat16)
     assert persistent == GemmBlocks(128, 128, 64, num_warps=8, num_stages=4, persistent=True) == \
         GemmBlocks(**{**vars(largest), "persistent": True})
     assert tma == GemmBlocks(128, 128, 64, num_warps=8, num_stages=4, tma=True)

@@ -1,0 +1,45 @@
+"""Issue 20: no register spills in the kernels' default tiles on sm_90.
+
+Every tiled kernel (moe.kernels.tile_configs.KERNELS) is compiled for sm_90 without a GPU at the tiles it runs
+with when the tuned table has no entry (tile_configs.default_blocks), in bf16 and in fp32 (TF32), as the JIT
+would specialise it for a real layer (tests/moe/kernels/sm90_builds.py, shape "aligned": widths multiples of 16,
+contiguous strides 1), and ptxas's spill stores must be 0 bytes: a spill on Hopper is local-memory traffic in the
+K loop. The register counts are ptxas's; what they cost in time is unmeasured here. Only the defaults (20 builds,
+two workers, about a minute on two free cores): the candidates are audited by experiments/spill_audit.py.
+"""
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from tests.moe.kernels.hopper_compile import run_compile_workers
+
+SCRIPT = textwrap.dedent("""
+    import torch
+    from moe.kernels.tile_configs import KERNELS, default_blocks
+    from tests.moe.kernels.sm90_builds import usage
+
+    spilled = []
+    for dtype in (torch.bfloat16, torch.float32):
+        for kernel in KERNELS:
+            if not claim():  # another worker compiles this one
+                continue
+            b = default_blocks(dtype, kernel, gpu=True)
+            r = usage(kernel, dtype, b)
+            print(kernel, dtype, b.block_m, b.block_n, b.block_k, b.num_warps, b.num_stages, r, flush=True)
+            assert r["registers"] is not None, (kernel, dtype, r)  # ptxas ran and was read
+            if r["spills"]:
+                spilled.append((kernel, str(dtype), r["registers"], r["spills"]))
+    assert not spilled, f"default tiles that spill on sm_90 (kernel, dtype, registers, spill bytes): {spilled}"
+    print(claimed_summary())
+""")
+
+
+@pytest.mark.slow
+def test_default_tiles_do_not_spill_on_hopper(tmp_path):
+    from triton.backends import backends
+
+    if "nvidia" not in backends:
+        pytest.skip("this triton build has no NVIDIA backend")
+    assert run_compile_workers(SCRIPT, tmp_path, timeout_s=900) == 20  # 10 kernels x 2 dtypes, each compiled once
