@@ -64,7 +64,7 @@ TWIN_AUX_LOSS_COEF = 0.1  # balancing coefficient of top-k >= 2 twins of the def
 # BASE layers' balanced assignment for top-1, evaluated with the learnt prices as a bias (routing=balanced_topk:
 # no balancing loss, no z-loss; 0.05 and 0.12 nats better than plain BASE, whose greedy evaluation routes
 # differently from its training, for the demo's moe_e8_k1 and moe_e64_k1), top-k with a stronger balancing loss
-# otherwise. (routing=balanced_topk balances top-2 exactly, at equal demo loss at E = 64 and within +-0.02 at
+# otherwise. (routing=balanced_topk balances top-2 exactly, at equal demo loss at E = 64 and 0.013 behind at
 # E = 256, where aux 0.1 leaves ~100 of 256 experts empty at step 100; not the default yet, see
 # docs/routing_defaults.md "Capacity slack and the full E = 256 run".)
 TWIN_ROUTERS = {
