@@ -123,8 +123,12 @@ def test_full_checkpoint_format_gathers_the_single_layout(runs):
     a, b = load_file(str(mine / "model.safetensors")), load_file(str(runs["single"] / "checkpoints" / "step_3" /
                                                                      "model.safetensors"))
     assert a.keys() == b.keys()
+    # Round-off, not layout: the two runs sum expert rows and reduce gradients in different orders, and AdamW's
+    # normalised update m / sqrt(v) turns a near-cancelling gradient's relative round-off into up to ~1e-6 of weight
+    # after 3 steps (one expert weight in 8,192 at 1.1e-6 since the fused update and the fused expert path). A weight in
+    # the wrong place would be off by its own size, ~1e-2.
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=lambda m: f"{k}: {m}")
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=2e-6, msg=lambda m: f"{k}: {m}")
 
 
 @pytest.mark.parametrize("name", ["resumed_fsdp", "resumed_single", "full_into_fsdp"])
