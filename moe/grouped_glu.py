@@ -21,20 +21,20 @@ autograd's through the unfused ops to fp32 round-off (tests/moe/test_fast_path.p
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-# activation name -> (forward, backward writing into grad_input: (grad, pre-activation, out) -> None)
-_ACTS: dict[str, tuple[Callable[[Tensor], Tensor], Callable[[Tensor, Tensor, Tensor], None]]] = {
-    "silu": (F.silu, lambda g, z, out: torch.ops.aten.silu_backward.grad_input(g, z, grad_input=out)),
-    "gelu": (F.gelu, lambda g, z, out: torch.ops.aten.gelu_backward.grad_input(g, z, grad_input=out)),
-    "gelu_tanh": (lambda z: F.gelu(z, approximate="tanh"),
-                  lambda g, z, out: torch.ops.aten.gelu_backward.grad_input(g, z, approximate="tanh", grad_input=out)),
-    "relu": (F.relu, lambda g, z, out: torch.ops.aten.threshold_backward.grad_input(g, z, 0, grad_input=out)),
+# activation name -> (forward, aten's backward op, its keyword arguments): op(grad, pre-activation, **kw) is the
+# gradient, op.grad_input(..., grad_input=out) writes it into `out`
+_ACTS: dict[str, tuple[Callable[[Tensor], Tensor], Any, dict]] = {
+    "silu": (F.silu, torch.ops.aten.silu_backward, {}),
+    "gelu": (F.gelu, torch.ops.aten.gelu_backward, {}),
+    "gelu_tanh": (lambda z: F.gelu(z, approximate="tanh"), torch.ops.aten.gelu_backward, {"approximate": "tanh"}),
+    "relu": (F.relu, torch.ops.aten.threshold_backward, {"threshold": 0}),
 }
 
 
@@ -59,13 +59,34 @@ def aligned_width(width: int, dtype: torch.dtype) -> int:
 
 def fused_glu_ok(x: Tensor, activation: str) -> bool:
     """Whether grouped_glu runs here: CPU fp32/bf16 rows (CUDA keeps grouped_matmul's bf16 kernel or the Triton
-    dispatcher), eager (torch 2.13's fake-tensor rule for grouped_mm demands bf16, so dynamo fails), rows present
-    and 16-byte aligned, a known activation. The weights must arrive in x's dtype (Experts._weights casts)."""
-    if not hasattr(torch, "_grouped_mm") or x.is_cuda or torch.compiler.is_compiling():
+    dispatcher), rows present and 16-byte aligned, a known activation. The weights must arrive in x's dtype
+    (Experts._weights casts)."""
+    if not hasattr(torch, "_grouped_mm") or x.is_cuda:
         return False
     if x.dtype not in (torch.float32, torch.bfloat16) or activation not in _ACTS:
         return False
     return x.dim() == 2 and x.shape[0] > 0 and x.is_contiguous() and (x.shape[1] * x.element_size()) % 16 == 0
+
+
+def _grouped_mm(a: Tensor, b: Tensor, offs: Tensor) -> Tensor:
+    """torch._grouped_mm, or while compiling the operator below (torch 2.13's fake-tensor rule for grouped_mm
+    demands bf16 whatever the device, so dynamo cannot trace the fp32 CPU call itself)."""
+    if torch.compiler.is_compiling():
+        return torch.ops.switchyard.cpu_grouped_mm(a, b, offs)
+    return torch._grouped_mm(a, b, offs=offs)
+
+
+# needs_exact_strides: inductor hands the operator its inputs with the strides eager has (aligned padded views,
+# transposes), which grouped_mm's 16-byte stride rule depends on.
+@torch.library.custom_op("switchyard::cpu_grouped_mm", mutates_args=(), tags=(torch.Tag.needs_exact_strides,))
+def _cpu_grouped_mm(a: Tensor, b: Tensor, offs: Tensor) -> Tensor:
+    return torch._grouped_mm(a, b, offs=offs)
+
+
+@_cpu_grouped_mm.register_fake
+def _(a: Tensor, b: Tensor, offs: Tensor) -> Tensor:
+    # [N, k] x [E, k, n] -> [N, n] (rows grouped by expert); [k, N] x [N, n] -> [E, k, n] (the weight gradient)
+    return a.new_empty(a.shape[0], b.shape[2]) if b.dim() == 3 else a.new_empty(offs.shape[0], a.shape[0], b.shape[1])
 
 
 class _GroupedGLU(torch.autograd.Function):
@@ -86,7 +107,7 @@ class _GroupedGLU(torch.autograd.Function):
         if fp > f:  # only the pad columns are zeroed: one pass over the weights, not two
             w12[:, :, f:fp].zero_()
             w12[:, :, fp + f:].zero_()
-        a = torch._grouped_mm(x, w12, offs=offs)  # [N, 2 fp]; the pad columns are exact zeros
+        a = _grouped_mm(x, w12, offs=offs)  # [N, 2 fp]; the pad columns are exact zeros
         # Every elementwise pass runs over the full aligned width fp, pads included (act(0) * 0 = 0): on a view of
         # an odd width f the vectorised loops stop at every row's tail, which measured 2x slower at f = 191.
         gate, up = a[:, :fp], a[:, fp:]
@@ -116,13 +137,18 @@ class _GroupedGLU(torch.autograd.Function):
             if ctx.needs_input_grad[3]:
                 grad_scale = (g * unscaled).sum(1).to(row_scale.dtype)
             g.mul_(row_scale.to(g.dtype)[:, None])
-        grad_a = torch.empty_like(a)  # [N, 2 fp]; its pads come out zero (zero gradient times zero activations)
-        torch.mul(g, act, out=grad_a[:, fp:])  # d/d up
-        _ACTS[ctx.activation][1](g.mul_(up), gate, grad_a[:, :fp])  # d/d gate
-        grad_x = torch._grouped_mm(grad_a, w12.transpose(1, 2), offs=offs) if ctx.needs_input_grad[0] else None
+        _, act_backward, kw = _ACTS[ctx.activation]
+        # grad_a [N, 2 fp] = [d/d gate | d/d up]; its pads come out zero (zero gradient times zero activations)
+        if torch.compiler.is_compiling():  # dynamo refuses out= into views; inductor writes the cat in place anyway
+            grad_a = torch.cat([act_backward(g * up, gate, **kw), g * act], 1)
+        else:
+            grad_a = torch.empty_like(a)
+            torch.mul(g, act, out=grad_a[:, fp:])
+            act_backward.grad_input(g.mul_(up), gate, **kw, grad_input=grad_a[:, :fp])
+        grad_x = _grouped_mm(grad_a, w12.transpose(1, 2), offs=offs) if ctx.needs_input_grad[0] else None
         grad_gate = grad_up = None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            grad_w12 = torch._grouped_mm(x.t(), grad_a, offs=offs)  # [E, d, 2 fp]; an empty expert's block is zero
+            grad_w12 = _grouped_mm(x.t(), grad_a, offs=offs)  # [E, d, 2 fp]; an empty expert's block is zero
             grad_gate = grad_w12[:, :, :f].contiguous()
             grad_up = grad_w12[:, :, fp:fp + f].contiguous()
         return grad_x, grad_gate, grad_up, grad_scale, None, None

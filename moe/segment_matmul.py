@@ -13,9 +13,11 @@ Two implementations, chosen by `impl`:
 Not taken, by measurement at the demo twins' small widths (docs/benchmarks.md, the bare training step): a padded
 batched matmul over [E, C_max, a] (0.8-1.4x the loop's time: the padding to the busiest expert), and grouped_mm on
 weights padded on the fly to an aligned width (0.93-1.1x the loop, copies included). Under torch.compile the loop
-runs eagerly behind a graph break (see _loop) and grouped_mm is left out on CPU.
+is one custom operator (see _loop) and grouped_mm is left out on CPU.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +39,38 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
+def _loop_forward(x: Tensor, w: Tensor, splits: list[int]) -> Tensor:
+    out = x.new_empty(x.shape[0], w.shape[2])
+    # split / unbind make every expert's views in one call each: at E = 256 the loop is 3 * 256 matmuls per
+    # layer and direction, and a slice per operand per expert was a third of its Python time.
+    # Inputs arrive in one dtype (Experts._weights casts); autocast must not re-cast them against `out`.
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        for x_e, w_e, out_e in zip(x.split(splits), w.unbind(0), out.split(splits)):
+            if x_e.shape[0]:
+                torch.mm(x_e, w_e, out=out_e)
+    return out
+
+
+def _loop_backward(grad: Tensor, x: Tensor, w: Tensor, splits: list[int], need_x: bool, need_w: bool
+                   ) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    grad = grad.contiguous()
+    grad_x = x.new_empty(x.shape) if need_x else None
+    grad_w = w.new_empty(w.shape) if need_w else None
+    grad_xs = grad_x.split(splits) if need_x else [None] * len(splits)
+    grad_ws = grad_w.unbind(0) if need_w else [None] * len(splits)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        for x_e, g_e, w_e, gx_e, gw_e in zip(x.split(splits), grad.split(splits), w.unbind(0), grad_xs, grad_ws):
+            if not x_e.shape[0]:
+                if need_w:
+                    gw_e.zero_()  # an expert without rows gets a zero gradient, never garbage
+                continue
+            if need_x:
+                torch.mm(g_e, w_e.t(), out=gx_e)
+            if need_w:
+                torch.mm(x_e.t(), g_e, out=gw_e)
+    return grad_x, grad_w
+
+
 class _SegmentMatmul(torch.autograd.Function):
     """The per-expert loop as one autograd node: every matmul writes into its slice of one output buffer.
 
@@ -48,37 +82,12 @@ class _SegmentMatmul(torch.autograd.Function):
     def forward(ctx, x: Tensor, w: Tensor, splits: list[int]) -> Tensor:
         ctx.save_for_backward(x, w)
         ctx.splits = splits
-        out = x.new_empty(x.shape[0], w.shape[2])
-        # split / unbind make every expert's views in one call each: at E = 256 the loop is 3 * 256 matmuls per
-        # layer and direction, and a slice per operand per expert was a third of its Python time.
-        # Inputs arrive in one dtype (Experts._weights casts); autocast must not re-cast them against `out`.
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            for x_e, w_e, out_e in zip(x.split(splits), w.unbind(0), out.split(splits)):
-                if x_e.shape[0]:
-                    torch.mm(x_e, w_e, out=out_e)
-        return out
+        return _loop_forward(x, w, splits)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         x, w = ctx.saved_tensors
-        splits = ctx.splits
-        grad = grad.contiguous()
-        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_x = x.new_empty(x.shape) if need_x else None
-        grad_w = w.new_empty(w.shape) if need_w else None
-        grad_xs = grad_x.split(splits) if need_x else [None] * len(splits)
-        grad_ws = grad_w.unbind(0) if need_w else [None] * len(splits)
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            for x_e, g_e, w_e, gx_e, gw_e in zip(x.split(splits), grad.split(splits), w.unbind(0), grad_xs, grad_ws):
-                if not x_e.shape[0]:
-                    if need_w:
-                        gw_e.zero_()  # an expert without rows gets a zero gradient, never garbage
-                    continue
-                if need_x:
-                    torch.mm(g_e, w_e.t(), out=gx_e)
-                if need_w:
-                    torch.mm(x_e.t(), g_e, out=gw_e)
-        return grad_x, grad_w, None
+        return (*_loop_backward(grad, x, w, ctx.splits, *ctx.needs_input_grad[:2]), None)
 
 
 def _grouped_mm_ok(x: Tensor, w: Tensor) -> bool:
@@ -113,10 +122,11 @@ def grouped_matmul(x: Tensor, w: Tensor, counts: Tensor, impl: str = "auto") -> 
 
 
 def _loop(x: Tensor, w: Tensor, counts: Tensor) -> Tensor:
-    """The per-expert loop; under torch.compile (moe.compile) it runs eagerly behind a graph break: its split
-    sizes are data (a host read of counts), and a traced loop would specialise on them and recompile every step."""
+    """The per-expert loop; under torch.compile (moe.compile) it is one opaque operator (switchyard::segment_mm):
+    its split sizes are data (a host read of counts), which a traced loop would specialise on and recompile for
+    every step, and a graph break around it would cut the block's graph in two at every projection."""
     if torch.compiler.is_compiling():
-        return _eager_segment_loop(x, w, counts)
+        return torch.ops.switchyard.segment_mm(x, w, counts)
     return segment_loop(x, w, counts)
 
 
@@ -125,6 +135,43 @@ def segment_loop(x: Tensor, w: Tensor, counts: Tensor) -> Tensor:
     return _SegmentMatmul.apply(x, w, counts.tolist())
 
 
-# dynamo-disabled, with dynamo imported on the first call (torch's own lazy form of torch.compiler.disable, which
-# as a decorator would import dynamo, and with it triton, with this module); called only while compiling.
-_eager_segment_loop = torch._disable_dynamo(segment_loop)
+# The loop as a custom operator for compiled code: dynamo and inductor see only its output's shape ([N, b], the
+# fake below), and autograd calls the backward operator, which runs the same loops as _SegmentMatmul. Eager keeps
+# the autograd.Function, a few microseconds cheaper per call than the operator's dispatch.
+@torch.library.custom_op("switchyard::segment_mm", mutates_args=())
+def _segment_mm(x: Tensor, w: Tensor, counts: Tensor) -> Tensor:
+    return _loop_forward(x, w, counts.tolist())
+
+
+@_segment_mm.register_fake
+def _(x: Tensor, w: Tensor, counts: Tensor) -> Tensor:
+    return x.new_empty(x.shape[0], w.shape[2])
+
+
+@torch.library.custom_op("switchyard::segment_mm_backward", mutates_args=())
+def _segment_mm_backward(grad: Tensor, x: Tensor, w: Tensor, counts: Tensor, need_x: bool, need_w: bool
+                         ) -> tuple[Tensor, Tensor]:
+    grad_x, grad_w = _loop_backward(grad, x, w, counts.tolist(), need_x, need_w)
+    # an operator returns tensors: an empty one stands for a gradient nobody asked for
+    return (grad_x if need_x else x.new_empty(0)), (grad_w if need_w else w.new_empty(0))
+
+
+@_segment_mm_backward.register_fake
+def _(grad: Tensor, x: Tensor, w: Tensor, counts: Tensor, need_x: bool, need_w: bool) -> tuple[Tensor, Tensor]:
+    return x.new_empty(x.shape if need_x else (0,)), w.new_empty(w.shape if need_w else (0,))
+
+
+def _setup_segment_mm(ctx, inputs, output) -> None:
+    x, w, counts = inputs
+    ctx.save_for_backward(x, w, counts)
+
+
+def _backward_segment_mm(ctx, grad: Tensor):
+    x, w, counts = ctx.saved_tensors
+    need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    grad_x, grad_w = torch.ops.switchyard.segment_mm_backward(grad, x, w, counts, need_x, need_w)
+    return (grad_x if need_x else None), (grad_w if need_w else None), None
+
+
+_segment_mm.register_autograd(_backward_segment_mm, setup_context=_setup_segment_mm)
+

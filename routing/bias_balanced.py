@@ -37,6 +37,7 @@ from torch import Tensor
 
 from routing.capacity import choice_plan, expert_capacity
 from routing.config import RouterConfig
+from routing.counts import count_ids
 from routing.generation import routing_capacity_factor
 from routing.plan import RoutingPlan
 from routing.recompute import recomputing
@@ -72,7 +73,7 @@ class BiasBalancedRouter(Router):
         weight = weight * cfg.scale
         if self.training and torch.is_grad_enabled() and not recomputing():  # the replay saw these tokens already
             with torch.no_grad():
-                self.load += torch.bincount(expert_idx.reshape(-1), minlength=E).float()
+                self.load += count_ids(expert_idx, E).float()
         cf = routing_capacity_factor(cfg, self.training)  # 0 while generating: each new token routes dropless
         capacity = expert_capacity(T, E, cfg.top_k, cf, cfg.min_capacity)
         probs = scores / scores.sum(dim=-1, keepdim=True)  # a distribution over experts (softmax: unchanged)

@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from routing.counts import count_ids
 from routing.plan import RoutingPlan
 from routing.stats import routing_stats
 
@@ -64,7 +65,7 @@ def assign(
         # Priority is the flat position: a stable sort of the expert ids alone is that order (the unique key
         # expert * A + position before issues 16/21), without building the key, and gives the sorted ids with it.
         sorted_expert, order = torch.sort(flat_expert, stable=True)
-    counts = torch.bincount(flat_expert, minlength=num_experts)
+    counts = count_ids(flat_expert, num_experts)
     if capacity is None:
         kept = torch.ones(T, k, dtype=torch.bool, device=expert_idx.device)
         # row a = j * T + t carries token a mod T (one op, where a gather needs arange(T).repeat(k) built first)

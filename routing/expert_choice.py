@@ -51,13 +51,14 @@ import torch
 from torch import Tensor
 
 from routing.capacity import choice_plan, expert_capacity
+from routing.counts import count_ids
 from routing.generation import generating
 from routing.losses import router_z_loss
 from routing.plan import RoutingPlan
 from routing.recompute import recomputing
 from routing.router import TORCH_KERNELS, Router, RouterKernels
-from routing.topk import select_topk
 from routing.stats import routing_stats
+from routing.topk import select_topk
 
 
 def group_members(num_tokens: int, seq_len: int, mode: str, device: Optional[torch.device] = None) -> Tensor:
@@ -118,7 +119,7 @@ class ExpertChoiceRouter(Router):
         counts = torch.full((E,), P * C, dtype=torch.long, device=logits.device)
         # routing_stats takes a [T, k] mask of surviving choices; expert choice has no per-token choices, so it gets
         # [T, 1] "picked by at least one expert", and dropped_fraction is the fraction of tokens no expert took.
-        routed = (torch.bincount(token_index, minlength=T) > 0)[:, None]
+        routed = (count_ids(token_index, T) > 0)[:, None]
         return RoutingPlan(
             token_index=token_index,
             expert_index=expert_index,
