@@ -45,10 +45,19 @@ def composed_table(overrides: list[str]) -> tuple[str, list[dict]]:
     names += [n for n in extra + ([train.twin] if train.twin else []) if n not in names]
     heading = (f"twins of model (vocabulary {base.vocab_size}, d_model {base.d_model}, d_ff {base.d_ff}, "
                f"{base.n_layer} layers) at seq_len {seq_len}")
-    return heading, twin_table(base, names, seq_len=seq_len, routers=train.twin_router)
+    rows = []
+    for name in names:  # one row each; a twin this base cannot match (say, at a twin_width_multiple) says why
+        try:
+            rows += twin_table(base, [name], seq_len=seq_len, routers=train.twin_router,
+                               multiple_of=train.twin_width_multiple)
+        except ValueError as e:
+            rows.append({"twin": name, "refused": str(e)})
+    return heading, rows
 
 
 def format_row(r: dict) -> str:
+    if "refused" in r:
+        return f"{r['twin']:>18}  refused: {r['refused']}"
     return (f"{r['twin']:>18}  f={r['expert_hidden'] or r['d_ff']:>5}  total {r['params_total']:>11,}  "
             f"active {r['params_active']:>9,}  {r['training_flops_per_token']:.4g} FLOPs/token "
             f"({r['flops_vs_dense']:.4f} x dense)")

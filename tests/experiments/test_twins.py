@@ -155,6 +155,19 @@ def test_twin_key_resolves_at_the_boundary(tmp_path):
         compose_run(["twin=dense", "init_from=/some/ckpt"], tmp_path)
 
 
+def test_twin_width_multiple_rounds_the_expert_width_or_names_itself(tmp_path):
+    """experiment=demo rounds its twins' widths to multiples of 8 (191 and 189 become 192); a multiple no width of
+    which matches dense within 1% is refused naming the field."""
+    demo = {t: compose_run(["experiment=demo", f"twin={t}"], tmp_path).model for t in ("moe_e8_k2", "moe_e16_k2")}
+    assert {t: m.expert_hidden for t, m in demo.items()} == {"moe_e8_k2": 192, "moe_e16_k2": 192}
+    plain = compose_run(["experiment=demo", "twin=moe_e8_k2", "twin_width_multiple=1"], tmp_path).model
+    assert plain.expert_hidden == 191
+    with pytest.raises(ValueError, match="twin_width_multiple=8.*set twin_width_multiple=1"):
+        compose_run(["model=tiny_dense", "twin=moe_e256_k8", "twin_width_multiple=8"], tmp_path)
+    with pytest.raises(ValueError, match="twin_width_multiple=0 must be an integer >= 1"):
+        compose_run(["model=tiny_dense", "twin=moe_e8_k2", "twin_width_multiple=0"], tmp_path)
+
+
 @pytest.mark.parametrize("experiment", ["demo", "dense_vs_moe"])
 def test_sweep_experiments_share_everything_but_the_twin(experiment, tmp_path):
     with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
@@ -221,14 +234,18 @@ def test_twins_command_composes_the_train_config():
     by_name = {r["twin"]: r for r in rows}
     assert {"moe_e8_k2", "moe_e16_k2"} <= set(by_name)  # the demo sweep's twins
     demo = get_preset("tiny_dense").replace(vocab_size=257)
-    assert by_name["moe_e8_k2"]["params_total"] == count_params(moe_twin(demo, 8, 2, seq_len=128)).total
+    assert by_name["moe_e8_k2"]["params_total"] == count_params(moe_twin(demo, 8, 2, seq_len=128, multiple_of=8)).total
     assert by_name["dense"]["params_total"] == count_params(demo).total
     # Any override of train applies: a wider base gives wider twins; the run's own twin= gets a row.
-    heading, rows = composed_table(["experiment=demo", "model.d_ff=768", "twin=moe_e32_k4", "trainer.seq_len=64"])
+    heading, rows = composed_table(["experiment=demo", "model.d_ff=768", "twin=moe_e32_k4", "trainer.seq_len=64",
+                                    "twin_width_multiple=1"])
     by_name = {r["twin"]: r for r in rows}
     assert "seq_len 64" in heading and by_name["moe_e8_k1"]["expert_hidden"] == (3 * 768 - 8) // 3
     assert by_name["moe_e32_k4"]["top_k"] == 4
     assert all(abs(r["flops_vs_dense"] - 1) < 0.01 for r in rows if not r["twin"].startswith("dense_wide"))
+    # at the demo's multiple of 8, moe_e64_k8_s1 (width 77 at d_ff=768) has no width within 1%: its row says so
+    by_name = {r["twin"]: r for r in composed_table(["experiment=demo", "model.d_ff=768"])[1]}
+    assert "within 1%" in by_name["moe_e64_k8_s1"]["refused"] and by_name["moe_e8_k1"]["expert_hidden"] == 768
 
 
 def test_twins_command_prints_the_table(capsys):
