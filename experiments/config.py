@@ -99,8 +99,9 @@ class TrainerConfig:
     # with torch.distributed.checkpoint; trainer=fsdp only) or auto (sharded under fsdp, else full). Either loads
     # under every trainer at any world size; python -m experiments.convert_checkpoint turns one into the other.
     checkpoint_format: str = "auto"
-    # torch.compile each block (inductor; dense and MoE alike) with the routing plan's data-dependent sizes marked
-    # dynamic, so that a step does not recompile; results equal eager within fp32 round-off.
+    # torch.compile each block (moe.compile: inductor, dense and MoE alike; an MoE block is one graph, its expert
+    # GEMMs custom operators, so the routing's per-expert sizes never recompile); results equal eager within fp32
+    # round-off.
     compile: bool = False
 
     def __post_init__(self) -> None:
