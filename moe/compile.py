@@ -42,7 +42,9 @@ def compile_blocks(model: nn.Module, *, backend: str = "inductor", mode: Optiona
     blocks = getattr(model, "blocks", None)
     if not isinstance(blocks, nn.ModuleList) or not len(blocks):
         raise ValueError(f"compile_blocks needs a Transformer with blocks (model.blocks), got {type(model).__name__}")
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    config = torch._dynamo.config
+    limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # its older name
+    setattr(config, limit, max(getattr(config, limit), RECOMPILE_LIMIT))
     for block in blocks:
         if isinstance(block.ffn, MoELayer):
             # The layer picks its dispatcher on the first call and caches the choice; picked here, the first compiled

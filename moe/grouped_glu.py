@@ -77,8 +77,11 @@ def _grouped_mm(a: Tensor, b: Tensor, offs: Tensor) -> Tensor:
 
 
 # needs_exact_strides: inductor hands the operator its inputs with the strides eager has (aligned padded views,
-# transposes), which grouped_mm's 16-byte stride rule depends on.
-@torch.library.custom_op("switchyard::cpu_grouped_mm", mutates_args=(), tags=(torch.Tag.needs_exact_strides,))
+# transposes), which grouped_mm's 16-byte stride rule depends on (torch releases without that tag: the fixed order).
+_EXACT_STRIDES = getattr(torch.Tag, "needs_exact_strides", torch.Tag.needs_fixed_stride_order)
+
+
+@torch.library.custom_op("switchyard::cpu_grouped_mm", mutates_args=(), tags=(_EXACT_STRIDES,))
 def _cpu_grouped_mm(a: Tensor, b: Tensor, offs: Tensor) -> Tensor:
     return torch._grouped_mm(a, b, offs=offs)
 
