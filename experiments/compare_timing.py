@@ -4,6 +4,8 @@ Seconds compare only between runs that had the same machine to themselves. From 
   concurrent   two runs on one host whose wall-clock intervals [started_at, ended_at] overlap shared its CPUs/GPUs
   machines     runs on different hosts, CPU models or GPUs
   loaded       a run that started with a 1-minute load average above its usable CPUs (other work was running)
+  code         runs trained at different commits, or from a tree with uncommitted changes: seconds and losses
+               may differ by the code (the kernels, the update), not only by the model
   unknown      runs without a provenance record (written before it existed): none of the above can be checked
 Each warning names its rows.
 """
@@ -69,6 +71,14 @@ def timing_warnings(runs: list[Run]) -> list[str]:
             loaded.append(f"{r.name} (load {load[0]:.1f} on {cpus} CPUs)")
     if loaded:
         out.append(f"busy machine at start: {', '.join(loaded)}; other work shared the CPUs")
+    code: dict[str, list[str]] = {}
+    for r in runs:
+        git = r.provenance.get("git") or {}
+        if git.get("commit"):
+            code.setdefault(git["commit"][:7] + (" with uncommitted changes" if git.get("dirty") else ""), []).append(r.name)
+    if len(code) > 1 or any(key.endswith("changes") for key in code):
+        listed = "; ".join(f"{', '.join(names)} at {key}" for key, names in code.items())
+        out.append(f"different code: {listed}; their seconds and losses may differ by the code, not only the model")
     unknown = [r.name for r in runs if not r.provenance]
     if unknown:
         out.append(f"no provenance in run.json for {', '.join(unknown)} (written before it was recorded): "

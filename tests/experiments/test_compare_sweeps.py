@@ -160,6 +160,21 @@ def test_different_machines_and_busy_starts_are_named(tmp_path):
                         "busy machine at start: moe_e8_k1 (load 7.5 on 2 CPUs); other work shared the CPUs"]
 
 
+def test_runs_of_different_commits_or_dirty_trees_are_named(tmp_path):
+    root = tmp_path / "sw"
+    same = {"commit": "a" * 40, "dirty": False}
+    fake_run(root, "dense", DENSE_F, [5.0] * 5, provenance={**machine(), "git": same}, overrides=["twin=dense"])
+    fake_run(root, "moe_e8_k1", DENSE_F, [5.0] * 5, overrides=["twin=moe_e8_k1"],
+             provenance={**machine(start="2026-12-01T10:10:00+00:00", end="2026-12-01T10:20:00+00:00"), "git": same})
+    assert build_report(root).warnings == []  # one commit, clean: nothing to say
+    fake_run(root, "moe_e8_k2", DENSE_F, [5.0] * 5, overrides=["twin=moe_e8_k2"],
+             provenance={**machine(start="2026-12-01T10:20:00+00:00", end="2026-12-01T10:30:00+00:00"),
+                         "git": {"commit": "b" * 40, "dirty": True}})
+    assert build_report(root).warnings == [
+        "different code: dense, moe_e8_k1 at aaaaaaa; moe_e8_k2 at bbbbbbb with uncommitted changes; their seconds "
+        "and losses may differ by the code, not only the model"]
+
+
 # ------------------------------------------------------------------------------------------ directories, step 0
 
 
