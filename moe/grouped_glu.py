@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from moe.segment_matmul import grouped_mm_cpu
+
 # activation name -> (forward, aten's backward op, its keyword arguments): op(grad, pre-activation, **kw) is the
 # gradient, op.grad_input(..., grad_input=out) writes it into `out`
 _ACTS: dict[str, tuple[Callable[[Tensor], Tensor], Any, dict]] = {
@@ -68,30 +70,6 @@ def fused_glu_ok(x: Tensor, activation: str) -> bool:
     return x.dim() == 2 and x.shape[0] > 0 and x.is_contiguous() and (x.shape[1] * x.element_size()) % 16 == 0
 
 
-def _grouped_mm(a: Tensor, b: Tensor, offs: Tensor) -> Tensor:
-    """torch._grouped_mm, or while compiling the operator below (torch 2.13's fake-tensor rule for grouped_mm
-    demands bf16 whatever the device, so dynamo cannot trace the fp32 CPU call itself)."""
-    if torch.compiler.is_compiling():
-        return torch.ops.switchyard.cpu_grouped_mm(a, b, offs)
-    return torch._grouped_mm(a, b, offs=offs)
-
-
-# needs_exact_strides: inductor hands the operator its inputs with the strides eager has (aligned padded views,
-# transposes), which grouped_mm's 16-byte stride rule depends on (torch releases without that tag: the fixed order).
-_EXACT_STRIDES = getattr(torch.Tag, "needs_exact_strides", torch.Tag.needs_fixed_stride_order)
-
-
-@torch.library.custom_op("switchyard::cpu_grouped_mm", mutates_args=(), tags=(_EXACT_STRIDES,))
-def _cpu_grouped_mm(a: Tensor, b: Tensor, offs: Tensor) -> Tensor:
-    return torch._grouped_mm(a, b, offs=offs)
-
-
-@_cpu_grouped_mm.register_fake
-def _(a: Tensor, b: Tensor, offs: Tensor) -> Tensor:
-    # [N, k] x [E, k, n] -> [N, n] (rows grouped by expert); [k, N] x [N, n] -> [E, k, n] (the weight gradient)
-    return a.new_empty(a.shape[0], b.shape[2]) if b.dim() == 3 else a.new_empty(offs.shape[0], a.shape[0], b.shape[1])
-
-
 class _GroupedGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, w_gate: Tensor, w_up: Tensor, row_scale: Optional[Tensor], offs: Tensor,
@@ -110,7 +88,7 @@ class _GroupedGLU(torch.autograd.Function):
         if fp > f:  # only the pad columns are zeroed: one pass over the weights, not two
             w12[:, :, f:fp].zero_()
             w12[:, :, fp + f:].zero_()
-        a = _grouped_mm(x, w12, offs=offs)  # [N, 2 fp]; the pad columns are exact zeros
+        a = grouped_mm_cpu(x, w12, offs=offs)  # [N, 2 fp]; the pad columns are exact zeros
         # Every elementwise pass runs over the full aligned width fp, pads included (act(0) * 0 = 0): on a view of
         # an odd width f the vectorised loops stop at every row's tail, which measured 2x slower at f = 191.
         gate, up = a[:, :fp], a[:, fp:]
@@ -148,10 +126,10 @@ class _GroupedGLU(torch.autograd.Function):
             grad_a = torch.empty_like(a)
             torch.mul(g, act, out=grad_a[:, fp:])
             act_backward.grad_input(g.mul_(up), gate, **kw, grad_input=grad_a[:, :fp])
-        grad_x = _grouped_mm(grad_a, w12.transpose(1, 2), offs=offs) if ctx.needs_input_grad[0] else None
+        grad_x = grouped_mm_cpu(grad_a, w12.transpose(1, 2), offs=offs) if ctx.needs_input_grad[0] else None
         grad_gate = grad_up = None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            grad_w12 = _grouped_mm(x.t(), grad_a, offs=offs)  # [E, d, 2 fp]; an empty expert's block is zero
+            grad_w12 = grouped_mm_cpu(x.t(), grad_a, offs=offs)  # [E, d, 2 fp]; an empty expert's block is zero
             grad_gate = grad_w12[:, :, :f].contiguous()
             grad_up = grad_w12[:, :, fp:fp + f].contiguous()
         return grad_x, grad_gate, grad_up, grad_scale, None, None

@@ -13,7 +13,7 @@ Two implementations, chosen by `impl`:
 Not taken, by measurement at the demo twins' small widths (docs/benchmarks.md, the bare training step): a padded
 batched matmul over [E, C_max, a] (0.8-1.4x the loop's time: the padding to the busiest expert), and grouped_mm on
 weights padded on the fly to an aligned width (0.93-1.1x the loop, copies included). Under torch.compile the loop
-is one custom operator (see _loop) and grouped_mm is left out on CPU.
+is one custom operator (see _loop), and CPU grouped_mm goes through one too (grouped_mm_cpu).
 """
 from __future__ import annotations
 
@@ -90,13 +90,53 @@ class _SegmentMatmul(torch.autograd.Function):
         return (*_loop_backward(grad, x, w, ctx.splits, *ctx.needs_input_grad[:2]), None)
 
 
+def grouped_mm_cpu(a: Tensor, b: Tensor, offs: Tensor) -> Tensor:
+    """torch._grouped_mm on CPU tensors, or while compiling the operator below (torch 2.13's fake-tensor rule for
+    grouped_mm demands bf16 whatever the device, so dynamo cannot trace the fp32 CPU call itself)."""
+    if torch.compiler.is_compiling():
+        return torch.ops.switchyard.cpu_grouped_mm(a, b, offs)
+    return torch._grouped_mm(a, b, offs=offs)
+
+
+# needs_exact_strides: inductor hands the operator its inputs with the strides eager has (aligned padded views,
+# transposes), which grouped_mm's 16-byte stride rule depends on (torch releases without that tag: the fixed order).
+_EXACT_STRIDES = getattr(torch.Tag, "needs_exact_strides", torch.Tag.needs_fixed_stride_order)
+
+
+@torch.library.custom_op("switchyard::cpu_grouped_mm", mutates_args=(), tags=(_EXACT_STRIDES,))
+def _cpu_grouped_mm(a: Tensor, b: Tensor, offs: Tensor) -> Tensor:
+    return torch._grouped_mm(a, b, offs=offs)
+
+
+@_cpu_grouped_mm.register_fake
+def _(a: Tensor, b: Tensor, offs: Tensor) -> Tensor:
+    # [N, k] x [E, k, n] -> [N, n] (rows grouped by expert); [k, N] x [N, n] -> [E, k, n] (the weight gradient)
+    return a.new_empty(a.shape[0], b.shape[2]) if b.dim() == 3 else a.new_empty(offs.shape[0], a.shape[0], b.shape[1])
+
+
+class _CompiledGroupedMM(torch.autograd.Function):
+    """grouped_mm with its two backward products, each through grouped_mm_cpu: the compiled CPU form of
+    F.grouped_mm's own autograd, which dynamo cannot trace in fp32."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor, offs: Tensor) -> Tensor:
+        ctx.save_for_backward(x, w, offs)
+        return grouped_mm_cpu(x, w, offs)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, w, offs = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_x = grouped_mm_cpu(grad, w.transpose(1, 2), offs) if ctx.needs_input_grad[0] else None
+        grad_w = grouped_mm_cpu(x.t(), grad, offs) if ctx.needs_input_grad[1] else None  # empty experts: zero
+        return grad_x, grad_w, None
+
+
 def _grouped_mm_ok(x: Tensor, w: Tensor) -> bool:
     # x may be a padded view (row stride above its width, as moe.grouped_glu's hidden rows are): only its strides
     # must follow the rule below.
     if not hasattr(F, "grouped_mm") or x.dtype != w.dtype or x.dim() != 2 or x.stride(1) != 1 or not w.is_contiguous():
         return False
-    if not x.is_cuda and torch.compiler.is_compiling():
-        return False  # torch 2.13's fake-tensor rule for grouped_mm demands bf16 whatever the device: dynamo fails
     if x.shape[0] == 0:  # no rows (an expert-parallel rank none of whose experts got a token): backward rejects it
         return False
     if x.is_cuda:  # the CUDA kernel is bf16-only on Hopper; other dtypes take the loop
@@ -115,6 +155,8 @@ def grouped_matmul(x: Tensor, w: Tensor, counts: Tensor, impl: str = "auto") -> 
         raise ValueError(f"grouped matmul impl={impl!r} must be one of {IMPLS}")
     if impl != "loop" and _grouped_mm_ok(x, w):
         offs = torch.cumsum(counts, 0).to(torch.int32)
+        if not x.is_cuda and torch.compiler.is_compiling():
+            return _CompiledGroupedMM.apply(x, w, offs)
         y = F.grouped_mm(x, w, offs=offs)
         # The identity only serves the backward; without autograd (generation) it is a Python call for nothing.
         return _ContiguousGrad.apply(y) if y.requires_grad else y

@@ -63,16 +63,16 @@ def _check(cfg, backend: str, tol: float, gemm_impl: str = "auto"):
     assert losses[-1][0] < losses[0][0]  # it trained
 
 
-@pytest.mark.parametrize("sparse,gemm_impl", [(False, "auto"), (True, "fused"), (True, "loop")],
-                         ids=["dense", "moe-fused", "moe-loop"])
+@pytest.mark.parametrize("sparse,gemm_impl", [(False, "auto"), (True, "fused"), (True, "loop"), (True, "grouped_mm")],
+                         ids=["dense", "moe-fused", "moe-loop", "moe-grouped_mm"])
 def test_compiled_blocks_equal_eager_and_do_not_recompile(sparse, gemm_impl):
     """dynamo alone (backend=eager): the expert GEMMs are opaque operators (moe.segment_matmul, moe.grouped_glu),
-    so no per-expert size is traced; the traced code computes exactly what eager does, for the fused GLU path and
-    the per-expert loop alike."""
+    so no per-expert size is traced; the traced code computes exactly what eager does, for the fused GLU path, the
+    per-expert loop and grouped_mm (the test widths are 16-byte aligned) alike."""
     _check(_config(sparse), "eager", 1e-6, gemm_impl)
 
 
-@pytest.mark.parametrize("gemm_impl", ["fused", "loop"])
+@pytest.mark.parametrize("gemm_impl", ["fused", "loop", "grouped_mm"])
 def test_an_moe_block_is_one_graph(gemm_impl):
     """No graph break in an MoE block (nor in the backward its autograd nodes record): the router's counts have a static size
     (routing.counts) and the expert GEMMs are custom operators, so inductor sees the router, the dispatch and the

@@ -1,11 +1,10 @@
-"""The expert GEMMs' custom operators for torch.compile (moe.segment_matmul's switchyard::segment_mm and its backward,
-moe.grouped_glu's switchyard::cpu_grouped_mm): torch's own operator checks (schema, fake tensors against the real
+"""The expert GEMMs' custom operators for torch.compile (moe.segment_matmul: switchyard::segment_mm and its backward,
+switchyard::cpu_grouped_mm for grouped_matmul and moe.grouped_glu): torch's own operator checks (schema, fake tensors against the real
 kernel, autograd registration), and the operators' values and gradients equal the eager paths' bit for bit."""
 import pytest
 import torch
 
-from moe.grouped_glu import _grouped_mm  # importing it registers switchyard::cpu_grouped_mm
-from moe.segment_matmul import segment_loop
+from moe.segment_matmul import grouped_mm_cpu, segment_loop
 
 COUNTS = [3, 0, 5, 1]  # an empty expert among them
 N, A, B = sum(COUNTS), 8, 12  # rows, input and output widths (16-byte aligned in fp32, as grouped_mm needs)
@@ -44,4 +43,4 @@ def test_cpu_grouped_mm_passes_opcheck_in_both_layouts():
     torch.library.opcheck(torch.ops.switchyard.cpu_grouped_mm, (x, w, offs))  # [N, A] x [E, A, B] -> [N, B]
     grad = torch.randn(N, B, generator=torch.Generator().manual_seed(2))
     torch.library.opcheck(torch.ops.switchyard.cpu_grouped_mm, (x.t(), grad, offs))  # [A, N] x [N, B] -> [E, A, B]
-    assert torch.equal(torch.ops.switchyard.cpu_grouped_mm(x, w, offs), _grouped_mm(x, w, offs))  # eager's call
+    assert torch.equal(torch.ops.switchyard.cpu_grouped_mm(x, w, offs), grouped_mm_cpu(x, w, offs))  # eager's call
