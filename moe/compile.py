@@ -8,8 +8,8 @@ The routing plan's data-dependent sizes: a dropless top-k plan has N = T * k row
 its shapes are static; what is data is the per-expert split of those rows. The expert GEMMs are therefore custom
 operators to the compiler (switchyard::segment_mm, the per-expert loop with its own backward operator, in
 moe.segment_matmul; switchyard::cpu_grouped_mm for CPU grouped_mm, in grouped_matmul and moe.grouped_glu's fused
-path): dynamo and inductor see only
-their output shapes, the splits are read inside them, and nothing specialises on them. The router's expert counts
+path): dynamo and inductor see only their output shapes, the splits are read inside them, and nothing
+specialises on them. The router's expert counts
 have a static size (routing.counts), so an MoE block is one graph (before issue 16's fix a demo twin's block was 12
 graphs, cut at every projection and count). Plans whose N is data (capacity drops, expert choice, random second
 choices) recompile once with dynamic sizes (dynamo's automatic dynamic shapes) and then stay put.
