@@ -120,7 +120,7 @@ class _GroupedGLU(torch.autograd.Function):
             g.mul_(row_scale.to(g.dtype)[:, None])
         _, act_backward, kw = _ACTS[ctx.activation]
         # grad_a [N, 2 fp] = [d/d gate | d/d up]; its pads come out zero (zero gradient times zero activations)
-        if torch.compiler.is_compiling():  # dynamo refuses out= into views; inductor writes the cat in place anyway
+        if torch.compiler.is_compiling():  # dynamo refuses out= into views: a cat, which inductor may fuse with them
             grad_a = torch.cat([act_backward(g * up, gate, **kw), g * act], 1)
         else:
             grad_a = torch.empty_like(a)
