@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from routing.counts import count_ids
 from routing.sinkhorn import sinkhorn
 
 AUCTION_REL_EPS = 1e-4  # final epsilon of the auction, as a fraction of the logit spread (max - min)
@@ -228,13 +229,13 @@ def balanced_rounding(plan: Tensor, capacity: Tensor) -> Tensor:
         best_mass, choice = mass.max(dim=1)
         order = torch.argsort(best_mass, descending=True, stable=True)
         order = order[torch.argsort(choice[order], stable=True)]  # by expert, most mass first
-        counts = torch.bincount(choice, minlength=E)
+        counts = count_ids(choice, E)
         offsets = torch.cumsum(counts, 0) - counts
         sorted_choice = choice[order]
         accept = (positions[: free.numel()] - offsets[sorted_choice]) < room[sorted_choice]
         winners = order[accept]
         expert[free[winners]] = choice[winners]
-        room -= torch.bincount(choice[winners], minlength=E)
+        room -= count_ids(choice[winners], E)
     assert bool((expert >= 0).all()), "balanced rounding left tokens unassigned"
     return expert
 

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from moe.kernels import interpret_mode, next_pow2, triton_status
+from routing.counts import count_ids
 
 try:
     import triton
@@ -143,8 +144,7 @@ def _sort_torch(expert_idx: Tensor, num_experts: int) -> ExpertSort:
     T, k = expert_idx.shape
     flat = expert_idx.t().reshape(T * k)
     order = torch.argsort(flat, stable=True)
-    counts = torch.zeros(num_experts, dtype=torch.long, device=flat.device)
-    counts.scatter_add_(0, flat, torch.ones_like(flat))
+    counts = count_ids(flat, num_experts)
     offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
     return ExpertSort(order, order % T if T else order, flat[order], counts, offsets)
 
